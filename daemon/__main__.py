@@ -1,0 +1,5 @@
+import sys
+
+from sigclassd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,248 @@
+"""Typed, frozen settings: loaded once from TOML plus overrides, validated, passed down.
+
+Every key has a default, so ``sigclassd run`` with no config serves the bundled
+model on loopback. Unknown keys and wrong types fail at start-up with a message
+that names the key, because a typo in a config file must not be silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sigclassd.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class InputSettings:
+    """Gateway side: a SUB socket that binds and/or connects."""
+
+    bind: tuple[str, ...] = ("tcp://127.0.0.1:5555",)
+    connect: tuple[str, ...] = ()
+    subscribe: tuple[str, ...] = ("",)
+    max_message_bytes: int = 1 << 20
+    rcvhwm: int = 100_000
+    # Messages taken from the socket per main-loop turn before the model runs:
+    # bounds the time between model calls under a flood.
+    drain_max_messages: int = 20_000
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    bind: str = "tcp://127.0.0.1:5556"
+    sndhwm: int = 100_000
+    linger_ms: int = 1000
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    path: str = ""  # empty: the bundled default model
+    channels: int = 0  # 0: whatever the model takes; otherwise the model must take exactly this many
+    mode: str = "windowed"  # "windowed" or "stateful"
+    runtime: str = "auto"
+    hop: int = 50
+    lag: int = 0
+    warmup_samples: int = 0  # 0: the model's window length
+    max_batch_streams: int = 1024
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    max_streams: int = 10_000
+    idle_ttl_s: float = 60.0
+    max_pending_samples: int = 1000
+    # A seq jump larger than this resets the stream (state and window) instead of
+    # carrying on across the hole; smaller gaps carry on, flagged.
+    gap_reset_samples: int = 400
+    # seq moving backwards by more than this is taken as an unflagged restart.
+    backwards_reset_samples: int = 4000
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    listen: str = "127.0.0.1:9108"  # empty: no HTTP listener
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    format: str = "auto"  # "auto" (console on a terminal, else JSON), "json", "console"
+    level: str = "info"
+    stats_interval_s: float = 10.0
+    reject_summary_interval_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    drain_grace_s: float = 5.0
+    tick_s: float = 0.05
+    max_consecutive_inference_errors: int = 20
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    """Optional CURVE on the input socket: the server key pair and the allowed gateway keys."""
+
+    curve_secret_key_file: str = ""
+    curve_allowed_keys_dir: str = ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    input: InputSettings = field(default_factory=InputSettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    streams: StreamSettings = field(default_factory=StreamSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    service: ServiceSettings = field(default_factory=ServiceSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
+    source: str = "<defaults>"
+
+
+MODES = ("windowed", "stateful")
+LOG_FORMATS = ("auto", "json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+RUNTIMES = ("auto", "tf", "xla", "litert", "numpy")
+
+
+def _coerce(where: str, value: Any, kind: Any) -> Any:
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            msg = f"{where} must be an integer, got {value!r}"
+            raise ConfigError(msg)
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            msg = f"{where} must be a number, got {value!r}"
+            raise ConfigError(msg)
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            msg = f"{where} must be a string, got {value!r}"
+            raise ConfigError(msg)
+        return value
+    if typing.get_origin(kind) is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            msg = f"{where} must be a list of strings, got {value!r}"
+            raise ConfigError(msg)
+        return tuple(value)
+    msg = f"unsupported setting type for {where}"
+    raise ConfigError(msg)
+
+
+def _build(raw: dict[str, Any], source: str) -> Settings:
+    sections = {}
+    hints = typing.get_type_hints(Settings)
+    for name, section in raw.items():
+        if name not in hints or name == "source":
+            known = ", ".join(f"[{f.name}]" for f in dataclasses.fields(Settings) if f.name != "source")
+            msg = f"{source}: unknown section [{name}]; known sections: {known}"
+            raise ConfigError(msg)
+        if not isinstance(section, dict):
+            msg = f"{source}: [{name}] must be a table"
+            raise ConfigError(msg)
+        cls = hints[name]
+        field_types = typing.get_type_hints(cls)
+        values = {}
+        for key, value in section.items():
+            if key not in field_types:
+                msg = f"{source}: unknown key {name}.{key}; known keys: {', '.join(field_types)}"
+                raise ConfigError(msg)
+            values[key] = _coerce(f"{source}: {name}.{key}", value, field_types[key])
+        sections[name] = cls(**values)
+    settings = Settings(**sections, source=source)
+    validate(settings)
+    return settings
+
+
+def validate(s: Settings) -> None:
+    """Check values that types alone do not catch; each message says what to fix."""
+    problems = []
+
+    def need(ok: bool, text: str) -> None:
+        if not ok:
+            problems.append(text)
+
+    need(bool(s.input.bind or s.input.connect), "input.bind or input.connect must name at least one endpoint")
+    for ep in (*s.input.bind, *s.input.connect, s.output.bind):
+        need("://" in ep, f"endpoint {ep!r} needs a transport, e.g. 'tcp://127.0.0.1:5555' or 'ipc:///run/x.sock'")
+    need(s.input.max_message_bytes >= 64, "input.max_message_bytes must be >= 64")
+    need(s.input.rcvhwm >= 0 and s.output.sndhwm >= 0, "input.rcvhwm and output.sndhwm must be >= 0")
+    need(s.input.drain_max_messages >= 1, "input.drain_max_messages must be >= 1")
+    need(s.output.linger_ms >= 0, "output.linger_ms must be >= 0")
+    need(s.model.mode in MODES, f"model.mode is {s.model.mode!r}; use one of {', '.join(MODES)}")
+    need(s.model.runtime in RUNTIMES, f"model.runtime is {s.model.runtime!r}; use one of {', '.join(RUNTIMES)}")
+    need(s.model.channels >= 0, "model.channels must be >= 0 (0 = take the model's channel count)")
+    need(s.model.hop >= 1, "model.hop must be >= 1 (samples between windowed model runs)")
+    need(s.model.lag >= 0, "model.lag must be >= 0")
+    need(s.model.warmup_samples >= 0, "model.warmup_samples must be >= 0")
+    need(s.model.max_batch_streams >= 1, "model.max_batch_streams must be >= 1")
+    need(s.streams.max_streams >= 1, "streams.max_streams must be >= 1")
+    need(s.streams.idle_ttl_s > 0, "streams.idle_ttl_s must be > 0")
+    need(s.streams.max_pending_samples >= 1, "streams.max_pending_samples must be >= 1")
+    need(s.streams.gap_reset_samples >= 0, "streams.gap_reset_samples must be >= 0")
+    need(s.streams.backwards_reset_samples >= 0, "streams.backwards_reset_samples must be >= 0")
+    if s.metrics.listen:
+        host, sep, port = s.metrics.listen.rpartition(":")
+        need(bool(sep) and port.isdigit() and 0 <= int(port) < 65536,
+             f"metrics.listen is {s.metrics.listen!r}; use HOST:PORT, e.g. '127.0.0.1:9108'")
+    need(s.log.format in LOG_FORMATS, f"log.format is {s.log.format!r}; use one of {', '.join(LOG_FORMATS)}")
+    need(s.log.level in LOG_LEVELS, f"log.level is {s.log.level!r}; use one of {', '.join(LOG_LEVELS)}")
+    need(s.log.stats_interval_s > 0 and s.log.reject_summary_interval_s > 0, "log intervals must be > 0")
+    need(s.service.drain_grace_s >= 0, "service.drain_grace_s must be >= 0")
+    need(0 < s.service.tick_s <= 1, "service.tick_s must be in (0, 1]")
+    need(s.service.max_consecutive_inference_errors >= 1, "service.max_consecutive_inference_errors must be >= 1")
+    need(bool(s.security.curve_secret_key_file) == bool(s.security.curve_allowed_keys_dir),
+         "security.curve_secret_key_file and security.curve_allowed_keys_dir go together: set both or neither")
+    if problems:
+        msg = f"{s.source}: " + "; ".join(problems)
+        raise ConfigError(msg)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Parse ``section.key=value``, the value in TOML syntax (bare words are taken as strings)."""
+    name, sep, value = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not key:
+        msg = f"override {text!r} must look like section.key=value, e.g. model.mode=stateful"
+        raise ConfigError(msg)
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return section, key, parsed
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Settings:
+    """Load settings from a TOML file (or defaults) and apply ``section.key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            msg = f"config file {path} does not exist"
+            raise ConfigError(msg) from None
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            msg = f"cannot read config {path}: {e}"
+            raise ConfigError(msg) from e
+    for text in overrides:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            msg = f"[{section}] must be a table"
+            raise ConfigError(msg)
+        raw[section][key] = value
+    return _build(raw, source)
+
+
+def replace(settings: Settings, **sections: Any) -> Settings:
+    """A copy of ``settings`` with whole sections swapped (used by tests and the CLI)."""
+    return dataclasses.replace(settings, **sections)

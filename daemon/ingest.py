@@ -1,0 +1,61 @@
+"""Ingest: the gateway-facing SUB socket and the non-blocking drain of waiting messages.
+
+A synchronous poll-and-drain loop: wait up to one tick for the first message,
+then take everything already queued (up to a cap) without blocking. Under load
+the batches grow by themselves; when idle nothing waits.
+"""
+
+from __future__ import annotations
+
+import time
+
+import zmq
+
+from sigclassd.config import InputSettings
+
+
+class Ingest:
+    def __init__(self, ctx: zmq.Context, settings: InputSettings, *, curve_secret: bytes | None = None) -> None:
+        self.settings = settings
+        sock = ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.RCVHWM, settings.rcvhwm)
+        # Bounds the memory one message can take: larger ones are dropped by libzmq
+        # (and the sending peer disconnected) before they reach Python.
+        sock.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes)
+        sock.setsockopt(zmq.LINGER, 0)
+        if curve_secret is not None:
+            sock.curve_server = True
+            sock.curve_secretkey = curve_secret
+        for prefix in settings.subscribe:
+            sock.setsockopt(zmq.SUBSCRIBE, prefix.encode("utf-8"))
+        self.endpoints: list[str] = []
+        for ep in settings.bind:
+            sock.bind(ep)
+            self.endpoints.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        for ep in settings.connect:
+            sock.connect(ep)
+        self.socket = sock
+        self.poller = zmq.Poller()
+        self.poller.register(sock, zmq.POLLIN)
+
+    def drain(self, timeout_s: float, limit: int | None = None) -> tuple[list[list[bytes]], float]:
+        """Wait up to ``timeout_s`` for messages, then take all that are queued (at most ``limit``).
+
+        Returns the messages (each a list of frames) and the wall-clock time the first arrived.
+        """
+        limit = self.settings.drain_max_messages if limit is None else limit
+        messages: list[list[bytes]] = []
+        if not self.poller.poll(max(0, int(timeout_s * 1000))):
+            return messages, 0.0
+        now = time.time()
+        recv = self.socket.recv_multipart
+        flags = zmq.NOBLOCK
+        try:
+            while len(messages) < limit:
+                messages.append(recv(flags))
+        except zmq.Again:
+            pass
+        return messages, now
+
+    def close(self) -> None:
+        self.socket.close(linger=0)

@@ -1,0 +1,168 @@
+"""Every metric the daemon exports, held by one object that is passed to the components.
+
+No metric carries a stream id: stream ids are unbounded, and a label per stream
+would grow the exposition without limit. The registry is passed in, so tests
+build a fresh ``CollectorRegistry`` and read values back with
+``registry.get_sample_value(...)``.
+
+The sample counters reconcile at every scrape::
+
+    samples_received = samples_labelled + samples_duplicate + samples_rejected
+                       + samples_shed + samples_buffered
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+
+import numpy as np
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+# From 50 us (one small stateful step) to 10 s (a stalled pipeline).
+LATENCY_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+FRAME_REJECT_REASONS = (
+    "bad_frame_count", "bad_topic", "short_header", "bad_version", "bad_dtype", "bad_flags", "empty",
+    "channel_mismatch", "bad_length", "bad_seq", "bad_rate", "non_finite", "unauthorised_topic",
+)
+SAMPLE_REJECT_REASONS = ("stream_limit", "inference_error")
+RESET_REASONS = ("restart", "seq_backwards", "gap", "model_changed")
+
+
+class BulkHistogram:
+    """A histogram fed a whole array of observations per call.
+
+    prometheus_client's Histogram takes one value per call (about a microsecond
+    each); the daemon observes the latency of every labelled sample, over a
+    hundred thousand a second, so it bins them with NumPy instead.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...], registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = np.asarray(buckets, np.float64)
+        self.counts = np.zeros(len(buckets) + 1, np.int64)
+        self.sum = 0.0
+        self.lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: np.ndarray) -> None:
+        idx = np.searchsorted(self.bounds, values, side="left")
+        binned = np.bincount(idx, minlength=len(self.counts))
+        total = float(values.sum())
+        with self.lock:
+            self.counts += binned
+            self.sum += total
+
+    def observe(self, value: float) -> None:
+        self.observe_many(np.asarray([value], np.float64))
+
+    def collect(self) -> list[HistogramMetricFamily]:
+        with self.lock:
+            cumulative = np.cumsum(self.counts)
+            total = self.sum
+        buckets = [(repr(float(b)), int(c)) for b, c in zip(self.bounds, cumulative[:-1], strict=True)]
+        buckets.append(("+Inf", int(cumulative[-1])))
+        family = HistogramMetricFamily(self.name, self.documentation)
+        family.add_metric([], buckets, total)
+        return [family]
+
+    def describe(self) -> list[HistogramMetricFamily]:
+        return [HistogramMetricFamily(self.name, self.documentation)]
+
+
+class Metrics:
+    """The daemon's metrics, registered on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry, *, process: bool = True) -> None:
+        self.registry = registry
+        r = registry
+        p = "sigclassd"
+        self.frames_received = Counter(f"{p}_frames_received", "Gateway messages received, valid or not.", registry=r)
+        self.frames_rejected = Counter(
+            f"{p}_frames_rejected", "Gateway messages rejected by the decoder, by reason.", ["reason"], registry=r
+        )
+        self.samples_received = Counter(f"{p}_samples_received", "Samples in messages that decoded.", registry=r)
+        self.samples_labelled = Counter(f"{p}_samples_labelled", "Samples labelled and published.", registry=r)
+        self.samples_duplicate = Counter(
+            f"{p}_samples_duplicate", "Samples dropped because their seq was already received.", registry=r
+        )
+        self.samples_rejected = Counter(
+            f"{p}_samples_rejected", "Decoded samples dropped unlabelled, by reason.", ["reason"], registry=r
+        )
+        self.samples_shed = Counter(
+            f"{p}_samples_shed", "Samples dropped unlabelled to keep up under overload (oldest first).", registry=r
+        )
+        self.samples_missing = Counter(
+            f"{p}_samples_missing", "Samples the gateways sent that never arrived (seq gaps).", registry=r
+        )
+        self.samples_buffered = Gauge(
+            f"{p}_samples_buffered", "Samples received and not yet labelled (pending or awaiting lookahead).",
+            registry=r,
+        )
+        self.label_messages = Counter(f"{p}_label_messages_published", "Label messages published.", registry=r)
+        self.label_bytes = Counter(f"{p}_label_published_bytes", "Bytes of label message bodies published.", registry=r)
+        self.streams_active = Gauge(f"{p}_streams_active", "Streams currently held in the stream table.", registry=r)
+        self.streams_opened = Counter(f"{p}_streams_opened", "Streams opened (first message of a stream id).", registry=r)
+        self.streams_evicted = Counter(f"{p}_streams_evicted", "Streams evicted after the idle TTL.", registry=r)
+        self.stream_resets = Counter(
+            f"{p}_stream_resets", "Stream state resets, by reason.", ["reason"], registry=r
+        )
+        self.batch_streams = Histogram(
+            f"{p}_batch_streams", "Streams per model call.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_samples = Histogram(
+            f"{p}_batch_samples", "Samples labelled per model call.",
+            buckets=(1, 10, 100, 1000, 2500, 5000, 10000, 25000, 50000, 100000), registry=r,
+        )
+        self.batch_wait = Histogram(
+            f"{p}_batch_wait_seconds", "Time from the oldest sample's arrival to its model call.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.inference_duration = Histogram(
+            f"{p}_inference_duration_seconds", "Duration of one batched model call.", buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_errors = Counter(f"{p}_inference_errors", "Model calls that raised.", registry=r)
+        self.latency = BulkHistogram(
+            f"{p}_ingress_to_publish_seconds",
+            "Per labelled sample: time from the daemon receiving its message to publishing its label.",
+            LATENCY_BUCKETS, r,
+        )
+        self.sensor_age = BulkHistogram(
+            f"{p}_sensor_to_publish_seconds",
+            "Per label message where the gateway sent t0: publish time minus the newest labelled sample's sensor time.",
+            LATENCY_BUCKETS, r,
+        )
+        self.loop_iterations = Counter(f"{p}_loop_iterations", "Main loop turns.", registry=r)
+        self.ready = Gauge(f"{p}_ready", "1 when the model is loaded and warmed and the sockets are bound.", registry=r)
+        self.reloads = Counter(f"{p}_reloads", "Reload attempts (SIGHUP), by result.", ["result"], registry=r)
+        self.model_info = Info(f"{p}_model", "The model being served.", registry=r)
+        self.build_info = Info(f"{p}_build", "sigclassd build.", registry=r)
+        for reason in FRAME_REJECT_REASONS:
+            self.frames_rejected.labels(reason)
+        for reason in SAMPLE_REJECT_REASONS:
+            self.samples_rejected.labels(reason)
+        for reason in RESET_REASONS:
+            self.stream_resets.labels(reason)
+        for result in ("ok", "failed"):
+            self.reloads.labels(result)
+        if process:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+        from sigclassd import __version__
+
+        self.build_info.info({"version": __version__, "python": platform.python_version()})

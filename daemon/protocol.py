@@ -1,0 +1,223 @@
+"""Wire protocol v1: pure encode/decode functions, no sockets, no state.
+
+Gateway -> daemon: a 2-frame ZeroMQ message ``[topic, body]``. The topic is the
+stream id (1-128 bytes of UTF-8). The body is a 32-byte little-endian header,
+struct ``<BBHIQqfI``, followed by ``n_samples * n_channels`` values of the
+given dtype, sample-major.
+
+Daemon -> consumers: a 2-frame message ``[topic, body]`` with the same topic.
+The body is a 40-byte little-endian header, struct ``<BBHIQqIIq``, followed by
+the class probabilities (float32, ``[n_samples, n_classes]``, sample-major) and
+then one label byte per sample (the arg-max class).
+
+The README documents both byte for byte; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from sigclassd.errors import FrameError
+
+VERSION = 1
+
+SAMPLE_HEADER = struct.Struct("<BBHIQqfI")
+SAMPLE_HEADER_SIZE = SAMPLE_HEADER.size  # 32
+
+DTYPE_FLOAT32 = 1
+DTYPE_INT16 = 2
+DTYPES: dict[int, np.dtype] = {
+    DTYPE_FLOAT32: np.dtype("<f4"),
+    DTYPE_INT16: np.dtype("<i2"),
+}
+
+FLAG_RESTART = 1 << 0
+KNOWN_SAMPLE_FLAGS = FLAG_RESTART
+
+MAX_TOPIC_BYTES = 128
+U64_MAX = (1 << 64) - 1
+
+LABEL_HEADER = struct.Struct("<BBHIQqIIq")
+LABEL_HEADER_SIZE = LABEL_HEADER.size  # 40
+
+# Label flags: what happened to the stream right before or during this run.
+LABEL_START = 1 << 0  # first labels of a stream incarnation (new, restarted or reset)
+LABEL_WARMUP = 1 << 1  # the model has seen fewer than `warmup` samples since the reset
+LABEL_GAP = 1 << 2  # samples were missing (seq gap) right before this run
+LABEL_SHED = 1 << 3  # the daemon shed samples right before this run (overload)
+LABEL_MODEL_CHANGED = 1 << 4  # first labels of this stream from a newly loaded model
+LABEL_FINAL = 1 << 5  # last labels of this incarnation (evicted, restarted, shut down)
+LABEL_FLUSHED = 1 << 6  # labelled early with padded future context (drain or eviction)
+
+LABEL_FLAG_NAMES = {
+    LABEL_START: "start",
+    LABEL_WARMUP: "warmup",
+    LABEL_GAP: "gap",
+    LABEL_SHED: "shed",
+    LABEL_MODEL_CHANGED: "model_changed",
+    LABEL_FINAL: "final",
+    LABEL_FLUSHED: "flushed",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SampleFrame:
+    """One decoded gateway message: ``samples`` is ``[n_samples, n_channels]`` float32."""
+
+    stream: str
+    seq: int
+    t0_ns: int
+    sample_rate_hz: float
+    flags: int
+    samples: np.ndarray
+
+    @property
+    def restart(self) -> bool:
+        return bool(self.flags & FLAG_RESTART)
+
+
+@dataclass(frozen=True, slots=True)
+class LabelFrame:
+    """One decoded label message (used by consumers, ``tap`` and tests)."""
+
+    stream: str
+    seq: int
+    t0_ns: int
+    model_id: int
+    flags: int
+    gap: int
+    ingress_ns: int
+    probabilities: np.ndarray  # [n_samples, n_classes] float32
+    labels: np.ndarray  # [n_samples] uint8
+
+    def flag_names(self) -> list[str]:
+        return [name for bit, name in LABEL_FLAG_NAMES.items() if self.flags & bit]
+
+
+def decode_topic(topic: bytes) -> str:
+    if not 1 <= len(topic) <= MAX_TOPIC_BYTES:
+        msg = f"topic must be 1-{MAX_TOPIC_BYTES} bytes, got {len(topic)}"
+        raise FrameError("bad_topic", msg)
+    try:
+        return topic.decode("utf-8")
+    except UnicodeDecodeError:
+        msg = "topic is not valid UTF-8"
+        raise FrameError("bad_topic", msg) from None
+
+
+def decode_samples(
+    parts: list[bytes], *, n_channels: int | None = None, allow_non_finite: bool = False
+) -> SampleFrame:
+    """Decode a gateway message or raise :class:`FrameError` with a reason.
+
+    ``n_channels``, when given, is the channel count the model expects; a frame
+    with another count is rejected here so that it never reaches a buffer.
+    """
+    if len(parts) != 2:
+        msg = f"expected 2 frames (topic, body), got {len(parts)}"
+        raise FrameError("bad_frame_count", msg)
+    topic, body = parts
+    stream = decode_topic(topic)
+    if len(body) < SAMPLE_HEADER_SIZE:
+        msg = f"body is {len(body)} bytes, shorter than the {SAMPLE_HEADER_SIZE}-byte header"
+        raise FrameError("short_header", msg)
+    version, dtype_code, channels, n_samples, seq, t0_ns, rate, flags = SAMPLE_HEADER.unpack_from(body)
+    if version != VERSION:
+        msg = f"protocol version {version}, this daemon speaks {VERSION}"
+        raise FrameError("bad_version", msg)
+    dtype = DTYPES.get(dtype_code)
+    if dtype is None:
+        msg = f"dtype code {dtype_code} unknown (1=float32, 2=int16)"
+        raise FrameError("bad_dtype", msg)
+    if flags & ~KNOWN_SAMPLE_FLAGS:
+        msg = f"reserved flag bits set: {flags:#x}"
+        raise FrameError("bad_flags", msg)
+    if n_samples < 1 or channels < 1:
+        msg = f"n_samples={n_samples} and n_channels={channels} must both be >= 1"
+        raise FrameError("empty", msg)
+    if n_channels is not None and channels != n_channels:
+        msg = f"{channels} channels, the model takes {n_channels}"
+        raise FrameError("channel_mismatch", msg)
+    expected = SAMPLE_HEADER_SIZE + n_samples * channels * dtype.itemsize
+    if len(body) != expected:
+        msg = f"body is {len(body)} bytes, header says {expected}"
+        raise FrameError("bad_length", msg)
+    if seq > U64_MAX - n_samples:
+        msg = "seq + n_samples overflows u64"
+        raise FrameError("bad_seq", msg)
+    if not np.isfinite(rate) or rate < 0:
+        msg = f"sample_rate_hz {rate} must be finite and >= 0"
+        raise FrameError("bad_rate", msg)
+    values = np.frombuffer(body, dtype=dtype, offset=SAMPLE_HEADER_SIZE).reshape(n_samples, channels)
+    samples = values.astype(np.float32) if dtype_code != DTYPE_FLOAT32 else values
+    if not allow_non_finite and dtype_code == DTYPE_FLOAT32 and not np.isfinite(samples).all():
+        msg = "samples contain NaN or Inf"
+        raise FrameError("non_finite", msg)
+    return SampleFrame(stream, seq, t0_ns, float(rate), flags, samples)
+
+
+def encode_samples(
+    stream: str,
+    samples: np.ndarray,
+    seq: int,
+    *,
+    t0_ns: int = 0,
+    sample_rate_hz: float = 0.0,
+    flags: int = 0,
+) -> list[bytes]:
+    """Encode a gateway message; ``samples`` is ``[n_samples, n_channels]`` float32 or int16."""
+    samples = np.asarray(samples)
+    if samples.ndim != 2:
+        msg = f"samples must be 2-D [n_samples, n_channels], got shape {samples.shape}"
+        raise ValueError(msg)
+    if samples.dtype == np.int16:
+        code, data = DTYPE_INT16, samples.astype("<i2", copy=False)
+    else:
+        code, data = DTYPE_FLOAT32, samples.astype("<f4", copy=False)
+    n, c = data.shape
+    header = SAMPLE_HEADER.pack(VERSION, code, c, n, seq, t0_ns, sample_rate_hz, flags)
+    return [stream.encode("utf-8"), header + data.tobytes()]
+
+
+def encode_labels(
+    stream: bytes,
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    seq: int,
+    *,
+    t0_ns: int = 0,
+    model_id: int = 0,
+    flags: int = 0,
+    gap: int = 0,
+    ingress_ns: int = 0,
+) -> list[bytes]:
+    """Encode a label message. ``probabilities`` is float32 ``[n, k]``, ``labels`` uint8 ``[n]``."""
+    n, k = probabilities.shape
+    header = LABEL_HEADER.pack(VERSION, k, flags, n, seq, t0_ns, model_id, min(gap, 0xFFFFFFFF), ingress_ns)
+    return [stream, b"".join((header, probabilities.astype("<f4", copy=False).tobytes(), labels.astype(np.uint8, copy=False).tobytes()))]
+
+
+def decode_labels(parts: list[bytes]) -> LabelFrame:
+    """Decode a label message or raise :class:`FrameError`."""
+    if len(parts) != 2:
+        msg = f"expected 2 frames (topic, body), got {len(parts)}"
+        raise FrameError("bad_frame_count", msg)
+    topic, body = parts
+    stream = decode_topic(topic)
+    if len(body) < LABEL_HEADER_SIZE:
+        msg = f"label body is {len(body)} bytes, shorter than the {LABEL_HEADER_SIZE}-byte header"
+        raise FrameError("short_header", msg)
+    version, k, flags, n, seq, t0_ns, model_id, gap, ingress_ns = LABEL_HEADER.unpack_from(body)
+    if version != VERSION:
+        msg = f"label version {version}, expected {VERSION}"
+        raise FrameError("bad_version", msg)
+    expected = LABEL_HEADER_SIZE + n * k * 4 + n
+    if len(body) != expected or k < 1:
+        msg = f"label body is {len(body)} bytes, header says {expected}"
+        raise FrameError("bad_length", msg)
+    probs = np.frombuffer(body, dtype="<f4", count=n * k, offset=LABEL_HEADER_SIZE).reshape(n, k)
+    labels = np.frombuffer(body, dtype=np.uint8, count=n, offset=LABEL_HEADER_SIZE + n * k * 4)
+    return LabelFrame(stream, seq, t0_ns, model_id, flags, gap, ingress_ns, probs, labels)

@@ -1,0 +1,30 @@
+"""Publish: the consumer-facing PUB socket.
+
+PUB never blocks: a consumer that cannot keep up loses messages at its
+high-water mark inside libzmq, and the other consumers and the labelling go on.
+Consumers detect such loss from the seq numbers in the label messages.
+"""
+
+from __future__ import annotations
+
+import zmq
+
+from sigclassd.config import OutputSettings
+
+
+class Publisher:
+    def __init__(self, ctx: zmq.Context, settings: OutputSettings) -> None:
+        self.settings = settings
+        sock = ctx.socket(zmq.PUB)
+        sock.setsockopt(zmq.SNDHWM, settings.sndhwm)
+        sock.setsockopt(zmq.LINGER, settings.linger_ms)
+        sock.bind(settings.bind)
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.socket = sock
+
+    def send(self, parts: list[bytes]) -> None:
+        self.socket.send_multipart(parts, copy=len(parts[1]) < 4096)
+
+    def close(self) -> None:
+        """Close with the configured linger, so labels already queued get out but shutdown stays bounded."""
+        self.socket.close(linger=self.settings.linger_ms)

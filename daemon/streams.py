@@ -1,0 +1,314 @@
+"""Per-stream buffers: the stage between the decoder and the batcher.
+
+Each stream id owns a :class:`Stream`: a growable buffer of rows (samples) with
+their seq, arrival time and sensor time, a cursor of what has been fed to the
+model and what has been labelled, and the model state it carries (stateful mode).
+
+The table applies the seq policy to every decoded frame:
+
+- seq == expected: appended.
+- seq > expected (a gap): the missing samples are counted; a gap up to
+  ``gap_reset_samples`` carries on (next labels flagged GAP), a larger one resets.
+- seq < expected: the already-received part is dropped and counted as duplicate,
+  the new tail (if any) is appended; a jump back of more than
+  ``backwards_reset_samples`` is taken as an unflagged gateway restart.
+- restart flag: the stream is reset.
+
+A reset never loses accepted samples: the old incarnation is *retired* (its
+pending samples are labelled in the next batch, flagged FINAL) and a new one
+starts, flagged START. Pending samples beyond ``max_pending_samples`` are shed,
+oldest first, and counted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from sigclassd import protocol
+from sigclassd.config import StreamSettings
+from sigclassd.metrics import Metrics
+from sigclassd.protocol import SampleFrame
+
+
+class Stream:
+    """One incarnation of one stream id.
+
+    Rows ``[0, n)`` of the buffers are held samples in seq order; rows before
+    ``fed`` have been given to the model, rows before ``labelled`` have been
+    labelled and published. ``consumed``/``done`` count rows fed/labelled since
+    the reset (the stateful engine needs them to place its lookahead). The
+    model state lives in row ``slot`` of the table's state matrix, so a batch
+    gathers and scatters all its states with one indexing operation each.
+    """
+
+    __slots__ = (
+        "name", "topic", "data", "seq", "arrival", "sensor_ns", "n", "fed", "labelled",
+        "next_seq", "slot", "consumed", "done", "flags", "gap", "last_seen", "final", "ready_queued",
+    )
+
+    def __init__(self, name: str, channels: int, capacity: int, slot: int, flags: int) -> None:
+        self.name = name
+        self.topic = name.encode("utf-8")
+        self.data = np.empty((capacity, channels), np.float32)
+        self.seq = np.empty(capacity, np.int64)
+        self.arrival = np.empty(capacity, np.float64)
+        self.sensor_ns = np.empty(capacity, np.int64)
+        self.n = 0
+        self.fed = 0
+        self.labelled = 0
+        self.next_seq: int | None = None
+        self.slot = slot
+        self.consumed = 0
+        self.done = 0
+        self.flags = flags
+        self.gap = 0
+        self.last_seen = 0.0
+        self.final = False
+        self.ready_queued = False
+
+    @property
+    def pending(self) -> int:
+        """Rows not yet fed to the model."""
+        return self.n - self.fed
+
+    @property
+    def unlabelled(self) -> int:
+        return self.n - self.labelled
+
+    def drop_front(self, rows: int) -> None:
+        """Forget the oldest ``rows`` rows (already labelled and no longer needed as context)."""
+        if rows <= 0:
+            return
+        keep = self.n - rows
+        for buf in (self.data, self.seq, self.arrival, self.sensor_ns):
+            buf[:keep] = buf[rows : self.n]
+        self.n = keep
+        self.fed -= rows
+        self.labelled -= rows
+
+    def grow(self, capacity: int) -> None:
+        for name in ("data", "seq", "arrival", "sensor_ns"):
+            old = getattr(self, name)
+            new = np.empty((capacity, *old.shape[1:]), old.dtype)
+            new[: self.n] = old[: self.n]
+            setattr(self, name, new)
+
+    def append(self, frame: SampleFrame, start: int, now: float, wall: float) -> None:
+        """Append ``frame.samples[start:]``; capacity is ensured by the caller."""
+        samples = frame.samples[start:]
+        k = len(samples)
+        a, b = self.n, self.n + k
+        self.data[a:b] = samples
+        first = frame.seq + start
+        self.seq[a:b] = np.arange(first, first + k)
+        self.arrival[a:b] = wall
+        if frame.t0_ns and frame.sample_rate_hz > 0:
+            period = 1e9 / frame.sample_rate_hz
+            self.sensor_ns[a:b] = frame.t0_ns + (np.arange(start, start + k) * period).astype(np.int64)
+        else:
+            self.sensor_ns[a:b] = 0
+            if frame.t0_ns and start == 0:
+                self.sensor_ns[a] = frame.t0_ns
+        self.n = b
+        self.next_seq = first + k
+        self.last_seen = now
+
+
+class StreamTable:
+    """All live streams, keyed by stream id, plus the retired incarnations awaiting their last labels.
+
+    ``history`` is how many already-fed rows a stream keeps as context (the
+    window length in windowed mode, the model's lookahead in stateful mode).
+    ``ready_after`` is how many pending rows make a stream ready for a batch.
+    """
+
+    def __init__(
+        self,
+        settings: StreamSettings,
+        metrics: Metrics,
+        *,
+        channels: int,
+        history: int,
+        ready_after: int,
+        initial_state: Callable[[], np.ndarray],
+        warmup: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.channels = channels
+        self.history = history
+        self.ready_after = ready_after
+        self.initial_state = initial_state()
+        self.states = np.empty((64, len(self.initial_state)), np.float32)
+        self.free_slots = list(range(63, -1, -1))
+        self.warmup = warmup
+        self.clock = clock
+        self.streams: dict[str, Stream] = {}
+        self.retired: list[Stream] = []
+        # Insertion-ordered set of streams with work: the batcher serves them oldest first.
+        self.ready: dict[Stream, None] = {}
+        self.buffered = 0
+        self.limit_rejects = 0
+        self.next_flags = protocol.LABEL_START
+
+    def __len__(self) -> int:
+        return len(self.streams)
+
+    def _new_stream(self, name: str, flags: int) -> Stream:
+        if not self.free_slots:
+            old = len(self.states)
+            self.states = np.concatenate([self.states, np.empty_like(self.states)])
+            self.free_slots = list(range(2 * old - 1, old - 1, -1))
+        slot = self.free_slots.pop()
+        self.states[slot] = self.initial_state
+        capacity = self.history + min(self.settings.max_pending_samples, 64) + 16
+        return Stream(name, self.channels, capacity, slot, flags)
+
+    def release(self, stream: Stream) -> None:
+        """Give a finished (retired and fully labelled) stream's state slot back."""
+        self.free_slots.append(stream.slot)
+        stream.slot = -1
+
+    def accept(self, frame: SampleFrame, wall: float | None = None) -> None:
+        """Apply the seq policy to a decoded frame and buffer what is new."""
+        now = self.clock()
+        wall = time.time() if wall is None else wall
+        m = self.metrics
+        k = len(frame.samples)
+        m.samples_received.inc(k)
+        stream = self.streams.get(frame.stream)
+        if stream is None:
+            if len(self.streams) >= self.settings.max_streams:
+                m.samples_rejected.labels("stream_limit").inc(k)
+                self.limit_rejects += 1
+                return
+            stream = self._new_stream(frame.stream, self.next_flags)
+            self.streams[frame.stream] = stream
+            m.streams_opened.inc()
+        elif frame.restart:
+            stream = self.reset(stream, "restart")
+        else:
+            expected = stream.next_seq
+            assert expected is not None
+            if frame.seq > expected:
+                missing = frame.seq - expected
+                m.samples_missing.inc(missing)
+                if missing > self.settings.gap_reset_samples:
+                    stream = self.reset(stream, "gap")
+                stream.flags |= protocol.LABEL_GAP
+                stream.gap += missing
+            elif frame.seq < expected:
+                if expected - frame.seq > self.settings.backwards_reset_samples:
+                    stream = self.reset(stream, "seq_backwards")
+                else:
+                    overlap = min(expected - frame.seq, k)
+                    m.samples_duplicate.inc(overlap)
+                    if overlap == k:
+                        stream.last_seen = now
+                        return
+                    self._append(stream, frame, overlap, now, wall)
+                    return
+        self._append(stream, frame, 0, now, wall)
+
+    def _append(self, stream: Stream, frame: SampleFrame, start: int, now: float, wall: float) -> None:
+        k = len(frame.samples) - start
+        limit = self.settings.max_pending_samples
+        if k > limit:
+            # Keep the freshest: shedding before buffering bounds memory for any frame size.
+            shed = k - limit
+            self._count_shed(stream, shed)
+            start += shed
+            k = limit
+        overflow = stream.pending + k - limit
+        if overflow > 0:
+            self._shed_pending(stream, overflow)
+        # Rows before `keep_from` are labelled and outside the context the model needs.
+        keep_from = min(stream.labelled, max(0, stream.fed - self.history))
+        if stream.n + k > len(stream.data):
+            stream.drop_front(keep_from)
+            if stream.n + k > len(stream.data):
+                stream.grow(max(2 * len(stream.data), stream.n + k))
+        stream.append(frame, start, now, wall)
+        self.buffered += k
+        if not stream.ready_queued and stream.pending >= self.ready_after:
+            stream.ready_queued = True
+            self.ready[stream] = None
+
+    def _count_shed(self, stream: Stream, count: int) -> None:
+        self.metrics.samples_shed.inc(count)
+        stream.flags |= protocol.LABEL_SHED
+        stream.gap += count
+
+    def _shed_pending(self, stream: Stream, count: int) -> None:
+        """Drop the oldest ``count`` pending rows: they are never fed nor labelled."""
+        a = stream.fed
+        keep = stream.n - a - count
+        for buf in (stream.data, stream.seq, stream.arrival, stream.sensor_ns):
+            buf[a : a + keep] = buf[a + count : stream.n]
+        stream.n -= count
+        self.buffered -= count
+        self._count_shed(stream, count)
+
+    def reset(self, stream: Stream, reason: str, extra_flags: int = 0) -> Stream:
+        """Retire ``stream`` (its unlabelled rows get labelled, flagged FINAL) and start a new incarnation."""
+        self.metrics.stream_resets.labels(reason).inc()
+        self.retire(stream)
+        fresh = self._new_stream(stream.name, protocol.LABEL_START | extra_flags)
+        self.streams[stream.name] = fresh
+        return fresh
+
+    def retire(self, stream: Stream) -> None:
+        stream.final = True
+        self.ready.pop(stream, None)
+        stream.ready_queued = True  # retired streams are served from `retired`, never from `ready`
+        self.retired.append(stream)
+
+    def evict_idle(self) -> int:
+        """Retire streams idle for longer than the TTL; their last labels are flagged FINAL."""
+        deadline = self.clock() - self.settings.idle_ttl_s
+        idle = [s for s in self.streams.values() if s.last_seen < deadline]
+        for stream in idle:
+            del self.streams[stream.name]
+            self.retire(stream)
+        if idle:
+            self.metrics.streams_evicted.inc(len(idle))
+        return len(idle)
+
+    def retire_all(self, extra_flags: int = 0) -> None:
+        """Retire every stream (drain, model swap); new frames open fresh incarnations."""
+        for stream in self.streams.values():
+            self.retire(stream)
+        self.streams.clear()
+        self.next_flags = protocol.LABEL_START | extra_flags
+
+    def take_ready(self, limit: int) -> Iterator[Stream]:
+        """Yield up to ``limit`` streams with work: retired ones first, then ready ones, oldest first."""
+        count = 0
+        while self.retired and count < limit:
+            yield self.retired.pop(0)
+            count += 1
+        while self.ready and count < limit:
+            stream = next(iter(self.ready))
+            del self.ready[stream]
+            stream.ready_queued = False
+            yield stream
+            count += 1
+
+    def requeue(self, stream: Stream) -> None:
+        """Put a live stream back in the ready set if it still has a full batch of work."""
+        if stream.final or stream.ready_queued:
+            return
+        if stream.pending >= self.ready_after and self.streams.get(stream.name) is stream:
+            stream.ready_queued = True
+            self.ready[stream] = None
+
+    def mark_labelled(self, count: int) -> None:
+        self.buffered -= count
+
+    def mark_dropped(self, count: int, reason: str) -> None:
+        self.buffered -= count
+        self.metrics.samples_rejected.labels(reason).inc(count)
