@@ -116,6 +116,7 @@ class Metrics:
         self.label_messages = Counter(f"{p}_label_messages_published", "Label messages published.", registry=r)
         self.label_bytes = Counter(f"{p}_label_published_bytes", "Bytes of label message bodies published.", registry=r)
         self.streams_active = Gauge(f"{p}_streams_active", "Streams currently held in the stream table.", registry=r)
+        self.streams_limit = Gauge(f"{p}_streams_limit", "The configured streams.max_streams.", registry=r)
         self.streams_opened = Counter(f"{p}_streams_opened", "Streams opened (first message of a stream id).", registry=r)
         self.streams_evicted = Counter(f"{p}_streams_evicted", "Streams evicted after the idle TTL.", registry=r)
         self.stream_resets = Counter(

@@ -139,6 +139,7 @@ class Service:
             self.http = start_http_server(s.metrics.listen, self.registry, self.health)
         self._install_signals()
         self._set_model_info()
+        self.metrics.streams_limit.set(s.streams.max_streams)
         self.health.ready = True
         self.metrics.ready.set(1)
         self.notifier.ready()

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -142,6 +143,17 @@ class LSTMStep:
     @property
     def size(self) -> int:
         return 2 * self.units
+
+    @cached_property
+    def negated(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Kernel, recurrent kernel and bias times -1 (gates i, f, o) and -2 (gate c).
+
+        Scaling by a power of two is exact in floating point, so the NumPy step
+        gets the gates' negated pre-activations at no cost and in no extra rounding.
+        """
+        scale = np.full(4 * self.units, -1.0, np.float32)
+        scale[2 * self.units : 3 * self.units] = -2.0
+        return self.kernel * scale, self.recurrent * scale, self.bias * scale
 
 
 @dataclass(frozen=True)
@@ -352,7 +364,9 @@ def _numpy_lstm(
 ) -> np.ndarray:
     batch, time, _ = u.shape
     n = step.units
-    xp = (u.reshape(batch * time, -1) @ step.kernel + step.bias).reshape(batch, time, 4 * n)
+    standard = step.activation == "tanh" and step.recurrent_activation == "sigmoid"
+    kernel, recurrent, bias = step.negated if standard else (step.kernel, step.recurrent, step.bias)
+    xp = (u.reshape(batch * time, -1) @ kernel + bias).reshape(batch, time, 4 * n)
     h = state[:, step.offset : step.offset + n]
     c = state[:, step.offset + n : step.offset + 2 * n]
     out = np.empty((batch, time, n), np.float32)
@@ -361,29 +375,42 @@ def _numpy_lstm(
     gated = not full or (edge and step.delay > 0)
     if gated:
         active = ((np.arange(time) < lengths[:, None]) & (seen[:, None] + np.arange(time) >= step.delay))[:, :, None]
-    standard = step.activation == "tanh" and step.recurrent_activation == "sigmoid"
-    if standard:
-        # sigmoid(z) = 0.5 * tanh(z / 2) + 0.5: one tanh over all four gates.
-        scale = np.full(4 * n, 0.5, np.float32)
-        scale[2 * n : 3 * n] = 1.0
     act, rec = _NUMPY_ACTIVATIONS[step.activation], _NUMPY_ACTIVATIONS[step.recurrent_activation]
-    for t in range(time):
-        z = xp[:, t] + h @ step.recurrent
-        if standard:
-            tz = np.tanh(z * scale)
-            g = tz[:, 2 * n : 3 * n]
-            gates = tz * np.float32(0.5) + np.float32(0.5)
-            i, f, o = gates[:, :n], gates[:, n : 2 * n], gates[:, 3 * n :]
-        else:
-            i, f, g, o = rec(z[:, :n]), rec(z[:, n : 2 * n]), act(z[:, 2 * n : 3 * n]), rec(z[:, 3 * n :])
-        c_next = f * c + i * g
-        h_next = o * act(c_next)
-        if gated:
-            c = np.where(active[:, t], c_next, c)
-            h = np.where(active[:, t], h_next, h)
-        else:
-            c, h = c_next, h_next
-        out[:, t] = h
+    z = np.empty((batch, 4 * n), np.float32)
+    tc = np.empty((batch, n), np.float32)
+    one, two = np.float32(1), np.float32(2)
+    with np.errstate(over="ignore"):
+        for t in range(time):
+            np.matmul(h, recurrent, out=z)
+            z += xp[:, t]
+            if standard:
+                # z holds -z_i, -z_f, -2 z_g, -z_o: one exp gives every gate, as
+                # sigmoid(x) = 1 / (1 + exp(-x)) and tanh(x) = 2 sigmoid(2x) - 1
+                # (exp is the costly ufunc; overflow to inf gives the exact limits).
+                np.exp(z, out=z)
+                z += one
+                np.reciprocal(z, out=z)
+                i, f, g, o = z[:, :n], z[:, n : 2 * n], z[:, 2 * n : 3 * n], z[:, 3 * n :]
+                g *= two
+                g -= one
+                c_next = f * c
+                c_next += i * g
+                np.multiply(c_next, -two, out=tc)
+                np.exp(tc, out=tc)
+                tc += one
+                np.divide(two, tc, out=tc)
+                tc -= one
+                h_next = o * tc
+            else:
+                i, f, g, o = rec(z[:, :n]), rec(z[:, n : 2 * n]), act(z[:, 2 * n : 3 * n]), rec(z[:, 3 * n :])
+                c_next = f * c + i * g
+                h_next = o * act(c_next)
+            if gated:
+                c = np.where(active[:, t], c_next, c)
+                h = np.where(active[:, t], h_next, h)
+            else:
+                c, h = c_next, h_next
+            out[:, t] = h
     new_state[:, step.offset : step.offset + n] = h
     new_state[:, step.offset + n : step.offset + 2 * n] = c
     return out

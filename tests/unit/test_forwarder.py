@@ -36,9 +36,8 @@ def drain_until(sock: zmq.Socket, marker: bytes) -> list[bytes]:
             return topics
 
 
-def test_each_subscriber_gets_only_its_prefix(forwarder: Forwarder) -> None:
+def test_each_subscriber_gets_only_its_prefix(forwarder: Forwarder, ctx: zmq.Context) -> None:
     """Two SUBs behind the forwarder with prefixes 'a/' and 'b/' each receive all and only their streams."""
-    ctx = zmq.Context()
     sockets = []
     try:
         subs = {}
@@ -84,7 +83,6 @@ def test_each_subscriber_gets_only_its_prefix(forwarder: Forwarder) -> None:
     finally:
         for sock in sockets:
             sock.close(linger=0)
-        ctx.term()
 
 
 def test_bind_failure_is_a_config_error(forwarder: Forwarder) -> None:

@@ -1,0 +1,62 @@
+"""Shared fixtures: a ZeroMQ context that must terminate, temporary test models."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import zmq
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture
+def ctx():
+    """A ZeroMQ context whose termination is bounded: a leaked socket fails the test instead of hanging it."""
+    context = zmq.Context()
+    yield context
+    done = threading.Event()
+
+    def term() -> None:
+        context.term()
+        done.set()
+
+    threading.Thread(target=term, daemon=True).start()
+    if not done.wait(5):
+        pytest.fail("zmq context did not terminate: a socket was left open")
+
+
+def build_test_model(path, *, padding: str = "same", channels: int = 16, n_classes: int = 2, seed: int = 0,
+                     window: int = 400, mean: float = 0.0, std: float = 1.0):
+    """A small seq2seq model with seeded random weights, saved as a model directory."""
+    import keras
+    import numpy as np
+
+    from sigclassd.models.artifact import ModelMeta, write_metadata
+
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((None, channels))
+    h = keras.layers.Conv1D(8, 8, padding=padding, activation="relu")(inp)
+    h = keras.layers.LSTM(8, return_sequences=True)(h)
+    out = keras.layers.Dense(1 if n_classes == 2 else n_classes, activation="sigmoid" if n_classes == 2 else "softmax")(h)
+    model = keras.Model(inp, out)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save(path / "model.keras")
+    write_metadata(path, ModelMeta(
+        name="test", version=f"test-{padding}-{seed}", architecture="seq2seq" if padding == "same" else "causal",
+        channels=channels, window=window, classes=tuple(f"c{i}" for i in range(n_classes)),
+        output="sigmoid" if n_classes == 2 else "softmax", lookahead=4 if padding == "same" else 0,
+        norm_mean=tuple(np.full(channels, mean).tolist()), norm_std=tuple(np.full(channels, std).tolist()),
+    ))
+    return path
+
+
+@pytest.fixture(scope="session")
+def same_model(tmp_path_factory):
+    return build_test_model(tmp_path_factory.mktemp("model_same") / "m", padding="same", mean=0.5, std=2.0)
+
+
+@pytest.fixture(scope="session")
+def causal_model(tmp_path_factory):
+    return build_test_model(tmp_path_factory.mktemp("model_causal") / "m", padding="causal", seed=1)

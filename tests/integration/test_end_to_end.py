@@ -1,0 +1,123 @@
+"""End to end: real daemon process, real ZeroMQ sockets over loopback, real TensorFlow model."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import numpy as np
+import pytest
+from harness import Consumer, Daemon, Gateway, accounting, by_stream, identity_holds, labelled_seqs
+
+from sigclassd import protocol
+
+pytestmark = [pytest.mark.integration, pytest.mark.tf]
+
+
+def offline_probs(model_dir, x: np.ndarray) -> np.ndarray:
+    """The model run offline by Keras, the sigmoid expanded to [1 - p, p] as the daemon publishes it."""
+    import keras
+
+    from sigclassd.models.artifact import read_artifact
+
+    meta = read_artifact(model_dir).meta
+    model = keras.saving.load_model(model_dir / "model.keras", compile=False)
+    xn = (x - np.asarray(meta.norm_mean, np.float32)) / np.asarray(meta.norm_std, np.float32)
+    p = np.asarray(model(xn[None].astype(np.float32), training=False))[0]
+    return np.concatenate([1 - p, p], axis=-1) if p.shape[-1] == 1 else p
+
+
+def send_streams(gw: Gateway, data: dict[str, np.ndarray], chunks: np.ndarray, pace: float = 0.0) -> None:
+    """Send each stream in its chunk sizes, interleaving the streams as gateways would."""
+    pos = dict.fromkeys(data, 0)
+    i = 0
+    while any(pos[s] < len(x) for s, x in data.items()):
+        for s, x in data.items():
+            if pos[s] >= len(x):
+                continue
+            k = int(chunks[i % len(chunks)])
+            i += 1
+            chunk = x[pos[s] : pos[s] + k]
+            gw.send(s, chunk, pos[s], flags=protocol.FLAG_RESTART if pos[s] == 0 else 0,
+                    t0_ns=1_700_000_000_000_000_000 + pos[s] * 4_000_000, sample_rate_hz=250.0)
+            pos[s] += len(chunk)
+        if pace:
+            time.sleep(pace)
+
+
+def test_windowed_every_sample_labelled_once_in_order_equal_to_offline(tmp_path, ctx, same_model):
+    """Windowed mode labels every accepted sample exactly once, in seq order, with the offline model's values."""
+    hop = 50
+    d = Daemon(tmp_path, {"model": {"path": str(same_model), "mode": "windowed", "hop": hop}}).start()
+    consumer = Consumer(ctx, d.output)
+    gw = Gateway(ctx, d.input)
+    time.sleep(0.5)
+    rng = np.random.default_rng(7)
+    lengths = {"gw-a/0": 1203, "gw-b/1": 777, "gw-c/2": 401}
+    data = {s: rng.normal(0.5, 2.0, (n, 16)).astype(np.float32) for s, n in lengths.items()}
+    send_streams(gw, data, rng.integers(1, 40, 200), pace=0.002)
+    # Everything that completes a hop is labelled while running; the tail of each stream waits for the drain.
+    consumer.collect(20, until=lambda fr: sum(len(f.labels) for f in fr) >= sum(
+        (n // hop) * hop if n >= 400 else 0 for n in lengths.values()) - 3 * hop)
+    assert d.stop(signal.SIGTERM) == 0
+    frames = consumer.collect(5, until=lambda fr: {f.stream for f in fr if f.flags & protocol.LABEL_FINAL} == set(data))
+    gw.close()
+    consumer.close()
+    streams = by_stream(frames)
+    assert set(streams) == set(data)
+    for s, x in data.items():
+        fs = streams[s]
+        assert labelled_seqs(fs) == list(range(len(x))), f"{s}: not every sample labelled once, in order"
+        assert fs[0].flags & protocol.LABEL_START
+        assert fs[-1].flags & protocol.LABEL_FINAL
+        assert all(f.t0_ns == 1_700_000_000_000_000_000 + f.seq * 4_000_000 for f in fs if len(f.labels))
+        window = 400
+        for f in fs:
+            n = len(f.labels)
+            if n == 0:
+                continue
+            end = f.seq + n
+            begin = max(0, end - window)
+            padded = np.concatenate([np.full((window - (end - begin), 16), 0.5, np.float32), x[begin:end]])
+            want = offline_probs(same_model, padded)[window - n :]
+            np.testing.assert_allclose(f.probabilities, want, atol=1e-4, err_msg=f"{s} seq {f.seq}")
+            np.testing.assert_array_equal(f.labels, want.argmax(-1))
+    events = [e["event"] for e in d.events()]
+    assert "ready" in events and "drained" in events and "stopped" in events
+
+
+def test_bad_input_is_counted_and_does_not_disturb_valid_streams(tmp_path, ctx, same_model):
+    """Malformed frames are rejected by reason; seq gaps and duplicates are counted; the identity holds."""
+    d = Daemon(tmp_path, {"model": {"path": str(same_model), "hop": 100}}).start()
+    gw = Gateway(ctx, d.input)
+    consumer = Consumer(ctx, d.output)
+    time.sleep(0.5)
+    x = np.random.default_rng(1).normal(size=(1000, 16)).astype(np.float32)
+    gw.send("good", x[:500], 0)
+    gw.send_raw([b"good"])  # one frame
+    gw.send_raw([b"bad", b"\x00" * 5])  # short header
+    gw.send("bad", np.zeros((5, 3), np.float32), 0)  # 3 channels, the model takes 16
+    gw.send_raw([b"\xff\xfe", protocol.encode_samples("x", x[:2], 0)[1]])  # topic not UTF-8
+    nan = x[:4].copy()
+    nan[1, 3] = np.nan
+    gw.send("bad", nan, 0)
+    gw.send("good", x[450:600], 450)  # 50 duplicates, 100 new
+    gw.send("good", x[700:1000], 700)  # a gap of 100 (below the reset threshold of 400)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and d.metric("sigclassd_frames_received_total") < 8:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    rej = {r: d.metric("sigclassd_frames_rejected_total", {"reason": r})
+           for r in ("bad_frame_count", "short_header", "channel_mismatch", "bad_topic", "non_finite")}
+    assert rej == dict.fromkeys(rej, 1.0)
+    a = accounting(d)
+    assert a["received"] == 950 and a["duplicate"] == 50 and a["missing"] == 100
+    assert identity_holds(a), a
+    assert d.stop() == 0
+    frames = consumer.collect(5, until=lambda fr: any(f.flags & protocol.LABEL_FINAL for f in fr))
+    consumer.close()
+    gw.close()
+    seqs = labelled_seqs(frames)
+    assert seqs == list(range(600)) + list(range(700, 1000))
+    gap_frames = [f for f in frames if f.flags & protocol.LABEL_GAP]
+    assert [(f.seq, f.gap) for f in gap_frames] == [(700, 100)]

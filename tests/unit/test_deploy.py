@@ -1,0 +1,266 @@
+"""The deploy assets: systemd units, install script, example configs, Prometheus rules and the dashboard."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from sigclassd import config
+from sigclassd.metrics import Metrics
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+UNITS = ("sigclassd.service", "sigclassd@.service", "sigclassd-forwarder.service")
+INSTALLED_BINARY = "/opt/sigclassd/venv/bin/sigclassd"
+
+needs_systemd_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze absent")
+needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool absent")
+
+
+def unit_settings(name: str) -> dict[str, list[str]]:
+    """The [Service] assignments of a unit, every value of a repeated key in order."""
+    settings: dict[str, list[str]] = {}
+    section = ""
+    for line in (DEPLOY / name).read_text().splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif line and not line.startswith("#") and section == "[Service]":
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def verifiable_copy(name: str, directory: Path) -> Path:
+    """A copy of the unit whose ExecStart binary exists here (verify checks it), templates instantiated."""
+    text = (DEPLOY / name).read_text().replace(INSTALLED_BINARY, shutil.which("true") or "/bin/true")
+    target = directory / name.replace("@.", "@shard-a.")
+    target.write_text(text)
+    return target
+
+
+def systemd_verify(path: Path) -> list[str]:
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize("name", UNITS)
+def test_systemd_verify_is_clean(name: str, tmp_path: Path) -> None:
+    """systemd-analyze verify reports nothing about the unit: no unknown keys, bad values or missing commands."""
+    lines = systemd_verify(verifiable_copy(name, tmp_path))
+    about_unit = [line for line in lines if "sigclassd" in line or "Unknown" in line or "rror" in line]
+    assert about_unit == []
+
+
+@needs_systemd_analyze
+def test_systemd_verify_catches_a_typo(tmp_path: Path) -> None:
+    """The verify check above can fail: a misspelt key in the unit is reported."""
+    path = verifiable_copy("sigclassd.service", tmp_path)
+    path.write_text(path.read_text().replace("UMask=", "Umask="))
+    assert any("Unknown key 'Umask'" in line for line in systemd_verify(path))
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize("name", UNITS)
+def test_systemd_security_exposure_is_low(name: str, tmp_path: Path) -> None:
+    """systemd-analyze security rates the unit's exposure at most 2.0 of 10 ('OK')."""
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(verifiable_copy(name, tmp_path))],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    if match is None and "offline" in result.stderr:
+        pytest.skip("this systemd-analyze has no --offline security review")
+    assert match is not None, result.stdout + result.stderr
+    exposure = float(match.group(1))
+    print(f"{name}: systemd-analyze security exposure {exposure}")
+    assert exposure <= 2.0
+
+
+@pytest.mark.parametrize("name", ["sigclassd.service", "sigclassd@.service"])
+def test_daemon_units_follow_the_daemon_contract(name: str) -> None:
+    """The daemon units notify, use the watchdog, reload by SIGHUP and leave time for the drain."""
+    s = unit_settings(name)
+    assert s["Type"] == ["notify"]
+    assert s["NotifyAccess"] == ["main"]
+    assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert s["Restart"] == ["on-failure"]
+    assert "MemoryDenyWriteExecute" not in s
+    assert s["Environment"][0] == "TF_CPP_MIN_LOG_LEVEL=2"
+    stop_timeout = int(s["TimeoutStopSec"][0].removesuffix("s"))
+    assert stop_timeout > config.ServiceSettings().drain_grace_s + config.OutputSettings().linger_ms / 1000
+    assert int(s["WatchdogSec"][0].removesuffix("s")) > 0
+    config_path = "/etc/sigclassd/%i.toml" if "@" in name else "/etc/sigclassd/sigclassd.toml"
+    assert s["ExecStart"] == [f"{INSTALLED_BINARY} run --config {config_path}"]
+
+
+def test_forwarder_unit_matches_the_shard_configs() -> None:
+    """The shards connect to the port the forwarder unit binds its XPUB side on."""
+    exec_start = unit_settings("sigclassd-forwarder.service")["ExecStart"][0]
+    xpub_port = re.search(r"--xpub tcp://\*:(\d+)", exec_start).group(1)
+    for shard in ("shard-a", "shard-b"):
+        settings = config.load(DEPLOY / "config" / f"{shard}.toml")
+        assert settings.input.connect == (f"tcp://127.0.0.1:{xpub_port}",)
+
+
+def test_example_config_sets_every_key() -> None:
+    """deploy/config/sigclassd.toml loads, and names every key of every section with its default."""
+    path = DEPLOY / "config" / "sigclassd.toml"
+    assert dataclasses.replace(config.load(path), source="") == dataclasses.replace(config.load(None), source="")
+    raw = tomllib.loads(path.read_text())
+    defaults = config.load(None)
+    for section in dataclasses.fields(config.Settings):
+        if section.name == "source":
+            continue
+        expected = {f.name for f in dataclasses.fields(getattr(defaults, section.name))}
+        assert set(raw[section.name]) == expected, section.name
+
+
+def test_shard_configs_partition_the_streams() -> None:
+    """The two shards load, bind different output and metrics ports, and have disjoint prefixes."""
+    a = config.load(DEPLOY / "config" / "shard-a.toml")
+    b = config.load(DEPLOY / "config" / "shard-b.toml")
+    assert a.metrics.listen != b.metrics.listen
+    assert a.output.bind != b.output.bind
+    assert "" not in a.input.subscribe + b.input.subscribe
+    for pa in a.input.subscribe:
+        for pb in b.input.subscribe:
+            assert not pa.startswith(pb) and not pb.startswith(pa), (pa, pb)
+
+
+def test_install_script_is_idempotent_and_keeps_the_config(tmp_path: Path) -> None:
+    """A staged install run twice installs the units and examples and never overwrites an edited config."""
+    script = DEPLOY / "install.sh"
+    help_text = subprocess.run(["sh", str(script), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--root DIR" in help_text
+    for _ in range(2):
+        subprocess.run(["sh", str(script), "--root", str(tmp_path), "--no-venv"], capture_output=True, check=True)
+        config_file = tmp_path / "etc/sigclassd/sigclassd.toml"
+        config_file.write_text(config_file.read_text() + "# edited\n")
+    assert config_file.read_text().count("# edited") == 2
+    for unit in UNITS:
+        assert (tmp_path / "etc/systemd/system" / unit).read_text() == (DEPLOY / unit).read_text()
+    assert sorted(p.name for p in (tmp_path / "opt/sigclassd/examples").iterdir()) == [
+        "shard-a.toml", "shard-b.toml", "sigclassd.toml",
+    ]
+    bad = subprocess.run(["sh", str(script), "--bogus"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2
+    assert "unknown option --bogus" in bad.stderr
+
+
+def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["promtool", *args], capture_output=True, text=True, timeout=60, check=False, cwd=DEPLOY / "prometheus"
+    )
+
+
+@pytest.mark.prometheus
+@needs_promtool
+def test_promtool_accepts_rules_and_config() -> None:
+    """promtool check rules accepts alerts.yml and check config accepts prometheus.yml."""
+    rules = run_promtool("check", "rules", "alerts.yml")
+    assert rules.returncode == 0, rules.stdout + rules.stderr
+    assert "SUCCESS: 9 rules found" in rules.stdout
+    cfg = run_promtool("check", "config", "prometheus.yml")
+    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
+
+
+@pytest.mark.prometheus
+@needs_promtool
+def test_alerts_fire_on_synthetic_series() -> None:
+    """promtool test rules: the alerts fire (and stay quiet) as alerts_test.yml expects."""
+    result = run_promtool("test", "rules", "alerts_test.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "inf", "nan"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (labels, functions and keywords removed)."""
+    expr = re.sub(r'"[^"]*"', '""', expr)
+    expr = re.sub(r"\{[^}]*\}", "", expr)
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+    expr = re.sub(r"\[[^\]]*\]", "", expr)
+    names = set()
+    for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", expr):
+        if expr[match.end():].lstrip().startswith("(") or match.group() in PROMQL_WORDS:
+            continue
+        names.add(match.group())
+    return names
+
+
+def exported_names() -> set[str]:
+    """Every sample name the daemon exports (built on a fresh registry), plus Prometheus' own `up`."""
+    registry = CollectorRegistry()
+    Metrics(registry)
+    return {sample.name for family in registry.collect() for sample in family.samples} | {"up"}
+
+
+def test_metric_name_extraction() -> None:
+    """The PromQL name extraction keeps metrics and drops functions, labels, keywords and ranges."""
+    expr = 'histogram_quantile(0.99, sum by (le) (rate(a_bucket{x="b"}[5m]))) > 1 or up{job="c"} == 0 and on (i) d'
+    assert metric_names(expr) == {"a_bucket", "up", "d"}
+
+
+def test_dashboard_uses_only_exported_metrics() -> None:
+    """The dashboard parses, has a Prometheus datasource variable, and every query names exported metrics."""
+    dashboard = json.loads((DEPLOY / "grafana" / "sigclassd-dashboard.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    exported = exported_names()
+    variable_metric = re.match(r"label_values\((\w+),", variables["instance"]["definition"]).group(1)
+    assert variable_metric in exported
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 25
+    used = set().union(*(metric_names(e) for e in exprs))
+    assert used - exported == set()
+    for needed in ("sigclassd_ingress_to_publish_seconds_bucket", "sigclassd_frames_rejected_total",
+                   "sigclassd_ready", "process_resident_memory_bytes", "sigclassd_model_info"):
+        assert needed in used
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def alert_rules(text: str) -> list[dict[str, str]]:
+    """Each rule of alerts.yml as {key: text}, with folded (``>``) values joined: enough YAML for this file."""
+    rules = []
+    for block in text.split("- alert: ")[1:]:
+        lines = block.splitlines()
+        rule = {"alert": lines[0].strip()}
+        key = ""
+        for line in lines[1:]:
+            stripped = line.strip()
+            match = re.match(r"(\w+):\s*(.*)", stripped)
+            if match and not line.startswith(" " * 12):
+                key, value = match.groups()
+                rule[key] = "" if value == ">" else value.strip('"')
+            elif stripped and not stripped.startswith("#") and key:
+                rule[key] += " " + stripped
+        rules.append(rule)
+    return rules
+
+
+def test_alert_rules_use_only_exported_metrics() -> None:
+    """Every alert has for, a severity and summary/description, and queries only exported metrics."""
+    rules = alert_rules((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    assert len(rules) == 9
+    exported = exported_names()
+    for rule in rules:
+        assert {"expr", "for", "severity", "summary", "description"} <= set(rule), rule
+        assert rule["severity"] in ("warning", "critical")
+        names = metric_names(rule["expr"])
+        assert names, rule["alert"]
+        assert names - exported == set(), rule["alert"]
