@@ -227,12 +227,11 @@ class Batcher:
                 continue
             done.add(s)
             # Everything received so far for this stream is abandoned, and counted.
+            # The hole this leaves in the seqs is reported as a gap with the next labels.
             count = s.n - s.labelled
             s.labelled = s.fed = s.n
             s.done += count
             s.consumed = s.done
-            s.flags |= protocol.LABEL_GAP
-            s.gap += count
             dropped += count
             self._finish([], s, None, emit_final=False)
         for s in batch.empty:
@@ -246,19 +245,23 @@ class Batcher:
         # A gap that did not reset the stream sits inside the rows: split so every run is seq-contiguous.
         cuts = [0, n] if int(seq[-1]) - int(seq[0]) == n - 1 else [0, *(np.flatnonzero(np.diff(seq) != 1) + 1), n]
         for a, b in zip(cuts, cuts[1:], strict=False):
-            flags = s.flags
+            flags, gap = s.flags, s.gap
+            start = int(seq[a])
+            if s.last_seq is not None and start != s.last_seq:
+                flags |= protocol.LABEL_GAP
+                gap += start - s.last_seq
             if s.done < self.table.warmup:
                 flags |= protocol.LABEL_WARMUP
-            sensor = s.sensor_ns[first + a]
             runs.append(
                 LabelRun(
-                    s.topic, int(seq[a]), probs[a:b], labels[a:b], int(sensor), flags, s.gap,
+                    s.topic, start, probs[a:b], labels[a:b], int(s.sensor_ns[first + a]), flags, gap,
                     s.arrival[first + a : first + b], int(s.sensor_ns[first + b - 1]),
                 )
             )
             s.flags = 0
             s.gap = 0
             s.done += b - a
+            s.last_seq = int(seq[b - 1]) + 1
         s.labelled = first + n
         self.table.mark_labelled(n)
 

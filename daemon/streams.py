@@ -46,7 +46,7 @@ class Stream:
 
     __slots__ = (
         "name", "topic", "data", "seq", "arrival", "sensor_ns", "n", "fed", "labelled",
-        "next_seq", "slot", "consumed", "done", "flags", "gap", "last_seen", "final", "ready_queued",
+        "next_seq", "last_seq", "slot", "consumed", "done", "flags", "gap", "last_seen", "final", "ready_queued",
     )
 
     def __init__(self, name: str, channels: int, capacity: int, slot: int, flags: int) -> None:
@@ -60,6 +60,7 @@ class Stream:
         self.fed = 0
         self.labelled = 0
         self.next_seq: int | None = None
+        self.last_seq: int | None = None  # seq after the last labelled sample: a jump from it is a gap
         self.slot = slot
         self.consumed = 0
         self.done = 0
@@ -199,8 +200,8 @@ class StreamTable:
                 m.samples_missing.inc(missing)
                 if missing > self.settings.gap_reset_samples:
                     stream = self.reset(stream, "gap")
-                stream.flags |= protocol.LABEL_GAP
-                stream.gap += missing
+                    stream.flags |= protocol.LABEL_GAP
+                    stream.gap += missing
             elif frame.seq < expected:
                 if expected - frame.seq > self.settings.backwards_reset_samples:
                     stream = self.reset(stream, "seq_backwards")
@@ -239,9 +240,9 @@ class StreamTable:
             self.ready[stream] = None
 
     def _count_shed(self, stream: Stream, count: int) -> None:
+        # The hole it leaves in the seqs is reported as a gap when the next labels go out.
         self.metrics.samples_shed.inc(count)
         stream.flags |= protocol.LABEL_SHED
-        stream.gap += count
 
     def _shed_pending(self, stream: Stream, count: int) -> None:
         """Drop the oldest ``count`` pending rows: they are never fed nor labelled."""
