@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"sigclassd {__version__}")
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
     _add_run(sub)
     from sigclassd import simulate, tap
 
@@ -100,7 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    return args.func(args) or 0
+    from sigclassd.errors import ConfigError, SigclassdError
+
+    try:
+        return args.func(args) or 0
+    except ConfigError as e:
+        print(f"sigclassd {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    except SigclassdError as e:
+        print(f"sigclassd {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

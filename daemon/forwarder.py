@@ -60,8 +60,8 @@ class Forwarder:
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
-            sock.close(linger=0)
-            self._ctx.term()
+            # destroy, not term: the other side's socket may already be open.
+            self._ctx.destroy(linger=0)
             msg = f"forwarder cannot bind {endpoint!r}: {exc}"
             raise ConfigError(msg) from exc
         return sock

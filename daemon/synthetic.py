@@ -82,7 +82,7 @@ def _drift(rng: np.random.Generator, n_samples: int, channels: int, sample_rate_
     for _ in range(3):
         freq = rng.uniform(0.005, 0.1, size=channels)
         phase = rng.uniform(0, 2 * np.pi, size=channels)
-        amp = rng.uniform(0.5, 2.0, size=channels)
+        amp = rng.uniform(0.2, 0.8, size=channels)
         coarse += amp * np.sin(2 * np.pi * freq * coarse_t + phase)
     coarse = coarse.astype(np.float32)
     t = np.arange(n_samples)

@@ -180,7 +180,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{ds.channels} channels, classes {list(ds.classes)}",
             flush=True,
         )
-        command = "sigclassd " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("sigclassd") else ""
+        # Recorded so the model can be rebuilt; only known when run as a command.
+        from_shell = Path(sys.argv[0]).name in ("sigclassd", "cli.py")
+        command = shlex.join(["sigclassd", *sys.argv[1:]]) if from_shell else ""
         verbose = {"bar": 1, "epoch": 2, "none": 0}[args.progress]
         artifact = train(ds, cfg, args.out, verbose=verbose, command=command)
     except (ValueError, ModelError) as e:

@@ -576,7 +576,8 @@ class _LiteRTRuntime:
         for index, value in zip(order, (x, lengths, ends, state), strict=True):
             interpreter.set_tensor(index, value)
         interpreter.invoke()
-        y, s = (interpreter.get_tensor(i) for i in outputs)
+        # The labels are 3-D, the states 2-D: the converter does not keep output order.
+        y, s = sorted((interpreter.get_tensor(i) for i in outputs), key=lambda a: -a.ndim)
         return y[:batch, :time], s[:batch]
 
 

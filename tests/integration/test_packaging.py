@@ -1,0 +1,51 @@
+"""Packaging: a plain (non-editable) install carries the bundled model and runs from any directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
+                    str(ROOT)], check=True)
+    return next(out.glob("sigclassd-*.whl"))
+
+
+def test_wheel_holds_packages_and_bundled_model(wheel):
+    """The wheel installs `sigclassd` and `sigclassd.models` with the default model, and no `daemon`/`models`."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "sigclassd/models/default/model.keras" in names
+    assert "sigclassd/models/default/metadata.json" in names
+    assert "sigclassd/protocol.py" in names and "sigclassd/engine/windowed.py" in names
+    assert not any(n.startswith(("daemon/", "models/")) for n in names)
+
+
+@pytest.mark.integration
+@pytest.mark.tf
+def test_installed_copy_loads_bundled_model_from_another_directory(wheel, tmp_path):
+    """Installed with plain `pip install`, the package finds and checks its bundled model from any cwd."""
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    code = (
+        "import sigclassd, sys; from sigclassd.cli import main; "
+        "assert sigclassd.__file__.startswith(sys.argv[1]), sigclassd.__file__; "
+        "sys.exit(main(['run', '--check', '--set', 'model.max_batch_streams=2']))"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(target)], cwd=elsewhere, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert '"check_ok"' in r.stdout and "sigclassd/models/default" in r.stdout

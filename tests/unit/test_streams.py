@@ -1,0 +1,233 @@
+"""StreamTable: the seq policy (gaps, duplicates, restarts), eviction, the stream limit and shedding."""
+
+from __future__ import annotations
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from sigclassd import protocol
+from sigclassd.config import StreamSettings
+from sigclassd.metrics import Metrics
+from sigclassd.protocol import SampleFrame
+from sigclassd.streams import StreamTable
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_table(**kw: float) -> tuple[StreamTable, CollectorRegistry, Clock]:
+    registry = CollectorRegistry()
+    clock = Clock()
+    settings = StreamSettings(**{"max_streams": 10, "idle_ttl_s": 60.0, "max_pending_samples": 1000,
+                                 "gap_reset_samples": 400, "backwards_reset_samples": 4000, **kw})
+    table = StreamTable(settings, Metrics(registry, process=False), channels=2, history=16, ready_after=8,
+                        initial_state=lambda: np.zeros(3, np.float32), warmup=16, clock=clock)
+    return table, registry, clock
+
+
+def frame(stream: str, seq: int, n: int, *, restart: bool = False) -> SampleFrame:
+    x = np.stack([np.arange(seq, seq + n), np.zeros(n)], axis=1).astype(np.float32)
+    return SampleFrame(stream, seq, 0, 0.0, protocol.FLAG_RESTART if restart else 0, x)
+
+
+def counter(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(f"sigclassd_{name}_total", labels or None) or 0.0
+
+
+def held_seqs(table: StreamTable, name: str) -> list[int]:
+    s = table.streams[name]
+    return s.seq[: s.n].tolist()
+
+
+def test_in_order_frames_are_appended():
+    """Consecutive frames are buffered in seq order and counted as received."""
+    t, reg, _ = make_table()
+    t.accept(frame("a", 0, 5), wall=1.0)
+    t.accept(frame("a", 5, 3), wall=2.0)
+    assert held_seqs(t, "a") == list(range(8))
+    assert t.streams["a"].next_seq == 8 and t.buffered == 8
+    assert counter(reg, "samples_received") == 8 and counter(reg, "streams_opened") == 1
+    assert t.streams["a"].flags == protocol.LABEL_START
+
+
+def test_gap_up_to_the_threshold_carries_on_and_counts_missing():
+    """A gap of exactly gap_reset_samples keeps the stream (same incarnation) and counts the missing samples."""
+    t, reg, _ = make_table(gap_reset_samples=10)
+    t.accept(frame("a", 0, 5))
+    s = t.streams["a"]
+    t.accept(frame("a", 15, 2))
+    assert t.streams["a"] is s and not t.retired
+    assert held_seqs(t, "a") == [0, 1, 2, 3, 4, 15, 16]
+    assert counter(reg, "samples_missing") == 10 and counter(reg, "stream_resets", reason="gap") == 0
+
+
+def test_gap_beyond_the_threshold_resets_flagged_start_and_gap():
+    """A gap larger than gap_reset_samples retires the old incarnation and starts a new one flagged START|GAP."""
+    t, reg, _ = make_table(gap_reset_samples=10)
+    t.accept(frame("a", 0, 5))
+    old = t.streams["a"]
+    t.accept(frame("a", 16, 2))
+    new = t.streams["a"]
+    assert new is not old and t.retired == [old] and old.final
+    assert new.flags == protocol.LABEL_START | protocol.LABEL_GAP and new.gap == 11
+    assert held_seqs(t, "a") == [16, 17]
+    assert counter(reg, "samples_missing") == 11 and counter(reg, "stream_resets", reason="gap") == 1
+    assert t.buffered == 7  # the old incarnation's 5 still await their FINAL labels
+
+
+def test_exact_duplicate_is_dropped_and_counted():
+    """A frame whose seqs were all received already is dropped whole and counted as duplicate."""
+    t, reg, _ = make_table()
+    t.accept(frame("a", 0, 10))
+    t.accept(frame("a", 3, 4))
+    assert held_seqs(t, "a") == list(range(10))
+    assert counter(reg, "samples_duplicate") == 4 and t.buffered == 10
+
+
+def test_partial_overlap_appends_only_the_new_tail():
+    """A frame overlapping the received seqs contributes only its new tail; the overlap counts as duplicate."""
+    t, reg, _ = make_table()
+    t.accept(frame("a", 0, 10))
+    t.accept(frame("a", 7, 6))
+    assert held_seqs(t, "a") == list(range(13))
+    assert t.streams["a"].data[10:13, 0].tolist() == [10.0, 11.0, 12.0]
+    assert counter(reg, "samples_duplicate") == 3 and counter(reg, "samples_received") == 16
+
+
+def test_backwards_jump_beyond_the_threshold_is_an_implicit_restart():
+    """seq going back by more than backwards_reset_samples resets the stream instead of counting duplicates."""
+    t, reg, _ = make_table(backwards_reset_samples=20)
+    t.accept(frame("a", 100, 30))
+    t.accept(frame("a", 110, 5))  # back by 20: still a duplicate
+    assert counter(reg, "samples_duplicate") == 5 and not t.retired
+    t.accept(frame("a", 0, 5))  # back by 130: the gateway restarted without the flag
+    assert counter(reg, "stream_resets", reason="seq_backwards") == 1 and len(t.retired) == 1
+    assert held_seqs(t, "a") == list(range(5)) and t.streams["a"].flags == protocol.LABEL_START
+    assert counter(reg, "samples_duplicate") == 5
+
+
+def test_restart_flag_retires_and_starts_a_new_incarnation():
+    """The restart flag resets even an in-order frame: the old incarnation is retired, the new one flagged START."""
+    t, reg, _ = make_table()
+    t.accept(frame("a", 0, 5))
+    old = t.streams["a"]
+    t.accept(frame("a", 5, 5, restart=True))
+    assert t.retired == [old] and t.streams["a"] is not old
+    assert counter(reg, "stream_resets", reason="restart") == 1
+    assert held_seqs(t, "a") == list(range(5, 10)) and old.n == 5
+    assert old.slot != t.streams["a"].slot
+
+
+def test_restart_flag_on_a_new_stream_just_opens_it():
+    """A restart flag on a stream id never seen opens it without counting a reset."""
+    t, reg, _ = make_table()
+    t.accept(frame("a", 7, 2, restart=True))
+    assert counter(reg, "stream_resets", reason="restart") == 0 and held_seqs(t, "a") == [7, 8]
+
+
+def test_idle_streams_are_evicted_after_the_ttl_only():
+    """Streams idle longer than idle_ttl_s are retired (to be flushed FINAL); active ones stay."""
+    t, reg, clock = make_table(idle_ttl_s=10.0)
+    t.accept(frame("a", 0, 5))
+    clock.now = 6.0
+    t.accept(frame("b", 0, 5))
+    clock.now = 10.0
+    assert t.evict_idle() == 0
+    clock.now = 10.5
+    assert t.evict_idle() == 1
+    assert list(t.streams) == ["b"] and [s.name for s in t.retired] == ["a"] and t.retired[0].final
+    assert counter(reg, "streams_evicted") == 1
+    t.accept(frame("a", 5, 1))  # comes back: a new incarnation, flagged START
+    assert t.streams["a"].flags == protocol.LABEL_START
+
+
+def test_duplicates_keep_a_stream_alive():
+    """A duplicate frame refreshes the idle clock, so a gateway resending is not evicted."""
+    t, _, clock = make_table(idle_ttl_s=10.0)
+    t.accept(frame("a", 0, 5))
+    clock.now = 9.0
+    t.accept(frame("a", 0, 5))
+    clock.now = 15.0
+    assert t.evict_idle() == 0
+
+
+def test_stream_limit_rejects_new_streams_and_counts_them():
+    """Beyond max_streams a new stream id's samples are rejected (reason stream_limit); known streams go on."""
+    t, reg, clock = make_table(max_streams=2, idle_ttl_s=5.0)
+    t.accept(frame("a", 0, 3))
+    t.accept(frame("b", 0, 3))
+    t.accept(frame("c", 0, 4))
+    t.accept(frame("c", 4, 4))
+    t.accept(frame("a", 3, 3))
+    assert sorted(t.streams) == ["a", "b"] and t.limit_rejects == 2
+    assert counter(reg, "samples_rejected", reason="stream_limit") == 8
+    assert held_seqs(t, "a") == list(range(6))
+    clock.now = 100.0
+    t.evict_idle()
+    t.accept(frame("c", 8, 1))
+    assert "c" in t.streams
+
+
+def test_shedding_keeps_the_freshest_pending_samples():
+    """Pending samples beyond max_pending_samples are shed oldest first, counted, and the stream flagged SHED."""
+    t, reg, _ = make_table(max_pending_samples=10)
+    t.accept(frame("a", 0, 6))
+    t.accept(frame("a", 6, 7))
+    s = t.streams["a"]
+    assert held_seqs(t, "a") == list(range(3, 13)) and s.pending == 10
+    assert s.data[:10, 0].tolist() == [float(v) for v in range(3, 13)]
+    assert counter(reg, "samples_shed") == 3 and s.flags & protocol.LABEL_SHED and t.buffered == 10
+
+
+def test_an_oversize_frame_is_cut_to_its_freshest_part():
+    """A single frame larger than max_pending_samples keeps only its newest max_pending_samples samples."""
+    t, reg, _ = make_table(max_pending_samples=10)
+    t.accept(frame("a", 0, 25))
+    assert held_seqs(t, "a") == list(range(15, 25))
+    assert counter(reg, "samples_shed") == 15 and t.buffered == 10 and t.streams["a"].next_seq == 25
+
+
+def test_ready_after_pending_threshold():
+    """A stream is queued for a batch once ready_after samples are pending, once."""
+    t, _, _ = make_table()
+    t.accept(frame("a", 0, 7))
+    assert not t.ready
+    t.accept(frame("a", 7, 1))
+    t.accept(frame("a", 8, 3))
+    assert list(t.ready) == [t.streams["a"]]
+
+
+def test_state_slots_are_reused_and_reset():
+    """A released slot is reused by the next stream, and its state starts from the initial state."""
+    t, _, _ = make_table()
+    t.accept(frame("a", 0, 1))
+    slot = t.streams["a"].slot
+    t.states[slot] = 9.0
+    t.retire_all()
+    t.release(t.retired.pop())
+    t.accept(frame("b", 0, 1))
+    assert t.streams["b"].slot == slot and t.states[slot].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_more_than_64_streams_grow_the_state_matrix():
+    """Streams beyond the initial 64 state slots get distinct slots of their own."""
+    t, _, _ = make_table(max_streams=200)
+    for i in range(130):
+        t.accept(frame(f"s{i}", 0, 1))
+    slots = [s.slot for s in t.streams.values()]
+    assert len(set(slots)) == 130 and max(slots) < len(t.states)
+
+
+def test_retire_all_flags_the_next_incarnations():
+    """After retire_all(extra) every stream is retired and new ones open flagged START plus the extra flags."""
+    t, _, _ = make_table()
+    t.accept(frame("a", 0, 2))
+    t.retire_all(protocol.LABEL_MODEL_CHANGED)
+    assert not t.streams and len(t.retired) == 1
+    t.accept(frame("a", 2, 2))
+    assert t.streams["a"].flags == protocol.LABEL_START | protocol.LABEL_MODEL_CHANGED
