@@ -13,7 +13,7 @@ kept back so that a non-causal model sees some future context.
 
 Stateful: every stream with pending samples feeds them (up to ``max_chunk``) to
 the model with its carried state; the label of each sample comes out
-``lookahead`` samples later.
+``lookahead`` samples later (for a model with 'same' padding).
 
 A retired stream (restart, eviction, drain, model swap) is flushed: all its
 samples are labelled, with the future context padded, and its last run is
@@ -53,7 +53,7 @@ class _Item:
     first: int  # stream row of the first sample labelled
     count: int  # samples labelled
     fed: int  # stream rows fed by this item (stateful) / new window end (windowed)
-    pads: int  # padded rows fed after the real ones (stateful flush)
+    pads: int  # stateful: outputs of the engine's flush appended after the real rows
 
 
 @dataclass(slots=True)
@@ -66,6 +66,7 @@ class Batch:
     empty: list[Stream]  # retired streams with nothing left to label (FINAL event only)
     oldest_arrival: float
     samples: int
+    flush_rows: np.ndarray  # stateful: rows whose stream ends here; the engine's flush labels their held samples
 
 
 class Batcher:
@@ -115,7 +116,7 @@ class Batcher:
                 elif stream.final:
                     empty.append(stream)
         if not plans:
-            return Batch(*_EMPTY_ARRAYS, [], empty, 0.0, 0) if empty else None
+            return Batch(*_EMPTY_ARRAYS, [], empty, 0.0, 0, _NO_ROWS) if empty else None
         return self._gather(plans, empty)
 
     def _plan_windows(self, s: Stream) -> list[tuple[int, int, int]]:
@@ -135,14 +136,18 @@ class Batcher:
         return plans
 
     def _plan_step(self, s: Stream) -> tuple[int, int, int] | None:
-        """(rows fed, padded rows, samples labelled) for one stateful call on ``s``."""
+        """(rows fed, flushed rows, samples labelled) for one stateful call on ``s``.
+
+        A retired stream is flushed: after its last rows, the engine's ``flush``
+        produces the labels of the ``lookahead`` samples still held back.
+        """
         take = s.pending if s.final else min(s.pending, self.max_chunk)
         consumed = s.consumed + take
-        pads = self.lookahead if s.final and consumed > s.done else 0
+        flushed = self.lookahead if s.final and consumed > s.done else 0
         labelled_through = consumed if s.final else max(0, consumed - self.lookahead)
-        if take + pads == 0:
+        if take + flushed == 0:
             return None
-        return take, pads, labelled_through - s.done
+        return take, flushed, labelled_through - s.done
 
     def _gather(self, plans: list[tuple[Stream, list[tuple[int, int, int]]]], empty: list[Stream]) -> Batch:
         windowed = self.mode == "windowed"
@@ -151,12 +156,13 @@ class Batcher:
             length = self.window
         else:
             rows = len(plans)
-            length = max(take + pads for _, [(take, pads, _)] in plans)
+            length = max(take for _, [(take, _, _)] in plans)
         x = np.empty((rows, length, self.table.channels), np.float32)
         x[:] = self.pad_value
         lengths = np.empty(rows, np.int32)
         slots = np.empty(rows, np.int64)
         items = []
+        flush_rows: list[int] = []
         oldest = np.inf
         samples = 0
         row = 0
@@ -177,7 +183,9 @@ class Batcher:
                 take, pads, count = plan[0]
                 a = stream.fed
                 x[row, :take] = stream.data[a : a + take]
-                lengths[row] = take + pads
+                lengths[row] = take
+                if pads:
+                    flush_rows.append(row)
                 slots[row] = stream.slot
                 # Output t of this call labels the sample fed `lookahead` rows earlier.
                 start = stream.done + self.lookahead - stream.consumed
@@ -187,13 +195,26 @@ class Batcher:
                 samples += take
                 row += 1
         state = self.table.states[slots]
-        return Batch(x, lengths, state, slots, items, empty, float(oldest), samples)
+        return Batch(x, lengths, state, slots, items, empty, float(oldest), samples, np.asarray(flush_rows, np.int64))
 
-    def complete(self, batch: Batch, probabilities: np.ndarray, new_state: np.ndarray) -> list[LabelRun]:
-        """Advance the streams of ``batch`` past the model call and return their label runs."""
+    def complete(self, batch: Batch, probabilities: np.ndarray, new_state: np.ndarray,
+                 flushed: np.ndarray | None = None) -> list[LabelRun]:
+        """Advance the streams of ``batch`` past the model call and return their label runs.
+
+        ``flushed`` is the engine's ``flush`` output for ``batch.flush_rows``
+        (``[len(flush_rows), lookahead, n_classes]``): it continues those rows' outputs.
+        """
         table = self.table
         if len(batch.items):
             table.states[batch.slots] = new_state
+            if flushed is not None and len(flushed):
+                extended = np.empty((*probabilities.shape[:1], probabilities.shape[1] + flushed.shape[1],
+                                     probabilities.shape[2]), np.float32)
+                extended[:, : probabilities.shape[1]] = probabilities
+                for j, row in enumerate(batch.flush_rows):
+                    n = batch.lengths[row]
+                    extended[row, n : n + flushed.shape[1]] = flushed[j]
+                probabilities = extended
             labels = probabilities.argmax(axis=-1).astype(np.uint8)
         runs: list[LabelRun] = []
         windowed = self.mode == "windowed"
@@ -281,6 +302,7 @@ class Batcher:
 
 
 _NO_LABELS = np.zeros(0, np.uint8)
+_NO_ROWS = np.zeros(0, np.int64)
 _NO_ARRIVAL = np.zeros(0, np.float64)
 _EMPTY_ARRAYS = (np.zeros((0, 0, 0), np.float32), np.zeros(0, np.int32), np.zeros((0, 0), np.float32),
                  np.zeros(0, np.int64))

@@ -274,6 +274,7 @@ class Service:
             started = time.perf_counter()
             try:
                 probs, state = pipe.engine.run(batch.x, batch.lengths, batch.state)
+                flushed = pipe.engine.flush(state[batch.flush_rows])[0] if len(batch.flush_rows) else None
             except Exception as e:  # a model failure must cost one batch, not the daemon
                 m.inference_errors.inc()
                 dropped = pipe.batcher.fail(batch)
@@ -288,7 +289,7 @@ class Service:
             m.inference_duration.observe(time.perf_counter() - started)
             m.batch_streams.observe(len(batch.items))
             m.batch_samples.observe(batch.samples)
-            runs = pipe.batcher.complete(batch, probs, state)
+            runs = pipe.batcher.complete(batch, probs, state, flushed)
         else:
             runs = pipe.batcher.complete(batch, batch.x, batch.state)
         self.publish(runs)

@@ -29,6 +29,10 @@ class Engine(Protocol):
     new states. For the stateful engine, output ``t`` of a row is the label of the
     sample ``lookahead`` positions before input ``t``; the first ``lookahead``
     outputs after a reset belong to no sample and are discarded by the caller.
+
+    ``flush(state)`` ends streams: the probabilities of each row's last
+    ``lookahead`` samples, ``[batch, lookahead, n_classes]``, computed with
+    Keras' zero padding after every layer (only called when ``lookahead > 0``).
     """
 
     artifact: ModelArtifact
@@ -40,5 +44,7 @@ class Engine(Protocol):
     def initial_state(self) -> np.ndarray: ...
 
     def run(self, x: np.ndarray, lengths: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def flush(self, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
     def warm_up(self) -> None: ...

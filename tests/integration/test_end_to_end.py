@@ -121,3 +121,33 @@ def test_bad_input_is_counted_and_does_not_disturb_valid_streams(tmp_path, ctx, 
     assert seqs == list(range(600)) + list(range(700, 1000))
     gap_frames = [f for f in frames if f.flags & protocol.LABEL_GAP]
     assert [(f.seq, f.gap) for f in gap_frames] == [(700, 100)]
+
+
+@pytest.mark.parametrize("fixture", ["causal_model", "same_model"])
+def test_stateful_labels_equal_offline_model_over_whole_stream(tmp_path, ctx, fixture, request):
+    """Stateful mode publishes, for every sample, the offline model's output over the whole stream (<= 1e-5)."""
+    model_dir = request.getfixturevalue(fixture)
+    d = Daemon(tmp_path, {"model": {"path": str(model_dir), "mode": "stateful"}}).start()
+    consumer = Consumer(ctx, d.output)
+    gw = Gateway(ctx, d.input)
+    time.sleep(0.5)
+    rng = np.random.default_rng(3)
+    data = {f"s{i}": rng.normal(0.5, 2.0, (n, 16)).astype(np.float32) for i, n in enumerate((1500, 999, 3, 640))}
+    send_streams(gw, data, rng.integers(1, 50, 300), pace=0.001)
+    total = sum(len(x) for x in data.values())
+    lookahead = 4 if fixture == "same_model" else 0
+    held = sum(min(lookahead, len(x)) for x in data.values())
+    frames = consumer.collect(20, until=lambda fr: sum(len(f.labels) for f in fr) >= total - held)
+    if lookahead:
+        # The last `lookahead` samples of each stream wait for future context until the drain flushes them.
+        assert sum(len(f.labels) for f in frames) == total - held
+    assert d.stop() == 0
+    frames = consumer.collect(5, until=lambda fr: sum(1 for f in fr if f.flags & protocol.LABEL_FINAL) == len(data))
+    gw.close()
+    consumer.close()
+    for s, x in data.items():
+        fs = by_stream(frames)[s]
+        assert labelled_seqs(fs) == list(range(len(x)))
+        got = np.concatenate([f.probabilities for f in fs])
+        np.testing.assert_allclose(got, offline_probs(model_dir, x), atol=1e-5, rtol=0)
+        assert fs[-1].flags & protocol.LABEL_FINAL

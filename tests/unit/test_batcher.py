@@ -53,6 +53,10 @@ class Pipe:
             new[b] = line[len(line) - L :]
         return out, new
 
+    def flush_engine(self, state: np.ndarray) -> np.ndarray:
+        """The echo model's flush: the labels of the held-back samples are the samples in its delay line."""
+        return state[:, :, None].copy()
+
     def step(self) -> list[LabelRun] | None:
         batch = self.batcher.collect()
         if batch is None:
@@ -60,7 +64,8 @@ class Pipe:
         if not batch.items:
             return self.batcher.complete(batch, batch.x, batch.state)
         probs, state = self.engine(batch.x, batch.lengths, batch.state)
-        runs = self.batcher.complete(batch, probs, state)
+        flushed = self.flush_engine(state[batch.flush_rows]) if len(batch.flush_rows) else None
+        runs = self.batcher.complete(batch, probs, state, flushed)
         for r in runs:  # every label must sit on its own sample
             np.testing.assert_array_equal(r.probabilities[:, 0], np.arange(r.seq, r.seq + len(r.labels)) + 1)
         return runs

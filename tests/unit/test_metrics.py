@@ -1,0 +1,106 @@
+"""Metrics: the bulk histogram matches prometheus_client's Histogram; every documented name is exported."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from sigclassd.metrics import (
+    FRAME_REJECT_REASONS,
+    LATENCY_BUCKETS,
+    RESET_REASONS,
+    SAMPLE_REJECT_REASONS,
+    BulkHistogram,
+    Metrics,
+)
+
+
+def exposed(registry: CollectorRegistry) -> dict[tuple[str, tuple], float]:
+    """Every sample of the text exposition, keyed by (name, sorted labels)."""
+    text = generate_latest(registry).decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_bulk_histogram_exposes_what_prometheus_client_histogram_would():
+    """Buckets (bounds inclusive), count and sum of BulkHistogram equal prometheus_client's for the same values."""
+    rng = np.random.default_rng(0)
+    values = np.concatenate([
+        rng.lognormal(-6, 2.5, 5000),  # sub-millisecond to seconds
+        np.asarray(LATENCY_BUCKETS),  # exactly on every bound: counted in that bucket (le)
+        [0.0, 10.0000001, 1e3],
+    ])
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    bulk = BulkHistogram("x_seconds", "test", LATENCY_BUCKETS, ours)
+    reference = Histogram("x_seconds", "test", buckets=LATENCY_BUCKETS, registry=theirs)
+    bulk.observe_many(values[:3000])
+    bulk.observe_many(values[3000:-1])
+    bulk.observe(float(values[-1]))
+    for v in values:
+        reference.observe(float(v))
+    a, b = exposed(ours), exposed(theirs)
+    a_sum, b_sum = a.pop(("x_seconds_sum", ())), b.pop(("x_seconds_sum", ()))
+    b.pop(("x_seconds_created", ()), None)
+    assert a == b
+    assert a[("x_seconds_count", ())] == len(values)
+    assert a_sum == pytest.approx(b_sum, rel=1e-12)
+
+
+def test_bulk_histogram_starts_empty():
+    """Before any observation every bucket, the count and the sum are exposed as 0."""
+    registry = CollectorRegistry()
+    BulkHistogram("y_seconds", "test", (0.1, 1.0), registry)
+    assert exposed(registry) == {
+        ("y_seconds_bucket", (("le", "0.1"),)): 0.0, ("y_seconds_bucket", (("le", "1.0"),)): 0.0,
+        ("y_seconds_bucket", (("le", "+Inf"),)): 0.0, ("y_seconds_count", ()): 0.0, ("y_seconds_sum", ()): 0.0,
+    }
+
+
+DOCUMENTED = {
+    "sigclassd_frames_received_total", "sigclassd_frames_rejected_total", "sigclassd_samples_received_total",
+    "sigclassd_samples_labelled_total", "sigclassd_samples_duplicate_total", "sigclassd_samples_rejected_total",
+    "sigclassd_samples_shed_total", "sigclassd_samples_missing_total", "sigclassd_samples_buffered",
+    "sigclassd_label_messages_published_total", "sigclassd_label_published_bytes_total",
+    "sigclassd_streams_active", "sigclassd_streams_limit", "sigclassd_streams_opened_total",
+    "sigclassd_streams_evicted_total", "sigclassd_stream_resets_total", "sigclassd_batch_streams",
+    "sigclassd_batch_samples", "sigclassd_batch_wait_seconds", "sigclassd_inference_duration_seconds",
+    "sigclassd_inference_errors_total", "sigclassd_ingress_to_publish_seconds",
+    "sigclassd_sensor_to_publish_seconds", "sigclassd_loop_iterations_total", "sigclassd_ready",
+    "sigclassd_reloads_total", "sigclassd_model_info", "sigclassd_build_info",
+}
+
+
+def test_metrics_exports_every_documented_name_on_a_fresh_registry():
+    """A fresh Metrics exposes exactly the documented sigclassd_* names, labelled series pre-created at 0."""
+    registry = CollectorRegistry()
+    m = Metrics(registry, process=False)
+    m.model_info.info({"name": "n", "version": "v"})
+    samples = exposed(registry)
+    histograms = {n for n in DOCUMENTED if f"{n}_count" in {name for name, _ in samples}}
+    names = {name for name, _ in samples if not name.endswith("_created")}
+    names = {next((h for h in histograms if name in (f"{h}_bucket", f"{h}_count", f"{h}_sum")), name)
+             for name in names}
+    assert names == DOCUMENTED, names ^ DOCUMENTED
+    for reason in FRAME_REJECT_REASONS:
+        assert samples[("sigclassd_frames_rejected_total", (("reason", reason),))] == 0
+    for reason in SAMPLE_REJECT_REASONS:
+        assert samples[("sigclassd_samples_rejected_total", (("reason", reason),))] == 0
+    for reason in RESET_REASONS:
+        assert samples[("sigclassd_stream_resets_total", (("reason", reason),))] == 0
+    assert {dict(labels)["result"] for name, labels in samples if name == "sigclassd_reloads_total"} == {"ok", "failed"}
+    assert samples[("sigclassd_model_info", (("name", "n"), ("version", "v")))] == 1
+    build = [dict(labels) for name, labels in samples if name == "sigclassd_build_info"]
+    assert len(build) == 1 and set(build[0]) == {"version", "python"}
+
+
+def test_metrics_on_two_registries_are_independent():
+    """Two Metrics objects on their own registries neither collide nor share values; process=True adds process_*."""
+    a, b = CollectorRegistry(), CollectorRegistry()
+    ma, _ = Metrics(a), Metrics(b, process=False)
+    ma.samples_received.inc(5)
+    assert a.get_sample_value("sigclassd_samples_received_total") == 5
+    assert b.get_sample_value("sigclassd_samples_received_total") == 0
+    assert a.get_sample_value("process_cpu_seconds_total") is not None
+    assert b.get_sample_value("process_cpu_seconds_total") is None
