@@ -22,14 +22,17 @@ venv: $(VENV)/.installed
 run: venv
 	$(BIN)/sigclassd run $(ARGS)
 
+# Debian packages the tests use: a real Prometheus and promtool, systemd-analyze for the unit
+# checks, and a C compiler with libzmq for the C gateway example.
+OS_PACKAGES := prometheus systemd libzmq3-dev pkg-config gcc
+
 os-deps:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
-	  echo "installing Debian packages: prometheus (prometheus, promtool)"; \
+	@missing=$$(for p in $(OS_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
-	@command -v systemd-analyze >/dev/null || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends systemd >/dev/null; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 
 test: venv os-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
