@@ -66,7 +66,7 @@ class Summary:
         if not self.counts or (not force and now - self.last < self.interval_s):
             return
         self.log.warning(f"{self.event}_summary", seconds=round(now - self.last, 1), counts=dict(self.counts),
-                         examples=self.examples)
+                         examples=dict(self.examples))
         self.counts.clear()
         self.examples.clear()
         self.last = now

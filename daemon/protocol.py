@@ -15,6 +15,7 @@ The README documents both byte for byte; keep the two in step.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 
@@ -38,7 +39,10 @@ FLAG_RESTART = 1 << 0
 KNOWN_SAMPLE_FLAGS = FLAG_RESTART
 
 MAX_TOPIC_BYTES = 128
-U64_MAX = (1 << 64) - 1
+# seq is a u64 on the wire, but the daemon keeps seqs as int64: 2**63 samples last
+# 1,000 years at 250 MHz, so the top bit is refused rather than handled.
+SEQ_MAX = (1 << 63) - 1
+U64_MAX = (1 << 64) - 1  # the wire field's own range
 
 LABEL_HEADER = struct.Struct("<BBHIQqIIq")
 LABEL_HEADER_SIZE = LABEL_HEADER.size  # 40
@@ -145,15 +149,16 @@ def decode_samples(
     if len(body) != expected:
         msg = f"body is {len(body)} bytes, header says {expected}"
         raise FrameError("bad_length", msg)
-    if seq > U64_MAX - n_samples:
-        msg = "seq + n_samples overflows u64"
+    if seq > SEQ_MAX - n_samples:
+        msg = f"seq + n_samples must stay below 2**63 (got seq {seq})"
         raise FrameError("bad_seq", msg)
     if not np.isfinite(rate) or rate < 0:
         msg = f"sample_rate_hz {rate} must be finite and >= 0"
         raise FrameError("bad_rate", msg)
     values = np.frombuffer(body, dtype=dtype, offset=SAMPLE_HEADER_SIZE).reshape(n_samples, channels)
     samples = values.astype(np.float32) if dtype_code != DTYPE_FLOAT32 else values
-    if not allow_non_finite and dtype_code == DTYPE_FLOAT32 and not np.isfinite(samples).all():
+    # One float64 reduction: NaN and Inf propagate, and float32 values cannot overflow it.
+    if not allow_non_finite and dtype_code == DTYPE_FLOAT32 and not math.isfinite(samples.sum(dtype=np.float64)):
         msg = "samples contain NaN or Inf"
         raise FrameError("non_finite", msg)
     return SampleFrame(stream, seq, t0_ns, float(rate), flags, samples)
