@@ -34,6 +34,7 @@ import multiprocessing as mp
 import os
 import platform
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -534,7 +535,7 @@ def run_one(mode: str, n: int, seconds: float, opts: argparse.Namespace, tmp: Pa
     result = RunResult(mode, n, seconds, n * rate_hz, rate_hz=rate_hz)
     spy: subprocess.Popen | None = None
     try:
-        wrap = _pyinstrument_wrap(profile) if profile is not None and not shutil.which("py-spy") else None
+        wrap = _pyinstrument_wrap(profile) if profile is not None and not _py_spy() else None
         sut = start_sut(mode, n, tmp, children, opts, wrap)
         result.runtime = sut.runtime
         lookahead = _lookahead(opts) if mode == "stateful" else 0
@@ -629,10 +630,16 @@ def _lookahead(opts: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ profiling
 
 
+def _py_spy() -> str | None:
+    """py-spy next to this interpreter (a venv not on PATH) or on PATH."""
+    local = Path(sys.executable).parent / "py-spy"
+    return str(local) if local.exists() else shutil.which("py-spy")
+
+
 def _start_py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen:
     """Sample the SUT for ``seconds`` without pausing it (``--nonblocking``), as collapsed stacks."""
     return subprocess.Popen(
-        ["py-spy", "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))), "--rate", "100",
+        [_py_spy() or "py-spy", "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))), "--rate", "100",
          "--nonblocking", "--format", "raw", "--output", str(out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent,
     )
@@ -913,7 +920,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def bench(args: argparse.Namespace) -> int:
     """Run every requested (mode, streams), then the memory check, and write the report."""
-    command = "sigclassd bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else " ".join(sys.argv)
+    if sys.argv[1:2] == ["bench"]:
+        command = shlex.join(["sigclassd", *sys.argv[1:]])
+    else:
+        command = shlex.join(["python", "-m", "sigclassd.bench", *sys.argv[1:]])
     args.out.mkdir(parents=True, exist_ok=True)
     info = machine()
     plan = [(m, n, args.seconds) for m in args.modes if m != "naive" for n in args.streams]

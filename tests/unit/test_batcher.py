@@ -306,3 +306,13 @@ def test_stateful_fail_then_more_samples_are_labelled_correctly():
     runs += p.run_all() + p.flush()
     assert [(r.seq, len(r.labels)) for r in runs if len(r.labels)] == [(1, 2), (3, 4)]
     assert p.count("samples_received") == 7 == 1 + sum(len(r.labels) for r in runs)
+
+
+@pytest.mark.xfail(strict=True, reason="streams bug: Stream.last_seq is None until the first labels, so samples shed "
+                                       "before them are not reported in the first run's gap")
+def test_shedding_before_the_first_labels_reports_the_hole():
+    """Samples shed before a stream's first labels are reported as the GAP of its first run."""
+    p = Pipe("stateful", lookahead=0, limit=10)
+    p.send("a", 0, 25)
+    runs = p.run_all()
+    assert spans(runs) == [("a", 15, 10, START | SHED | GAP | WARMUP)] and runs[0].gap == 15
