@@ -33,6 +33,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import re
 import select
 import shlex
 import shutil
@@ -651,7 +652,11 @@ def _pyinstrument_wrap(profile: Path) -> list[str]:
 
 
 def summarise_folded(lines: Sequence[str], top: int = 25) -> str:
-    """Top frames by self and by inclusive samples from py-spy's collapsed stacks (``frame;frame count``)."""
+    """Top functions by self and by inclusive samples from py-spy's collapsed stacks (``frame;frame count``).
+
+    Frames are merged per function (``name (file:line)`` -> ``name (file)``):
+    a hot function spread over many lines should rank as one.
+    """
     own: dict[str, int] = {}
     inclusive: dict[str, int] = {}
     total = 0
@@ -661,7 +666,7 @@ def summarise_folded(lines: Sequence[str], top: int = 25) -> str:
             continue
         k = int(count)
         total += k
-        frames = stack.split(";")
+        frames = [_LINE.sub(")", f) for f in stack.split(";")]
         own[frames[-1]] = own.get(frames[-1], 0) + k
         for f in set(frames):
             inclusive[f] = inclusive.get(f, 0) + k
@@ -670,6 +675,9 @@ def summarise_folded(lines: Sequence[str], top: int = 25) -> str:
     out += ["", "total %  frame"]
     out += [f"{100 * v / total:6.1f}   {f}" for f, v in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]]
     return "\n".join(out) + "\n"
+
+
+_LINE = re.compile(r":\d+\)$")
 
 
 def _summarise_profile(folded: Path, out: Path, title: str) -> None:
@@ -827,7 +835,7 @@ def plot(results: Sequence[RunResult], path: Path) -> None:
         top.plot(xs, [r.labelled_per_s for r in rows], color=color, linestyle=line, marker="o", label=label)
         bottom.plot(xs, [r.p99_ms for r in rows], color=color, linestyle=line, marker="o", label=label)
     xs = sorted({r.streams for r in results})
-    top.plot(xs, [x * RATE_HZ for x in xs], color="0.7", linewidth=1, label="offered")
+    top.plot(xs, [x * RATE_HZ for x in xs], color="0.6", linewidth=1, marker=".", label="offered")
     bottom.axhline(SUSTAIN_P99_MS, color="0.5", linewidth=1, linestyle="-.", label=f"{SUSTAIN_P99_MS:.0f} ms")
     bottom.axhline(20, color="0.7", linewidth=1, linestyle="-.", label="20 ms")
     top.set(xscale="log", yscale="log", ylabel="labelled samples/s", title="throughput")
@@ -918,6 +926,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=bench)
 
 
+def _interrupt(*_: object) -> None:
+    # SIGTERM takes the Ctrl-C path: children stopped, what was measured written.
+    raise KeyboardInterrupt
+
+
 def bench(args: argparse.Namespace) -> int:
     """Run every requested (mode, streams), then the memory check, and write the report."""
     if sys.argv[1:2] == ["bench"]:
@@ -933,6 +946,7 @@ def bench(args: argparse.Namespace) -> int:
     memory: RunResult | None = None
     profiles: list[str] = []
     print(f"{len(plan)} runs{' + memory check' if args.memory_streams else ''}; results to {args.out}", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)
     with tempfile.TemporaryDirectory(prefix="sigclassd-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
         try:

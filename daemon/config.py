@@ -215,7 +215,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     try:
         parsed = tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
-        parsed = value
+        parsed = value.strip()
     return section, key, parsed
 
 

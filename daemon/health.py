@@ -29,8 +29,15 @@ class Health:
         return time.monotonic() - self.last_turn < self.stall_after_s
 
 
-def start_http_server(listen: str, registry: CollectorRegistry, health: Health) -> tuple[ThreadingHTTPServer, threading.Thread]:
-    """Serve metrics and health on ``HOST:PORT`` in a daemon thread; returns the server and its thread."""
+def start_http_server(
+    listen: str, registry: CollectorRegistry, health: Health, lock: threading.Lock | None = None
+) -> tuple[ThreadingHTTPServer, threading.Thread]:
+    """Serve metrics and health on ``HOST:PORT`` in a daemon thread; returns the server and its thread.
+
+    ``lock``, held by the main loop while it moves samples between counters, makes
+    every scrape see the counters at a consistent point, so they always reconcile.
+    """
+    lock = lock or threading.Lock()
     host, _, port = listen.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
 
@@ -38,7 +45,9 @@ def start_http_server(listen: str, registry: CollectorRegistry, health: Health) 
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                with lock:
+                    body = generate_latest(registry)
+                self._reply(200, body, CONTENT_TYPE_LATEST)
             elif path == "/healthz":
                 ok = health.alive()
                 self._reply(200 if ok else 503, b"ok\n" if ok else b"main loop stalled\n")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -67,9 +68,12 @@ LABEL_FLAG_NAMES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class SampleFrame:
-    """One decoded gateway message: ``samples`` is ``[n_samples, n_channels]`` float32."""
+class SampleFrame(NamedTuple):
+    """One decoded gateway message: ``samples`` is ``[n_samples, n_channels]`` float32.
+
+    A NamedTuple rather than a frozen dataclass: it is built for every message
+    received, and a frozen dataclass costs several times more to construct.
+    """
 
     stream: str
     seq: int
@@ -152,7 +156,7 @@ def decode_samples(
     if seq > SEQ_MAX - n_samples:
         msg = f"seq + n_samples must stay below 2**63 (got seq {seq})"
         raise FrameError("bad_seq", msg)
-    if not np.isfinite(rate) or rate < 0:
+    if not math.isfinite(rate) or rate < 0:
         msg = f"sample_rate_hz {rate} must be finite and >= 0"
         raise FrameError("bad_rate", msg)
     values = np.frombuffer(body, dtype=dtype, offset=SAMPLE_HEADER_SIZE).reshape(n_samples, channels)

@@ -100,6 +100,9 @@ class Service:
         self.rejects = Summary("frames_rejected", settings.log.reject_summary_interval_s)
         self.ctx: zmq.Context | None = None
         self.http = None
+        # Held while samples move between counters (accept, complete+publish, fail), and by
+        # /metrics while it renders: every scrape sees counters that reconcile.
+        self.counting = threading.Lock()
         self.pipe: _Pipeline | None = None
 
     # ---------------------------------------------------------------- lifecycle
@@ -135,11 +138,13 @@ class Service:
         self.ctx = zmq.Context()
         self.ingest = Ingest(self.ctx, s.input, **self._curve())
         self.publisher = Publisher(self.ctx, s.output)
+        self.metrics.samples_buffered.set_function(lambda: self.pipe.table.buffered)
         if s.metrics.listen:
-            self.http = start_http_server(s.metrics.listen, self.registry, self.health)
+            self.http = start_http_server(s.metrics.listen, self.registry, self.health, self.counting)
         self._install_signals()
         self._set_model_info()
         self.metrics.streams_limit.set(s.streams.max_streams)
+        self.health.turned()  # start-up is not a stall: the loop starts now
         self.health.ready = True
         self.metrics.ready.set(1)
         self.notifier.ready()
@@ -241,7 +246,8 @@ class Service:
         """One turn: take what is queued on the socket, then run one batch; True if a batch ran."""
         messages, wall = self.ingest.drain(timeout_s)
         if messages:
-            self.accept(messages, wall)
+            with self.counting:
+                self.accept(messages, wall)
         return self.run_batch()
 
     def accept(self, messages: list[list[bytes]], wall: float) -> None:
@@ -277,7 +283,8 @@ class Service:
                 flushed = pipe.engine.flush(state[batch.flush_rows])[0] if len(batch.flush_rows) else None
             except Exception as e:  # a model failure must cost one batch, not the daemon
                 m.inference_errors.inc()
-                dropped = pipe.batcher.fail(batch)
+                with self.counting:
+                    dropped = pipe.batcher.fail(batch)
                 self.consecutive_errors += 1
                 log.error("inference_failed", error=repr(e), streams=len(batch.items), samples_dropped=dropped,
                           consecutive=self.consecutive_errors)
@@ -289,10 +296,11 @@ class Service:
             m.inference_duration.observe(time.perf_counter() - started)
             m.batch_streams.observe(len(batch.items))
             m.batch_samples.observe(batch.samples)
-            runs = pipe.batcher.complete(batch, probs, state, flushed)
+            with self.counting:
+                self.publish(pipe.batcher.complete(batch, probs, state, flushed))
         else:
-            runs = pipe.batcher.complete(batch, batch.x, batch.state)
-        self.publish(runs)
+            with self.counting:
+                self.publish(pipe.batcher.complete(batch, batch.x, batch.state))
         return True
 
     def publish(self, runs: list[LabelRun]) -> None:
@@ -325,9 +333,7 @@ class Service:
             m.sensor_age.observe_many(now - np.asarray(sensor, np.float64) * 1e-9)
 
     def _update_gauges(self) -> None:
-        t = self.pipe.table
-        self.metrics.streams_active.set(len(t))
-        self.metrics.samples_buffered.set(t.buffered)
+        self.metrics.streams_active.set(len(self.pipe.table))
 
     def _totals(self) -> dict[str, float]:
         g = self.registry.get_sample_value

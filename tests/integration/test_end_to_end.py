@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import signal
 import time
 
@@ -14,16 +15,28 @@ from sigclassd import protocol
 pytestmark = [pytest.mark.integration, pytest.mark.tf]
 
 
-def offline_probs(model_dir, x: np.ndarray) -> np.ndarray:
-    """The model run offline by Keras, the sigmoid expanded to [1 - p, p] as the daemon publishes it."""
+@functools.cache
+def _load(model_dir):  # noqa: ANN001, ANN202
     import keras
 
     from sigclassd.models.artifact import read_artifact
 
-    meta = read_artifact(model_dir).meta
-    model = keras.saving.load_model(model_dir / "model.keras", compile=False)
+    return read_artifact(model_dir).meta, keras.saving.load_model(model_dir / "model.keras", compile=False)
+
+
+def offline_probs(model_dir, x: np.ndarray) -> np.ndarray:
+    """The model run offline by Keras, the sigmoid expanded to [1 - p, p] as the daemon publishes it."""
+    meta, model = _load(model_dir)
     xn = (x - np.asarray(meta.norm_mean, np.float32)) / np.asarray(meta.norm_std, np.float32)
     p = np.asarray(model(xn[None].astype(np.float32), training=False))[0]
+    return np.concatenate([1 - p, p], axis=-1) if p.shape[-1] == 1 else p
+
+
+def offline_windows(model_dir, windows: np.ndarray) -> np.ndarray:
+    """Many windows through the offline model in one call."""
+    meta, model = _load(model_dir)
+    xn = (windows - np.asarray(meta.norm_mean, np.float32)) / np.asarray(meta.norm_std, np.float32)
+    p = np.asarray(model(xn.astype(np.float32), training=False))
     return np.concatenate([1 - p, p], axis=-1) if p.shape[-1] == 1 else p
 
 
@@ -72,14 +85,15 @@ def test_windowed_every_sample_labelled_once_in_order_equal_to_offline(tmp_path,
         assert fs[-1].flags & protocol.LABEL_FINAL
         assert all(f.t0_ns == 1_700_000_000_000_000_000 + f.seq * 4_000_000 for f in fs if len(f.labels))
         window = 400
-        for f in fs:
-            n = len(f.labels)
-            if n == 0:
-                continue
-            end = f.seq + n
+        labelled = [f for f in fs if len(f.labels)]
+        windows = []
+        for f in labelled:
+            end = f.seq + len(f.labels)
             begin = max(0, end - window)
-            padded = np.concatenate([np.full((window - (end - begin), 16), 0.5, np.float32), x[begin:end]])
-            want = offline_probs(same_model, padded)[window - n :]
+            windows.append(np.concatenate([np.full((window - (end - begin), 16), 0.5, np.float32), x[begin:end]]))
+        offline = offline_windows(same_model, np.stack(windows))
+        for f, want in zip(labelled, offline, strict=True):
+            want = want[window - len(f.labels) :]
             np.testing.assert_allclose(f.probabilities, want, atol=1e-4, err_msg=f"{s} seq {f.seq}")
             np.testing.assert_array_equal(f.labels, want.argmax(-1))
     events = [e["event"] for e in d.events()]

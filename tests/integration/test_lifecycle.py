@@ -264,9 +264,6 @@ def test_notify_reload_under_load_failed_reload_and_drain(tmp_path, ctx, same_mo
 
 
 @pytest.mark.tf
-@pytest.mark.xfail(strict=True, reason="daemon bug: Health.last_turn dates from Service.__init__, so after a "
-                   "start-up longer than stall_after_s /readyz and /healthz answer 503 until the first loop turn; "
-                   "fix: self.health.turned() in Service.startup before health.ready = True")
 def test_readyz_answers_200_when_ready_is_sent(tmp_path, causal_model):
     """When READY=1 reaches systemd, /readyz and /healthz already answer 200 (model warm, sockets bound)."""
     notify = NotifyListener()

@@ -103,13 +103,21 @@ class Prometheus:
 
 
 class Load(threading.Thread):
-    """STREAMS gateways at RATE_HZ in CHUNK-sample messages, paced; every 0.5 s two malformed frames."""
+    """STREAMS gateways at RATE_HZ in CHUNK-sample messages, paced; every 0.5 s two malformed frames; a 7-sample tail."""
 
     def __init__(self, gw: Gateway) -> None:
         super().__init__(daemon=True)
         self.gw = gw
         self.frames = self.samples = self.short_header = self.channel_mismatch = 0
         self.started = self.ended = 0.0
+        self.log: list[tuple[float, int]] = []  # (wall time, samples sent so far)
+
+    def sent_rate(self, end: float, seconds: float) -> float:
+        """Samples per second really sent in (end - seconds, end]: the pacing slips on a busy machine."""
+        times = np.asarray([t for t, _ in self.log])
+        counts = np.asarray([c for _, c in self.log])
+        a, b = np.searchsorted(times, [end - seconds, end], side="right") - 1
+        return float(counts[b] - counts[a]) / seconds
 
     def run(self) -> None:
         rng = np.random.default_rng(5)
@@ -125,6 +133,7 @@ class Load(threading.Thread):
                              t0_ns=int(time.time() * 1e9))
                 self.frames += 1
                 self.samples += CHUNK
+            self.log.append((time.time(), self.samples))
             if tick % int(0.5 / period) == 0:
                 self.gw.send_raw([b"prom/bad", b"\x01\x01"])
                 self.gw.send("prom/bad", np.zeros((CHUNK, 3), np.float32), tick)
@@ -132,6 +141,11 @@ class Load(threading.Thread):
                 self.channel_mismatch += 1
             time.sleep(max(0.0, t0 + (tick + 1) * period - time.monotonic()))
         self.ended = time.time()
+        # A short tail per stream: less than a hop, so it stays buffered until a drain.
+        for i in range(STREAMS):
+            self.gw.send(f"prom/{i}", np.zeros((7, 16), np.float32), ticks * CHUNK, sample_rate_hz=RATE_HZ)
+            self.frames += 1
+            self.samples += 7
 
 
 def test_prometheus_sees_the_traffic_sent(tmp_path, ctx, same_model):
@@ -171,14 +185,15 @@ def test_prometheus_sees_the_traffic_sent(tmp_path, ctx, same_model):
 
         # Rates while the load was steady (skipping one window after its start and the end).
         checks = np.linspace(load.started + 6, load.ended - 0.5, 4)
-        sample_rates = [prom.value(f"rate(sigclassd_samples_received_total[{RATE_WINDOW}])", at) for at in checks]
-        frame_rates = [prom.value(f"rate(sigclassd_frames_received_total[{RATE_WINDOW}])", at) for at in checks]
-        want_samples = STREAMS * RATE_HZ
-        want_frames = STREAMS * RATE_HZ / CHUNK + 2 / 0.5
-        assert all(abs(r / want_samples - 1) < 0.10 for r in sample_rates), (sample_rates, want_samples)
-        assert all(abs(r / want_frames - 1) < 0.10 for r in frame_rates), (frame_rates, want_frames)
+        for at in checks:
+            sent = load.sent_rate(at, 5.0)
+            assert abs(sent / (STREAMS * RATE_HZ) - 1) < 0.25, f"the sender could not keep its pace: {sent}/s"
+            got = prom.value(f"rate(sigclassd_samples_received_total[{RATE_WINDOW}])", at)
+            frames = prom.value(f"rate(sigclassd_frames_received_total[{RATE_WINDOW}])", at)
+            assert abs(got / sent - 1) < 0.10, (at, got, sent)
+            assert abs(frames / (sent / CHUNK + 2 / 0.5) - 1) < 0.10, (at, frames, sent)
         labelled = prom.value("rate(sigclassd_samples_labelled_total[8s])", load.ended - 0.5)
-        assert abs(labelled / want_samples - 1) < 0.15, labelled
+        assert abs(labelled / load.sent_rate(load.ended - 0.5, 8.0) - 1) < 0.15, labelled
 
         # The scrapes stored after the load settled reconcile exactly (under load: see
         # test_every_scrape_reconciles_under_load): received = labelled + duplicate + rejected + shed + buffered.
@@ -189,7 +204,7 @@ def test_prometheus_sees_the_traffic_sent(tmp_path, ctx, same_model):
         series = prom.api("query_range", query=identity, start=load.ended + 1, end=time.time(), step=0.5)
         values = [float(v) for _, v in series[0]["values"]]
         assert len(values) >= 5 and set(values) == {0.0}, values
-        assert prom.value("sum(sigclassd_samples_buffered)") > 0, "the drain-free identity check needs buffered samples"
+        assert prom.value("sum(sigclassd_samples_buffered)") == 7 * STREAMS
 
         # The dashboard preview renders from this Prometheus.
         out = tmp_path / "dashboard.png"
@@ -203,10 +218,6 @@ def test_prometheus_sees_the_traffic_sent(tmp_path, ctx, same_model):
         assert d.stop() == 0
 
 
-@pytest.mark.xfail(strict=True, reason="daemon bug: samples_buffered is set once per loop turn (_update_gauges) and "
-                   "/metrics is generated while the main loop mutates counters, so a scrape under load can see "
-                   "received without the matching buffered/labelled; fix: callback gauge + a lock shared by "
-                   "accept/publish and the /metrics handler")
 def test_every_scrape_reconciles_under_load(tmp_path, ctx, causal_model):
     """Every single /metrics scrape taken under load satisfies the accounting identity, as metrics.py promises."""
     from prometheus_client.parser import text_string_to_metric_families

@@ -279,7 +279,7 @@ def test_fail_before_the_first_labels_reports_the_hole():
     assert p.batcher.fail(p.batcher.collect()) == 20
     p.send("a", 20, 8)
     runs = p.run_all()
-    assert spans(runs) == [("a", 20, 8, START | GAP | WARMUP)] and runs[0].gap == 20
+    assert spans(runs) == [("a", 20, 8, START | GAP)] and runs[0].gap == 20
 
 
 def test_fail_of_a_retired_stream_releases_it():

@@ -80,8 +80,6 @@ def test_overrides_parse_toml_values_and_win_over_the_file(tmp_path):
     assert s.streams.idle_ttl_s == 2.5 and s.metrics.listen == "" and s.log.format == "json"
 
 
-@pytest.mark.xfail(strict=True, reason="config.py bug: parse_override keeps the spaces of a bare-word value "
-                   "('model.mode = stateful' gives ' stateful'); fix: `parsed = value.strip()` in the fallback")
 def test_override_bare_word_ignores_spaces_around_equals():
     """'section.key = word' means the same as 'section.key=word', as TOML values with spaces already do."""
     assert config.load(None, ["model.mode = stateful", "model.hop = 7"]).model.mode == "stateful"

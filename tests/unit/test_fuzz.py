@@ -46,7 +46,7 @@ def check_decoded(parts: list[bytes], **kw: object) -> None:
     assert f.samples.dtype == np.float32 and f.samples.shape == (n, channels) and n >= 1 and channels >= 1
     assert kw.get("n_channels") in (None, channels)
     assert np.isfinite(f.samples).all()
-    assert f.seq == seq and f.seq + n <= protocol.U64_MAX
+    assert f.seq == seq and f.seq + n <= protocol.SEQ_MAX  # the buffers keep seqs as int64
     assert np.isfinite(f.sample_rate_hz) and f.sample_rate_hz >= 0
 
 

@@ -60,9 +60,6 @@ def test_counts_restart_after_each_summary_and_force_flushes_early():
     assert [e["reason"] for e in logs if e["event"] == "gaps"] == ["gap", "other"]
 
 
-@pytest.mark.xfail(strict=True, reason="logs.py bug: Summary.flush logs self.examples and then clears that same "
-                   "dict, so any processor that keeps the event dict (capture_logs, a queue) sees {}; "
-                   "fix: examples=dict(self.examples) in the summary call")
 def test_summary_line_keeps_the_latest_example_of_each_key():
     """The summary event carries the latest example detail of each counted key."""
     clock = Clock()

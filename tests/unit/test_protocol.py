@@ -163,8 +163,6 @@ def test_seq_overflowing_u64_is_rejected():
     assert reason_of([b"t", sample_body(seq=2**64 - 1, n=1)]) == "bad_seq"
 
 
-@pytest.mark.xfail(strict=True, reason="daemon bug: StreamTable stores seq as int64, so seq >= 2**63 wraps to a "
-                                       "negative seq that encode_labels cannot pack; the decoder must reject it")
 def test_seq_beyond_int64_is_rejected():
     """seq + n_samples must stay below 2**63 (the stream buffers hold seqs as int64): larger is bad_seq."""
     f = protocol.decode_samples([b"t", sample_body(seq=2**63 - 4, n=3)])

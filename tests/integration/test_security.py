@@ -1,0 +1,112 @@
+"""CURVE on the input: an allowed gateway's frames are labelled; unknown keys and plaintext get nothing in."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import zmq
+import zmq.auth
+from harness import Consumer, Daemon, accounting, by_stream, identity_holds, labelled_seqs
+
+from sigclassd import protocol
+from sigclassd.keygen import keygen
+
+pytestmark = [pytest.mark.integration, pytest.mark.tf]
+
+
+def curve_gateway(ctx: zmq.Context, endpoint: str, key_secret_file, server_public: bytes) -> zmq.Socket:  # noqa: ANN001
+    public, secret = zmq.auth.load_certificate(key_secret_file)
+    sock = ctx.socket(zmq.PUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = public, secret, server_public
+    sock.connect(endpoint)
+    return sock
+
+
+def test_only_allowed_gateway_keys_get_labels(tmp_path, ctx, same_model):
+    """With CURVE on, frames from an allowed key are labelled; an unknown key's and plaintext frames never arrive."""
+    keys = tmp_path / "keys"
+    _, server_secret = keygen(keys / "server", "server")
+    _, allowed_secret = keygen(keys / "gateways", "gw-allowed")
+    _, rogue_secret = keygen(keys / "rogue", "gw-rogue")  # a valid key pair, not in the allow-list
+    server_public, _ = zmq.auth.load_certificate(server_secret)
+    d = Daemon(tmp_path, {
+        "model": {"path": str(same_model), "hop": 50},
+        "streams": {"idle_ttl_s": 1.5},
+        "security": {"curve_secret_key_file": str(server_secret), "curve_allowed_keys_dir": str(keys / "gateways")},
+    }).start()
+    consumer = Consumer(ctx, d.output)
+    good = curve_gateway(ctx, d.input, allowed_secret, server_public)
+    rogue = curve_gateway(ctx, d.input, rogue_secret, server_public)
+    plain = ctx.socket(zmq.PUB)
+    plain.setsockopt(zmq.LINGER, 0)
+    plain.connect(d.input)
+    time.sleep(1.0)
+    x = np.random.default_rng(0).normal(0.5, 2.0, (600, 16)).astype(np.float32)
+    for a in range(0, 600, 50):
+        flags = protocol.FLAG_RESTART if a == 0 else 0
+        good.send_multipart(protocol.encode_samples("sec/good", x[a : a + 50], a, flags=flags))
+        rogue.send_multipart(protocol.encode_samples("sec/rogue", x[a : a + 50], a, flags=flags))
+        plain.send_multipart(protocol.encode_samples("sec/plain", x[a : a + 50], a, flags=flags))
+        time.sleep(0.01)
+    frames = consumer.collect(20, until=lambda fr: any(f.flags & protocol.LABEL_FINAL for f in fr))
+    consumer.collect(2.0)  # anything else that would arrive
+    a = accounting(d)
+    ready = d.http("/readyz")[0]
+    for s in (good, rogue, plain, consumer):
+        s.close()
+    assert d.stop() == 0
+    streams = by_stream(frames)
+    assert set(streams) == {"sec/good"}
+    assert labelled_seqs(streams["sec/good"]) == list(range(600))
+    assert a["received"] == 600 and identity_holds(a), a
+    assert ready == 200
+
+
+def test_keygen_refuses_to_overwrite_and_protects_the_secret(tmp_path):
+    """keygen writes NAME.key and a 0600 NAME.key_secret, and never overwrites an existing key."""
+    public, secret = keygen(tmp_path, "gw1")
+    assert (public.name, secret.name) == ("gw1.key", "gw1.key_secret")
+    assert secret.stat().st_mode & 0o777 == 0o600
+    pub, sec = zmq.auth.load_certificate(secret)
+    assert len(pub) == 40 and len(sec) == 40 and zmq.auth.load_certificate(public) == (pub, None)
+    with pytest.raises(FileExistsError):
+        keygen(tmp_path, "gw1")
+
+
+def test_bad_security_config_is_a_config_error(tmp_path):
+    """A missing secret key, a public-only key file or an empty allow-list fail start-up with ConfigError."""
+    from sigclassd.auth import start_authenticator
+    from sigclassd.config import SecuritySettings
+    from sigclassd.errors import ConfigError
+
+    public, secret = keygen(tmp_path / "server", "server")
+    (tmp_path / "empty").mkdir()
+    ctx = zmq.Context()
+    try:
+        cases = [
+            (SecuritySettings(str(tmp_path / "nope"), str(tmp_path / "server")), "cannot read"),
+            (SecuritySettings(str(public), str(tmp_path / "server")), "only a public key"),
+            (SecuritySettings(str(secret), str(tmp_path / "empty")), "no '\\*.key' files"),
+            (SecuritySettings(str(secret), str(tmp_path / "missing")), "not a directory"),
+        ]
+        for settings, match in cases:
+            with pytest.raises(ConfigError, match=match):
+                start_authenticator(ctx, settings)
+        key, auth = start_authenticator(ctx, SecuritySettings(str(secret), str(tmp_path / "server")))
+        auth.stop()
+        assert key == zmq.auth.load_certificate(secret)[1]
+    finally:
+        ctx.term()
+
+
+def test_relative_key_paths_resolve_in_the_systemd_credentials_directory(tmp_path, monkeypatch):
+    """A relative key path is looked up in $CREDENTIALS_DIRECTORY (systemd LoadCredential=)."""
+    from sigclassd.auth import load_server_secret
+
+    _, secret = keygen(tmp_path, "server")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    monkeypatch.chdir("/")
+    assert load_server_secret("server.key_secret") == zmq.auth.load_certificate(secret)[1]
