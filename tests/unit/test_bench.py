@@ -116,11 +116,12 @@ def test_targets_compare_stateful_with_relay_windowed_and_naive() -> None:
 
 
 def test_summarise_folded_merges_lines_of_one_function() -> None:
-    """Collapsed stacks are summed per function (line numbers dropped), by self and by inclusive samples."""
+    """Main-thread stacks are summed per function (line numbers dropped), by self and by inclusive samples."""
     lines = ["main (a.py:1);step (a.py:5);lstm (s.py:10) 6", "main (a.py:1);step (a.py:5);lstm (s.py:12) 2",
-             "main (a.py:1);poll (z.py:3) 2"]
+             "main (a.py:1);poll (z.py:3) 2", "Thread._bootstrap (threading.py:1002);serve (h.py:9) 50"]
     text = bench.summarise_folded(lines, top=3)
-    assert text.startswith("samples: 10\n")
+    assert text.startswith("samples: 10 (main thread)\n")
+    assert "serve" not in text
     self_part, total_part = text.split("total %")
     assert "  80.0   lstm (s.py)" in self_part
     assert "  20.0   poll (z.py)" in self_part
