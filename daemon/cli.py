@@ -87,9 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     from sigclassd.models import cli as model_cli
 
     model_cli.add_parsers(sub)
-    from sigclassd import forwarder
+    from sigclassd import bench, forwarder, keygen
 
     forwarder.add_parser(sub)
+    keygen.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 
