@@ -144,7 +144,7 @@ class Batcher:
         take = s.pending if s.final else min(s.pending, self.max_chunk)
         consumed = s.consumed + take
         flushed = self.lookahead if s.final and consumed > s.done else 0
-        labelled_through = consumed if s.final else max(0, consumed - self.lookahead)
+        labelled_through = consumed if s.final else max(s.done, consumed - self.lookahead)
         if take + flushed == 0:
             return None
         return take, flushed, labelled_through - s.done
@@ -220,6 +220,8 @@ class Batcher:
         windowed = self.mode == "windowed"
         last_item: dict[Stream, _Item] = {item.stream: item for item in batch.items}
         emitted: dict[Stream, list[LabelRun]] = {}
+        for s in batch.empty:  # retired before anything in this batch: their FINAL goes first
+            self._finish(runs, s, None)
         for item in batch.items:
             s = item.stream
             if item.count:
@@ -234,8 +236,6 @@ class Batcher:
                 s.consumed += item.fed + item.pads
             if last_item[s] is item:
                 self._finish(runs, s, emitted.get(s))
-        for s in batch.empty:
-            self._finish(runs, s, None)
         return runs
 
     def fail(self, batch: Batch) -> int:

@@ -66,6 +66,10 @@ def load_model(settings: Settings) -> tuple[ModelArtifact, Engine]:
     if settings.model.lag >= meta.window:
         msg = f"model.lag = {settings.model.lag} must be smaller than the model's window ({meta.window})"
         raise ModelError(msg)
+    if settings.model.mode == "windowed" and settings.streams.max_pending_samples < max(meta.window, settings.model.hop):
+        msg = (f"streams.max_pending_samples = {settings.streams.max_pending_samples} is smaller than the model's "
+               f"window ({meta.window}) or model.hop ({settings.model.hop}): a stream could never be labelled; raise it")
+        raise ModelError(msg)
     engine = load_engine(artifact, settings.model)
     engine.warm_up()
     return artifact, engine

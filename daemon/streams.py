@@ -216,6 +216,9 @@ class StreamTable:
         self._append(stream, frame, 0, now, wall)
 
     def _append(self, stream: Stream, frame: SampleFrame, start: int, now: float, wall: float) -> None:
+        if stream.last_seq is None:
+            # The incarnation's first seq: a hole before its first labels (shed, failed batch) is then a gap.
+            stream.last_seq = frame.seq + start
         k = len(frame.samples) - start
         limit = self.settings.max_pending_samples
         if k > limit:

@@ -391,9 +391,6 @@ def test_repeated_model_failures_exit_with_code_4(ctx, same_model, restore_signa
     assert svc.registry.get_sample_value("sigclassd_inference_errors_total") == 3
 
 
-@pytest.mark.xfail(strict=True, reason="config bug: max_pending_samples < window means a new windowed stream can "
-                                       "never hold a full window and is never labelled while live; load_model "
-                                       "should reject it")
 def test_pending_limit_below_the_window_is_a_model_error(same_model):
     """Windowed mode with streams.max_pending_samples smaller than the model's window fails at start-up (exit 3)."""
     from sigclassd.errors import ModelError

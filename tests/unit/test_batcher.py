@@ -169,8 +169,6 @@ def test_restart_flushes_the_old_incarnation_final_before_the_new_start():
     assert spans(p.run_all()) == [("a", 6, 4, WARMUP | FINAL | FLUSHED), ("a", 0, 2, START | WARMUP)]
 
 
-@pytest.mark.xfail(strict=True, reason="batcher bug: Batcher.complete emits the empty FINAL events of batch.empty "
-                                       "after the item runs, so an old incarnation's FINAL follows the new START")
 def test_restart_of_a_fully_labelled_stream_emits_final_before_start():
     """A retired incarnation with nothing left still sends its empty FINAL event before the new incarnation's labels."""
     p = Pipe("stateful", lookahead=0)
@@ -270,8 +268,6 @@ def test_fail_drops_and_counts_the_batch_and_the_stream_goes_on():
     assert p.count("samples_received") == 8 + 16 + 8
 
 
-@pytest.mark.xfail(strict=True, reason="batcher bug: fail() on a stream never labelled leaves last_seq None, so the "
-                                       "next labels do not report the dropped samples as a GAP")
 def test_fail_before_the_first_labels_reports_the_hole():
     """Samples dropped by a failed call before any label went out still show as a GAP on the first labels."""
     p = Pipe("windowed", window=16, hop=8)
@@ -292,9 +288,6 @@ def test_fail_of_a_retired_stream_releases_it():
     assert len(p.table.free_slots) == slots + 1 and not p.table.retired and p.step() is None
 
 
-@pytest.mark.xfail(strict=True, reason="batcher bug: after fail() in stateful mode with lookahead, _plan_step "
-                                       "computes a negative label count (max(0, consumed - lookahead) - done) "
-                                       "and complete() raises IndexError, which kills the daemon")
 def test_stateful_fail_then_more_samples_are_labelled_correctly():
     """After a failed stateful call with lookahead 4 the stream goes on: new samples are labelled once, in order."""
     p = Pipe("stateful", lookahead=4)
@@ -308,8 +301,6 @@ def test_stateful_fail_then_more_samples_are_labelled_correctly():
     assert p.count("samples_received") == 7 == 1 + sum(len(r.labels) for r in runs)
 
 
-@pytest.mark.xfail(strict=True, reason="streams bug: Stream.last_seq is None until the first labels, so samples shed "
-                                       "before them are not reported in the first run's gap")
 def test_shedding_before_the_first_labels_reports_the_hole():
     """Samples shed before a stream's first labels are reported as the GAP of its first run."""
     p = Pipe("stateful", lookahead=0, limit=10)

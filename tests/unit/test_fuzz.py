@@ -407,8 +407,6 @@ KNOWN_BUG = settings(max_examples=100, deadline=None, derandomize=True, phases=[
                      suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.mark.xfail(strict=True, reason="batcher bug: Batcher.complete emits batch.empty FINAL events after the item "
-                                       "runs, so an old incarnation's empty FINAL can follow the new START")
 @KNOWN_BUG
 @given(configs(), steps, st.randoms(use_true_random=False))
 @example(  # the case Hypothesis first found
@@ -422,8 +420,6 @@ def test_every_incarnation_ends_final_before_the_next_starts(config, ops, rnd):
     drive(config, without_stateful_failures(config, ops), rnd, events_in_order=True)
 
 
-@pytest.mark.xfail(strict=True, reason="batcher bug: after fail() in stateful mode with lookahead, _plan_step can "
-                                       "plan a negative label count and complete() raises IndexError")
 @KNOWN_BUG
 @given(configs().map(lambda c: {**c, "mode": "stateful", "lookahead": 4, "lag": 0}), steps,
        st.randoms(use_true_random=False))
