@@ -25,7 +25,10 @@ class InputSettings:
     connect: tuple[str, ...] = ()
     subscribe: tuple[str, ...] = ("",)
     max_message_bytes: int = 1 << 20
-    rcvhwm: int = 100_000
+    # Messages queued per gateway connection before libzmq drops (seen as seq gaps):
+    # under overload this queue, not the stream table, is where latency builds up,
+    # so it is kept to about a second of a busy gateway's traffic.
+    rcvhwm: int = 20_000
     # Messages taken from the socket per main-loop turn before the model runs:
     # bounds the time between model calls under a flood.
     drain_max_messages: int = 20_000

@@ -49,7 +49,7 @@ class Ingest:
             return messages, 0.0
         now = time.time()
         recv = self.socket.recv_multipart
-        flags = zmq.NOBLOCK
+        flags = int(zmq.NOBLOCK)  # a plain int: pyzmq converts an enum flag on every call
         try:
             while len(messages) < limit:
                 messages.append(recv(flags))

@@ -22,6 +22,7 @@ oldest first, and counted.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
 
@@ -31,6 +32,18 @@ from sigclassd import protocol
 from sigclassd.config import StreamSettings
 from sigclassd.metrics import Metrics
 from sigclassd.protocol import SampleFrame
+
+
+# Appending runs for every message received: these keep it to a few NumPy calls.
+_RAMP = np.arange(1 << 12, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=256)
+def _sensor_offsets(start: int, k: int, rate: float) -> np.ndarray:
+    """Sensor-time offsets (ns) of samples ``start .. start+k-1`` of a message at ``rate`` Hz."""
+    offsets = (np.arange(start, start + k) * (1e9 / rate)).astype(np.int64)
+    offsets.flags.writeable = False
+    return offsets
 
 
 class Stream:
@@ -104,11 +117,13 @@ class Stream:
         a, b = self.n, self.n + k
         self.data[a:b] = samples
         first = frame.seq + start
-        self.seq[a:b] = np.arange(first, first + k)
+        if k <= len(_RAMP):
+            np.add(_RAMP[:k], first, out=self.seq[a:b])
+        else:
+            self.seq[a:b] = np.arange(first, first + k)
         self.arrival[a:b] = wall
         if frame.t0_ns and frame.sample_rate_hz > 0:
-            period = 1e9 / frame.sample_rate_hz
-            self.sensor_ns[a:b] = frame.t0_ns + (np.arange(start, start + k) * period).astype(np.int64)
+            np.add(_sensor_offsets(start, k, frame.sample_rate_hz), frame.t0_ns, out=self.sensor_ns[a:b])
         else:
             self.sensor_ns[a:b] = 0
             if frame.t0_ns and start == 0:

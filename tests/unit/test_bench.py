@@ -144,7 +144,7 @@ def test_cli_parses_the_issue_command() -> None:
 @pytest.mark.integration
 def test_relay_republishes_every_message_as_labels_over_loopback(tmp_path) -> None:  # noqa: ANN001
     """The relay process turns each sample message into a label message with the same topic, seq and count."""
-    opts = argparse.Namespace(hop=50, model=None, set=[], ready_timeout=60.0)
+    opts = argparse.Namespace(hop=50, naive_hop=0, model=None, set=[], ready_timeout=60.0)
     children = bench.Children()
     ctx = zmq.Context()
     try:
