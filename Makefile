@@ -14,7 +14,8 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 $(VENV)/.installed: pyproject.toml $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	@echo "installing sigclassd and its dependencies into $(VENV) (TensorFlow: a few minutes the first time)"
+	$(BIN)/pip install --disable-pip-version-check -e '.[test,bench]'
 	touch $@
 
 venv: $(VENV)/.installed
