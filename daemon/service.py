@@ -247,12 +247,29 @@ class Service:
         return bool(t.ready or t.retired)
 
     def step(self, timeout_s: float) -> bool:
-        """One turn: take what is queued on the socket, then run one batch; True if a batch ran."""
+        """One turn: take what is queued on the socket, then run one batch; True if a batch ran.
+
+        Once there is work, the turn keeps taking messages for up to
+        ``model.max_wait_ms`` (or until a full batch is ready) before it runs the
+        model: a model call has a fixed cost, and without this wait a lightly
+        loaded daemon would pay it for every single message.
+        """
+        self._take(timeout_s)
+        table = self.pipe.table
+        if table.ready and not table.retired and not self.stopping:
+            deadline = time.monotonic() + self.settings.model.max_wait_ms / 1000
+            limit = self.settings.model.max_batch_streams
+            while len(table.ready) < limit and (left := deadline - time.monotonic()) > 0:
+                if not self._take(left):
+                    break
+        return self.run_batch()
+
+    def _take(self, timeout_s: float) -> bool:
         messages, wall = self.ingest.drain(timeout_s)
         if messages:
             with self.counting:
                 self.accept(messages, wall)
-        return self.run_batch()
+        return bool(messages)
 
     def accept(self, messages: list[list[bytes]], wall: float) -> None:
         table = self.pipe.table
