@@ -51,9 +51,10 @@ class ModelSettings:
     lag: int = 0
     warmup_samples: int = 0  # 0: the model's window length
     max_batch_streams: int = 1024
-    # Once a stream has work, wait up to this long for more streams to join the batch:
-    # trades a little latency for far fewer model calls at light and moderate load.
-    max_wait_ms: float = 4.0
+    # While fewer than batch_target_streams streams have work, wait this long for more to
+    # join the batch: a little latency for far fewer model calls at light and moderate load.
+    max_wait_ms: float = 2.0
+    batch_target_streams: int = 32
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,7 @@ def validate(s: Settings) -> None:
     need(s.model.warmup_samples >= 0, "model.warmup_samples must be >= 0")
     need(s.model.max_batch_streams >= 1, "model.max_batch_streams must be >= 1")
     need(0 <= s.model.max_wait_ms <= 1000, "model.max_wait_ms must be in [0, 1000]")
+    need(s.model.batch_target_streams >= 1, "model.batch_target_streams must be >= 1")
     need(s.streams.max_streams >= 1, "streams.max_streams must be >= 1")
     need(s.streams.idle_ttl_s > 0, "streams.idle_ttl_s must be > 0")
     need(s.streams.max_pending_samples >= 1, "streams.max_pending_samples must be >= 1")

@@ -249,19 +249,19 @@ class Service:
     def step(self, timeout_s: float) -> bool:
         """One turn: take what is queued on the socket, then run one batch; True if a batch ran.
 
-        Once there is work, the turn keeps taking messages for up to
-        ``model.max_wait_ms`` (or until a full batch is ready) before it runs the
+        Once there is work, but fewer than ``model.batch_target_streams`` streams
+        ready, the turn waits ``model.max_wait_ms`` and takes what arrived meanwhile before it runs the
         model: a model call has a fixed cost, and without this wait a lightly
         loaded daemon would pay it for every single message.
         """
         self._take(timeout_s)
         table = self.pipe.table
-        if table.ready and not table.retired and not self.stopping:
-            deadline = time.monotonic() + self.settings.model.max_wait_ms / 1000
-            limit = self.settings.model.max_batch_streams
-            while len(table.ready) < limit and (left := deadline - time.monotonic()) > 0:
-                if not self._take(left):
-                    break
+        wait = self.settings.model.max_wait_ms / 1000
+        if wait and table.ready and not table.retired and len(table.ready) < self.settings.model.batch_target_streams:
+            # One sleep and one drain, rather than a poll per message arriving meanwhile.
+            # Under load batches fill by themselves while the model runs: no waiting then.
+            time.sleep(wait)
+            self._take(0.0)
         return self.run_batch()
 
     def _take(self, timeout_s: float) -> bool:
