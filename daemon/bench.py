@@ -54,6 +54,7 @@ import numpy as np
 import zmq
 
 from sigclassd import protocol
+from sigclassd.stopflag import StopFlag
 
 RATE_HZ = 250.0
 CHUNK = 10
@@ -1030,14 +1031,7 @@ def naive_serve(input_endpoint: str, output_endpoint: str, model_dir: Path | Non
         return probs.astype(np.float32), probs.argmax(axis=-1).astype(np.uint8)
 
     predict(np.zeros((window, meta.channels), np.float32))  # Keras builds its predict function on the first call
-    stop = False
-
-    def on_signal(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = StopFlag()
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVHWM, 100_000)
@@ -1050,7 +1044,7 @@ def naive_serve(input_endpoint: str, output_endpoint: str, model_dir: Path | Non
     # topic -> [window buffer, samples held (<= window), unlabelled, seq after the newest]
     streams: dict[bytes, list[Any]] = {}
     print(json.dumps({"event": "ready", "runtime": "keras predict"}), flush=True)
-    while not stop:
+    while not stop.requested:
         if not sub.poll(50):
             continue
         parts = sub.recv_multipart()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 
 import numpy as np
@@ -22,6 +21,7 @@ import zmq
 
 from sigclassd import protocol
 from sigclassd.errors import FrameError
+from sigclassd.stopflag import StopFlag
 
 DRAIN_MAX = 20_000
 
@@ -83,20 +83,13 @@ class Relay:
 
 def serve(input_endpoint: str, output_endpoint: str, ready: object = None) -> int:
     """Relay until SIGTERM/SIGINT. ``ready`` is called with the bound endpoints once serving."""
-    stop = False
-
-    def on_signal(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = StopFlag()
     ctx = zmq.Context()
     relay = Relay(ctx, input_endpoint, output_endpoint)
     try:
         if callable(ready):
             ready(relay.input, relay.output)
-        while not stop:
+        while not stop.requested:
             relay.turn(50)
     finally:
         relay.close()

@@ -9,7 +9,6 @@ period, so that the load is spread evenly over time as real gateways' would be.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import zmq
 
 from sigclassd import protocol
+from sigclassd.stopflag import StopFlag
 
 # A few distinct recordings are enough to make streams differ; generating one
 # per stream would cost gigabytes at thousands of streams.
@@ -86,14 +86,7 @@ def simulate(args: argparse.Namespace) -> int:
         sock.connect(ep)
     for ep in args.bind:
         sock.bind(ep)
-    stop = False
-
-    def on_signal(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop = StopFlag()
     time.sleep(args.settle)  # let the SUB side connect: PUB drops what it sends before that
     period = args.chunk / args.rate
     start = time.time()
@@ -101,7 +94,7 @@ def simulate(args: argparse.Namespace) -> int:
     next_report = time.monotonic() + 1.0
     deadline = start + args.seconds if args.seconds > 0 else float("inf")
     tick = 0
-    while not stop:
+    while not stop.requested:
         base = start + tick * period
         if base >= deadline:
             break

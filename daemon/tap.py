@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from collections import Counter
@@ -20,6 +19,7 @@ import zmq
 
 from sigclassd import protocol
 from sigclassd.errors import FrameError
+from sigclassd.stopflag import StopFlag
 
 
 def _runs(labels: np.ndarray) -> list[list[int]]:
@@ -52,14 +52,7 @@ def tap(args: argparse.Namespace) -> int:
         sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
     for ep in args.connect:
         sock.connect(ep)
-    stop = False
-
-    def on_signal(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop = StopFlag()
     expected: dict[str, int] = {}
     counts: Counter[str] = Counter()
     classes: Counter[int] = Counter()
@@ -69,7 +62,7 @@ def tap(args: argparse.Namespace) -> int:
     next_summary = time.monotonic() + 1.0
     window_start = time.monotonic()
     out = sys.stdout
-    while not stop and time.monotonic() < deadline and (args.count <= 0 or received < args.count):
+    while not stop.requested and time.monotonic() < deadline and (args.count <= 0 or received < args.count):
         if not sock.poll(200):
             continue
         parts = sock.recv_multipart()
