@@ -13,6 +13,11 @@ Key files are the ZeroMQ certificate format written by ``sigclassd keygen``
 (``LoadCredential=server.key_secret:/etc/sigclassd/curve/server.key_secret``)
 and never be readable by anything but the service.
 
+A gateway can be held to its own streams: a file ``NAME.prefixes`` next to its
+``NAME.key`` lists, one per line, the stream-id prefixes that gateway may
+publish; its messages on any other topic are rejected (``unauthorised_topic``).
+A gateway without such a file may publish any topic.
+
 The allow-list is read at start-up; changing it needs a restart (the
 ``security`` section is restart-only).
 """
@@ -24,6 +29,7 @@ from pathlib import Path
 
 import zmq
 import zmq.auth
+import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
 
 from sigclassd.config import SecuritySettings
@@ -75,14 +81,44 @@ def allowed_keys(directory: str) -> dict[bytes, str]:
     return keys
 
 
-def start_authenticator(ctx: zmq.Context, security: SecuritySettings) -> tuple[bytes, ThreadAuthenticator]:
+def topic_prefixes(directory: str, names: list[str]) -> dict[str, tuple[bytes, ...]]:
+    """For each gateway name with a ``NAME.prefixes`` file, the stream-id prefixes it may publish."""
+    folder = resolve(directory)
+    prefixes = {}
+    for name in names:
+        file = folder / f"{name}.prefixes"
+        if file.exists():
+            lines = [line.strip() for line in file.read_text().splitlines()]
+            prefixes[name] = tuple(line.encode() for line in lines if line and not line.startswith("#"))
+            if not prefixes[name]:
+                msg = f"security.curve_allowed_keys_dir: {file} lists no prefix, so {name} could publish nothing"
+                raise ConfigError(msg)
+    return prefixes
+
+
+class _NamedAuthenticator(ThreadAuthenticator):
+    """Names each connection after its key file (``gw-17``), so messages carry it as their User-Id."""
+
+    def __init__(self, ctx: zmq.Context, names: dict[bytes, str]) -> None:
+        super().__init__(ctx)
+        self.names = names
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.names.get(zmq.utils.z85.encode(client_public_key), "")
+
+
+def start_authenticator(
+    ctx: zmq.Context, security: SecuritySettings
+) -> tuple[bytes, ThreadAuthenticator, dict[str, tuple[bytes, ...]]]:
     """Start the ZAP handler with the allow-list; return the server secret key for the input socket and the handler.
 
+    Also returns the topic prefixes of the gateways that are restricted (see the module docstring).
     The caller stops the handler (``authenticator.stop()``) before terminating the context.
     """
     secret = load_server_secret(security.curve_secret_key_file)
     allowed = allowed_keys(security.curve_allowed_keys_dir)
-    authenticator = ThreadAuthenticator(ctx)
+    prefixes = topic_prefixes(security.curve_allowed_keys_dir, list(allowed.values()))
+    authenticator = _NamedAuthenticator(ctx, allowed)
     authenticator.start()
     # configure_curve re-reads the directory itself; the check above already reported anything it would skip.
     authenticator.configure_curve(domain="*", location=str(resolve(security.curve_allowed_keys_dir)))
@@ -90,4 +126,4 @@ def start_authenticator(ctx: zmq.Context, security: SecuritySettings) -> tuple[b
         authenticator.stop()
         msg = f"security.curve_allowed_keys_dir: the authenticator loaded other keys than {sorted(allowed.values())}"
         raise ConfigError(msg)
-    return secret, authenticator
+    return secret, authenticator, prefixes

@@ -15,8 +15,21 @@ from sigclassd.config import InputSettings
 
 
 class Ingest:
-    def __init__(self, ctx: zmq.Context, settings: InputSettings, *, curve_secret: bytes | None = None) -> None:
+    """The input socket. With ``topic_prefixes`` (gateway name -> allowed stream-id prefixes,
+    from CURVE authentication), messages of a restricted gateway on another topic are
+    dropped here and counted in ``unauthorised``."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        settings: InputSettings,
+        *,
+        curve_secret: bytes | None = None,
+        topic_prefixes: dict[str, tuple[bytes, ...]] | None = None,
+    ) -> None:
         self.settings = settings
+        self.topic_prefixes = topic_prefixes or {}
+        self.unauthorised = 0
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, settings.rcvhwm)
         # Bounds the memory one message can take: larger ones are dropped by libzmq
@@ -48,6 +61,8 @@ class Ingest:
         if not self.poller.poll(max(0, int(timeout_s * 1000))):
             return messages, 0.0
         now = time.time()
+        if self.topic_prefixes:
+            return self._drain_checked(limit), now
         recv = self.socket.recv_multipart
         flags = int(zmq.NOBLOCK)  # a plain int: pyzmq converts an enum flag on every call
         try:
@@ -56,6 +71,24 @@ class Ingest:
         except zmq.Again:
             pass
         return messages, now
+
+    def _drain_checked(self, limit: int) -> list[list[bytes]]:
+        """The drain for restricted gateways: the sender's name is a property of the received frame."""
+        messages: list[list[bytes]] = []
+        recv = self.socket.recv_multipart
+        flags = int(zmq.NOBLOCK)
+        try:
+            while len(messages) + self.unauthorised < limit:
+                frames = recv(flags, copy=False)
+                allowed = self.topic_prefixes.get(frames[0].get("User-Id"))
+                topic = frames[0].bytes
+                if allowed is not None and not topic.startswith(allowed):
+                    self.unauthorised += 1
+                    continue
+                messages.append([topic, *(f.bytes for f in frames[1:])])
+        except zmq.Again:
+            pass
+        return messages
 
     def close(self) -> None:
         self.socket.close(linger=0)

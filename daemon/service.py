@@ -163,8 +163,8 @@ class Service:
             return {}
         from sigclassd.auth import start_authenticator
 
-        secret, self.authenticator = start_authenticator(self.ctx, sec)
-        return {"curve_secret": secret}
+        secret, self.authenticator, prefixes = start_authenticator(self.ctx, sec)
+        return {"curve_secret": secret, "topic_prefixes": prefixes}
 
     def _pipeline(self, s: Settings, artifact: ModelArtifact, engine: Engine, flags: int = 0) -> _Pipeline:
         meta = artifact.meta
@@ -269,6 +269,11 @@ class Service:
         if messages:
             with self.counting:
                 self.accept(messages, wall)
+        if self.ingest.unauthorised:
+            count, self.ingest.unauthorised = self.ingest.unauthorised, 0
+            self.metrics.frames_received.inc(count)
+            self.metrics.frames_rejected.labels("unauthorised_topic").inc(count)
+            self.rejects.add("unauthorised_topic", detail=f"{count} messages on topics their gateway may not publish")
         return bool(messages)
 
     def accept(self, messages: list[list[bytes]], wall: float) -> None:

@@ -95,9 +95,10 @@ def test_bad_security_config_is_a_config_error(tmp_path):
         for settings, match in cases:
             with pytest.raises(ConfigError, match=match):
                 start_authenticator(ctx, settings)
-        key, auth = start_authenticator(ctx, SecuritySettings(str(secret), str(tmp_path / "server")))
+        key, auth, prefixes = start_authenticator(ctx, SecuritySettings(str(secret), str(tmp_path / "server")))
         auth.stop()
         assert key == zmq.auth.load_certificate(secret)[1]
+        assert prefixes == {}
     finally:
         ctx.term()
 
@@ -110,3 +111,41 @@ def test_relative_key_paths_resolve_in_the_systemd_credentials_directory(tmp_pat
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
     monkeypatch.chdir("/")
     assert load_server_secret("server.key_secret") == zmq.auth.load_certificate(secret)[1]
+
+
+def test_a_gateway_restricted_to_its_prefix_cannot_publish_other_streams(tmp_path, ctx, same_model):
+    """A gateway with NAME.prefixes gets its own streams labelled; its other topics are rejected and counted."""
+    keys = tmp_path / "keys"
+    _, server_secret = keygen(keys / "server", "server")
+    _, site_secret = keygen(keys / "gateways", "gw-site-a")
+    _, free_secret = keygen(keys / "gateways", "gw-free")  # no .prefixes file: any topic
+    (keys / "gateways" / "gw-site-a.prefixes").write_text("# streams of site A only\nsite-a/\n")
+    server_public, _ = zmq.auth.load_certificate(server_secret)
+    d = Daemon(tmp_path, {
+        "model": {"path": str(same_model), "hop": 50},
+        "streams": {"idle_ttl_s": 1.5},
+        "security": {"curve_secret_key_file": str(server_secret), "curve_allowed_keys_dir": str(keys / "gateways")},
+    }).start()
+    consumer = Consumer(ctx, d.output)
+    site = curve_gateway(ctx, d.input, site_secret, server_public)
+    free = curve_gateway(ctx, d.input, free_secret, server_public)
+    time.sleep(1.0)
+    x = np.random.default_rng(1).normal(0.5, 2.0, (400, 16)).astype(np.float32)
+    for a in range(0, 400, 50):
+        flags = protocol.FLAG_RESTART if a == 0 else 0
+        site.send_multipart(protocol.encode_samples("site-a/1", x[a : a + 50], a, flags=flags))
+        site.send_multipart(protocol.encode_samples("site-b/1", x[a : a + 50], a, flags=flags))  # not its prefix
+        free.send_multipart(protocol.encode_samples("site-b/2", x[a : a + 50], a, flags=flags))
+        time.sleep(0.01)
+    frames = consumer.collect(20, until=lambda fr: {f.stream for f in fr if f.flags & protocol.LABEL_FINAL}
+                              == {"site-a/1", "site-b/2"})
+    rejected = d.metric("sigclassd_frames_rejected_total", {"reason": "unauthorised_topic"})
+    a = accounting(d)
+    for s in (site, free, consumer):
+        s.close()
+    assert d.stop() == 0
+    streams = by_stream(frames)
+    assert set(streams) == {"site-a/1", "site-b/2"}
+    assert labelled_seqs(streams["site-a/1"]) == list(range(400))
+    assert rejected == 8
+    assert a["received"] == 800 and identity_holds(a), a
