@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,34 +16,10 @@ from typing import Any
 import zmq
 
 from sigclassd import protocol
+from sigclassd.bench import free_port, write_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    return repr(v)
-
-
-def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 class Daemon:
@@ -64,7 +39,7 @@ class Daemon:
         for section, values in (sections or {}).items():
             base.setdefault(section, {}).update(values)
         self.sections = base
-        self.config = write_config(tmp / f"{name}.toml", base)
+        self.config = write_toml(tmp / f"{name}.toml", base)
         self.log_path = tmp / f"{name}.log"
         self.env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
         self.proc: subprocess.Popen | None = None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import Consumer, Daemon, Gateway, accounting, by_stream, identity_holds, labelled_seqs, write_config
+from harness import Consumer, Daemon, Gateway, accounting, by_stream, identity_holds, labelled_seqs, write_toml
 
 from sigclassd import protocol
 from sigclassd.models.artifact import read_artifact
@@ -177,7 +177,7 @@ def test_notify_reload_under_load_failed_reload_and_drain(tmp_path, ctx, same_mo
             time.sleep(2.5)
 
             # Live swap to the causal model under load.
-            write_config(d.config, {**d.sections, "model": {**d.sections["model"], "path": str(causal_model)}})
+            write_toml(d.config, {**d.sections, "model": {**d.sections["model"], "path": str(causal_model)}})
             n_before = len(notify.snapshot())
             hup_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
             d.send_signal(signal.SIGHUP)
@@ -197,7 +197,7 @@ def test_notify_reload_under_load_failed_reload_and_drain(tmp_path, ctx, same_mo
                              == set(streams))
 
             # A reload to a broken model fails, keeps the causal model serving and says why.
-            write_config(d.config, {**d.sections, "model": {**d.sections["model"],
+            write_toml(d.config, {**d.sections, "model": {**d.sections["model"],
                                                            "path": str(broken_model(tmp_path, causal_model))}})
             n_before = len(notify.snapshot())
             d.send_signal(signal.SIGHUP)
@@ -280,7 +280,7 @@ def test_readyz_answers_200_when_ready_is_sent(tmp_path, causal_model):
 
 
 def run_cli(tmp_path: Path, sections: dict, timeout: float = 60.0) -> subprocess.CompletedProcess:
-    config = write_config(tmp_path / "c.toml", sections)
+    config = write_toml(tmp_path / "c.toml", sections)
     return subprocess.run(
         [sys.executable, "-m", "sigclassd", "run", "--config", str(config)],
         capture_output=True, text=True, timeout=timeout, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
