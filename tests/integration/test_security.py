@@ -25,20 +25,29 @@ def curve_gateway(ctx: zmq.Context, endpoint: str, key_secret_file, server_publi
     return sock
 
 
-def test_only_allowed_gateway_keys_get_labels(tmp_path, ctx, same_model):
-    """With CURVE on, frames from an allowed key are labelled; an unknown key's and plaintext frames never arrive."""
+def curve_daemon(tmp_path, model_dir, gateways: list[str], prefixes: dict[str, str] | None = None):  # noqa: ANN001, ANN201
+    """A daemon with CURVE on, allowing ``gateways`` (optionally prefix-restricted); returns it, the server's
+    public key and each gateway's secret key file."""
     keys = tmp_path / "keys"
     _, server_secret = keygen(keys / "server", "server")
-    _, allowed_secret = keygen(keys / "gateways", "gw-allowed")
-    _, rogue_secret = keygen(keys / "rogue", "gw-rogue")  # a valid key pair, not in the allow-list
+    secrets = {name: keygen(keys / "gateways", name)[1] for name in gateways}
+    for name, text in (prefixes or {}).items():
+        (keys / "gateways" / f"{name}.prefixes").write_text(text)
     server_public, _ = zmq.auth.load_certificate(server_secret)
     d = Daemon(tmp_path, {
-        "model": {"path": str(same_model), "hop": 50},
+        "model": {"path": str(model_dir), "hop": 50},
         "streams": {"idle_ttl_s": 1.5},
         "security": {"curve_secret_key_file": str(server_secret), "curve_allowed_keys_dir": str(keys / "gateways")},
     }).start()
+    return d, server_public, secrets
+
+
+def test_only_allowed_gateway_keys_get_labels(tmp_path, ctx, same_model):
+    """With CURVE on, frames from an allowed key are labelled; an unknown key's and plaintext frames never arrive."""
+    _, rogue_secret = keygen(tmp_path / "rogue", "gw-rogue")  # a valid key pair, not in the allow-list
+    d, server_public, secrets = curve_daemon(tmp_path, same_model, ["gw-allowed"])
     consumer = Consumer(ctx, d.output)
-    good = curve_gateway(ctx, d.input, allowed_secret, server_public)
+    good = curve_gateway(ctx, d.input, secrets["gw-allowed"], server_public)
     rogue = curve_gateway(ctx, d.input, rogue_secret, server_public)
     plain = ctx.socket(zmq.PUB)
     plain.setsockopt(zmq.LINGER, 0)
@@ -115,20 +124,12 @@ def test_relative_key_paths_resolve_in_the_systemd_credentials_directory(tmp_pat
 
 def test_a_gateway_restricted_to_its_prefix_cannot_publish_other_streams(tmp_path, ctx, same_model):
     """A gateway with NAME.prefixes gets its own streams labelled; its other topics are rejected and counted."""
-    keys = tmp_path / "keys"
-    _, server_secret = keygen(keys / "server", "server")
-    _, site_secret = keygen(keys / "gateways", "gw-site-a")
-    _, free_secret = keygen(keys / "gateways", "gw-free")  # no .prefixes file: any topic
-    (keys / "gateways" / "gw-site-a.prefixes").write_text("# streams of site A only\nsite-a/\n")
-    server_public, _ = zmq.auth.load_certificate(server_secret)
-    d = Daemon(tmp_path, {
-        "model": {"path": str(same_model), "hop": 50},
-        "streams": {"idle_ttl_s": 1.5},
-        "security": {"curve_secret_key_file": str(server_secret), "curve_allowed_keys_dir": str(keys / "gateways")},
-    }).start()
+    # gw-free has no .prefixes file: it may publish any topic.
+    d, server_public, secrets = curve_daemon(tmp_path, same_model, ["gw-site-a", "gw-free"],
+                                             {"gw-site-a": "# streams of site A only\nsite-a/\n"})
     consumer = Consumer(ctx, d.output)
-    site = curve_gateway(ctx, d.input, site_secret, server_public)
-    free = curve_gateway(ctx, d.input, free_secret, server_public)
+    site = curve_gateway(ctx, d.input, secrets["gw-site-a"], server_public)
+    free = curve_gateway(ctx, d.input, secrets["gw-free"], server_public)
     time.sleep(1.0)
     x = np.random.default_rng(1).normal(0.5, 2.0, (400, 16)).astype(np.float32)
     for a in range(0, 400, 50):
