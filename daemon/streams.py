@@ -88,10 +88,6 @@ class Stream:
         """Rows not yet fed to the model."""
         return self.n - self.fed
 
-    @property
-    def unlabelled(self) -> int:
-        return self.n - self.labelled
-
     def drop_front(self, rows: int) -> None:
         """Forget the oldest ``rows`` rows (already labelled and no longer needed as context)."""
         if rows <= 0:
