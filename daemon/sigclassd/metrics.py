@@ -164,6 +164,6 @@ class Metrics:
         if process:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
-        from sigclassd import __version__
+        from sigclassd.version import __version__
 
         self.build_info.info({"version": __version__, "python": platform.python_version()})

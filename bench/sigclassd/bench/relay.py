@@ -5,7 +5,7 @@ poll-and-drain loop, the same protocol-v1 decoding and one label message per
 gateway message (all-zero probabilities and labels), so whatever the daemon
 does beyond this costs it throughput and latency that the relay does not pay.
 
-Run it alone with ``python -m sigclassd.relay --input EP --output EP``; it
+Run it alone with ``python -m sigclassd.bench.relay --input EP --output EP``; it
 prints one JSON line ``{"event": "ready", ...}`` once both sockets are bound and
 stops on SIGTERM or SIGINT.
 """
@@ -98,7 +98,7 @@ def serve(input_endpoint: str, output_endpoint: str, ready: object = None) -> in
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sigclassd.relay", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m sigclassd.bench.relay", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, help="endpoint the SUB socket binds, e.g. tcp://127.0.0.1:5555")
     p.add_argument("--output", required=True, help="endpoint the PUB socket binds, e.g. tcp://127.0.0.1:5556")
     args = p.parse_args(argv)

@@ -3,7 +3,7 @@
 One command, one machine, every party a separate process over loopback:
 
 - the system under test (SUT): the daemon (``sigclassd run``, stateful or
-  windowed), the bare relay (:mod:`sigclassd.relay`, the transport ceiling), or
+  windowed), the bare relay (:mod:`sigclassd.bench.relay`, the transport ceiling), or
   the naive baseline (one ``model.predict`` per window per stream, the loop a
   user would otherwise write: ``python -m sigclassd.bench naive ...``);
 - load generators speaking protocol v1: N streams, each sending ``chunk``
@@ -447,7 +447,7 @@ def start_sut(mode: str, n: int, tmp: Path, children: Children, opts: argparse.N
             cmd += ["--set", override]
     elif mode == "relay":
         http_port = 0
-        cmd = [*prefix, "-m", "sigclassd.relay", "--input", inp, "--output", out]
+        cmd = [*prefix, "-m", "sigclassd.bench.relay", "--input", inp, "--output", out]
     else:
         http_port = 0
         cmd = [*prefix, "-m", "sigclassd.bench", "naive", "--input", inp, "--output", out, "--hop", str(opts.naive_hop or opts.hop)]

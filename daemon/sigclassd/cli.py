@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from sigclassd import __version__
+from sigclassd.version import __version__
 
 EPILOG = """\
 quick start (three terminals):
