@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+# Process exit codes, one definition for every command. systemd's RestartPreventExitStatus
+# lists EXIT_CONFIG and EXIT_MODEL: restarting cannot fix them.
+EXIT_OK = 0
+EXIT_FAILURE = 1  # runtime failure, e.g. an address already in use
+EXIT_CONFIG = 2  # bad configuration or command line
+EXIT_MODEL = 3  # the model cannot be read or does not fit the configuration
+EXIT_INFERENCE = 4  # the model kept failing at run time
+
 
 class SigclassdError(Exception):
     """Base class for errors the daemon reports to its user."""

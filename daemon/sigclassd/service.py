@@ -25,25 +25,22 @@ from sigclassd import config as config_mod
 from sigclassd import protocol
 from sigclassd.batcher import Batcher, LabelRun
 from sigclassd.config import Settings
-from sigclassd.engine import load_engine
+from sigclassd.engine import load_model
 from sigclassd.engine.base import Engine
-from sigclassd.errors import ConfigError, FrameError, ModelError, SigclassdError
+from sigclassd.errors import (
+    EXIT_CONFIG, EXIT_FAILURE, EXIT_INFERENCE, EXIT_MODEL, EXIT_OK, ConfigError, FrameError, ModelError,
+    SigclassdError,
+)
 from sigclassd.health import Health, start_http_server
 from sigclassd.ingest import Ingest
 from sigclassd.logs import Summary
 from sigclassd.metrics import Metrics
-from sigclassd.models.artifact import ModelArtifact, default_model_path, read_artifact
+from sigclassd.models.artifact import ModelArtifact
 from sigclassd.notify import Notifier
 from sigclassd.publish import Publisher
 from sigclassd.streams import StreamTable
 
 log = structlog.get_logger("sigclassd")
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_CONFIG = 2
-EXIT_MODEL = 3
-EXIT_INFERENCE = 4
 
 # Settings that need new sockets or a new listener: a reload reports them instead of applying them.
 RESTART_ONLY = ("input", "output", "metrics", "security")
@@ -51,28 +48,6 @@ RESTART_ONLY = ("input", "output", "metrics", "security")
 
 class InferenceFailure(SigclassdError):
     """The model failed too many times in a row: exit so the supervisor restarts the process."""
-
-
-def load_model(settings: Settings) -> tuple[ModelArtifact, Engine]:
-    """Read, check against the config, load and warm the configured model."""
-    artifact = read_artifact(settings.model.path or default_model_path())
-    meta = artifact.meta
-    if settings.model.channels and settings.model.channels != meta.channels:
-        msg = (
-            f"model {artifact.path} takes {meta.channels} channels but model.channels = {settings.model.channels}; "
-            "point model.path at a model trained for your gateways or fix model.channels"
-        )
-        raise ModelError(msg)
-    if settings.model.lag >= meta.window:
-        msg = f"model.lag = {settings.model.lag} must be smaller than the model's window ({meta.window})"
-        raise ModelError(msg)
-    if settings.model.mode == "windowed" and settings.streams.max_pending_samples < max(meta.window, settings.model.hop):
-        msg = (f"streams.max_pending_samples = {settings.streams.max_pending_samples} is smaller than the model's "
-               f"window ({meta.window}) or model.hop ({settings.model.hop}): a stream could never be labelled; raise it")
-        raise ModelError(msg)
-    engine = load_engine(artifact, settings.model)
-    engine.warm_up()
-    return artifact, engine
 
 
 @dataclass

@@ -15,7 +15,7 @@ import pytest
 import zmq
 from harness import Consumer, Daemon, Gateway, accounting, by_stream, free_port, identity_holds, labelled_seqs
 
-from sigclassd import protocol
+from sigclassd import errors, protocol
 
 pytestmark = [pytest.mark.integration, pytest.mark.tf]
 
@@ -386,14 +386,14 @@ def test_repeated_model_failures_exit_with_code_4(ctx, same_model, restore_signa
     finally:
         stop.set()
         feeder.join()
-    assert code == service_mod.EXIT_INFERENCE == 4
+    assert code == errors.EXIT_INFERENCE == 4
     assert svc.registry.get_sample_value("sigclassd_inference_errors_total") == 3
 
 
 def test_pending_limit_below_the_window_is_a_model_error(same_model):
     """Windowed mode with streams.max_pending_samples smaller than the model's window fails at start-up (exit 3)."""
     from sigclassd.errors import ModelError
-    from sigclassd.service import load_model
+    from sigclassd.engine import load_model
 
     with pytest.raises(ModelError, match="max_pending_samples"):
         load_model(service_settings(same_model, max_pending_samples=100))
