@@ -1,7 +1,8 @@
 # Two entry points for a fresh machine (Python 3.11 with pip, nothing else):
-#   make run   - create .venv, install sigclassd, serve the bundled model on loopback
-#   make test  - create .venv, install sigclassd with test extras and the OS packages the
-#                tests need (prometheus, promtool), run the whole suite
+#   make run   - create .venv, install sigclassd (the base: no TensorFlow), serve the bundled
+#                model on loopback
+#   make test  - create .venv, install sigclassd with the train (TensorFlow), test and bench
+#                extras and the OS packages the tests need (prometheus, promtool), run the whole suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,14 +14,21 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml $(BIN)/python
-	@echo "installing sigclassd and its dependencies into $(VENV) (TensorFlow: a few minutes the first time)"
-	$(BIN)/pip install --disable-pip-version-check -e '.[test,bench]'
+# Two stamps: serving needs only the base; the suite needs every extra. The full install
+# includes the base, so it refreshes both stamps.
+$(VENV)/.installed-base: pyproject.toml $(BIN)/python
+	@echo "installing sigclassd (serving only, no TensorFlow) into $(VENV)"
+	$(BIN)/pip install --disable-pip-version-check -e .
 	touch $@
 
-venv: $(VENV)/.installed
+$(VENV)/.installed-all: pyproject.toml $(BIN)/python
+	@echo "installing sigclassd with the train, test and bench extras into $(VENV) (TensorFlow: a few minutes the first time)"
+	$(BIN)/pip install --disable-pip-version-check -e '.[train,test,bench]'
+	touch $@ $(VENV)/.installed-base
 
-run: venv
+venv: $(VENV)/.installed-all
+
+run: $(VENV)/.installed-base
 	$(BIN)/sigclassd run $(ARGS)
 
 # Debian packages the tests use: a real Prometheus and promtool, systemd-analyze for the unit
