@@ -7,9 +7,11 @@ Each subcommand's module is imported only when that subcommand runs, so
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
+from sigclassd.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, SigclassdError
 from sigclassd.version import __version__
 
 EPILOG = """\
@@ -44,8 +46,6 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from sigclassd import config, logs
-    from sigclassd.errors import ConfigError
-
     overrides = list(args.overrides)
     if args.model:
         overrides.append(f"model.path={_toml_string(args.model)}")
@@ -56,7 +56,7 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         logs.configure("auto", "info")
         print(f"sigclassd: config error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     logs.configure(settings.log.format, settings.log.level)
     from sigclassd import service
 
@@ -69,7 +69,23 @@ def _toml_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def build_parser() -> argparse.ArgumentParser:
+# name -> (module that defines it, its registration function, the line `sigclassd --help` shows).
+# Only the command being run is imported, so `sigclassd run` never loads the benchmark,
+# the training code or the other tools, and `sigclassd --help` loads none of them.
+COMMANDS = {
+    "run": ("sigclassd.cli", "_add_run", "run the daemon (foreground; systemd-aware)"),
+    "simulate": ("sigclassd.simulate", "add_parser", "act as sensor gateways: publish samples for N streams"),
+    "tap": ("sigclassd.tap", "add_parser", "subscribe to the daemon's labels and print them or a summary"),
+    "train": ("sigclassd.models.cli", "add_parsers", "train a model on recordings or synthetic data"),
+    "eval": ("sigclassd.models.cli", "add_parsers", "score a model on recordings as the daemon serves it"),
+    "forward": ("sigclassd.forwarder", "add_parser", "run an XSUB/XPUB forwarder between gateways and daemon shards"),
+    "keygen": ("sigclassd.keygen", "add_parser", "write a CURVE key pair for encrypted, authenticated input"),
+    "bench": ("sigclassd.bench", "add_parser", "measure throughput and latency of the daemon under load"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, with only ``command``'s own arguments defined (all of them if None)."""
     parser = argparse.ArgumentParser(
         prog="sigclassd",
         description="Streaming, real-time signal classification: ZeroMQ samples in, a Conv1D-LSTM labels every "
@@ -79,39 +95,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sigclassd {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
-    _add_run(sub)
-    from sigclassd import simulate, tap
-
-    simulate.add_parser(sub)
-    tap.add_parser(sub)
-    from sigclassd.models import cli as model_cli
-
-    model_cli.add_parsers(sub)
-    from sigclassd import bench, forwarder, keygen
-
-    forwarder.add_parser(sub)
-    keygen.add_parser(sub)
-    bench.add_parser(sub)
+    for name, (module, register, summary) in COMMANDS.items():
+        if name == command:
+            getattr(importlib.import_module(module), register)(sub)
+    for name, (_, _, summary) in COMMANDS.items():
+        if name not in sub.choices:  # listed in --help; defined only when it runs
+            sub.add_parser(name, help=summary)
     return parser
+
+
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named on the command line, if any (the first word that is not an option)."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    return word if word in COMMANDS else None
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
-        return 2
-    from sigclassd.errors import ConfigError, SigclassdError
-
+        return EXIT_CONFIG
     try:
-        return args.func(args) or 0
+        return args.func(args) or EXIT_OK
     except ConfigError as e:
         print(f"sigclassd {args.command}: config error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except SigclassdError as e:
         print(f"sigclassd {args.command}: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":
