@@ -5,10 +5,11 @@ set -eu
 
 usage() {
     cat <<'EOF'
-Usage: deploy/install.sh [--root DIR] [--no-venv] [--python PYTHON] [--enable]
+Usage: deploy/install.sh [--root DIR] [--no-venv | --venv-only] [--python PYTHON] [--train] [--enable]
 
 Installs sigclassd for systemd (run as root, from a checkout of the repository):
-  /opt/sigclassd/venv              a virtualenv with sigclassd (pip install of this checkout)
+  /opt/sigclassd/venv              a virtualenv with sigclassd (pip install of this checkout;
+                                   the base package, which serves without TensorFlow)
   /usr/local/bin/sigclassd         a link to the venv's sigclassd (for tap, simulate, forward)
   /etc/systemd/system/             sigclassd.service, sigclassd@.service, sigclassd-forwarder.service
   /etc/sigclassd/sigclassd.toml    the example config, only if there is no config yet
@@ -19,7 +20,13 @@ Options:
   --root DIR       install under DIR instead of / and skip systemctl (staging for a package;
                    a venv is not relocatable, so packagers add --no-venv)
   --no-venv        do not create or upgrade the venv (you provide /opt/sigclassd/venv)
-  --python PYTHON  interpreter for the venv (default: python3; needs Python >= 3.11)
+  --venv-only      only create or upgrade the venv (e.g. built on a host, bound into a container)
+  --python PYTHON  interpreter for the venv (default: /usr/bin/python3; needs Python >= 3.11).
+                   It must not live under /home or /root: the units set ProtectHome=yes, which
+                   hides those directories from the service, so a venv made from e.g. a pyenv
+                   interpreter there cannot start. Install Debian's python3 and python3-venv.
+  --train          also install the `train` extra: TensorFlow, for `sigclassd train`/`eval` and
+                   the TensorFlow runtimes (a few hundred MB more)
   --enable         also `systemctl enable --now sigclassd.service`
   -h, --help       show this help
 
@@ -28,14 +35,20 @@ Then: edit /etc/sigclassd/sigclassd.toml, `systemctl enable --now sigclassd`,
 EOF
 }
 
+here=$(cd "$(dirname "$0")" && pwd)
+source_dir=$(dirname "$here")
 root=""
+extra=""
 venv=yes
-python=python3
+units=yes
+python=/usr/bin/python3
 enable=no
 while [ $# -gt 0 ]; do
     case "$1" in
         --root) root="${2:?--root needs a directory}"; shift 2 ;;
         --no-venv) venv=no; shift ;;
+        --venv-only) units=no; shift ;;
+        --train) extra="[train]"; shift ;;
         --python) python="${2:?--python needs an interpreter}"; shift 2 ;;
         --enable) enable=yes; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -43,13 +56,15 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-here=$(cd "$(dirname "$0")" && pwd)
-source_dir=$(dirname "$here")
 prefix="$root/opt/sigclassd"
 unit_dir="$root/etc/systemd/system"
 config_dir="$root/etc/sigclassd"
 bin_dir="$root/usr/local/bin"
 
+if [ "$venv" = no ] && [ "$units" = no ]; then
+    echo "install.sh: --no-venv and --venv-only leave nothing to do" >&2
+    exit 2
+fi
 if [ -z "$root" ] && [ "$(id -u)" != 0 ]; then
     echo "install.sh: run as root (or use --root DIR to stage an install)" >&2
     exit 1
@@ -57,18 +72,37 @@ fi
 # The service runs as a dynamic user: everything it reads must be world-readable.
 umask 022
 
-mkdir -p "$prefix/examples" "$unit_dir" "$config_dir" "$bin_dir"
-
 if [ "$venv" = yes ]; then
+    # The venv's python is a link to the interpreter it was made from: resolve it as the
+    # service would see it.
+    interpreter=$("$python" -c 'import os, sys; print(os.path.realpath(sys.executable))') || {
+        echo "install.sh: cannot run $python: install Debian's python3 and python3-venv, or pass --python" >&2
+        exit 1
+    }
+    case "$interpreter" in
+        /home/*|/root/*)
+            echo "install.sh: $python is $interpreter, under /home or /root; the units' ProtectHome=yes" >&2
+            echo "hides it from the service, which then cannot start. Use a system interpreter" >&2
+            echo "(apt-get install python3 python3-venv; --python /usr/bin/python3)." >&2
+            exit 1 ;;
+    esac
+    mkdir -p "$prefix"
     if [ ! -x "$prefix/venv/bin/python" ]; then
-        echo "creating $prefix/venv"
+        echo "creating $prefix/venv with $interpreter"
         "$python" -m venv "$prefix/venv"
         "$prefix/venv/bin/pip" install --quiet --upgrade pip
     fi
-    echo "installing sigclassd from $source_dir"
-    "$prefix/venv/bin/pip" install --quiet --upgrade "$source_dir"
+    echo "installing sigclassd$extra from $source_dir"
+    "$prefix/venv/bin/pip" install --quiet --upgrade "$source_dir$extra"
+    if [ "$units" = no ]; then
+        echo "done: $prefix/venv"
+        exit 0
+    fi
+    mkdir -p "$bin_dir"
     ln -sfn /opt/sigclassd/venv/bin/sigclassd "$bin_dir/sigclassd"
 fi
+
+mkdir -p "$prefix/examples" "$unit_dir" "$config_dir"
 
 for unit in sigclassd.service sigclassd@.service sigclassd-forwarder.service; do
     install -m 0644 "$here/$unit" "$unit_dir/$unit"

@@ -21,7 +21,7 @@ quick start (three terminals):
   sigclassd tap --summary
 
 config: TOML, see deploy/config/sigclassd.toml; every key can be overridden with --set section.key=value.
-metrics: http://127.0.0.1:9108/metrics (also /healthz, /readyz).
+metrics: http://127.0.0.1:5557/metrics (also /healthz, /readyz).
 """
 
 

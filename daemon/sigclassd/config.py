@@ -71,7 +71,7 @@ class StreamSettings:
 
 @dataclass(frozen=True)
 class MetricsSettings:
-    listen: str = "127.0.0.1:9108"  # empty: no HTTP listener
+    listen: str = "127.0.0.1:5557"  # empty: no HTTP listener
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ def validate(s: Settings) -> None:
     if s.metrics.listen:
         host, sep, port = s.metrics.listen.rpartition(":")
         need(bool(sep) and port.isdigit() and 0 <= int(port) < 65536,
-             f"metrics.listen is {s.metrics.listen!r}; use HOST:PORT, e.g. '127.0.0.1:9108'")
+             f"metrics.listen is {s.metrics.listen!r}; use HOST:PORT, e.g. '127.0.0.1:5557'")
     need(s.log.format in LOG_FORMATS, f"log.format is {s.log.format!r}; use one of {', '.join(LOG_FORMATS)}")
     need(s.log.level in LOG_LEVELS, f"log.level is {s.log.level!r}; use one of {', '.join(LOG_LEVELS)}")
     need(s.log.stats_interval_s > 0 and s.log.reject_summary_interval_s > 0, "log intervals must be > 0")

@@ -21,7 +21,7 @@ def test_defaults_load_and_validate():
     assert s == Settings()
     assert s.source == "<defaults>"
     assert s.input.bind == ("tcp://127.0.0.1:5555",) and s.output.bind == "tcp://127.0.0.1:5556"
-    assert (s.model.mode, s.model.hop, s.metrics.listen) == ("windowed", 50, "127.0.0.1:9108")
+    assert (s.model.mode, s.model.hop, s.metrics.listen) == ("windowed", 50, "127.0.0.1:5557")
 
 
 def test_a_file_sets_values_and_keeps_other_defaults(tmp_path):

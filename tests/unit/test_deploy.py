@@ -14,6 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from sigclassd import config
+from sigclassd.errors import EXIT_CONFIG, EXIT_MODEL
 from sigclassd.metrics import Metrics
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -95,13 +96,19 @@ def test_daemon_units_follow_the_daemon_contract(name: str) -> None:
     assert s["NotifyAccess"] == ["main"]
     assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert s["Restart"] == ["on-failure"]
-    assert "MemoryDenyWriteExecute" not in s
+    assert s["RestartPreventExitStatus"] == [f"{EXIT_CONFIG} {EXIT_MODEL}"]
     assert s["Environment"][0] == "TF_CPP_MIN_LOG_LEVEL=2"
     stop_timeout = int(s["TimeoutStopSec"][0].removesuffix("s"))
     assert stop_timeout > config.ServiceSettings().drain_grace_s + config.OutputSettings().linger_ms / 1000
     assert int(s["WatchdogSec"][0].removesuffix("s")) > 0
     config_path = "/etc/sigclassd/%i.toml" if "@" in name else "/etc/sigclassd/sigclassd.toml"
     assert s["ExecStart"] == [f"{INSTALLED_BINARY} run --config {config_path}"]
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_units_allow_netlink_for_libzmq(name: str) -> None:
+    """libzmq resolves every bind address but `*` with getifaddrs(), a netlink query: the units allow it."""
+    assert "AF_NETLINK" in unit_settings(name)["RestrictAddressFamilies"][0].split()
 
 
 def test_forwarder_unit_matches_the_shard_configs() -> None:
@@ -156,6 +163,20 @@ def test_install_script_is_idempotent_and_keeps_the_config(tmp_path: Path) -> No
     bad = subprocess.run(["sh", str(script), "--bogus"], capture_output=True, text=True, check=False)
     assert bad.returncode == 2
     assert "unknown option --bogus" in bad.stderr
+
+
+def test_install_script_refuses_an_interpreter_under_home_or_root(tmp_path: Path) -> None:
+    """ProtectHome=yes hides /home and /root from the service: install.sh refuses a venv made from there."""
+    home_python = tmp_path / "home" / "python3"
+    home_python.parent.mkdir()
+    # A stand-in that reports a real path under /root, as a pyenv interpreter would.
+    home_python.write_text("#!/bin/sh\necho /root/.pyenv/versions/3.11.7/bin/python3.11\n")
+    home_python.chmod(0o755)
+    result = subprocess.run(["sh", str(DEPLOY / "install.sh"), "--root", str(tmp_path / "stage"),
+                             "--python", str(home_python)], capture_output=True, text=True, check=False)
+    assert result.returncode == 1
+    assert "under /home or /root" in result.stderr and "ProtectHome=yes" in result.stderr
+    assert not (tmp_path / "stage" / "opt").exists()
 
 
 def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:
