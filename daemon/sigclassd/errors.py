@@ -23,6 +23,10 @@ class ModelError(SigclassdError):
     """A model artifact is missing, malformed or does not fit the configuration."""
 
 
+class BindError(SigclassdError):
+    """A socket or listener could not be bound; the message names the setting and the address."""
+
+
 class FrameError(SigclassdError):
     """A gateway message was rejected; ``reason`` is the metric label for the rejection."""
 

@@ -12,6 +12,7 @@ import time
 import zmq
 
 from sigclassd.config import InputSettings
+from sigclassd.sockets import bind
 
 
 class Ingest:
@@ -43,8 +44,7 @@ class Ingest:
             sock.setsockopt(zmq.SUBSCRIBE, prefix.encode("utf-8"))
         self.endpoints: list[str] = []
         for ep in settings.bind:
-            sock.bind(ep)
-            self.endpoints.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+            self.endpoints.append(bind(sock, ep, "input.bind"))
         for ep in settings.connect:
             sock.connect(ep)
         self.socket = sock
@@ -89,6 +89,11 @@ class Ingest:
         except zmq.Again:
             pass
         return messages
+
+    def take_unauthorised(self) -> int:
+        """Messages dropped for their topic since the last call."""
+        count, self.unauthorised = self.unauthorised, 0
+        return count
 
     def close(self) -> None:
         self.socket.close(linger=0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import zmq
 
 from sigclassd.config import OutputSettings
+from sigclassd.sockets import bind
 
 # A plain int: pyzmq converts an enum flag on every call, which shows in profiles.
 _SNDMORE = int(zmq.SNDMORE)
@@ -21,8 +22,7 @@ class Publisher:
         sock = ctx.socket(zmq.PUB)
         sock.setsockopt(zmq.SNDHWM, settings.sndhwm)
         sock.setsockopt(zmq.LINGER, settings.linger_ms)
-        sock.bind(settings.bind)
-        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.endpoint = bind(sock, settings.bind, "output.bind")
         self.socket = sock
 
     def send(self, parts: list[bytes]) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,8 +35,25 @@ from sigclassd.metrics import Metrics
 from sigclassd.protocol import SampleFrame
 
 
+@dataclass(slots=True)
+class LabelRun:
+    """Labels for samples ``seq .. seq + len(labels) - 1`` of one stream."""
+
+    topic: bytes
+    seq: int
+    probabilities: np.ndarray  # [n, n_classes] float32
+    labels: np.ndarray  # [n] uint8
+    t0_ns: int
+    flags: int
+    gap: int
+    arrival: np.ndarray  # [n] wall-clock seconds each sample reached the daemon
+    sensor_ns: int  # sensor time of the newest sample, 0 if unknown
+
+
 # Appending runs for every message received: these keep it to a few NumPy calls.
 _RAMP = np.arange(1 << 12, dtype=np.int64)
+_NO_LABELS = np.zeros(0, np.uint8)
+_NO_ARRIVAL = np.zeros(0, np.float64)
 
 
 @functools.lru_cache(maxsize=256)
@@ -59,7 +77,7 @@ class Stream:
 
     __slots__ = (
         "name", "topic", "data", "seq", "arrival", "sensor_ns", "n", "fed", "labelled",
-        "next_seq", "last_seq", "slot", "consumed", "done", "flags", "gap", "last_seen", "final", "ready_queued",
+        "next_seq", "last_seq", "slot", "consumed", "done", "flags", "gap", "last_seen", "final",
     )
 
     def __init__(self, name: str, channels: int, capacity: int, slot: int, flags: int) -> None:
@@ -81,12 +99,100 @@ class Stream:
         self.gap = 0
         self.last_seen = 0.0
         self.final = False
-        self.ready_queued = False
 
     @property
     def pending(self) -> int:
         """Rows not yet fed to the model."""
         return self.n - self.fed
+
+    # ------------------------------------------------------------ cursors and label flags
+    # Every field below is written only here: the table and the planners call these methods.
+
+    def label(self, probs: np.ndarray, labels: np.ndarray, first: int, n: int, warmup: int) -> list[LabelRun]:
+        """The label runs of rows ``first .. first+n-1``, split where the seqs jump, with their flags."""
+        seq = self.seq[first : first + n]
+        # A gap that did not reset the stream sits inside the rows: split so every run is seq-contiguous.
+        cuts = [0, n] if int(seq[-1]) - int(seq[0]) == n - 1 else [0, *(np.flatnonzero(np.diff(seq) != 1) + 1), n]
+        runs = []
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            flags, gap = self.flags, self.gap
+            start = int(seq[a])
+            if self.last_seq is not None and start != self.last_seq:
+                flags |= protocol.LABEL_GAP
+                gap += start - self.last_seq
+            if self.done < warmup:
+                flags |= protocol.LABEL_WARMUP
+            runs.append(LabelRun(
+                self.topic, start, probs[a:b], labels[a:b], int(self.sensor_ns[first + a]), flags, gap,
+                self.arrival[first + a : first + b], int(self.sensor_ns[first + b - 1]),
+            ))
+            self.flags = 0
+            self.gap = 0
+            self.done += b - a
+            self.last_seq = int(seq[b - 1]) + 1
+        self.labelled = first + n
+        return runs
+
+    def advance(self, rows: int, flushed: int) -> None:
+        """``rows`` more rows went through the model, and ``flushed`` outputs of its end-of-stream flush."""
+        self.fed += rows
+        self.consumed += rows + flushed
+
+    def abandon(self) -> int:
+        """Give up every held row after a failed model call; return how many were never labelled.
+
+        The hole this leaves in the seqs is reported as a gap with the next labels.
+        """
+        count = self.n - self.labelled
+        self.labelled = self.fed = self.n
+        self.done += count
+        self.consumed = self.done
+        return count
+
+    def finish(self, own: list[LabelRun], no_probs: np.ndarray) -> list[LabelRun]:
+        """Close a retired incarnation: flag its last run FINAL, or return an empty FINAL run if it had none.
+
+        ``no_probs`` is a ``[0, n_classes]`` array: the empty run still tells consumers the class count.
+        """
+        if own:
+            own[-1].flags |= protocol.LABEL_FINAL | protocol.LABEL_FLUSHED
+            return []
+        return [LabelRun(self.topic, self.next_seq or 0, no_probs, _NO_LABELS, 0,
+                         self.flags | protocol.LABEL_FINAL, self.gap, _NO_ARRIVAL, 0)]
+
+    def mark_gap(self, missing: int) -> None:
+        self.flags |= protocol.LABEL_GAP
+        self.gap += missing
+
+    def mark_shed(self) -> None:
+        # The hole shedding leaves in the seqs is reported as a gap when the next labels go out.
+        self.flags |= protocol.LABEL_SHED
+
+    def retire(self) -> None:
+        self.final = True
+
+    def release(self) -> int:
+        """Give up the state slot (a finished incarnation); return it."""
+        slot, self.slot = self.slot, -1
+        return slot
+
+    def arriving(self, seq: int) -> None:
+        """A frame starting at ``seq`` is about to be buffered (before any of it is shed)."""
+        if self.last_seq is None:
+            # The incarnation's first seq: a hole before its first labels (shed, failed batch) is then a gap.
+            self.last_seq = seq
+
+    def touch(self, now: float) -> None:
+        self.last_seen = now
+
+    def shed_pending(self, count: int) -> None:
+        """Drop the oldest ``count`` pending rows: they are never fed nor labelled."""
+        a = self.fed
+        keep = self.n - a - count
+        for buf in (self.data, self.seq, self.arrival, self.sensor_ns):
+            buf[a : a + keep] = buf[a + count : self.n]
+        self.n -= count
+        self.mark_shed()
 
     def drop_front(self, rows: int) -> None:
         """Forget the oldest ``rows`` rows (already labelled and no longer needed as context)."""
@@ -147,6 +253,7 @@ class StreamTable:
         ready_after: int,
         initial_state: Callable[[], np.ndarray],
         warmup: int,
+        first_flags: int = protocol.LABEL_START,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
@@ -165,7 +272,12 @@ class StreamTable:
         self.ready: dict[Stream, None] = {}
         self.buffered = 0
         self.limit_rejects = 0
-        self.next_flags = protocol.LABEL_START
+        self.next_flags = first_flags  # the flags a new stream id's first labels carry
+
+    def take_limit_rejects(self) -> int:
+        """Frames refused by the stream limit since the last call."""
+        count, self.limit_rejects = self.limit_rejects, 0
+        return count
 
     def __len__(self) -> int:
         return len(self.streams)
@@ -182,8 +294,7 @@ class StreamTable:
 
     def release(self, stream: Stream) -> None:
         """Give a finished (retired and fully labelled) stream's state slot back."""
-        self.free_slots.append(stream.slot)
-        stream.slot = -1
+        self.free_slots.append(stream.release())
 
     def accept(self, frame: SampleFrame, wall: float | None = None) -> None:
         """Apply the seq policy to a decoded frame and buffer what is new."""
@@ -211,8 +322,7 @@ class StreamTable:
                 m.samples_missing.inc(missing)
                 if missing > self.settings.gap_reset_samples:
                     stream = self.reset(stream, "gap")
-                    stream.flags |= protocol.LABEL_GAP
-                    stream.gap += missing
+                    stream.mark_gap(missing)
             elif frame.seq < expected:
                 if expected - frame.seq > self.settings.backwards_reset_samples:
                     stream = self.reset(stream, "seq_backwards")
@@ -220,16 +330,14 @@ class StreamTable:
                     overlap = min(expected - frame.seq, k)
                     m.samples_duplicate.inc(overlap)
                     if overlap == k:
-                        stream.last_seen = now
+                        stream.touch(now)
                         return
                     self._append(stream, frame, overlap, now, wall)
                     return
         self._append(stream, frame, 0, now, wall)
 
     def _append(self, stream: Stream, frame: SampleFrame, start: int, now: float, wall: float) -> None:
-        if stream.last_seq is None:
-            # The incarnation's first seq: a hole before its first labels (shed, failed batch) is then a gap.
-            stream.last_seq = frame.seq + start
+        stream.arriving(frame.seq + start)
         k = len(frame.samples) - start
         limit = self.settings.max_pending_samples
         if k > limit:
@@ -249,24 +357,17 @@ class StreamTable:
                 stream.grow(max(2 * len(stream.data), stream.n + k))
         stream.append(frame, start, now, wall)
         self.buffered += k
-        if not stream.ready_queued and stream.pending >= self.ready_after:
-            stream.ready_queued = True
+        if stream.pending >= self.ready_after and stream not in self.ready:
             self.ready[stream] = None
 
     def _count_shed(self, stream: Stream, count: int) -> None:
-        # The hole it leaves in the seqs is reported as a gap when the next labels go out.
         self.metrics.samples_shed.inc(count)
-        stream.flags |= protocol.LABEL_SHED
+        stream.mark_shed()
 
     def _shed_pending(self, stream: Stream, count: int) -> None:
-        """Drop the oldest ``count`` pending rows: they are never fed nor labelled."""
-        a = stream.fed
-        keep = stream.n - a - count
-        for buf in (stream.data, stream.seq, stream.arrival, stream.sensor_ns):
-            buf[a : a + keep] = buf[a + count : stream.n]
-        stream.n -= count
+        stream.shed_pending(count)
         self.buffered -= count
-        self._count_shed(stream, count)
+        self.metrics.samples_shed.inc(count)
 
     def reset(self, stream: Stream, reason: str, extra_flags: int = 0) -> Stream:
         """Retire ``stream`` (its unlabelled rows get labelled, flagged FINAL) and start a new incarnation."""
@@ -277,9 +378,8 @@ class StreamTable:
         return fresh
 
     def retire(self, stream: Stream) -> None:
-        stream.final = True
+        stream.retire()
         self.ready.pop(stream, None)
-        stream.ready_queued = True  # retired streams are served from `retired`, never from `ready`
         self.retired.append(stream)
 
     def evict_idle(self) -> int:
@@ -309,16 +409,14 @@ class StreamTable:
         while self.ready and count < limit:
             stream = next(iter(self.ready))
             del self.ready[stream]
-            stream.ready_queued = False
             yield stream
             count += 1
 
     def requeue(self, stream: Stream) -> None:
         """Put a live stream back in the ready set if it still has a full batch of work."""
-        if stream.final or stream.ready_queued:
+        if stream.final or stream in self.ready:
             return
         if stream.pending >= self.ready_after and self.streams.get(stream.name) is stream:
-            stream.ready_queued = True
             self.ready[stream] = None
 
     def mark_labelled(self, count: int) -> None:

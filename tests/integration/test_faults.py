@@ -316,35 +316,42 @@ def restore_signals():
 
 def test_model_failure_drops_and_counts_the_batch_and_the_daemon_goes_on(ctx, same_model, restore_signals):
     """A raising model call costs its batch (counted as inference_error), then labelling resumes, flagged GAP."""
+    from sigclassd.engine import load_model
     from sigclassd.service import Service
+
+    engines: list[FailingEngine] = []
+
+    def failing_load(settings):  # noqa: ANN001, ANN202
+        artifact, engine = load_model(settings)
+        engines.append(FailingEngine(engine))
+        return artifact, engines[-1]
 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     gw = BoundGateway(ctx, endpoint)
-    service = Service(service_settings(same_model, endpoint))
+    service = Service(service_settings(same_model, endpoint), load=failing_load)
     service.startup()
     try:
-        engine = FailingEngine(service.pipe.engine)
-        service.pipe.engine = engine
+        [engine] = engines
         consumer = Consumer(ctx, service.publisher.endpoint)
         time.sleep(0.5)
         x = data(1000, 50)
         gw.send("f/a", x[:500], 0, flags=protocol.FLAG_RESTART)
         deadline = time.monotonic() + 10
         while engine.calls == 0 and time.monotonic() < deadline:
-            service.step(0.05)
+            service.pipe.turn(0.05)
         assert engine.calls == 1
         reg = service.registry
         assert reg.get_sample_value("sigclassd_inference_errors_total") == 1
         assert reg.get_sample_value("sigclassd_samples_rejected_total", {"reason": "inference_error"}) == 500
-        assert service.consecutive_errors == 1
+        assert service.pipe.consecutive_errors == 1
         engine.failing = False
         gw.send("f/a", x[500:], 500)
-        while service.step(0.05) or service.pipe.table.ready:
+        while service.pipe.turn(0.05) or service.pipe.has_work:
             pass
-        service._flush_all()
+        service.pipe.flush_all()
         frames = consumer.collect(5, until=finals({"f/a"}))
         consumer.close()
-        assert service.consecutive_errors == 0
+        assert service.pipe.consecutive_errors == 0
         assert labelled_seqs(frames) == list(range(500, 1000))
         g = reg.get_sample_value
         labelled = g("sigclassd_samples_labelled_total")
@@ -354,17 +361,15 @@ def test_model_failure_drops_and_counts_the_batch_and_the_daemon_goes_on(ctx, sa
         service.shutdown(drain=False)
 
 
-def test_repeated_model_failures_exit_with_code_4(ctx, same_model, restore_signals, monkeypatch):
+def test_repeated_model_failures_exit_with_code_4(ctx, same_model, restore_signals):
     """max_consecutive_inference_errors failed calls in a row make run() return exit code 4 for systemd to restart."""
-    from sigclassd import service as service_mod
-
-    real_load = service_mod.load_model
+    from sigclassd.engine import load_model
+    from sigclassd.service import Service
 
     def failing_load(settings):  # noqa: ANN001, ANN202
-        artifact, engine = real_load(settings)
+        artifact, engine = load_model(settings)
         return artifact, FailingEngine(engine)
 
-    monkeypatch.setattr(service_mod, "load_model", failing_load)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     settings = service_settings(same_model, endpoint)
     stop = threading.Event()
@@ -381,7 +386,7 @@ def test_repeated_model_failures_exit_with_code_4(ctx, same_model, restore_signa
     feeder = threading.Thread(target=feed)
     feeder.start()
     try:
-        svc = service_mod.Service(settings)
+        svc = Service(settings, load=failing_load)
         code = svc.run()
     finally:
         stop.set()

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from sigclassd import protocol
-from sigclassd.batcher import Batcher, LabelRun
+from sigclassd.planner import make_planner
+from sigclassd.streams import LabelRun
 from sigclassd.config import StreamSettings
 from sigclassd.errors import FrameError
 from sigclassd.metrics import Metrics
@@ -190,10 +191,10 @@ class Harness:
             ready_after=1 if stateful else hop, initial_state=self.engine.initial_state, warmup=window,
             clock=lambda: self.now,
         )
-        self.batcher = Batcher(
-            self.table, mode=mode, window=window, hop=hop, lag=lag if not stateful else 0, lookahead=lookahead,
+        self.planner = make_planner(
+            mode, self.table, window=window, lag=lag if not stateful else 0, lookahead=lookahead,
             pad_value=np.zeros(CHANNELS, np.float32), n_classes=CHANNELS, max_streams=batch_streams,
-            max_chunk=max_chunk,
+            **({"max_chunk": max_chunk} if stateful else {}),
         )
         self.bound = 2 * (self.table.history + 2 * limit + lag + lookahead + 16)
         self.runs: list[LabelRun] = []
@@ -212,22 +213,22 @@ class Harness:
         self.table.accept(frame, wall=self.now)
 
     def batch(self) -> bool:
-        batch = self.batcher.collect()
+        batch = self.planner.collect()
         if batch is None:
             return False
         if not batch.items:
-            self.take(self.batcher.complete(batch, batch.x, batch.state))
+            self.take(self.planner.complete(batch, batch.x, batch.state))
             return True
         probs, state = self.engine.run(batch.x, batch.lengths, batch.state)
         flushed = self.engine.flush(state[batch.flush_rows])[0] if len(batch.flush_rows) else None
-        self.take(self.batcher.complete(batch, probs, state, flushed))
+        self.take(self.planner.complete(batch, probs, state, flushed))
         return True
 
     def fail(self) -> None:
-        batch = self.batcher.collect()
+        batch = self.planner.collect()
         if batch is not None:
             self.failed = True
-            self.batcher.fail(batch)
+            self.planner.fail(batch)
 
     def tick(self, seconds: float) -> None:
         self.now += seconds
@@ -268,17 +269,12 @@ class Harness:
         assert len(set(slots)) == len(slots) and all(s >= 0 for s in slots), "state slot shared or lost"
         assert len(t.free_slots) + len(slots) == len(t.states), "state slot leaked"
 
-    def check_runs(self, *, closed: bool, events_in_order: bool = True) -> None:
-        """Per topic: incarnations START..FINAL; in each, runs in increasing seq, contiguous or flagged GAP exactly.
-
-        ``events_in_order=False`` ignores the empty FINAL events (their order is a known bug) and so
-        cannot check that each incarnation is closed before the next starts.
-        """
+    def check_runs(self, *, closed: bool) -> None:
+        """Per topic: incarnations START..FINAL; in each, runs in increasing seq, contiguous or flagged GAP exactly."""
         by_topic: dict[bytes, list[LabelRun]] = {}
         for r in self.runs:
-            if len(r.labels) or events_in_order:
-                by_topic.setdefault(r.topic, []).append(r)
-        lenient = self.failed or not events_in_order
+            by_topic.setdefault(r.topic, []).append(r)
+        lenient = self.failed
         for topic, runs in by_topic.items():
             open_ = False
             end = None
@@ -359,7 +355,7 @@ def next_seq(move: str, expected: int, last: int, draw_int) -> int:  # noqa: ANN
             return draw_int(0, 2**62)
 
 
-def drive(config: dict, ops: list, rnd, *, events_in_order: bool) -> Harness:  # noqa: ANN001
+def drive(config: dict, ops: list, rnd) -> Harness:  # noqa: ANN001
     """Run ``ops`` against a fresh harness, checking the invariants after every step and after the final flush."""
     h = Harness(**config)
     expected = dict.fromkeys(TOPICS, 0)
@@ -378,36 +374,30 @@ def drive(config: dict, ops: list, rnd, *, events_in_order: bool) -> Harness:  #
             case ("tick", seconds):
                 h.tick(seconds)
         h.check()
-        h.check_runs(closed=False, events_in_order=events_in_order)
+        h.check_runs(closed=False)
     h.flush()
     h.check()
     assert h.table.buffered == 0 and not h.table.streams and not h.table.retired
     assert len(h.table.free_slots) == len(h.table.states)
     assert h.count("samples_received") == h.labelled + h.count("samples_duplicate") + h.rejected() + \
         h.count("samples_shed")
-    h.check_runs(closed=True, events_in_order=events_in_order)
+    h.check_runs(closed=True)
     return h
-
-
-def without_stateful_failures(config: dict, ops: list) -> list:
-    """Drop the fail steps where a known bug (stateful fail() with lookahead) would crash the batcher."""
-    if config["mode"] == "stateful" and config["lookahead"]:
-        return [op for op in ops if op[0] != "fail"]
-    return ops
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(configs(), steps, st.randoms(use_true_random=False))
 def test_buffers_label_every_accepted_sample_once_in_order_or_count_it(config, ops, rnd):
     """Any frame sequence: identity, bounded buffers, finite model input, one label per sample per incarnation."""
-    drive(config, without_stateful_failures(config, ops), rnd, events_in_order=False)
+    drive(config, ops, rnd)
 
 
-KNOWN_BUG = settings(max_examples=100, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
-                     suppress_health_check=[HealthCheck.too_slow])
+# Each keeps the case Hypothesis first found (a bug, since fixed) as an explicit example.
+REGRESSION = settings(max_examples=100, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],
+                      suppress_health_check=[HealthCheck.too_slow])
 
 
-@KNOWN_BUG
+@REGRESSION
 @given(configs(), steps, st.randoms(use_true_random=False))
 @example(  # the case Hypothesis first found
     {"mode": "stateful", "window": 8, "hop": 1, "lag": 0, "lookahead": 0, "limit": 1, "max_streams": 1,
@@ -417,10 +407,10 @@ KNOWN_BUG = settings(max_examples=100, deadline=None, derandomize=True, phases=[
 )
 def test_every_incarnation_ends_final_before_the_next_starts(config, ops, rnd):
     """Per stream, label messages form START ... FINAL incarnations that never interleave, empty events included."""
-    drive(config, without_stateful_failures(config, ops), rnd, events_in_order=True)
+    drive(config, ops, rnd)
 
 
-@KNOWN_BUG
+@REGRESSION
 @given(configs().map(lambda c: {**c, "mode": "stateful", "lookahead": 4, "lag": 0}), steps,
        st.randoms(use_true_random=False))
 @example(  # the case Hypothesis first found
@@ -431,7 +421,7 @@ def test_every_incarnation_ends_final_before_the_next_starts(config, ops, rnd):
 )
 def test_stateful_model_failures_keep_the_guarantees(config, ops, rnd):
     """Failed model calls in stateful mode with lookahead drop and count their samples and the streams go on."""
-    drive(config, ops, rnd, events_in_order=False)
+    drive(config, ops, rnd)
 
 
 @settings(max_examples=60, deadline=None)

@@ -1,4 +1,4 @@
-"""Batcher: windowed first window, hop and lag; stateful lookahead and flush; FINAL events; fail() accounting."""
+"""Planners: windowed first window, hop and lag; stateful lookahead and flush; FINAL events; fail() accounting."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from sigclassd import protocol
-from sigclassd.batcher import Batcher, LabelRun
+from sigclassd.planner import make_planner
+from sigclassd.streams import LabelRun
 from sigclassd.config import StreamSettings
 from sigclassd.metrics import Metrics
 from sigclassd.protocol import SampleFrame
@@ -33,7 +34,8 @@ class Pipe:
             history=lookahead if mode == "stateful" else window, ready_after=1 if mode == "stateful" else hop,
             initial_state=lambda: np.zeros(size, np.float32), warmup=window, clock=lambda: self.now,
         )
-        self.batcher = Batcher(self.table, mode=mode, window=window, hop=hop, lag=lag, lookahead=lookahead,
+        self.planner = make_planner(
+            mode, self.table, window=window, lag=lag, lookahead=lookahead,
                                pad_value=np.zeros(1, np.float32), n_classes=1, max_streams=batch_streams)
         self.inputs: list[np.ndarray] = []
 
@@ -58,14 +60,14 @@ class Pipe:
         return state[:, :, None].copy()
 
     def step(self) -> list[LabelRun] | None:
-        batch = self.batcher.collect()
+        batch = self.planner.collect()
         if batch is None:
             return None
         if not batch.items:
-            return self.batcher.complete(batch, batch.x, batch.state)
+            return self.planner.complete(batch, batch.x, batch.state)
         probs, state = self.engine(batch.x, batch.lengths, batch.state)
         flushed = self.flush_engine(state[batch.flush_rows]) if len(batch.flush_rows) else None
-        runs = self.batcher.complete(batch, probs, state, flushed)
+        runs = self.planner.complete(batch, probs, state, flushed)
         for r in runs:  # every label must sit on its own sample
             np.testing.assert_array_equal(r.probabilities[:, 0], np.arange(r.seq, r.seq + len(r.labels)) + 1)
         return runs
@@ -260,7 +262,7 @@ def test_fail_drops_and_counts_the_batch_and_the_stream_goes_on():
     p.send("a", 0, 16)
     p.run_all()
     p.send("a", 16, 8)
-    assert p.batcher.fail(p.batcher.collect()) == 8
+    assert p.planner.fail(p.planner.collect()) == 8
     assert p.count("samples_rejected", reason="inference_error") == 8 and p.table.buffered == 0
     p.send("a", 24, 8)
     runs = p.run_all()
@@ -272,7 +274,7 @@ def test_fail_before_the_first_labels_reports_the_hole():
     """Samples dropped by a failed call before any label went out still show as a GAP on the first labels."""
     p = Pipe("windowed", window=16, hop=8)
     p.send("a", 0, 20)
-    assert p.batcher.fail(p.batcher.collect()) == 20
+    assert p.planner.fail(p.planner.collect()) == 20
     p.send("a", 20, 8)
     runs = p.run_all()
     assert spans(runs) == [("a", 20, 8, START | GAP)] and runs[0].gap == 20
@@ -284,7 +286,7 @@ def test_fail_of_a_retired_stream_releases_it():
     p.send("a", 0, 5)
     p.table.retire_all()
     slots = len(p.table.free_slots)
-    assert p.batcher.fail(p.batcher.collect()) == 5
+    assert p.planner.fail(p.planner.collect()) == 5
     assert len(p.table.free_slots) == slots + 1 and not p.table.retired and p.step() is None
 
 
@@ -292,7 +294,7 @@ def test_stateful_fail_then_more_samples_are_labelled_correctly():
     """After a failed stateful call with lookahead 4 the stream goes on: new samples are labelled once, in order."""
     p = Pipe("stateful", lookahead=4)
     p.send("a", 0, 1)
-    p.batcher.fail(p.batcher.collect())
+    p.planner.fail(p.planner.collect())
     p.send("a", 1, 1)
     runs = p.run_all()
     p.send("a", 2, 5)

@@ -1,0 +1,209 @@
+"""One turn of the main loop, top to bottom:
+
+    ingest.drain -> protocol.decode -> StreamTable.accept -> Planner.collect
+        -> Engine.run -> Planner.complete -> protocol.encode -> Publisher.send
+
+A :class:`Pipeline` owns the model-dependent stages (the stream table, the
+planner for its mode, the engine) for one model; a reload that changes the
+model builds a new one. It borrows the sockets, the metrics and the counting
+lock from the service, which owns their lifecycle.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import structlog
+
+from sigclassd import protocol
+from sigclassd.config import Settings
+from sigclassd.engine.base import Engine
+from sigclassd.errors import FrameError, SigclassdError
+from sigclassd.ingest import Ingest
+from sigclassd.logs import Summary
+from sigclassd.metrics import Metrics
+from sigclassd.models.artifact import ModelArtifact
+from sigclassd.planner import make_planner
+from sigclassd.publish import Publisher
+from sigclassd.streams import LabelRun, StreamTable
+
+log = structlog.get_logger("sigclassd")
+
+
+class InferenceFailure(SigclassdError):
+    """The model failed too many times in a row: exit so the supervisor restarts the process."""
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, artifact: ModelArtifact, engine: Engine, *, metrics: Metrics,
+                 ingest: Ingest, publisher: Publisher, counting: threading.Lock, rejects: Summary,
+                 first_flags: int = protocol.LABEL_START) -> None:
+        """``counting`` is held while samples move between counters, so every scrape sees counters that reconcile."""
+        self.settings = settings
+        self.artifact = artifact
+        self.engine = engine
+        self.metrics = metrics
+        self.ingest = ingest
+        self.publisher = publisher
+        self.counting = counting
+        self.rejects = rejects
+        meta = artifact.meta
+        stateful = settings.model.mode == "stateful"
+        self.table = StreamTable(
+            settings.streams, metrics, channels=meta.channels,
+            history=engine.lookahead if stateful else meta.window,
+            ready_after=1 if stateful else settings.model.hop,
+            initial_state=engine.initial_state,
+            warmup=settings.model.warmup_samples or meta.window,
+            first_flags=first_flags,
+        )
+        self.planner = make_planner(
+            settings.model.mode, self.table, window=meta.window, lag=settings.model.lag,
+            lookahead=engine.lookahead, pad_value=np.asarray(meta.norm_mean, np.float32),
+            n_classes=meta.n_classes, max_streams=settings.model.max_batch_streams,
+        )
+        self.consecutive_errors = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.table.ready or self.table.retired)
+
+    def turn(self, timeout_s: float) -> bool:
+        """Take what is queued on the socket, then run one batch; True if a batch ran.
+
+        Once there is work, but fewer than ``model.batch_target_streams`` streams
+        ready, the turn waits ``model.max_wait_ms`` and takes what arrived meanwhile before it runs the
+        model: a model call has a fixed cost, and without this wait a lightly
+        loaded daemon would pay it for every single message.
+        """
+        self.take(timeout_s)
+        table = self.table
+        model = self.settings.model
+        if model.max_wait_ms and table.ready and not table.retired and len(table.ready) < model.batch_target_streams:
+            # One sleep and one drain, rather than a poll per message arriving meanwhile.
+            # Under load batches fill by themselves while the model runs: no waiting then.
+            time.sleep(model.max_wait_ms / 1000)
+            self.take(0.0)
+        return self.run_batch()
+
+    # ------------------------------------------------------------ ingest -> decode -> table
+
+    def take(self, timeout_s: float) -> bool:
+        messages, wall = self.ingest.drain(timeout_s)
+        if messages:
+            with self.counting:
+                self.accept(messages, wall)
+        unauthorised = self.ingest.take_unauthorised()
+        if unauthorised:
+            self.metrics.frames_received.inc(unauthorised)
+            self.metrics.frames_rejected.labels("unauthorised_topic").inc(unauthorised)
+            self.rejects.add("unauthorised_topic",
+                             detail=f"{unauthorised} messages on topics their gateway may not publish")
+        return bool(messages)
+
+    def accept(self, messages: list[list[bytes]], wall: float) -> None:
+        table = self.table
+        channels = self.artifact.meta.channels
+        m = self.metrics
+        m.frames_received.inc(len(messages))
+        decode = protocol.decode_samples
+        for parts in messages:
+            try:
+                frame = decode(parts, n_channels=channels)
+            except FrameError as e:
+                m.frames_rejected.labels(e.reason).inc()
+                self.rejects.add(e.reason, detail=str(e), topic=parts[0][:64].decode("utf-8", "replace"))
+                continue
+            table.accept(frame, wall)
+        refused = table.take_limit_rejects()
+        if refused:
+            self.rejects.add("stream_limit", detail=f"{refused} frames of new streams over streams.max_streams")
+
+    # ------------------------------------------------------------ planner -> engine -> planner
+
+    def run_batch(self) -> bool:
+        """Run the model on the next batch and publish its labels; False if there was no work."""
+        batch = self.planner.collect()
+        if batch is None:
+            return False
+        m = self.metrics
+        if not batch.items:  # only retired streams with nothing left: their FINAL events
+            with self.counting:
+                self.publish(self.planner.complete(batch, batch.x, batch.state))
+            return True
+        if batch.samples:
+            m.batch_wait.observe(max(0.0, time.time() - batch.oldest_arrival))
+        started = time.perf_counter()
+        try:
+            probs, state = self.engine.run(batch.x, batch.lengths, batch.state)
+            flushed = self.engine.flush(state[batch.flush_rows])[0] if len(batch.flush_rows) else None
+        except Exception as e:  # a model failure must cost one batch, not the daemon
+            self._failed(batch, e)
+            return True
+        self.consecutive_errors = 0
+        m.inference_duration.observe(time.perf_counter() - started)
+        m.batch_streams.observe(len(batch.items))
+        m.batch_samples.observe(batch.samples)
+        with self.counting:
+            self.publish(self.planner.complete(batch, probs, state, flushed))
+        return True
+
+    def _failed(self, batch: object, error: Exception) -> None:
+        self.metrics.inference_errors.inc()
+        with self.counting:
+            dropped = self.planner.fail(batch)  # type: ignore[arg-type]
+        self.consecutive_errors += 1
+        log.error("inference_failed", error=repr(error), streams=len(batch.items),  # type: ignore[attr-defined]
+                  samples_dropped=dropped, consecutive=self.consecutive_errors)
+        if self.consecutive_errors >= self.settings.service.max_consecutive_inference_errors:
+            msg = f"{self.consecutive_errors} model calls failed in a row; last: {error!r}"
+            raise InferenceFailure(msg) from error
+
+    # ------------------------------------------------------------ encode -> publish
+
+    def publish(self, runs: list[LabelRun]) -> None:
+        model_id = self.artifact.model_id
+        send = self.publisher.send
+        encode = protocol.encode_labels
+        labelled = 0
+        sent_bytes = 0
+        arrivals = []
+        sensor = []
+        for r in runs:
+            n = len(r.labels)
+            parts = encode(r.topic, r.probabilities, r.labels, r.seq, t0_ns=r.t0_ns, model_id=model_id,
+                           flags=r.flags, gap=r.gap, ingress_ns=int(r.arrival[-1] * 1e9) if n else 0)
+            send(parts)
+            sent_bytes += len(parts[1])
+            labelled += n
+            if n:
+                arrivals.append(r.arrival)
+            if r.sensor_ns:
+                sensor.append(r.sensor_ns)
+        now = time.time()
+        m = self.metrics
+        m.label_messages.inc(len(runs))
+        m.label_bytes.inc(sent_bytes)
+        if labelled:
+            m.samples_labelled.inc(labelled)
+            m.latency.observe_many(now - np.concatenate(arrivals))
+        if sensor:
+            m.sensor_age.observe_many(now - np.asarray(sensor, np.float64) * 1e-9)
+
+    # ------------------------------------------------------------ housekeeping
+
+    def flush_all(self, deadline: float | None = None) -> bool:
+        """Retire every stream and label all they hold; False if the deadline passed first."""
+        self.table.retire_all()
+        while self.has_work:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            self.run_batch()
+        return True
+
+    def apply_stream_settings(self, settings: Settings) -> None:
+        """Take a reloaded ``[streams]`` section: limits, TTLs and seq policy apply from the next frame."""
+        self.settings = settings
+        self.table.settings = settings.streams

@@ -1,0 +1,265 @@
+"""Planning a model call: gather the work of many streams into one batch, and scatter the results.
+
+``collect`` turns the streams the table offers into one :class:`Batch` (model
+input, lengths, gathered states); ``complete`` takes the model's output back,
+lets every stream advance past it and returns the streams' :class:`LabelRun`s in
+the order to publish them. A planner knows nothing of how runs are encoded or
+published, and writes no stream field itself: each :class:`Stream` moves its
+own cursors and decides its own label flags.
+
+There are two planners, one per engine:
+
+- :class:`WindowedPlanner`: a live stream is served once ``hop`` new samples are
+  pending and it holds a full window; its window is its last ``window`` samples,
+  and the newest samples (all of them on the first window) are labelled, minus
+  ``lag`` samples kept back so that a non-causal model sees some future context.
+- :class:`StatefulPlanner`: every stream with pending samples feeds them (up to
+  ``max_chunk``) to the model with its carried state; the label of each sample
+  comes out ``lookahead`` samples later (for a model with 'same' padding).
+
+A retired stream (restart, eviction, drain, model swap) is flushed: all its
+samples are labelled, with the future context padded, and its last run is
+flagged FINAL (an empty run if nothing was left, so consumers still see it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sigclassd.streams import LabelRun, Stream, StreamTable
+
+
+@dataclass(slots=True)
+class _Item:
+    """One batch row's share of one stream's work."""
+
+    stream: Stream
+    row: int  # batch row
+    start: int  # output position of the first sample labelled
+    first: int  # stream row of the first sample labelled
+    count: int  # samples labelled
+
+
+@dataclass(slots=True)
+class Batch:
+    x: np.ndarray
+    lengths: np.ndarray
+    state: np.ndarray
+    slots: np.ndarray
+    items: list[_Item]
+    advances: list[tuple[Stream, int, int]]  # (stream, rows fed, flushed outputs): applied once the call succeeded
+    empty: list[Stream]  # retired streams with nothing left to label (FINAL event only)
+    oldest_arrival: float
+    samples: int
+    flush_rows: np.ndarray  # stateful: rows whose stream ends here; the engine's flush labels their held samples
+
+
+class Planner:
+    """What both planners share: taking streams from the table, completing and failing batches."""
+
+    def __init__(self, table: StreamTable, *, window: int, lag: int, lookahead: int, pad_value: np.ndarray,
+                 n_classes: int, max_streams: int) -> None:
+        self.table = table
+        self.window = window
+        self.lag = lag
+        self.lookahead = lookahead
+        self.pad_value = pad_value.astype(np.float32)
+        self.no_probs = np.zeros((0, n_classes), np.float32)
+        self.max_streams = max_streams
+
+    def collect(self) -> Batch | None:
+        """Gather the next batch, or None when no stream has work."""
+        empty: list[Stream] = []
+        plans: list[tuple[Stream, list[tuple[int, int, int]]]] = []
+        for stream in self.table.take_ready(self.max_streams):
+            plan = self._plan(stream)
+            if plan:
+                plans.append((stream, plan))
+            elif stream.final:
+                empty.append(stream)
+        if not plans:
+            return Batch(*_EMPTY_ARRAYS, [], [], empty, 0.0, 0, _NO_ROWS) if empty else None
+        return self._gather(plans, empty)
+
+    def _plan(self, stream: Stream) -> list[tuple[int, int, int]]:
+        raise NotImplementedError
+
+    def _gather(self, plans: list[tuple[Stream, list[tuple[int, int, int]]]], empty: list[Stream]) -> Batch:
+        raise NotImplementedError
+
+    def _new_input(self, rows: int, length: int) -> np.ndarray:
+        x = np.empty((rows, length, self.table.channels), np.float32)
+        x[:] = self.pad_value
+        return x
+
+    def _outputs(self, batch: Batch, probabilities: np.ndarray, flushed: np.ndarray | None) -> np.ndarray:
+        return probabilities
+
+    def complete(self, batch: Batch, probabilities: np.ndarray, new_state: np.ndarray,
+                 flushed: np.ndarray | None = None) -> list[LabelRun]:
+        """Advance the streams of ``batch`` past the model call and return their label runs, in publishing order.
+
+        ``flushed`` is the engine's ``flush`` output for ``batch.flush_rows``
+        (``[len(flush_rows), lookahead, n_classes]``): it continues those rows' outputs.
+        """
+        table = self.table
+        runs: list[LabelRun] = []
+        for s in batch.empty:  # retired before anything in this batch: their FINAL goes first
+            runs.extend(s.finish([], self.no_probs))
+            table.release(s)
+        if not batch.items:
+            return runs
+        table.states[batch.slots] = new_state
+        probabilities = self._outputs(batch, probabilities, flushed)
+        labels = probabilities.argmax(axis=-1).astype(np.uint8)
+        own: dict[Stream, list[LabelRun]] = {}
+        for item in batch.items:
+            if item.count:
+                a, b = item.start, item.start + item.count
+                own.setdefault(item.stream, []).extend(item.stream.label(
+                    probabilities[item.row, a:b], labels[item.row, a:b], item.first, item.count, table.warmup))
+                table.mark_labelled(item.count)
+        for stream, fed, flushed_rows in batch.advances:
+            stream.advance(fed, flushed_rows)
+            mine = own.get(stream, [])
+            runs.extend(mine)
+            if stream.final:
+                runs.extend(stream.finish(mine, self.no_probs))
+                table.release(stream)
+            else:
+                table.requeue(stream)
+        return runs
+
+    def fail(self, batch: Batch) -> int:
+        """Drop the work of a batch whose model call raised; return the samples dropped."""
+        dropped = 0
+        for stream, _, _ in batch.advances:
+            dropped += stream.abandon()
+            self._settle(stream)
+        for stream in batch.empty:
+            self._settle(stream)
+        if dropped:
+            self.table.mark_dropped(dropped, "inference_error")
+        return dropped
+
+    def _settle(self, stream: Stream) -> None:
+        if stream.final:
+            self.table.release(stream)  # no FINAL event: the next labels of this id carry START and GAP
+        else:
+            self.table.requeue(stream)
+
+
+class WindowedPlanner(Planner):
+    """Re-runs each stream's last ``window`` samples every ``hop`` new samples."""
+
+    def _plan(self, s: Stream) -> list[tuple[int, int, int]]:
+        """(window end row, first labelled row, end labelled row) for each window of ``s``."""
+        if not s.final and s.done == 0 and s.n < self.window:
+            return []
+        label_to = s.n if s.final else s.n - self.lag
+        plans = []
+        labelled = s.labelled
+        while labelled < label_to:
+            end = min(s.n, labelled + self.window)
+            upto = min(label_to if end == s.n else end - self.lag, label_to)
+            if upto <= labelled:
+                break
+            plans.append((end, labelled, upto))
+            labelled = upto
+        return plans
+
+    def _gather(self, plans: list[tuple[Stream, list[tuple[int, int, int]]]], empty: list[Stream]) -> Batch:
+        rows = sum(len(p) for _, p in plans)
+        x = self._new_input(rows, self.window)
+        lengths = np.full(rows, self.window, np.int32)
+        slots = np.empty(rows, np.int64)
+        items, advances = [], []
+        oldest = np.inf
+        samples = 0
+        row = 0
+        for stream, plan in plans:
+            for end, first, upto in plan:
+                begin = max(0, end - self.window)
+                offset = self.window - (end - begin)
+                x[row, offset:] = stream.data[begin:end]
+                slots[row] = stream.slot
+                items.append(_Item(stream, row, offset + (first - begin), first, upto - first))
+                row += 1
+            end = plan[-1][0]
+            if end > stream.fed:
+                samples += end - stream.fed
+                oldest = min(oldest, stream.arrival[stream.fed])
+            advances.append((stream, max(0, end - stream.fed), 0))
+        state = self.table.states[slots]
+        return Batch(x, lengths, state, slots, items, advances, empty, float(oldest), samples, _NO_ROWS)
+
+
+class StatefulPlanner(Planner):
+    """Feeds each stream's new samples to the model with its carried state."""
+
+    def __init__(self, table: StreamTable, *, max_chunk: int = 256, **kwargs: object) -> None:
+        super().__init__(table, **kwargs)  # type: ignore[arg-type]
+        self.max_chunk = max_chunk
+
+    def _plan(self, s: Stream) -> list[tuple[int, int, int]]:
+        """[(rows fed, flushed rows, samples labelled)] for one stateful call on ``s``.
+
+        A retired stream is flushed: after its last rows, the engine's ``flush``
+        produces the labels of the ``lookahead`` samples still held back.
+        """
+        take = s.pending if s.final else min(s.pending, self.max_chunk)
+        consumed = s.consumed + take
+        flushed = self.lookahead if s.final and consumed > s.done else 0
+        labelled_through = consumed if s.final else max(s.done, consumed - self.lookahead)
+        if take + flushed == 0:
+            return []
+        return [(take, flushed, labelled_through - s.done)]
+
+    def _gather(self, plans: list[tuple[Stream, list[tuple[int, int, int]]]], empty: list[Stream]) -> Batch:
+        rows = len(plans)
+        x = self._new_input(rows, max(take for _, [(take, _, _)] in plans))
+        lengths = np.empty(rows, np.int32)
+        slots = np.empty(rows, np.int64)
+        items, advances = [], []
+        flush_rows: list[int] = []
+        oldest = np.inf
+        samples = 0
+        for row, (stream, [(take, pads, count)]) in enumerate(plans):
+            a = stream.fed
+            x[row, :take] = stream.data[a : a + take]
+            lengths[row] = take
+            if pads:
+                flush_rows.append(row)
+            slots[row] = stream.slot
+            # Output t of this call labels the sample fed `lookahead` rows earlier.
+            items.append(_Item(stream, row, stream.done + self.lookahead - stream.consumed, stream.labelled, count))
+            advances.append((stream, take, pads))
+            if take:
+                oldest = min(oldest, stream.arrival[a])
+            samples += take
+        state = self.table.states[slots]
+        return Batch(x, lengths, state, slots, items, advances, empty, float(oldest), samples,
+                     np.asarray(flush_rows, np.int64))
+
+    def _outputs(self, batch: Batch, probabilities: np.ndarray, flushed: np.ndarray | None) -> np.ndarray:
+        """The rows' outputs, each continued by its flushed outputs where the stream ends."""
+        if flushed is None or not len(flushed):
+            return probabilities
+        rows, length, classes = probabilities.shape
+        extended = np.empty((rows, length + flushed.shape[1], classes), np.float32)
+        extended[:, :length] = probabilities
+        for j, row in enumerate(batch.flush_rows):
+            n = batch.lengths[row]
+            extended[row, n : n + flushed.shape[1]] = flushed[j]
+        return extended
+
+
+def make_planner(mode: str, table: StreamTable, **kwargs: object) -> Planner:
+    return (StatefulPlanner if mode == "stateful" else WindowedPlanner)(table, **kwargs)  # type: ignore[arg-type]
+
+
+_NO_ROWS = np.zeros(0, np.int64)
+_EMPTY_ARRAYS = (np.zeros((0, 0, 0), np.float32), np.zeros(0, np.int32), np.zeros((0, 0), np.float32),
+                 np.zeros(0, np.int64))
