@@ -230,3 +230,49 @@ def decode_labels(parts: list[bytes]) -> LabelFrame:
     probs = np.frombuffer(body, dtype="<f4", count=n * k, offset=LABEL_HEADER_SIZE).reshape(n, k)
     labels = np.frombuffer(body, dtype=np.uint8, count=n, offset=LABEL_HEADER_SIZE + n * k * 4)
     return LabelFrame(stream, seq, t0_ns, model_id, flags, gap, ingress_ns, probs, labels)
+
+
+def model_id_hex(model_id: int) -> str:
+    """The label header's ``model_id`` as the logs and metrics show the model: its SHA-256's first 8 hex digits.
+
+    The field holds the hash's first 4 bytes read little-endian, so the bytes go back in that order.
+    """
+    return model_id.to_bytes(4, "little").hex()
+
+
+def check_stream_id(stream: str) -> None:
+    """Raise ValueError unless ``stream`` can be a topic: a str of 1-128 bytes in UTF-8."""
+    if not isinstance(stream, str):
+        msg = f"stream id must be a str, got {type(stream).__name__}"
+        raise ValueError(msg)
+    size = len(stream.encode("utf-8", errors="replace"))
+    if not 1 <= size <= MAX_TOPIC_BYTES:
+        msg = f"stream id {stream[:40]!r} is {size} bytes in UTF-8; it must be 1-{MAX_TOPIC_BYTES}"
+        raise ValueError(msg)
+
+
+def check_samples(samples: np.ndarray, n_channels: int, seq: int) -> None:
+    """Raise ValueError unless a gateway may send ``samples`` from ``seq`` on: everything the daemon would reject.
+
+    ``samples`` must be a ``[n_samples, n_channels]`` NumPy array of float32 or int16 with
+    ``n_samples >= 1``, float32 values finite, and ``seq + n_samples`` below 2**63.
+    """
+    if not isinstance(samples, np.ndarray):
+        msg = f"samples must be a NumPy array [n_samples, {n_channels}], got {type(samples).__name__}"
+        raise ValueError(msg)
+    if samples.ndim != 2 or samples.shape[1] != n_channels:
+        msg = f"samples have shape {samples.shape}; this stream takes [n_samples, {n_channels}]"
+        raise ValueError(msg)
+    if samples.dtype not in (np.float32, np.int16):
+        msg = f"samples are {samples.dtype}; send float32 or int16 (e.g. samples.astype(np.float32))"
+        raise ValueError(msg)
+    if not 1 <= len(samples) <= 0xFFFFFFFF:
+        msg = f"samples hold {len(samples)} rows; a message carries 1 to 2**32-1 samples"
+        raise ValueError(msg)
+    if samples.dtype == np.float32 and not math.isfinite(samples.sum(dtype=np.float64)):
+        rows = np.flatnonzero(~np.isfinite(samples).all(axis=1))
+        msg = f"samples contain NaN or Inf (rows {rows[:5].tolist()}{', ...' if len(rows) > 5 else ''})"
+        raise ValueError(msg)
+    if not 0 <= seq <= SEQ_MAX - len(samples):
+        msg = f"seq {seq} out of range: it must be >= 0 and seq + n_samples below 2**63"
+        raise ValueError(msg)

@@ -192,3 +192,37 @@ def test_label_decoder_rejections(parts, reason):
     with pytest.raises(FrameError) as info:
         protocol.decode_labels(parts)
     assert info.value.reason == reason
+
+
+def test_model_id_hex_is_the_sha256_prefix():
+    """The label header's model id reads back as the first 8 hex digits of the model file's SHA-256."""
+    sha256 = "21d07e700a999be9a20f09b68fc9408296195412e328d6dd906275fa5b851f09"
+    model_id = int.from_bytes(bytes.fromhex(sha256[:8]), "little")  # as the daemon fills the field
+    parts = protocol.encode_labels(b"s", np.zeros((1, 2), np.float32), np.zeros(1, np.uint8), 0, model_id=model_id)
+    assert protocol.model_id_hex(protocol.decode_labels(parts).model_id) == "21d07e70"
+
+
+GOOD = np.zeros((3, 2), np.float32)
+NON_FINITE = np.array([[0, np.inf], [0, 0], [np.nan, 0]], np.float32)
+
+
+@pytest.mark.parametrize(("samples", "channels", "seq", "stream", "reason", "message"), [
+    (NON_FINITE, 2, 0, "s", "non_finite", r"NaN or Inf \(rows \[0, 2\]\)"),
+    (GOOD, 3, 0, "s", "channel_mismatch", r"shape \(3, 2\); this stream takes \[n_samples, 3\]"),
+    (GOOD, 2, protocol.SEQ_MAX - 2, "s", "bad_seq", "below 2\\*\\*63"),
+    (GOOD, 2, 0, "é" * 65, "bad_topic", "130 bytes in UTF-8; it must be 1-128"),
+])
+def test_gateway_side_checks_refuse_what_the_decoder_would(samples, channels, seq, stream, reason, message):
+    """check_samples and check_stream_id raise ValueError, with what is wrong, for frames the decoder rejects."""
+    assert reason_of(protocol.encode_samples(stream, samples, seq), n_channels=channels) == reason
+    with pytest.raises(ValueError, match=message):
+        protocol.check_stream_id(stream)
+        protocol.check_samples(samples, channels, seq)
+
+
+def test_gateway_side_checks_pass_what_the_decoder_accepts():
+    """The largest valid seq, int16 samples and a 128-byte UTF-8 id pass the gateway-side checks and decode."""
+    protocol.check_stream_id("é" * 64)
+    protocol.check_samples(GOOD.astype(np.int16), 2, protocol.SEQ_MAX - 3)
+    frame = protocol.decode_samples(protocol.encode_samples("é" * 64, GOOD.astype(np.int16), protocol.SEQ_MAX - 3))
+    assert frame.seq == protocol.SEQ_MAX - 3

@@ -1,0 +1,473 @@
+"""The Python client of sigclassd: publish samples as a gateway, read labels as a consumer.
+
+A gateway::
+
+    from sigclassd.client import Publisher
+
+    with Publisher(connect="tcp://127.0.0.1:5555") as pub:
+        pump = pub.stream("site-a/pump-1", channels=16, sample_rate_hz=250.0)
+        pump.send(samples)            # [n, 16] float32 or int16; seq, t0_ns and the restart flag are kept
+
+A consumer::
+
+    from sigclassd.client import Subscriber
+
+    with Subscriber(connect="tcp://127.0.0.1:5556", prefix="site-a/") as sub:
+        for m in sub:                 # decoded labels, each stream's continuity checked
+            print(m.stream, m.seq, m.n, m.labels, m.flags, m.lost)
+
+Both speak protocol v1 (README, "Wire protocol v1" and "Label output v1") through
+:mod:`sigclassd.protocol`, the one codec, and need only NumPy and pyzmq: importing
+this module never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zmq
+import zmq.auth
+from zmq.utils.monitor import recv_monitor_message
+
+from sigclassd import protocol
+from sigclassd.errors import FrameError
+
+__all__ = ["LabelMessage", "Publisher", "Stream", "StreamReport", "Subscriber"]
+
+log = logging.getLogger("sigclassd.client")
+
+# A flood of malformed label messages is logged once, then at most once per this many seconds.
+MALFORMED_LOG_INTERVAL_S = 10.0
+
+
+def _endpoints(value: str | Sequence[str]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+class Publisher:
+    """A gateway's socket: publishes the samples of one or many streams to the daemon's input.
+
+    Args:
+        connect: endpoint(s) to connect to: the daemon's ``input.bind`` (e.g. ``"tcp://127.0.0.1:5555"``)
+            or a forwarder's XSUB side.
+        bind: endpoint(s) to bind instead, for a daemon whose ``input.connect`` names this gateway.
+        curve_server_key_file: the daemon's public key file (``server.key`` written by ``sigclassd keygen``);
+            with ``curve_secret_key_file`` it turns CURVE encryption and authentication on.
+        curve_secret_key_file: this gateway's ``NAME.key_secret`` (``sigclassd keygen DIR NAME``); the daemon
+            admits it if ``NAME.key`` is in its ``security.curve_allowed_keys_dir``.
+        send_hwm: messages ZeroMQ queues per connection before it drops (publishing never blocks).
+        linger_s: seconds ``close()`` waits for queued messages to go out.
+        context: the ``zmq.Context`` to use (default: pyzmq's process-wide instance).
+
+    The socket is an XPUB: it sends exactly what a PUB sends, and it also learns which stream-id
+    prefixes the daemons connected to it subscribe to (:meth:`is_subscribed`). Messages for streams
+    nobody subscribes to are dropped by ZeroMQ, as a PUB drops them, so check before relying on it.
+    With ``connect``, nothing is queued while the daemon is unreachable (``ZMQ_IMMEDIATE``): the
+    daemon counts what it missed from the seq gap.
+    """
+
+    def __init__(
+        self,
+        connect: str | Sequence[str] = (),
+        *,
+        bind: str | Sequence[str] = (),
+        curve_server_key_file: str | Path | None = None,
+        curve_secret_key_file: str | Path | None = None,
+        send_hwm: int = 100_000,
+        linger_s: float = 2.0,
+        context: zmq.Context | None = None,
+    ) -> None:
+        connect, bind = _endpoints(connect), _endpoints(bind)
+        if not connect and not bind:
+            msg = "Publisher needs an endpoint: connect='tcp://HOST:PORT' (the daemon's input.bind) or bind=..."
+            raise ValueError(msg)
+        if (curve_server_key_file is None) != (curve_secret_key_file is None):
+            msg = "CURVE needs both curve_server_key_file (the daemon's server.key) and curve_secret_key_file"
+            raise ValueError(msg)
+        self._sock = (context or zmq.Context.instance()).socket(zmq.XPUB)
+        self._sock.setsockopt(zmq.SNDHWM, send_hwm)
+        self._sock.setsockopt(zmq.LINGER, int(linger_s * 1000))
+        # Without it a connect pipe outlives the connection, and with it the daemon's subscriptions:
+        # is_subscribed() would go on answering for a daemon that has gone.
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)
+        if curve_server_key_file is not None and curve_secret_key_file is not None:
+            self._sock.curve_serverkey = _load_key(curve_server_key_file, "curve_server_key_file", secret=False)
+            self._sock.curve_publickey, self._sock.curve_secretkey = _load_key_pair(curve_secret_key_file)
+        self.endpoints = connect + bind
+        try:
+            for ep in connect:
+                self._sock.connect(ep)
+            for ep in bind:
+                self._sock.bind(ep)
+        except zmq.ZMQError as e:
+            self._sock.close(linger=0)
+            msg = f"cannot use endpoint {ep!r}: {e}"
+            raise ValueError(msg) from e
+        self._prefixes: set[bytes] = set()
+        self._streams: dict[str, Stream] = {}
+
+    def stream(self, stream_id: str, channels: int, sample_rate_hz: float = 0.0, *,
+               clock: Callable[[], int] = time.time_ns) -> Stream:
+        """A stream published through this socket (one per stream id; a socket carries any number).
+
+        Args:
+            stream_id: the topic, 1-128 bytes of UTF-8, e.g. ``"site-a/pump-1"``; consumers subscribe by its prefix.
+            channels: channels per sample; must equal the daemon's ``model.channels``.
+            sample_rate_hz: samples per second of this stream; ``0`` if unknown (then ``t0_ns`` is sent as 0
+                unless the caller gives it).
+            clock: wall clock in Unix epoch nanoseconds that anchors the stream's sample times.
+        """
+        protocol.check_stream_id(stream_id)
+        if stream_id in self._streams:
+            msg = f"stream {stream_id!r} is already published by this Publisher; use that Stream object"
+            raise ValueError(msg)
+        if not 1 <= channels <= 0xFFFF:
+            msg = f"channels must be 1-65535, got {channels}"
+            raise ValueError(msg)
+        if not math.isfinite(sample_rate_hz) or sample_rate_hz < 0:
+            msg = f"sample_rate_hz must be finite and >= 0 (0 = unknown), got {sample_rate_hz}"
+            raise ValueError(msg)
+        s = self._streams[stream_id] = Stream(self, stream_id, channels, float(sample_rate_hz), clock)
+        return s
+
+    def is_subscribed(self, stream_id: str) -> bool:
+        """True if a connected daemon (or forwarder) subscribes to a prefix of ``stream_id`` right now."""
+        self._read_subscriptions()
+        topic = stream_id.encode("utf-8")
+        return any(topic.startswith(p) for p in self._prefixes)
+
+    def subscribed_prefixes(self) -> list[str]:
+        """The stream-id prefixes the connected daemons subscribe to (``""`` means every stream)."""
+        self._read_subscriptions()
+        return sorted(p.decode("utf-8", errors="replace") for p in self._prefixes)
+
+    def wait_subscribed(self, stream_id: str, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` seconds until a daemon subscribes to ``stream_id``; True if one does.
+
+        ZeroMQ drops what a PUB sends before the subscriber's subscription arrives, so a gateway
+        that must not lose its first messages waits here first.
+        """
+        deadline = time.monotonic() + timeout_s
+        while not self.is_subscribed(stream_id):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._sock.poll(min(100, max(1, int(remaining * 1000))))
+        return True
+
+    def _read_subscriptions(self) -> None:
+        # XPUB delivers b"\x01" + prefix when the first subscriber of a prefix arrives and
+        # b"\x00" + prefix when its last one leaves.
+        while True:
+            try:
+                event = self._sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event[:1] == b"\x01":
+                self._prefixes.add(event[1:])
+            elif event[:1] == b"\x00":
+                self._prefixes.discard(event[1:])
+
+    def _send(self, parts: list[bytes]) -> None:
+        self._sock.send_multipart(parts, copy=False)
+
+    def close(self) -> None:
+        """Close the socket, waiting up to ``linger_s`` for queued messages to go out."""
+        self._sock.close()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _load_key(path: str | Path, what: str, *, secret: bool) -> bytes:
+    try:
+        public, secret_key = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as e:
+        msg = f"{what}: cannot read a CURVE key from {path}: {e}"
+        raise ValueError(msg) from e
+    if secret and not secret_key:
+        msg = f"{what}: {path} holds only a public key; give the '.key_secret' file 'sigclassd keygen' wrote"
+        raise ValueError(msg)
+    return secret_key if secret else public
+
+
+def _load_key_pair(path: str | Path) -> tuple[bytes, bytes]:
+    return (_load_key(path, "curve_secret_key_file", secret=False),
+            _load_key(path, "curve_secret_key_file", secret=True))
+
+
+class Stream:
+    """One stream of a :class:`Publisher`; made by :meth:`Publisher.stream`.
+
+    It keeps what protocol v1 asks of a gateway: ``seq`` counts samples from 0, the first
+    message after the stream starts or :meth:`restart` carries the restart flag, and ``t0_ns``
+    (the first sample's time) follows a sample clock: anchored to ``clock()`` on the first
+    message, then advanced by ``n / sample_rate_hz`` per sample, so it does not jitter with
+    the moment ``send`` happens to be called.
+    """
+
+    def __init__(self, publisher: Publisher, stream_id: str, channels: int, sample_rate_hz: float,
+                 clock: Callable[[], int]) -> None:
+        self.id = stream_id
+        self.channels = channels
+        self.sample_rate_hz = sample_rate_hz
+        self.seq = 0  # the seq the next message starts at
+        self._publisher = publisher
+        self._clock = clock
+        self._restart_pending = True
+        self._anchor: tuple[int, int] | None = None  # (seq, t0_ns) the sample clock counts from
+
+    def send(self, samples: np.ndarray, *, seq: int | None = None, t0_ns: int | None = None) -> int:
+        """Publish ``samples``; return the seq of their first sample.
+
+        Args:
+            samples: ``[n_samples, channels]`` NumPy array of float32 or int16 (int16 is sent as it is,
+                for the model's normalisation to scale); NaN and Inf are refused.
+            seq: seq of the first sample, if the caller keeps its own count (e.g. a sensor counter,
+                with gaps where samples were lost); default: where the previous message ended.
+            t0_ns: sensor time of the first sample, Unix epoch nanoseconds; default: from the sample clock.
+                Given, it re-anchors the sample clock.
+
+        Raises ValueError, before anything is sent, if the samples or seq would be rejected.
+        """
+        seq = self.seq if seq is None else seq
+        protocol.check_samples(samples, self.channels, seq)
+        if t0_ns is not None:
+            self._anchor = (seq, t0_ns)
+        elif self.sample_rate_hz == 0:
+            t0_ns = 0
+        else:
+            if self._anchor is None:  # the newest sample was taken about now
+                self._anchor = (seq, self._clock() - round(len(samples) * 1e9 / self.sample_rate_hz))
+            anchor_seq, anchor_ns = self._anchor
+            t0_ns = anchor_ns + round((seq - anchor_seq) * 1e9 / self.sample_rate_hz)
+        flags = protocol.FLAG_RESTART if self._restart_pending else 0
+        if self._restart_pending and self._publisher.is_subscribed(self.id):
+            # Kept on until a daemon subscribes: a restart flag dropped unseen would leave its old incarnation open.
+            self._restart_pending = False
+        self._publisher._send(protocol.encode_samples(self.id, samples, seq, t0_ns=t0_ns,
+                                                      sample_rate_hz=self.sample_rate_hz, flags=flags))
+        self.seq = seq + len(samples)
+        return seq
+
+    def restart(self, seq: int = 0) -> None:
+        """Start a new incarnation: the next message carries the restart flag and starts at ``seq``.
+
+        Call it when the sensor or its counter restarted; the daemon labels everything it holds
+        of the old incarnation (``final``) and starts afresh (``start``). The sample clock re-anchors.
+        """
+        self.seq = seq
+        self._restart_pending = True
+        self._anchor = None
+
+
+@dataclass(frozen=True, slots=True)
+class LabelMessage:
+    """One label message, decoded, with what the subscriber's continuity check found.
+
+    Attributes:
+        stream: the stream id.
+        seq: seq of the first labelled sample; the message labels ``seq ... seq + n - 1``.
+        n: number of labelled samples (0 for a pure event, e.g. an empty ``final``).
+        probabilities: ``[n, K]`` float32 class probabilities.
+        labels: ``[n]`` uint8, the arg-max class of each sample.
+        flags: flag names, of ``start``, ``warmup``, ``gap``, ``shed``, ``model_changed``, ``final``, ``flushed``
+            (README, "Label output v1").
+        gap: samples right before this message that the daemon never labelled (never received, or shed).
+        model_id: the model that labelled them: the first 8 hex digits of its file's SHA-256, as in the
+            daemon's logs and ``sigclassd_model_info{sha256}``.
+        t0_ns: sensor time of the first labelled sample, Unix epoch ns (0 if the gateway sent none).
+        ingress_ns: wall-clock time the daemon received the newest of these samples, Unix epoch ns.
+        received_ns: wall-clock time this subscriber received the message, Unix epoch ns.
+        lost: samples between the previous message of this incarnation and this one that are neither
+            labelled nor in ``gap``: label messages lost on the way to this subscriber (e.g. at its
+            high-water mark). 0 when nothing is missing, or when there is no previous message to follow.
+        incarnation: how many ``start`` messages of this stream this subscriber has seen (0 if it joined
+            mid-incarnation).
+    """
+
+    stream: str
+    seq: int
+    n: int
+    probabilities: np.ndarray
+    labels: np.ndarray
+    flags: tuple[str, ...]
+    gap: int
+    model_id: str
+    t0_ns: int
+    ingress_ns: int
+    received_ns: int
+    lost: int
+    incarnation: int
+
+    @property
+    def latency_s(self) -> float | None:
+        """Seconds from the daemon receiving the newest sample to this subscriber receiving its label
+        (two clocks when the daemon runs on another host); None if the daemon sent no time."""
+        return (self.received_ns - self.ingress_ns) / 1e9 if self.ingress_ns else None
+
+
+@dataclass(slots=True)
+class StreamReport:
+    """What a :class:`Subscriber` has seen of one stream so far.
+
+    Attributes:
+        incarnations: ``start`` messages seen; ``finals``: ``final`` messages seen (a complete
+            incarnation has both). ``open``: a ``start`` was seen and no ``final`` since.
+        labelled: samples labelled in the messages received.
+        gap: samples the daemon reported it never labelled (the messages' ``gap`` fields).
+        lost: samples missing from the label sequence: messages lost between daemon and subscriber.
+        repeated: samples labelled again (a message starting before the previous one ended: e.g. two
+            daemons or shards labelling the same stream).
+        next_seq: the seq the next message must start at (plus its ``gap``), or None after a ``final``
+            or before the first message.
+    """
+
+    incarnations: int = 0
+    finals: int = 0
+    open: bool = False
+    labelled: int = 0
+    gap: int = 0
+    lost: int = 0
+    repeated: int = 0
+    next_seq: int | None = None
+
+
+class Subscriber:
+    """A consumer's socket on the daemon's label output: yields decoded label messages, continuity checked.
+
+    Args:
+        connect: endpoint(s) of the daemon's ``output.bind`` (e.g. ``"tcp://127.0.0.1:5556"``), one per
+            daemon or shard.
+        prefix: stream-id prefix(es) to receive; ``""`` (the default) receives every stream.
+        receive_hwm: messages ZeroMQ queues for this subscriber before the daemon's side drops them
+            (what is dropped shows as ``lost``).
+        context: the ``zmq.Context`` to use (default: pyzmq's process-wide instance).
+
+    Per stream, each message must start where the previous one ended plus its ``gap``
+    (``seq == previous seq + n + gap``) unless it is flagged ``start``; what is missing is reported
+    in the message's ``lost`` and in :attr:`streams`. A malformed message is counted in
+    :attr:`malformed`, logged (``logging`` name ``sigclassd.client``, at most every 10 s), and skipped.
+    """
+
+    def __init__(self, connect: str | Sequence[str], *, prefix: str | Sequence[str] = "",
+                 receive_hwm: int = 1_000_000, context: zmq.Context | None = None) -> None:
+        self.endpoints = _endpoints(connect)
+        self.prefixes = _endpoints(prefix)
+        if not self.endpoints:
+            msg = "Subscriber needs the daemon's output endpoint, e.g. connect='tcp://127.0.0.1:5556'"
+            raise ValueError(msg)
+        self._sock = (context or zmq.Context.instance()).socket(zmq.SUB)
+        self._sock.setsockopt(zmq.RCVHWM, receive_hwm)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        for p in self.prefixes:
+            self._sock.setsockopt(zmq.SUBSCRIBE, p.encode("utf-8"))
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self._connections = 0
+        try:
+            for ep in self.endpoints:
+                self._sock.connect(ep)
+        except zmq.ZMQError as e:
+            self.close()
+            msg = f"cannot connect to {ep!r}: {e}"
+            raise ValueError(msg) from e
+        self.streams: dict[str, StreamReport] = {}
+        self.received = 0
+        self.malformed = 0
+        self._next_malformed_log = 0.0
+
+    @property
+    def lost(self) -> int:
+        """Samples missing from the label sequences of all streams (see :class:`StreamReport`)."""
+        return sum(s.lost for s in self.streams.values())
+
+    def connections(self) -> int:
+        """How many daemons this subscriber is connected to right now (ZeroMQ handshakes completed)."""
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return self._connections
+            self._connections += 1 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else -1
+
+    def receive(self, timeout_s: float | None = None) -> LabelMessage | None:
+        """The next label message, or None if none arrives within ``timeout_s`` seconds (None: wait for ever)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            wait_ms = None if deadline is None else max(0, round((deadline - time.monotonic()) * 1000))
+            if not self._sock.poll(wait_ms):
+                return None
+            parts = self._sock.recv_multipart(zmq.NOBLOCK)
+            received_ns = time.time_ns()
+            try:
+                frame = protocol.decode_labels(parts)
+            except FrameError as e:
+                self._report_malformed(e)
+                continue
+            return self._follow(frame, received_ns)
+
+    def __iter__(self) -> Iterator[LabelMessage]:
+        """Label messages as they arrive, for ever (Ctrl-C or ``break`` ends it)."""
+        while True:
+            m = self.receive()
+            if m is not None:
+                yield m
+
+    def _follow(self, f: protocol.LabelFrame, received_ns: int) -> LabelMessage:
+        n = len(f.labels)
+        report = self.streams.get(f.stream)
+        if report is None:
+            report = self.streams[f.stream] = StreamReport()
+        lost = 0
+        if f.flags & protocol.LABEL_START:
+            report.incarnations += 1
+            report.open = True
+        elif report.next_seq is not None:
+            missing = f.seq - f.gap - report.next_seq
+            lost = max(0, missing)
+            report.repeated += max(0, -missing)
+        report.labelled += n
+        report.gap += f.gap
+        report.lost += lost
+        if f.flags & protocol.LABEL_FINAL:
+            report.finals += 1
+            report.open = False
+            report.next_seq = None  # the next incarnation starts its own seqs
+        else:
+            report.next_seq = f.seq + n
+        self.received += 1
+        return LabelMessage(
+            stream=f.stream, seq=f.seq, n=n, probabilities=f.probabilities, labels=f.labels,
+            flags=tuple(f.flag_names()), gap=f.gap, model_id=protocol.model_id_hex(f.model_id),
+            t0_ns=f.t0_ns, ingress_ns=f.ingress_ns, received_ns=received_ns, lost=lost,
+            incarnation=report.incarnations,
+        )
+
+    def _report_malformed(self, error: FrameError) -> None:
+        self.malformed += 1
+        now = time.monotonic()
+        if now >= self._next_malformed_log:
+            log.warning("malformed label message from %s (%d so far; skipped): %s: %s",
+                        ", ".join(self.endpoints), self.malformed, error.reason, error)
+            self._next_malformed_log = now + MALFORMED_LOG_INTERVAL_S
+
+    def close(self) -> None:
+        """Close the socket; messages not yet received are discarded."""
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
+        self._sock.close(linger=0)
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
