@@ -21,6 +21,7 @@ from types import FrameType
 import structlog
 import zmq
 
+from sigclassd import logs
 from sigclassd.errors import ConfigError
 from sigclassd.notify import Notifier
 
@@ -141,6 +142,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Forward until SIGTERM or SIGINT; returns the exit code."""
+    logs.configure("auto", "info")  # as the daemon: journal under systemd, JSON or console otherwise
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
