@@ -76,7 +76,7 @@ class MetricsSettings:
 
 @dataclass(frozen=True)
 class LogSettings:
-    format: str = "auto"  # "auto" (console on a terminal, else JSON), "json", "console"
+    format: str = "auto"  # "auto" (journal under systemd, console on a tty, else json), "json", "console", "journal"
     level: str = "info"
     stats_interval_s: float = 10.0
     reject_summary_interval_s: float = 10.0
@@ -111,7 +111,7 @@ class Settings:
 
 
 MODES = ("windowed", "stateful")
-LOG_FORMATS = ("auto", "json", "console")
+LOG_FORMATS = ("auto", "json", "console", "journal")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 RUNTIMES = ("auto", "tf", "xla", "litert", "numpy")
 
