@@ -2,8 +2,8 @@
 
 ``add_parsers(subparsers)`` registers both on the main ``sigclassd`` parser;
 each sets ``func`` to a function taking the parsed arguments and returning the
-exit code. TensorFlow is imported only when a command runs, so
-``sigclassd --help`` stays fast.
+exit code. TensorFlow is imported only when a command runs (quietly, see
+``train.quiet_tensorflow``), so ``sigclassd --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -14,12 +14,33 @@ import shlex
 import sys
 from pathlib import Path
 
+from sigclassd.config import ModelSettings
 from sigclassd.errors import ModelError
 from sigclassd.models.architectures import ARCHITECTURES, HyperParams
 
+DATA_HELP = """\
+data files: an .npz (see models/README.md), a CSV file or a folder of them (one recording per
+file: a header row, one column per channel and a label column), or an EDF/EDF+ file or folder
+(labels from its annotations or from a label signal)."""
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
 
 def _add_data_args(p: argparse.ArgumentParser, *, default_seed: int) -> None:
-    p.add_argument("data", nargs="?", type=Path, help="an .npz of recordings or windows (see models/README.md)")
+    p.add_argument("data", nargs="?", type=Path, help="an .npz, .csv or .edf file, or a folder of .csv or .edf files")
+    g = p.add_argument_group("CSV and EDF files")
+    g.add_argument("--label-column", default="label",
+                   help="CSV: the column holding each sample's label, a class index or name (default: %(default)s)")
+    g.add_argument("--columns", type=_names, default=(), metavar="A,B,...",
+                   help="CSV columns or EDF signals to use as channels, in model order (default: all but the labels)")
+    g.add_argument("--label-signal", default="",
+                   help="EDF: a signal holding each sample's class index (default: labels from the annotations)")
+    g.add_argument("--class-names", type=_names, default=(), metavar="A,B,...",
+                   help="CSV/EDF: the classes in index order (default: from the labels; EDF annotations: "
+                        "'background' then the annotation texts, sorted)")
+    g.add_argument("--fs", type=float, help="CSV: sample rate in Hz, recorded in the metadata")
     g = p.add_argument_group("synthetic data (instead of a file)")
     g.add_argument("--synthetic", action="store_true", help="use recordings from the synthetic generator")
     g.add_argument("--recordings", type=int, default=8, help="synthetic recordings (default: %(default)s)")
@@ -34,8 +55,15 @@ def _add_data_args(p: argparse.ArgumentParser, *, default_seed: int) -> None:
     )
 
 
+def _kind(path: Path) -> str:
+    if path.is_dir():
+        suffixes = {p.suffix.lower() for p in path.iterdir()}
+        return "edf" if ".edf" in suffixes and ".csv" not in suffixes else "csv"
+    return {".csv": "csv", ".edf": "edf"}.get(path.suffix.lower(), "npz")
+
+
 def _load(args: argparse.Namespace):  # noqa: ANN202 - returns sigclassd.models.data.Dataset
-    from sigclassd.models.data import load_npz, synthetic_dataset
+    from sigclassd.models.data import load_csv, load_edf, load_npz, synthetic_dataset
 
     if args.synthetic == (args.data is not None):
         msg = "give either a data file or --synthetic"
@@ -49,6 +77,12 @@ def _load(args: argparse.Namespace):  # noqa: ANN202 - returns sigclassd.models.
             sample_rate_hz=args.sample_rate,
             seed=args.seed,
         )
+    kind = _kind(args.data)
+    if kind == "csv":
+        return load_csv(args.data, label_column=args.label_column, channels=args.columns, classes=args.class_names,
+                        sample_rate_hz=args.fs)
+    if kind == "edf":
+        return load_edf(args.data, channels=args.columns, label_channel=args.label_signal, classes=args.class_names)
     return load_npz(args.data)
 
 
@@ -56,9 +90,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Register ``train`` and ``eval`` on the main parser's subcommands."""
     p = subparsers.add_parser(
         "train",
-        help="train a model from an .npz of labelled recordings (or synthetic data)",
+        help="train a model from labelled recordings (.npz, CSV, EDF) or synthetic data",
         description="Train a Conv1D-LSTM that labels every timestep, and write a model directory "
-        "(model.keras + metadata.json) that `sigclassd run` can serve.",
+        "(model.keras + metadata.json) that `sigclassd run` can serve. After every epoch the validation "
+        "part is scored as the daemon serves it; the best epoch is kept.",
+        epilog=DATA_HELP,
     )
     _add_data_args(p, default_seed=0)
     g = p.add_argument_group("labels")
@@ -68,7 +104,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="K",
-        help="remove samples labelled K (recordings are split at the gaps); repeatable",
+        help="ignore samples labelled K: no loss, not scored, still context for their neighbours; repeatable",
     )
     g.add_argument(
         "--positive-class",
@@ -77,6 +113,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="K",
         help="train binary: K (repeatable) against all other classes",
+    )
+    g.add_argument(
+        "--allow-missing-classes",
+        action="store_true",
+        help="train even if a class has no training windows or no validation samples (a warning instead of an error)",
     )
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=ARCHITECTURES, default="seq2seq", help="architecture (default: %(default)s)")
@@ -88,7 +129,18 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--lstm-depth", type=int, default=1, help="stacked LSTM layers (default: %(default)s)")
     g.add_argument("--dilation", type=int, default=1, help="Conv1D dilation (default: %(default)s)")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=10, help="(default: %(default)s)")
+    g.add_argument("--epochs", type=int, default=30, help="most epochs to run (default: %(default)s)")
+    g.add_argument("--patience", type=int, default=8,
+                   help="stop after this many epochs without a better validation score; the learning rate halves "
+                        "every patience/2 of them; 0: run every epoch (default: %(default)s)")
+    g.add_argument("--keep", choices=("best", "last"), default="best",
+                   help="write the epoch with the best validation score, or the last (default: %(default)s)")
+    g.add_argument("--monitor", choices=("windowed", "stateful"), default="windowed",
+                   help="served mode whose validation balanced accuracy picks the epoch (default: %(default)s)")
+    g.add_argument("--serve-hop", type=int, default=ModelSettings.hop,
+                   help="model.hop the validation is scored with in windowed mode (default: %(default)s)")
+    g.add_argument("--serve-lag", type=int, default=ModelSettings.lag,
+                   help="model.lag the validation is scored with in windowed mode (default: %(default)s)")
     g.add_argument("--hop", type=int, default=100, help="stride between training windows (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=32, help="windows per step (default: %(default)s)")
     g.add_argument("--learning-rate", type=float, default=2e-3, help="Adam learning rate (default: %(default)s)")
@@ -97,9 +149,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument(
         "--split",
-        choices=("time", "recording"),
-        default="time",
-        help="hold out the end of each recording (time) or the last recordings (default: %(default)s)",
+        choices=("auto", "time", "recording", "blocks"),
+        default="auto",
+        help="validation: the end of each recording (time), whole recordings (recording), or blocks of the "
+        "recordings chosen to hold every class (blocks); auto takes the first of these that leaves every class "
+        "on both sides (default: %(default)s)",
     )
     g.add_argument(
         "--carry-state",
@@ -121,22 +175,28 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "eval",
-        help="score a model on labelled data against a majority-class baseline",
-        description="Per-timestep accuracy, balanced accuracy, macro-F1 and confusion matrices of windowed "
-        "and carried-state inference, next to a majority-class baseline. The model's label remapping "
-        "is applied to the data. On the data the model was trained on, only the held-out part is "
-        "scored unless --part all.",
+        help="score a model on labelled data as the daemon serves it, against a majority-class baseline",
+        description="Per-timestep accuracy, balanced accuracy, macro-F1, per-class recall and F1 and confusion "
+        "matrices of what the daemon publishes in each mode: windowed (a window every --hop samples, the "
+        "newest labelled, --lag held back) and stateful (state carried from the first sample), next to a "
+        "majority-class baseline. The model's label remapping is applied to the data. Recordings the model "
+        "was trained on are recognised by fingerprint: only their held-out part is scored unless --part all.",
+        epilog=DATA_HELP,
     )
     p.add_argument("model", type=Path, help="model directory (model.keras + metadata.json)")
     _add_data_args(p, default_seed=1)
     p.add_argument(
         "--part",
-        choices=("auto", "held-out", "all"),
+        choices=("auto", "all"),
         default="auto",
-        help="auto: the held-out part if this is the training data, else all (default: %(default)s)",
+        help="auto: of a recording the model was trained on, only its held-out part; all: everything "
+        "(default: %(default)s)",
     )
-    p.add_argument("--hop", type=int, help="windowed inference stride (default: the window: no overlap)")
-    p.add_argument("--no-carried", action="store_true", help="skip carried-state inference")
+    p.add_argument("--hop", type=int, default=ModelSettings.hop,
+                   help="windowed mode: model.hop of the daemon (default: %(default)s)")
+    p.add_argument("--lag", type=int, default=ModelSettings.lag,
+                   help="windowed mode: model.lag of the daemon (default: %(default)s)")
+    p.add_argument("--no-stateful", action="store_true", help="skip the stateful mode")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -144,6 +204,14 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 def _fail(cmd: str, e: Exception) -> int:
     print(f"sigclassd {cmd}: error: {e}", file=sys.stderr)
     return 2
+
+
+def _print_summary(held: dict) -> None:
+    modes = [m for m in ("baseline", "windowed", "stateful") if m in held]
+    print(f"held-out: {held['part']}, {held['samples']} samples")
+    print(f"{'':20}" + "".join(f"{m:>12}" for m in modes))
+    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+        print(f"{key:20}" + "".join(f"{held[m][key]:12.3f}" for m in modes))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -165,11 +233,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             window=args.window,
             hop=args.hop,
             epochs=args.epochs,
+            patience=args.patience,
+            keep=args.keep,
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
             seed=args.seed,
             val_fraction=args.val_fraction,
             split_by=args.split,
+            allow_missing_classes=args.allow_missing_classes,
+            monitor=args.monitor,
+            serve_hop=args.serve_hop,
+            serve_lag=args.serve_lag,
             carry_state=args.carry_state,
             carry_windows=args.carry_windows,
             name=args.name,
@@ -187,19 +261,38 @@ def cmd_train(args: argparse.Namespace) -> int:
         artifact = train(ds, cfg, args.out, verbose=verbose, command=command)
     except (ValueError, ModelError) as e:
         return _fail("train", e)
-    held = artifact.meta.metrics["held_out"]
     print(f"\nwrote {artifact.path} ({artifact.keras_path.stat().st_size} bytes model, sha256 {artifact.sha256[:12]})")
-    print(f"held-out: {held['part']}, {held['samples']} samples")
-    print(f"{'':20}" + "".join(f"{m:>12}" for m in ("baseline", "windowed", "carried") if m in held))
-    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
-        row = "".join(f"{held[m][key]:12.3f}" for m in ("baseline", "windowed", "carried") if m in held)
-        print(f"{key:20}{row}")
+    _print_summary(artifact.meta.metrics["held_out"])
     return 0
+
+
+def _unseen_part(ds, meta):  # noqa: ANN001, ANN202 - Dataset, ModelMeta -> (recordings, overlap note)
+    """The recordings minus what the model was trained on, recognised by fingerprint, and a note if any was."""
+    from sigclassd.models.data import Recording, fingerprint
+
+    trained = {r["fingerprint"]: r for r in meta.training.get("recordings", [])}
+    recs, seen, kept = [], 0, 0
+    for r in ds.recordings:
+        t = trained.get(fingerprint(r.x))
+        if t is None:
+            recs.append(r)
+            continue
+        seen += 1
+        for a, b in t["held_out"]:
+            recs.append(Recording(f"{r.name}[{a}:{b}]", r.x[a:b], r.y[a:b]))
+            kept += b - a
+    note = ""
+    if seen:
+        total = sum(len(r) for r in ds.recordings)
+        note = (f"{seen} of {len(ds.recordings)} recording(s) were used to train this model; of those, only the "
+                f"held-out part is scored ({kept} samples; {total - sum(len(r) for r in recs)} trained-on "
+                "samples left out). --part all scores everything")
+    return recs, note
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from sigclassd.models.artifact import read_artifact
-    from sigclassd.models.data import remap_labels, split
+    from sigclassd.models.data import remap_labels
     from sigclassd.models.train import evaluate_recordings, format_report, load_model
 
     try:
@@ -213,20 +306,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if ds.n_classes != meta.n_classes:
             msg = f"the data has {ds.n_classes} classes {list(ds.classes)}, the model {meta.n_classes} {list(meta.classes)}"
             raise ValueError(msg)
-        same = (ds.sha256 or ds.source) == (meta.training.get("data_sha256") or meta.training.get("data"))
-        held_out = args.part == "held-out" or (args.part == "auto" and same)
-        if held_out:
-            _, recs = split(
-                ds,
-                val_fraction=float(meta.training.get("val_fraction", 0.2)),
-                by=str(meta.training.get("split", "time")),
-            )
-            part = "held-out part (the model's validation split)"
+        if args.part == "all":
+            recs, part = list(ds.recordings), "all of it"
         else:
-            recs = list(ds.recordings)
-            part = "all of it"
+            recs, note = _unseen_part(ds, meta)
+            part = "all of it" if not note else "all but what the model was trained on"
+            if note:
+                print(f"sigclassd eval: warning: {note}", file=sys.stderr, flush=True)
         model = load_model(artifact)
-        report = evaluate_recordings(model, meta, recs, hop=args.hop, carried=not args.no_carried)
+        report = evaluate_recordings(model, meta, recs, hop=args.hop, lag=args.lag, stateful=not args.no_stateful)
     except (ValueError, ModelError) as e:
         return _fail("eval", e)
     report = {"model": str(artifact.path), "data": ds.source, "part": part, **report}

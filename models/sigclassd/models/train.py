@@ -1,9 +1,14 @@
 """Training and evaluation of the Conv1D-LSTM family on recordings.
 
-Training: split by time (``sigclassd.models.data``), fit per-channel
-normalisation on the training part, cut windows, weight classes by inverse
-frequency, fit, then score the held-out part and write the model directory
-(``model.keras`` + ``metadata.json``).
+Training: split the recordings so that validation holds every class
+(``sigclassd.models.data.split``), fit per-channel normalisation on the training
+part, cut windows, weight classes by inverse frequency (ignored samples weigh
+0), fit, and after every epoch score the validation part the way the daemon
+serves it. The epoch with the best served balanced accuracy is kept (not the
+last); training stops after ``patience`` epochs without a better one, halving
+the learning rate halfway there. The model directory (``model.keras`` +
+``metadata.json``) records the split, the curve, the kept epoch and a
+fingerprint of every training recording.
 
 With ``carry_state`` the LSTMs keep their state from one window to the next
 window of the same stretch of recording (truncated back-propagation through
@@ -13,21 +18,29 @@ reset at the start of every segment and segments never cross a recording
 boundary. A model trained this way has seen non-zero initial states, which is
 what it meets when the daemon streams it with carried state.
 
-Evaluation runs a model two ways over each recording:
+Evaluation scores what the daemon publishes, in its two modes:
 
-- windowed: 400-sample windows every ``hop`` samples, each from a zero state;
-  the first window labels all its samples, later windows their newest ``hop``
-  (what the daemon's windowed mode does);
-- carried: the whole recording in one call, so the LSTM state runs on from the
-  first sample to the last (what the stateful engine does); sequence
+- ``windowed``: a window ends every ``hop`` samples (the first at sample
+  ``window``); the first window labels all its samples but the newest ``lag``,
+  each later window the samples from where the previous one stopped to its end
+  minus ``lag``; when the recording ends, a last window ending there labels the
+  rest. This is ``batcher._plan_windows`` for a stream whose messages divide
+  ``hop`` and ``window``. A recording shorter than a window is one window,
+  left-padded with the normalisation mean, as the daemon flushes it.
+- ``stateful``: the whole recording in one call, so the state runs on from the
+  first sample to the last (what the stateful engine computes); sequence
   architectures only.
 
-TensorFlow is imported inside the functions that need it.
+TensorFlow is imported inside the functions that need it, after
+:func:`quiet_tensorflow`.
 """
 
 from __future__ import annotations
 
+import os
 import platform
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sigclassd.config import ModelSettings
 from sigclassd.models.architectures import HyperParams, build_model, lookahead, output_activation
 from sigclassd.models.artifact import (
     MODEL_FILE,
@@ -47,18 +61,56 @@ from sigclassd.models.artifact import (
     write_metadata,
 )
 from sigclassd.models.data import (
+    IGNORE,
     Dataset,
     Recording,
+    Split,
     class_weights,
     cut_windows,
+    fingerprint,
     fit_normalisation,
     normalise,
+    sample_weights,
     split,
-    window_starts,
 )
 
 if TYPE_CHECKING:
     import keras
+
+MODES = ("windowed", "stateful")
+
+
+def quiet_tensorflow():  # noqa: ANN201 - returns the keras module
+    """Import Keras without TensorFlow's start-up lines, so the console shows only progress and results.
+
+    TensorFlow's C++ side writes its oneDNN and absl notices straight to file
+    descriptor 2 while it loads, whatever TF_CPP_MIN_LOG_LEVEL says, so stderr is
+    pointed at a temporary file for the import and that file is replayed only if
+    the import fails. absl's and TensorFlow's Python loggers are set to errors only.
+    """
+    if "tensorflow" not in sys.modules:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        sys.stderr.flush()
+        saved = os.dup(2)
+        with tempfile.TemporaryFile() as held:
+            os.dup2(held.fileno(), 2)
+            try:
+                import tensorflow  # noqa: F401
+            except BaseException:
+                os.dup2(saved, 2)
+                held.seek(0)
+                sys.stderr.write(held.read().decode(errors="replace"))
+                raise
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+    import absl.logging
+    import keras
+    import tensorflow as tf
+
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    tf.get_logger().setLevel("ERROR")
+    return keras
 
 
 @dataclass(frozen=True)
@@ -67,18 +119,27 @@ class TrainConfig:
 
     ``hop`` is the stride between training windows in samples (overlap is fine
     inside the training part); ``batch_size`` is windows per gradient step.
+    ``serve_hop``/``serve_lag``/``monitor`` say how validation is scored each
+    epoch: the daemon's ``model.hop``, ``model.lag`` and ``model.mode``.
+    ``patience`` epochs without a better score stop training (0: never stop early).
     """
 
     architecture: str = "seq2seq"
     hp: HyperParams = field(default_factory=HyperParams)
     window: int = 400
     hop: int = 100
-    epochs: int = 10
+    epochs: int = 30
+    patience: int = 8
+    keep: str = "best"
     batch_size: int = 32
     learning_rate: float = 2e-3
     seed: int = 0
     val_fraction: float = 0.2
-    split_by: str = "time"
+    split_by: str = "auto"
+    allow_missing_classes: bool = False
+    monitor: str = "windowed"
+    serve_hop: int = ModelSettings.hop
+    serve_lag: int = ModelSettings.lag
     carry_state: bool = False
     carry_windows: int = 16
     name: str = "model"
@@ -96,12 +157,15 @@ def _sigclassd_version() -> str:
 
 
 def classification_report(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict[str, Any]:
-    """Per-timestep accuracy, balanced accuracy, macro-F1 and the confusion matrix.
+    """Per-timestep accuracy, balanced accuracy, macro-F1, per-class recall and F1, the confusion matrix.
 
-    Balanced accuracy averages the recall of the classes present in ``y_true``;
-    macro-F1 averages F1 over the classes present in ``y_true`` or ``y_pred``
-    (as scikit-learn does). The confusion matrix has true classes as rows.
+    Samples labelled IGNORE are not scored. Balanced accuracy averages the
+    recall of the classes present in ``y_true``; macro-F1 averages F1 over the
+    classes present in ``y_true`` or ``y_pred`` (as scikit-learn does). The
+    confusion matrix has true classes as rows.
     """
+    scored = y_true != IGNORE
+    y_true, y_pred = y_true[scored], y_pred[scored]
     cm = np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
     support = cm.sum(axis=1)
     predicted = cm.sum(axis=0)
@@ -118,6 +182,7 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int
         "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
         "macro_f1": float(f1[seen].mean()) if seen.any() else 0.0,
         "recall": [float(v) for v in recall],
+        "f1": [float(v) for v in f1],
         "confusion": cm.tolist(),
     }
 
@@ -129,33 +194,48 @@ def to_probabilities(out: np.ndarray) -> np.ndarray:
     return out
 
 
-# ---------------------------------------------------------------- inference
+# ---------------------------------------------------------------- inference as served
 
 
-def predict_windowed(model: keras.Model, x: np.ndarray, window: int, hop: int, batch_size: int = 64) -> np.ndarray:
-    """Probabilities ``[T, n_classes]`` from zero-state windows every ``hop`` samples (``x`` normalised).
+def served_windows(n: int, window: int, hop: int, lag: int) -> list[tuple[int, int, int]]:
+    """(window end, first labelled sample, end of labelled samples) of each window the daemon runs on a stream.
 
-    A final window aligned to the end covers the tail. A recording shorter than
-    ``window`` goes through in one piece (sequence models only).
+    See the module docstring; every sample ``0 .. n-1`` is labelled exactly once.
     """
-    t = len(x)
-    if t < window:
-        return to_probabilities(np.asarray(model.predict(x[None], verbose=0))[0])
-    starts = window_starts(t, window, hop)
-    if starts[-1] + window < t:
-        starts = np.append(starts, t - window)
-    idx = starts[:, None] + np.arange(window)
-    out = to_probabilities(np.asarray(model.predict(x[idx], batch_size=batch_size, verbose=0)))
-    probs = np.empty((t, out.shape[-1]), dtype=np.float32)
+    if hop < 1 or not 0 <= lag < window:
+        msg = f"need hop >= 1 and 0 <= lag < window, got hop {hop}, lag {lag}, window {window}"
+        raise ValueError(msg)
+    plans = []
     labelled = 0
-    for s, p in zip(starts, out, strict=True):
-        end = s + window
-        probs[labelled:end] = p[labelled - s :]
+    for end in range(window, n + 1, hop):
+        if end - lag > labelled:
+            plans.append((end, labelled, end - lag))
+            labelled = end - lag
+    while labelled < n:  # the flush when the stream ends
+        end = min(n, labelled + window)
+        plans.append((end, labelled, end))
         labelled = end
+    return plans
+
+
+def predict_served(model: keras.Model, x: np.ndarray, window: int, hop: int, lag: int) -> np.ndarray:
+    """Probabilities ``[T, n_classes]`` as the daemon's windowed mode publishes them (``x`` normalised)."""
+    plans = served_windows(len(x), window, hop, lag)
+    padded = np.concatenate([np.zeros((window, x.shape[1]), np.float32), x])  # the mean, once normalised
+    probs = None
+    for a in range(0, len(plans), 1024):  # bounds the memory of a long recording's windows
+        part = plans[a : a + 1024]
+        idx = np.array([end for end, _, _ in part])[:, None] + np.arange(window)  # rows of `padded`
+        out = to_probabilities(np.asarray(model.predict(padded[idx], batch_size=256, verbose=0)))
+        if probs is None:
+            probs = np.empty((len(x), out.shape[-1]), np.float32)
+        for (end, first, upto), p in zip(part, out, strict=True):
+            begin = end - window
+            probs[first:upto] = p[first - begin : upto - begin]
     return probs
 
 
-def predict_carried(model: keras.Model, x: np.ndarray) -> np.ndarray:
+def predict_stateful(model: keras.Model, x: np.ndarray) -> np.ndarray:
     """Probabilities ``[T, n_classes]`` from one call over the whole recording: the state runs on throughout.
 
     Through ``predict`` (a compiled graph): an eager call steps the LSTM in
@@ -164,55 +244,71 @@ def predict_carried(model: keras.Model, x: np.ndarray) -> np.ndarray:
     return to_probabilities(np.asarray(model.predict(x[None].astype(np.float32), batch_size=1, verbose=0))[0])
 
 
+def score_served(
+    model: keras.Model, recs: list[Recording], n_classes: int, *, window: int, hop: int, lag: int,
+    modes: tuple[str, ...] = MODES,
+) -> dict[str, dict[str, Any]]:
+    """Reports of the served modes over normalised recordings, keyed by mode name."""
+    y = np.concatenate([r.y for r in recs])
+    out: dict[str, dict[str, Any]] = {}
+    if "windowed" in modes:
+        pred = np.concatenate([predict_served(model, r.x, window, hop, lag).argmax(axis=1) for r in recs])
+        out["windowed"] = {"hop": hop, "lag": lag, **classification_report(y, pred, n_classes)}
+    if "stateful" in modes:
+        pred = np.concatenate([predict_stateful(model, r.x).argmax(axis=1) for r in recs])
+        out["stateful"] = classification_report(y, pred, n_classes)
+    return out
+
+
 def evaluate_recordings(
-    model: keras.Model, meta: ModelMeta, recs: list[Recording], *, hop: int | None = None, carried: bool = True
+    model: keras.Model, meta: ModelMeta, recs: list[Recording], *, hop: int, lag: int, stateful: bool = True
 ) -> dict[str, Any]:
-    """Score raw (un-normalised) recordings windowed and, if possible, carried; with a majority baseline.
+    """Score raw (un-normalised) recordings in both served modes, with a majority baseline.
 
     The baseline always predicts the most frequent class of these labels: the
     best any constant answer can do on accuracy, and chance on balanced accuracy.
     """
-    mean = np.asarray(meta.norm_mean, dtype=np.float64)
-    std = np.asarray(meta.norm_std, dtype=np.float64)
-    hop = hop or meta.window
-    k = meta.n_classes
-    usable = [r for r in recs if meta.streamable or len(r) >= meta.window]
-    if not usable:
-        msg = f"no recording is long enough for a {meta.window}-sample window"
+    recs = [r for r in recs if len(r)]
+    if not recs:
+        msg = "nothing to score: no samples"
         raise ValueError(msg)
-    recs_n = normalise(usable, mean, std)
+    k = meta.n_classes
+    recs_n = normalise(recs, np.asarray(meta.norm_mean), np.asarray(meta.norm_std))
     y = np.concatenate([r.y for r in recs_n])
+    counts = np.bincount(y[y != IGNORE], minlength=k)
     report: dict[str, Any] = {
-        "samples": len(y),
-        "skipped_samples": sum(len(r) for r in recs) - len(y),
+        "samples": int((y != IGNORE).sum()),
+        "ignored_samples": int((y == IGNORE).sum()),
         "recordings": len(recs_n),
-        "class_counts": np.bincount(y, minlength=k).tolist(),
+        "class_counts": counts.tolist(),
     }
-    majority = int(np.argmax(report["class_counts"]))
+    majority = int(np.argmax(counts))
     report["baseline"] = {"class": meta.classes[majority], **classification_report(y, np.full_like(y, majority), k)}
-    win = np.concatenate([predict_windowed(model, r.x, meta.window, hop) for r in recs_n])
-    report["windowed"] = {"hop": hop, **classification_report(y, win.argmax(axis=1), k)}
-    if carried and meta.streamable:
-        car = np.concatenate([predict_carried(model, r.x) for r in recs_n])
-        report["carried"] = classification_report(y, car.argmax(axis=1), k)
+    modes = MODES if stateful and meta.streamable else ("windowed",)
+    report.update(score_served(model, recs_n, k, window=meta.window, hop=hop, lag=lag, modes=modes))
     return report
 
 
 def format_report(report: dict[str, Any], classes: tuple[str, ...]) -> str:
-    """A plain-text report: the headline metrics side by side, then each confusion matrix."""
-    modes = [m for m in ("baseline", "windowed", "carried") if m in report]
+    """A plain-text report: headline metrics side by side, per-class recall and F1, each confusion matrix."""
+    modes = [m for m in ("baseline", *MODES) if m in report]
     lines = [
         f"samples: {report['samples']} in {report['recordings']} recording(s)"
-        + (f" ({report['skipped_samples']} skipped: shorter than a window)" if report["skipped_samples"] else ""),
+        + (f" ({report['ignored_samples']} ignored: dropped classes)" if report["ignored_samples"] else ""),
         "class counts: " + ", ".join(f"{c}={n}" for c, n in zip(classes, report["class_counts"], strict=True)),
         "",
         f"{'':20}" + "".join(f"{m:>12}" for m in modes),
     ]
     for key in ("accuracy", "balanced_accuracy", "macro_f1"):
         lines.append(f"{key:20}" + "".join(f"{report[m][key]:12.3f}" for m in modes))
-    lines.append(f"(baseline: always '{report['baseline']['class']}'; windowed: hop {report['windowed']['hop']})")
-    width = max(len(c) for c in classes) + 2
-    for m in modes[1:]:
+    win = report["windowed"]
+    lines.append(f"(baseline: always '{report['baseline']['class']}'; windowed: hop {win['hop']}, lag {win['lag']})")
+    served = modes[1:]
+    width = max(max(len(c) for c in classes) + 2, 8)
+    lines += ["", "per class" + " " * (width - 9) + "".join(f"{m + ' recall':>18}{m + ' F1':>14}" for m in served)]
+    for i, c in enumerate(classes):
+        lines.append(f"{c:<{width}}" + "".join(f"{report[m]['recall'][i]:18.3f}{report[m]['f1'][i]:14.3f}" for m in served))
+    for m in served:
         lines += ["", f"confusion ({m}; rows = true, columns = predicted):"]
         lines.append(" " * width + "".join(f"{c:>{width}}" for c in classes))
         for c, row in zip(classes, report[m]["confusion"], strict=True):
@@ -224,6 +320,7 @@ def format_report(report: dict[str, Any], classes: tuple[str, ...]) -> str:
 
 
 def _targets(y: np.ndarray, n_classes: int) -> np.ndarray:
+    y = np.maximum(y, 0)  # ignored samples weigh 0; any valid class stands in for them
     return y[..., None].astype(np.float32) if n_classes == 2 else y.astype(np.int32)
 
 
@@ -248,7 +345,9 @@ def _carry_batches(
     for r in recs:
         if len(r) < window:
             continue
-        x, y = cut_windows([r], window, window)
+        starts = np.arange(0, len(r) - window + 1, window)
+        idx = starts[:, None] + np.arange(window)
+        x, y = r.x[idx], r.y[idx]
         for s in range(0, len(x) - seg_windows + 1, seg_windows):
             segments.append((x[s : s + seg_windows], y[s : s + seg_windows]))
     order = rng.permutation(len(segments))[: len(segments) // batch * batch]
@@ -271,76 +370,133 @@ def _carry_plan(recs: list[Recording], window: int, seg_windows: int, batch_size
     return seg, max(1, min(batch_size, n_seg))
 
 
+def check_classes(parts: Split, y_train_windows: np.ndarray, ds: Dataset, window: int, *, allow: bool) -> list[str]:
+    """Refuse (or, if ``allow``, return warnings for) classes with no training signal or no validation samples.
+
+    A class can lose its training signal to the split, or because all its
+    training samples sit in recordings shorter than a window.
+    """
+    problems = []
+    labelled = np.zeros(ds.n_classes, bool)
+    for r in ds.recordings:
+        labelled[np.unique(r.y[r.y != IGNORE])] = True
+    in_windows = np.bincount(y_train_windows[y_train_windows != IGNORE], minlength=ds.n_classes) > 0
+    for k in np.flatnonzero(labelled & ~in_windows):
+        c = ds.classes[k]
+        why = ("the split put all of it in validation" if c in parts.missing.get("train", [])
+               else f"its training samples are all in recordings shorter than the {window}-sample window")
+        problems.append(f"class '{c}' has no training signal: {why}")
+    for c in parts.missing.get("validation", []):
+        problems.append(f"class '{c}' has no samples in validation ({parts.method} split)")
+    for k in np.flatnonzero(~labelled):
+        problems.append(f"class '{ds.classes[k]}' has no labelled sample in the data at all")
+    if problems and not allow:
+        msg = ("; ".join(problems) + ". Try --split blocks or a larger --val-fraction, a shorter --window, "
+               "--drop-class for a class you do not need, or --allow-missing-classes to train anyway")
+        raise ValueError(msg)
+    return problems
+
+
 def train(
     ds: Dataset, cfg: TrainConfig, out_dir: str | Path, *, verbose: int = 2, command: str = ""
 ) -> ModelArtifact:
     """Train on ``ds`` as ``cfg`` says, write the model directory ``out_dir`` and return it.
 
-    ``verbose`` is Keras's: 0 silent, 1 progress bar, 2 one line per epoch.
-    ``command`` is recorded in the metadata so the model can be rebuilt.
+    ``verbose``: 0 silent, 1 Keras progress bars and a line per epoch, 2 a line
+    per epoch (on stdout). Warnings go to stderr. ``command`` is recorded in the
+    metadata so the model can be rebuilt.
     """
-    import keras
+    keras = quiet_tensorflow()
 
     if cfg.carry_state and cfg.architecture not in SEQUENCE_ARCHITECTURES:
         msg = f"--carry-state needs a sequence architecture ({', '.join(SEQUENCE_ARCHITECTURES)}), not {cfg.architecture}"
         raise ValueError(msg)
+    if cfg.monitor == "stateful" and cfg.architecture not in SEQUENCE_ARCHITECTURES:
+        msg = f"--monitor stateful needs a sequence architecture ({', '.join(SEQUENCE_ARCHITECTURES)})"
+        raise ValueError(msg)
     if cfg.window < 16:
         msg = f"window must be >= 16 samples, got {cfg.window}"
+        raise ValueError(msg)
+    if cfg.keep not in ("best", "last") or cfg.monitor not in MODES:
+        msg = f"keep must be 'best' or 'last' and monitor one of {MODES}, got {cfg.keep!r}, {cfg.monitor!r}"
         raise ValueError(msg)
     started = time.perf_counter()
     keras.utils.set_random_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     k = ds.n_classes
-    train_raw, val_raw = split(ds, val_fraction=cfg.val_fraction, by=cfg.split_by)
-    mean, std = fit_normalisation(train_raw)
-    train_recs = normalise(train_raw, mean, std)
-    val_recs = normalise(val_raw, mean, std)
+    parts = split(ds, val_fraction=cfg.val_fraction, by=cfg.split_by, block=max(4000, 10 * cfg.window))
+    mean, std = fit_normalisation(parts.train)
+    train_recs = normalise(parts.train, mean, std)
+    val_recs = normalise(parts.val, mean, std)
     x_tr, y_tr = cut_windows(train_recs, cfg.window, cfg.window if ds.windowed else cfg.hop)
+    warnings = check_classes(parts, y_tr, ds, cfg.window, allow=cfg.allow_missing_classes)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr, flush=True)
     weights = class_weights(y_tr, k)
-    val_windows = cut_windows(val_recs, cfg.window, cfg.window)
-    x_va, y_va = val_windows
+    log = print if verbose else (lambda *a, **kw: None)
+    log(f"split: {parts.describe(cfg.val_fraction)}; {sum(len(r) for r in parts.train)} training samples "
+        f"({len(x_tr)} windows), {sum(len(r) for r in parts.val)} validation samples", flush=True)
+    log("class weights: " + ", ".join(f"{c}={w:.2f}" for c, w in zip(ds.classes, weights, strict=True)), flush=True)
 
     model = build_model(cfg.architecture, channels=ds.channels, n_classes=k, window=cfg.window, hp=cfg.hp)
     loss = "binary_crossentropy" if k == 2 else "sparse_categorical_crossentropy"
 
     def compiled(m: keras.Model) -> keras.Model:
-        m.compile(
-            optimizer=keras.optimizers.Adam(cfg.learning_rate, clipnorm=1.0),
-            loss=loss,
-            metrics=["accuracy"],
-        )
+        m.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate, clipnorm=1.0), loss=loss)
         return m
 
-    class ValidationScore(keras.callbacks.Callback):
-        """Adds the held-out balanced accuracy (per timestep, windowed) to each epoch's line."""
+    curve: list[dict[str, float]] = []
+    best: dict[str, Any] = {"epoch": 0, "score": -1.0, "weights": None}
+
+    class Selection(keras.callbacks.Callback):
+        """Score validation as served, keep the best weights, halve the rate on a plateau, stop after patience."""
 
         def __init__(self, sync: keras.Model | None) -> None:
             super().__init__()
             self.sync = sync
+            self.epoch_started = time.perf_counter()
+
+        def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            self.epoch_started = time.perf_counter()
 
         def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            trained = self.sync or model
             if self.sync is not None:
                 _copy_weights(self.sync, model)
-            pred = to_probabilities(np.asarray(model.predict(x_va, batch_size=64, verbose=0))).argmax(-1)
-            rep = classification_report(y_va.ravel(), pred.ravel(), k)
-            if logs is not None:
-                logs["val_accuracy"] = rep["accuracy"]
-                logs["val_bal_acc"] = rep["balanced_accuracy"]
+            rep = score_served(model, val_recs, k, window=cfg.window, hop=cfg.serve_hop, lag=cfg.serve_lag,
+                               modes=(cfg.monitor,))[cfg.monitor]
+            score = rep["balanced_accuracy"]
+            lr = float(keras.ops.convert_to_numpy(trained.optimizer.learning_rate))
+            point = {"epoch": epoch + 1, "loss": float((logs or {}).get("loss", float("nan"))),
+                     "val_balanced_accuracy": score, "val_macro_f1": rep["macro_f1"], "learning_rate": lr}
+            curve.append(point)
+            mark = ""
+            if score > best["score"]:
+                best.update(epoch=epoch + 1, score=score, weights=model.get_weights())
+                mark = "  * best"
+            log(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {point['loss']:.4f}  val ({cfg.monitor}) "
+                f"balanced acc {score:.3f}  macro-F1 {rep['macro_f1']:.3f}  lr {lr:.1e}  "
+                f"{time.perf_counter() - self.epoch_started:.0f} s{mark}", flush=True)
+            since = epoch + 1 - best["epoch"]
+            if cfg.patience and since >= cfg.patience:
+                log(f"no better validation score for {cfg.patience} epochs: stopping", flush=True)
+                trained.stop_training = True
+            elif cfg.patience >= 2 and since and since % max(1, cfg.patience // 2) == 0:
+                trained.optimizer.learning_rate.assign(lr / 2)
 
-    history: dict[str, list[float]] = {}
+    keras_verbose = 1 if verbose == 1 else 0
     if not cfg.carry_state:
         compiled(model)
-        h = model.fit(
+        model.fit(
             x_tr,
             _targets(y_tr, k),
-            sample_weight=weights[y_tr],
+            sample_weight=sample_weights(y_tr, weights),
             batch_size=cfg.batch_size,
             epochs=cfg.epochs,
             shuffle=True,
-            callbacks=[ValidationScore(None)],
-            verbose=verbose,
+            callbacks=[Selection(None)],
+            verbose=keras_verbose,
         )
-        history = {key: [float(v) for v in vals] for key, vals in h.history.items()}
         seg, batch = 0, cfg.batch_size
     else:
         seg, batch = _carry_plan(train_recs, cfg.window, cfg.carry_windows, cfg.batch_size)
@@ -359,24 +515,30 @@ def train(
                     for layer in lstms:
                         layer.reset_state()
 
+        selection = Selection(twin)
         for epoch in range(cfg.epochs):
             xs, ys = _carry_batches(train_recs, cfg.window, seg, batch, rng)
-            h = twin.fit(
+            twin.fit(
                 xs,
                 _targets(ys, k),
-                sample_weight=weights[ys],
+                sample_weight=sample_weights(ys, weights),
                 batch_size=batch,
                 epochs=epoch + 1,
                 initial_epoch=epoch,
                 shuffle=False,
-                callbacks=[ResetPerSegment(), ValidationScore(twin)],
-                verbose=verbose,
+                callbacks=[ResetPerSegment(), selection],
+                verbose=keras_verbose,
             )
-            for key, vals in h.history.items():
-                history.setdefault(key, []).extend(float(v) for v in vals)
+            if twin.stop_training:
+                break
         _copy_weights(twin, model)
 
-    activation = output_activation(k)
+    kept = best["epoch"] if cfg.keep == "best" else len(curve)
+    if cfg.keep == "best":
+        model.set_weights(best["weights"])
+    log(f"kept epoch {kept} of {len(curve)} ({cfg.keep}: validation balanced accuracy "
+        f"{curve[kept - 1]['val_balanced_accuracy']:.3f}, {cfg.monitor} mode)", flush=True)
+
     meta = ModelMeta(
         name=cfg.name,
         version=cfg.version,
@@ -384,7 +546,7 @@ def train(
         channels=ds.channels,
         window=cfg.window,
         classes=ds.classes,
-        output=activation,
+        output=output_activation(k),
         lookahead=lookahead(cfg.architecture, cfg.hp),
         norm_mean=tuple(float(v) for v in mean),
         norm_std=tuple(float(v) for v in std),
@@ -393,42 +555,44 @@ def train(
         sample_rate_hz=ds.sample_rate_hz,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
-    held_out = evaluate_recordings(model, meta, val_raw, hop=cfg.window)
+    held_out = evaluate_recordings(model, meta, parts.val, hop=cfg.serve_hop, lag=cfg.serve_lag)
     training = {
         "data": ds.source,
         "data_sha256": ds.sha256,
         "remap": ds.remap,
-        "split": cfg.split_by,
+        "split": parts.method,
+        "split_requested": cfg.split_by,
         "val_fraction": cfg.val_fraction,
-        "train_samples": sum(len(r) for r in train_raw),
-        "val_samples": sum(len(r) for r in val_raw),
+        # Each training recording's fingerprint and held-out ranges: eval recognises the
+        # recordings in any file and scores only what training did not see.
+        "recordings": [
+            {"name": r.name, "samples": len(r), "fingerprint": fingerprint(r.x), "held_out": [list(h) for h in ho]}
+            for r, ho in zip(ds.recordings, parts.held_out, strict=True)
+        ],
+        "missing_classes": warnings,
+        "train_samples": sum(len(r) for r in parts.train),
+        "val_samples": sum(len(r) for r in parts.val),
         "train_windows": len(x_tr),
         "hop": cfg.hop,
         "epochs": cfg.epochs,
+        "epochs_run": len(curve),
+        "selection": {"keep": cfg.keep, "monitor": cfg.monitor, "metric": "balanced_accuracy",
+                      "serve_hop": cfg.serve_hop, "serve_lag": cfg.serve_lag, "patience": cfg.patience,
+                      "kept_epoch": kept},
+        "curve": curve,
         "batch_size": batch,
         "learning_rate": cfg.learning_rate,
         "seed": cfg.seed,
         "class_weights": [float(w) for w in weights],
         "carry_state": cfg.carry_state,
         "carry_windows": seg if cfg.carry_state else None,
-        "history": history,
         "duration_s": round(time.perf_counter() - started, 1),
         "command": command,
         "sigclassd": _sigclassd_version(),
         "keras": keras.__version__,
         "python": platform.python_version(),
     }
-    metrics = {
-        "held_out": {
-            "part": f"last {cfg.val_fraction:.0%} of each recording" if cfg.split_by == "time" else "last recordings",
-            "samples": held_out["samples"],
-            **{
-                m: {key: held_out[m][key] for key in ("accuracy", "balanced_accuracy", "macro_f1")}
-                for m in ("baseline", "windowed", "carried")
-                if m in held_out
-            },
-        }
-    }
+    metrics = {"held_out": {"part": parts.describe(cfg.val_fraction), **held_out}}
     meta = ModelMeta(**{**meta.__dict__, "training": training, "metrics": metrics})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -443,6 +607,5 @@ def train(
 
 def load_model(artifact: ModelArtifact) -> keras.Model:
     """Load the Keras model of a model directory (for evaluation; the daemon has its own engines)."""
-    import keras
-
+    keras = quiet_tensorflow()
     return keras.saving.load_model(artifact.keras_path, compile=False)
