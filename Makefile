@@ -34,9 +34,12 @@ run: $(VENV)/.installed-base
 # Debian packages the tests use: a real Prometheus and promtool, systemd-analyze for the unit
 # checks, and a C compiler with libzmq for the C gateway example.
 OS_PACKAGES := prometheus systemd libzmq3-dev pkg-config gcc
+# The image and multi-host tests: podman with runc, debootstrap for a local base image,
+# systemd-nspawn and nftables for the simulated hosts.
+IMAGE_PACKAGES := podman runc debootstrap systemd-container nftables iproute2
 
 os-deps:
-	@missing=$$(for p in $(OS_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@missing=$$(for p in $(OS_PACKAGES) $(IMAGE_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:" $$missing; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
