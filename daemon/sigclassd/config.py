@@ -113,7 +113,8 @@ class Settings:
 MODES = ("windowed", "stateful")
 LOG_FORMATS = ("auto", "json", "console", "journal")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-RUNTIMES = ("auto", "tf", "xla", "litert", "numpy")
+# Both modes run the NumPy engine; the TensorFlow runtimes (tf, xla, litert) were measured and removed.
+RUNTIMES = ("auto", "numpy")
 
 
 def _coerce(where: str, value: Any, kind: Any) -> Any:

@@ -1,48 +1,55 @@
-"""Model runtimes. ``load_engine`` picks the engine for the configured mode."""
+"""The model engines, TensorFlow-free: ``load_model`` reads, checks and warms the configured model.
+
+Modules, in dependency order: ``archive`` (the one ``.keras`` reader),
+``activations`` (and ``to_probabilities``), ``plan`` (layers as window
+operations or stateful steps), ``kernels`` (the NumPy forward pass and step),
+``windowed`` and ``stateful`` (the two engines), ``base`` (their protocol).
+"""
 
 from __future__ import annotations
 
-from sigclassd.config import ModelSettings, Settings
+from sigclassd.config import Settings
 from sigclassd.engine.base import Engine
 from sigclassd.errors import ModelError
-from sigclassd.models.artifact import ModelArtifact, default_model_path, read_artifact
+from sigclassd.models.artifact import ModelArtifact, ModelMeta, default_model_path, read_artifact
 
 
-def load_engine(artifact: ModelArtifact, settings: ModelSettings) -> Engine:
-    """Load ``artifact`` for ``settings.mode``; raises ModelError if the model cannot run that way."""
-    if settings.mode == "stateful":
-        if not artifact.meta.streamable:
-            msg = (
-                f"model {artifact.path} ({artifact.meta.architecture}) labels whole windows only and cannot run "
-                "in stateful mode; set model.mode = \"windowed\" or use a seq2seq/causal model"
-            )
-            raise ModelError(msg)
-        from sigclassd.engine.stateful import StatefulEngine
+def check_settings(settings: Settings, meta: ModelMeta, where: str) -> None:
+    """Check the configuration against the model it serves; ModelError says which key to change.
 
-        return StatefulEngine.load(artifact, runtime=settings.runtime, max_batch=settings.max_batch_streams)
-    from sigclassd.engine.windowed import WindowedEngine
-
-    runtime = settings.runtime if settings.runtime in ("xla", "tf") else "auto"
-    return WindowedEngine(artifact, runtime=runtime, max_batch=settings.max_batch_streams)
+    ``where`` names the model (its directory) in the message.
+    """
+    model = settings.model
+    if model.mode == "stateful" and not meta.streamable:
+        msg = (f"model {where} ({meta.architecture}) labels whole windows only and cannot run in stateful mode; "
+               "set model.mode = \"windowed\" or use a seq2seq/causal model")
+        raise ModelError(msg)
+    if model.channels and model.channels != meta.channels:
+        msg = (f"model {where} takes {meta.channels} channels but model.channels = {model.channels}; "
+               "point model.path at a model trained for your gateways or fix model.channels")
+        raise ModelError(msg)
+    if model.lag >= meta.window:
+        msg = f"model.lag = {model.lag} must be smaller than the model's window ({meta.window})"
+        raise ModelError(msg)
+    pending = settings.streams.max_pending_samples
+    if model.mode == "windowed" and pending < max(meta.window, model.hop):
+        msg = (f"streams.max_pending_samples = {pending} is smaller than the model's window ({meta.window}) "
+               f"or model.hop ({model.hop}): a stream could never be labelled; raise it")
+        raise ModelError(msg)
 
 
 def load_model(settings: Settings) -> tuple[ModelArtifact, Engine]:
-    """Read, check against the config, load and warm the configured model."""
+    """Read the configured model, check it against the config, load and warm its engine."""
     artifact = read_artifact(settings.model.path or default_model_path())
-    meta = artifact.meta
-    if settings.model.channels and settings.model.channels != meta.channels:
-        msg = (
-            f"model {artifact.path} takes {meta.channels} channels but model.channels = {settings.model.channels}; "
-            "point model.path at a model trained for your gateways or fix model.channels"
-        )
-        raise ModelError(msg)
-    if settings.model.lag >= meta.window:
-        msg = f"model.lag = {settings.model.lag} must be smaller than the model's window ({meta.window})"
-        raise ModelError(msg)
-    if settings.model.mode == "windowed" and settings.streams.max_pending_samples < max(meta.window, settings.model.hop):
-        msg = (f"streams.max_pending_samples = {settings.streams.max_pending_samples} is smaller than the model's "
-               f"window ({meta.window}) or model.hop ({settings.model.hop}): a stream could never be labelled; raise it")
-        raise ModelError(msg)
-    engine = load_engine(artifact, settings.model)
+    check_settings(settings, artifact.meta, str(artifact.path))
+    engine: Engine
+    if settings.model.mode == "stateful":
+        from sigclassd.engine.stateful import StatefulEngine
+
+        engine = StatefulEngine.load(artifact, max_batch=settings.model.max_batch_streams)
+    else:
+        from sigclassd.engine.windowed import WindowedEngine
+
+        engine = WindowedEngine.load(artifact, max_batch=settings.model.max_batch_streams)
     engine.warm_up()
     return artifact, engine
