@@ -450,19 +450,25 @@ def _choose_units(
     total = counts.sum(axis=0)
     target = val_fraction * sum(b - a for _, a, b in units)
     chosen: list[int] = []
+
+    def keeps_training(u: int) -> bool:
+        """Whether holding out unit ``u`` too still leaves some of every class for training."""
+        left = total - counts[chosen].sum(axis=0) - counts[u]
+        return u not in chosen and bool((left[total > 0] > 0).all())
+
     for k in np.argsort(total):
         if total[k] == 0 or counts[chosen, k].sum() > 0:
             continue
-        ok = [u for u in range(len(units)) if u not in chosen and 0 < counts[u, k] < total[k] - counts[chosen, k].sum()]
+        ok = [u for u in range(len(units)) if counts[u, k] > 0 and keeps_training(u)]
         if ok:
             chosen.append(max(ok, key=lambda u: counts[u, k]))
     size = sum(units[u][2] - units[u][1] for u in chosen)
     rest = [u for u in range(len(units)) if u not in chosen]
-    step = max(1, round(1 / val_fraction)) if rest else 1
+    step = max(1, round(1 / val_fraction))
     for u in rest[step // 2 :: step] + rest:
         if size >= target or len(chosen) >= len(units) - 1:
             break
-        if u not in chosen:
+        if keeps_training(u):
             chosen.append(u)
             size += units[u][2] - units[u][1]
     held: list[list[tuple[int, int]]] = [[] for _ in recs]
@@ -515,8 +521,7 @@ def split(
     def by_blocks() -> Split:
         units = []
         for i, r in enumerate(recs):
-            n = max(1, min(len(r) // block, len(r) // max(1, block // 5)) or 1)
-            n = max(n, min(5, len(r) // max(1, block // 5)))
+            n = max(1, min(max(5, len(r) // block), len(r) // max(1, block // 5)))
             edges = np.linspace(0, len(r), n + 1).round().astype(int)
             units += [(i, int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
         return _assemble(recs, _choose_units(units, recs, k, val_fraction), "blocks", ds.classes)
