@@ -31,6 +31,8 @@ from sigclassd.streams import LabelRun, StreamTable
 
 log = structlog.get_logger("sigclassd")
 
+MAX_NORMALISED = 1e6  # largest |normalised input| accepted; far beyond any real signal, far below overflow
+
 
 class InferenceFailure(SigclassdError):
     """The model failed too many times in a row: exit so the supervisor restarts the process."""
@@ -65,6 +67,9 @@ class Pipeline:
             n_classes=meta.n_classes, max_streams=settings.model.max_batch_streams,
         )
         self.consecutive_errors = 0
+        # Samples this far from the model's training range would overflow its float32 arithmetic
+        # (3e38 gave NaN for every later label of a stream): refused at decode, counted out_of_range.
+        self.max_abs = MAX_NORMALISED * min(meta.norm_std) + max(abs(v) for v in meta.norm_mean)
 
     @property
     def has_work(self) -> bool:
@@ -109,9 +114,10 @@ class Pipeline:
         m = self.metrics
         m.frames_received.inc(len(messages))
         decode = protocol.decode_samples
+        max_abs = self.max_abs
         for parts in messages:
             try:
-                frame = decode(parts, n_channels=channels)
+                frame = decode(parts, n_channels=channels, max_abs=max_abs)
             except FrameError as e:
                 m.frames_rejected.labels(e.reason).inc()
                 self.rejects.add(e.reason, detail=str(e), topic=parts[0][:64].decode("utf-8", "replace"))

@@ -114,14 +114,18 @@ class Planner:
         table.states[batch.slots] = new_state
         probabilities = self._outputs(batch, probabilities, flushed)
         labels = probabilities.argmax(axis=-1).astype(np.uint8)
+        poisoned = _non_finite_streams(batch, probabilities, new_state)
         own: dict[Stream, list[LabelRun]] = {}
         for item in batch.items:
-            if item.count:
+            if item.count and item.stream not in poisoned:
                 a, b = item.start, item.start + item.count
                 own.setdefault(item.stream, []).extend(item.stream.label(
                     probabilities[item.row, a:b], labels[item.row, a:b], item.first, item.count, table.warmup))
                 table.mark_labelled(item.count)
         for stream, fed, flushed_rows in batch.advances:
+            if stream in poisoned:
+                self._reset_poisoned(stream, runs)
+                continue
             stream.advance(fed, flushed_rows)
             mine = own.get(stream, [])
             runs.extend(mine)
@@ -131,6 +135,18 @@ class Planner:
             else:
                 table.requeue(stream)
         return runs
+
+    def _reset_poisoned(self, stream: Stream, runs: list[LabelRun]) -> None:
+        """A stream whose output or state went non-finite: drop what it held, counted, and start it afresh.
+
+        No NaN is ever published; the consumer sees FINAL, then START with the hole as GAP.
+        """
+        self.table.mark_dropped(stream.abandon(), "non_finite_output")
+        if stream.final:
+            runs.extend(stream.finish([], self.no_probs))
+            self.table.release(stream)
+        else:
+            self.table.reset(stream, "non_finite_state")
 
     def fail(self, batch: Batch) -> int:
         """Drop the work of a batch whose model call raised; return the samples dropped."""
@@ -254,6 +270,14 @@ class StatefulPlanner(Planner):
             n = batch.lengths[row]
             extended[row, n : n + flushed.shape[1]] = flushed[j]
         return extended
+
+
+def _non_finite_streams(batch: Batch, probabilities: np.ndarray, state: np.ndarray) -> set[Stream]:
+    """Streams of ``batch`` whose outputs or new state hold NaN or Inf (one reduction when all is well)."""
+    if np.isfinite(probabilities.sum()) and np.isfinite(state.sum()):
+        return set()
+    bad_rows = ~(np.isfinite(probabilities).all(axis=(1, 2)) & np.isfinite(state).all(axis=1))
+    return {item.stream for item in batch.items if bad_rows[item.row]}
 
 
 def make_planner(mode: str, table: StreamTable, **kwargs: object) -> Planner:

@@ -319,10 +319,13 @@ class StreamTable:
             assert expected is not None
             if frame.seq > expected:
                 missing = frame.seq - expected
-                m.samples_missing.inc(missing)
                 if missing > self.settings.gap_reset_samples:
+                    # A jump this far is a new incarnation, not lost samples: counted as a reset only,
+                    # so one wild seq cannot add 9e18 to samples_missing.
                     stream = self.reset(stream, "gap")
                     stream.mark_gap(missing)
+                else:
+                    m.samples_missing.inc(missing)
             elif frame.seq < expected:
                 if expected - frame.seq > self.settings.backwards_reset_samples:
                     stream = self.reset(stream, "seq_backwards")

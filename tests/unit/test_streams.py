@@ -76,8 +76,20 @@ def test_gap_beyond_the_threshold_resets_flagged_start_and_gap():
     assert new is not old and t.retired == [old] and old.final
     assert new.flags == protocol.LABEL_START | protocol.LABEL_GAP and new.gap == 11
     assert held_seqs(t, "a") == [16, 17]
-    assert counter(reg, "samples_missing") == 11 and counter(reg, "stream_resets", reason="gap") == 1
+    # The jump is a new incarnation (reported as its GAP), not samples that went missing.
+    assert counter(reg, "samples_missing") == 0 and counter(reg, "stream_resets", reason="gap") == 1
     assert t.buffered == 7  # the old incarnation's 5 still await their FINAL labels
+
+
+def test_a_wild_seq_jump_does_not_break_samples_missing():
+    """One frame with a seq near 2**63 resets the stream; real gaps after it are still counted exactly."""
+    t, reg, _ = make_table(gap_reset_samples=10)
+    t.accept(frame("a", 0, 5))
+    t.accept(frame("a", (1 << 63) - 100, 5))
+    assert counter(reg, "samples_missing") == 0 and counter(reg, "stream_resets", reason="gap") == 1
+    t.accept(frame("b", 0, 5))
+    t.accept(frame("b", 8, 2))
+    assert counter(reg, "samples_missing") == 3
 
 
 def test_exact_duplicate_is_dropped_and_counted():
