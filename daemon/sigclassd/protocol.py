@@ -105,6 +105,11 @@ class LabelFrame:
         return [name for bit, name in LABEL_FLAG_NAMES.items() if self.flags & bit]
 
 
+# Sample rates outside this range make sensor-time arithmetic meaningless (and, near 0, overflow).
+MIN_RATE_HZ = 1e-3
+MAX_RATE_HZ = 1e7
+
+
 def decode_topic(topic: bytes) -> str:
     if not 1 <= len(topic) <= MAX_TOPIC_BYTES:
         msg = f"topic must be 1-{MAX_TOPIC_BYTES} bytes, got {len(topic)}"
@@ -117,12 +122,15 @@ def decode_topic(topic: bytes) -> str:
 
 
 def decode_samples(
-    parts: list[bytes], *, n_channels: int | None = None, allow_non_finite: bool = False
+    parts: list[bytes], *, n_channels: int | None = None, allow_non_finite: bool = False,
+    max_abs: float | None = None,
 ) -> SampleFrame:
     """Decode a gateway message or raise :class:`FrameError` with a reason.
 
     ``n_channels``, when given, is the channel count the model expects; a frame
     with another count is rejected here so that it never reaches a buffer.
+    ``max_abs``, when given, is the largest magnitude a sample may have: beyond it
+    the model's arithmetic would overflow (reason ``out_of_range``).
     """
     if len(parts) != 2:
         msg = f"expected 2 frames (topic, body), got {len(parts)}"
@@ -156,13 +164,24 @@ def decode_samples(
     if seq > SEQ_MAX - n_samples:
         msg = f"seq + n_samples must stay below 2**63 (got seq {seq})"
         raise FrameError("bad_seq", msg)
-    if not math.isfinite(rate) or rate < 0:
-        msg = f"sample_rate_hz {rate} must be finite and >= 0"
+    if not (rate == 0 or MIN_RATE_HZ <= rate <= MAX_RATE_HZ):
+        msg = f"sample_rate_hz {rate} must be 0 (unknown) or between {MIN_RATE_HZ:g} and {MAX_RATE_HZ:g}"
         raise FrameError("bad_rate", msg)
+    if t0_ns and rate and abs(t0_ns) + n_samples * 1e9 / rate >= SEQ_MAX:
+        msg = f"t0_ns {t0_ns}: the message's sample times would pass 2**63 ns"
+        raise FrameError("bad_time", msg)
     values = np.frombuffer(body, dtype=dtype, offset=SAMPLE_HEADER_SIZE).reshape(n_samples, channels)
     samples = values.astype(np.float32) if dtype_code != DTYPE_FLOAT32 else values
+    if max_abs is not None:
+        peak = float(np.abs(samples).max())
+        if not peak <= max_abs:  # NaN fails this comparison too
+            if math.isfinite(peak):
+                msg = f"a sample of magnitude {peak:.3g} is beyond {max_abs:.3g}, where the model's arithmetic overflows"
+                raise FrameError("out_of_range", msg)
+            msg = "samples contain NaN or Inf"
+            raise FrameError("non_finite", msg)
     # One float64 reduction: NaN and Inf propagate, and float32 values cannot overflow it.
-    if not allow_non_finite and dtype_code == DTYPE_FLOAT32 and not math.isfinite(samples.sum(dtype=np.float64)):
+    elif not allow_non_finite and dtype_code == DTYPE_FLOAT32 and not math.isfinite(samples.sum(dtype=np.float64)):
         msg = "samples contain NaN or Inf"
         raise FrameError("non_finite", msg)
     return SampleFrame(stream, seq, t0_ns, float(rate), flags, samples)
