@@ -11,8 +11,14 @@ import pytest
 from sigclassd.errors import ModelError
 from sigclassd.models.artifact import ModelMeta, read_artifact, write_metadata
 from sigclassd.models.cli import main
-from sigclassd.models.data import Recording
-from sigclassd.models.train import _carry_batches, _carry_plan, classification_report, to_probabilities
+from sigclassd.models.data import IGNORE, Recording
+from sigclassd.models.train import (
+    _carry_batches,
+    _carry_plan,
+    classification_report,
+    served_windows,
+    to_probabilities,
+)
 
 DAPHNET = Path(__file__).parents[3] / "shared" / "data" / "daphnet_fog.npz"
 
@@ -26,6 +32,9 @@ def test_classification_report_values() -> None:
     assert r["accuracy"] == pytest.approx(6 / 8)
     assert r["balanced_accuracy"] == pytest.approx((3 / 4 + 1 / 2 + 1) / 3)
     assert r["macro_f1"] == pytest.approx((0.75 + 0.5 + 1.0) / 3)
+    assert r["recall"] == pytest.approx([0.75, 0.5, 1.0]) and r["f1"] == pytest.approx([0.75, 0.5, 1.0])
+    masked = classification_report(np.append(y_true, [IGNORE] * 3), np.append(y_pred, [1, 1, 1]), 3)
+    assert masked == r
 
 
 def test_majority_prediction_scores_chance_balanced_accuracy() -> None:
@@ -92,35 +101,138 @@ def test_invalid_metadata_is_refused(tmp_path: Path, changes: dict[str, object],
         write_metadata(tmp_path, _meta(**changes))
 
 
+@pytest.mark.parametrize(("n", "window", "hop", "lag"), [(1000, 400, 50, 0), (1013, 400, 64, 7), (300, 400, 50, 10),
+                                                   (400, 400, 50, 3), (5000, 100, 100, 99)])
+def test_served_windows_label_every_sample_once_as_the_daemon_does(n: int, window: int, hop: int, lag: int) -> None:
+    """A window every hop samples from the first full one; it labels up to its end minus lag; a flush ends the stream."""
+    plans = served_windows(n, window, hop, lag)
+    labelled = [i for _, first, upto in plans for i in range(first, upto)]
+    assert labelled == list(range(n))
+    *live, (last_end, _, last_upto) = plans
+    assert last_end == last_upto == n
+    for i, (end, first, upto) in enumerate(live):
+        assert end == window + i * hop and upto == end - lag
+        assert first == (0 if i == 0 else live[i - 1][2])
+
+
 @pytest.mark.tf
-@pytest.mark.slow
-def test_train_then_eval_beats_the_majority_baseline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`train --synthetic` writes a valid model dir; `eval --json` on fresh data beats the baseline's balanced accuracy."""
+def test_served_windowed_prediction_comes_from_the_labelling_window() -> None:
+    """Each sample's probabilities are its labelling window's output; a short recording is one zero-padded window."""
+    from sigclassd.models.architectures import HyperParams, build_model
+    from sigclassd.models.train import predict_served
+
+    model = build_model("seq2seq", channels=2, n_classes=2, hp=HyperParams(filters=4, units=4))
+    x = np.random.default_rng(0).normal(size=(260, 2)).astype(np.float32)
+    probs = predict_served(model, x, 100, 50, 10)
+
+    def window(end: int) -> np.ndarray:
+        return np.asarray(model(x[None, end - 100 : end]))[0, :, 0]
+
+    np.testing.assert_allclose(probs[0:90, 1], window(100)[:90], atol=1e-6)
+    np.testing.assert_allclose(probs[140:190, 1], window(200)[40:90], atol=1e-6)
+    np.testing.assert_allclose(probs[240:260, 1], window(260)[80:], atol=1e-6)  # the flush at the end
+    short = predict_served(model, x[:30], 100, 50, 10)
+    padded = np.concatenate([np.zeros((70, 2), np.float32), x[:30]])
+    np.testing.assert_allclose(short[:, 1], np.asarray(model(padded[None]))[0, 70:, 0], atol=1e-6)
+
+
+def _write_npz(path: Path, recs: dict[str, tuple[np.ndarray, np.ndarray]], classes: tuple[str, ...]) -> Path:
+    arrays = {f"{n}_X": x for n, (x, _) in recs.items()} | {f"{n}_y": y for n, (_, y) in recs.items()}
+    np.savez(path, **arrays, classes=np.array(classes))
+    return path
+
+
+def _events(n: int, period: int, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A learnable recording: class ``k`` where a 2-channel sine burst is on, class 0 elsewhere, in noise."""
+    y = np.where(np.arange(n) % period < period // 2, k, 0)
+    t = np.arange(n)
+    x = rng.normal(0, 0.3, size=(n, 2)) + (y > 0)[:, None] * np.stack([np.sin(t / 3), np.cos(t / 3)], 1)
+    return x.astype(np.float32), y.astype(np.int8)
+
+
+@pytest.mark.tf
+def test_train_keeps_the_best_epoch_and_eval_skips_the_training_part(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The written model is the epoch with the best served validation score; eval on the training file scores
+    only the held-out part and warns; --part all scores everything."""
+    rng = np.random.default_rng(0)
+    data = _write_npz(tmp_path / "d.npz", {"a": _events(4000, 300, 1, rng), "b": _events(4000, 500, 1, rng)},
+                      ("rest", "burst"))
     out = tmp_path / "model"
-    code = main(
-        [
-            "train", "--synthetic", "--recordings", "2", "--samples", "15000", "--window", "200", "--hop", "50",
-            "--filters", "16", "--units", "8", "--epochs", "6", "--learning-rate", "5e-3", "--batch-size", "16",
-            "--progress", "none", "--name", "tiny", "--out", str(out),
-        ]
-    )  # fmt: skip
-    assert code == 0
-    art = read_artifact(out)
-    meta = art.meta
-    assert (meta.name, meta.architecture, meta.channels, meta.window) == ("tiny", "seq2seq", 16, 200)
-    assert (meta.output, meta.lookahead, meta.sample_rate_hz) == ("sigmoid", 4, 250.0)
-    assert meta.training["carry_state"] is False and meta.training["epochs"] == 6
-    assert meta.training["data"].startswith("synthetic:seed=0")
-    assert len(meta.training["history"]["loss"]) == 6
-    assert art.keras_path.stat().st_size < 200_000
+    code = main(["train", str(data), "--window", "100", "--hop", "50", "--filters", "4", "--units", "4",
+                 "--epochs", "5", "--patience", "0", "--learning-rate", "1e-2", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert printed.err == ""  # no TensorFlow start-up lines
+    meta = read_artifact(out).meta
+    sel, curve = meta.training["selection"], meta.training["curve"]
+    scores = [p["val_balanced_accuracy"] for p in curve]
+    assert len(curve) == 5 and sel["kept_epoch"] == int(np.argmax(scores)) + 1
+    assert f"kept epoch {sel['kept_epoch']} of 5" in printed.out
+    held = meta.metrics["held_out"]
+    assert held["windowed"]["balanced_accuracy"] == pytest.approx(scores[sel["kept_epoch"] - 1], abs=1e-9)
+    assert (held["windowed"]["hop"], held["windowed"]["lag"]) == (50, 0) and "stateful" in held
+    assert [r["held_out"] for r in meta.training["recordings"]] == [[[3200, 4000]], [[3200, 4000]]]
+
+    assert main(["eval", str(out), str(data), "--json"]) == 0
+    printed = capsys.readouterr()
+    report = json.loads(printed.out)
+    assert report["samples"] == 1600 and report["part"] == "all but what the model was trained on"
+    assert "2 of 2 recording(s) were used to train this model" in printed.err
+    assert report["windowed"]["balanced_accuracy"] == pytest.approx(held["windowed"]["balanced_accuracy"], abs=1e-9)
+    assert main(["eval", str(out), str(data), "--part", "all", "--no-stateful", "--json"]) == 0
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["samples"] == 8000 and printed.err == ""
+
+
+@pytest.mark.tf
+def test_a_class_with_no_training_windows_stops_training_with_its_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A class found only in recordings shorter than the window is an error naming it, unless allowed."""
+    rng = np.random.default_rng(1)
+    x, y = _events(3000, 300, 1, rng)
+    short_x, short_y = _events(80, 40, 2, rng)
+    data = _write_npz(tmp_path / "d.npz", {"a": (x, y), "b": (x, y), "short": (short_x, short_y)}, ("rest", "one", "two"))
+    args = ["train", str(data), "--window", "100", "--filters", "4", "--units", "4", "--epochs", "1", "--out",
+            str(tmp_path / "m")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "class 'two' has no training signal" in err and "shorter than the 100-sample window" in err
+    assert "--allow-missing-classes" in err
+
+
+@pytest.mark.tf
+def test_drop_class_masks_without_starving_a_class(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--drop-class 0 where class 0 interrupts every freeze: freezes still train (weight > 0), from CSV files,
+    and eval reads the same signal from EDF."""
+    edfio = pytest.importorskip("edfio")
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    edf_signals = []
+    for name in ("r1", "r2"):
+        x, y = _events(3000, 150, 2, rng)  # 75-sample freezes (class 2)
+        # One class-0 sample every 150: cutting there would leave only pieces shorter than the 200-sample window.
+        y = np.where(np.arange(3000) % 150 == 0, 0, np.where(y == 2, 2, 1))
+        lines = ["a,b,label"] + [f"{u:.6f},{v:.6f},{k}" for (u, v), k in zip(x, y, strict=True)]
+        (folder / f"{name}.csv").write_text("\n".join(lines) + "\n")
+        edf_signals.append((x, y))
+    out = tmp_path / "m"
+    code = main(["train", str(folder), "--class-names", "out,walk,freeze", "--drop-class", "0", "--window", "200",
+                 "--filters", "4", "--units", "4", "--epochs", "1", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    meta = read_artifact(out).meta
+    assert meta.classes == ("walk", "freeze") and all(w > 0 for w in meta.training["class_weights"])
+    assert meta.channel_names == ("a", "b")
+    assert [r["samples"] for r in meta.training["recordings"]] == [3000, 3000]
+    x, y = edf_signals[0]
+    sigs = [edfio.EdfSignal(x[:, i].astype(np.float64), 100, label=c) for i, c in enumerate("ab")]
+    sigs.append(edfio.EdfSignal(y.astype(np.float64), 100, label="label", physical_range=(0, 2)))
+    edfio.Edf(sigs).write(tmp_path / "r.edf")
     capsys.readouterr()
-    assert main(["eval", str(out), "--synthetic", "--seed", "7", "--recordings", "1", "--samples", "8000", "--json"]) == 0
+    assert main(["eval", str(out), str(tmp_path / "r.edf"), "--label-signal", "label",
+                 "--class-names", "out,walk,freeze", "--no-stateful", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["part"] == "all of it" and report["samples"] == 8000
-    assert np.sum(report["windowed"]["confusion"]) == 8000
-    assert report["baseline"]["balanced_accuracy"] == 0.5
-    assert report["windowed"]["balanced_accuracy"] > 0.6
-    assert report["carried"]["balanced_accuracy"] > 0.6
+    assert report["samples"] == 3000 - 20 and report["ignored_samples"] == 20
+    assert np.array(report["windowed"]["confusion"]).shape == (2, 2)
 
 
 @pytest.mark.tf
@@ -137,26 +249,11 @@ def test_carry_state_training_writes_a_plain_model(tmp_path: Path) -> None:
     assert code == 0
     meta = read_artifact(out).meta
     assert meta.training["carry_state"] is True and meta.training["carry_windows"] == 4
-    assert meta.lookahead == 0 and "carried" in meta.metrics["held_out"]
+    assert meta.lookahead == 0 and "stateful" in meta.metrics["held_out"]
     import keras
 
     model = keras.saving.load_model(out / "model.keras", compile=False)
     assert np.asarray(model(np.zeros((1, 333, 3), np.float32))).shape == (1, 333, 1)
-
-
-@pytest.mark.tf
-def test_windowed_inference_labels_each_sample_from_its_window() -> None:
-    """Hop windows label the first window whole and then only their newest samples; a tail window covers the end."""
-    from sigclassd.models.architectures import HyperParams, build_model
-    from sigclassd.models.train import predict_windowed
-
-    model = build_model("seq2seq", channels=2, n_classes=2, hp=HyperParams(filters=4, units=4))
-    x = np.random.default_rng(0).normal(size=(350, 2)).astype(np.float32)
-    probs = predict_windowed(model, x, 100, 100)
-    direct = {s: np.asarray(model(x[None, s : s + 100]))[0, :, 0] for s in (0, 200, 250)}
-    np.testing.assert_allclose(probs[0:100, 1], direct[0], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(probs[200:300, 1], direct[200], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(probs[300:350, 1], direct[250][50:], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.tf
@@ -186,8 +283,8 @@ def test_multiclass_train_on_a_daphnet_slice(tmp_path: Path, capsys: pytest.Capt
     capsys.readouterr()
     assert main(["eval", str(out), str(data), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["part"].startswith("held-out") and report["samples"] == 2 * 2400
-    assert np.array(report["carried"]["confusion"]).shape == (3, 3)
+    assert report["part"] == "all but what the model was trained on" and report["samples"] == 2 * 2400
+    assert np.array(report["stateful"]["confusion"]).shape == (3, 3)
     assert sum(report["class_counts"]) == 4800
 
 
