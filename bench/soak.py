@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,14 +30,9 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from sigclassd import protocol
+from sigclassd.bench.sut import free_port
 
 COUNTERS = ("received", "labelled", "duplicate", "shed", "missing")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> dict[str, float]:

@@ -2,7 +2,8 @@
 
 It is the transport ceiling of ``sigclassd bench``: the same sockets, the same
 poll-and-drain loop, the same protocol-v1 decoding and one label message per
-gateway message (all-zero probabilities and labels), so whatever the daemon
+gateway message (all-zero probabilities and labels, stamped with the time it was
+received as the daemon stamps ``ingress_ns``), so whatever the daemon
 does beyond this costs it throughput and latency that the relay does not pay.
 
 Run it alone with ``python -m sigclassd.bench.relay --input EP --output EP``; it
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 import numpy as np
 import zmq
@@ -44,8 +46,6 @@ class Relay:
         self.n_classes = n_classes
         # One zero block per message length, made once: the relay's output costs encoding, not allocation.
         self.zeros: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self.relayed = 0
-        self.rejected = 0
 
     def turn(self, timeout_ms: int) -> int:
         """Wait up to ``timeout_ms`` for a message, relay everything queued; return how many were relayed."""
@@ -54,26 +54,26 @@ class Relay:
         recv, send = self.sub.recv_multipart, self.pub.send
         more = int(zmq.SNDMORE)  # two sends with an int flag cost a third of send_multipart
         decode, encode = protocol.decode_samples, protocol.encode_labels
+        clock = time.time_ns
         moved = 0
         while moved < DRAIN_MAX:
             try:
                 parts = recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
+            ingress_ns = clock()
             try:
                 frame = decode(parts)
             except FrameError:
-                self.rejected += 1
                 continue
             n = len(frame.samples)
             block = self.zeros.get(n)
             if block is None:
                 block = self.zeros[n] = (np.zeros((n, self.n_classes), np.float32), np.zeros(n, np.uint8))
-            topic, body = encode(parts[0], block[0], block[1], frame.seq, t0_ns=frame.t0_ns)
+            topic, body = encode(parts[0], block[0], block[1], frame.seq, t0_ns=frame.t0_ns, ingress_ns=ingress_ns)
             send(topic, more)
             send(body)
             moved += 1
-        self.relayed += moved
         return moved
 
     def close(self) -> None:

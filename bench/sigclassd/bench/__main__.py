@@ -1,0 +1,5 @@
+import sys
+
+from sigclassd.bench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,188 @@
+"""Run orchestration: one (mode, streams) measurement, and the whole plan behind ``sigclassd bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from sigclassd.bench import report
+from sigclassd.bench.load import CHUNK, Load
+from sigclassd.bench.parties import Children, Party, build_loadgen, cpu_seconds
+from sigclassd.bench.profile import py_spy, pyinstrument_wrap, start_py_spy, summarise_profile
+from sigclassd.bench.result import RunResult
+from sigclassd.bench.sut import peak_rss_mb, start_sut
+
+WARMUP_S = 2.0
+SETTLE_S = 1.0  # between "everyone connected" and the first due message: SUB subscriptions must propagate
+TAIL_S = 1.0  # after the last due message, before the SUT is stopped
+
+
+def _number(value: Any) -> float:
+    """A figure from a party's JSON report; its null (no data) is NaN."""
+    return math.nan if value is None else float(value)
+
+
+def run_one(mode: str, load: Load, opts: argparse.Namespace, tmp: Path, loadgen: Path, *,
+            warmup_s: float = WARMUP_S, profile: Path | None = None) -> RunResult:
+    """Start the SUT, drive it with ``load`` from the compiled generator, stop it, and measure."""
+    children = Children()
+    result = RunResult(mode, load.streams, load.seconds, load.offered(), rate_hz=load.rate_hz)
+    spy = None
+    try:
+        wrap = pyinstrument_wrap(profile) if profile is not None and not py_spy() else None
+        sut = start_sut(mode, load.streams, tmp, children, opts, wrap)
+        result.runtime = sut.runtime
+        lookahead = opts.lookahead if mode == "stateful" else 0
+        consumer = Party(children, loadgen, "receive", sut.output, load,
+                         ["--lookahead", str(lookahead), "--warmup", repr(warmup_s)])
+        generator = Party(children, loadgen, "send", sut.input, load)
+        for party in (consumer, generator):
+            party.ready(60)
+        start = time.time() + SETTLE_S
+        for party in (consumer, generator):
+            party.begin(int(start * 1e9))
+        pids = {"sut": sut.proc.pid, "generator": generator.pid, "consumer": consumer.pid}
+        _sleep_until(start + warmup_s)
+        cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        if profile is not None and wrap is None:
+            spy = start_py_spy(sut.proc.pid, load.seconds - warmup_s, profile.with_suffix(".folded"))
+        _sleep_until(start + load.seconds)
+        # The generator may still be sending its last messages: its CPU is read when it reports.
+        cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items() if name != "generator"}
+        sent = generator.report(60)
+        cpu1["generator"] = _number(sent["cpu_s"])
+        _sleep_until(start + load.seconds + TAIL_S)
+        metrics = sut.metrics()
+        result.rss_mb = peak_rss_mb(sut.proc.pid)
+        if sut.proc.poll() is not None:
+            result.error = f"SUT exited with {sut.proc.returncode} during the run"
+        children.stop(sut.proc, 60)  # the daemon drains: every accepted sample gets its labels
+        generator.tell("stop")
+        time.sleep(0.5)
+        consumer.tell("stop")
+        got = consumer.report(60)
+        if spy is not None:
+            spy.wait(30)
+            summarise_profile(profile.with_suffix(".folded"), profile, f"{mode} at {load.streams} streams")
+        measured = load.seconds - warmup_s
+        cpu_s = {name: cpu1[name] - cpu0[name] for name in pids}
+        # The generator's figure is its whole life (it has no reason to idle outside the window).
+        cpu_s["generator"] = cpu1["generator"]
+        result.cpu_percent = 100 * cpu_s["sut"] / measured
+        result.generator_cpu_percent = 100 * cpu_s["generator"] / load.seconds
+        result.consumer_cpu_percent = 100 * cpu_s["consumer"] / measured
+        for key in ("labelled_per_s", "messages_per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms",
+                    "arrival_p50_ms", "arrival_p99_ms"):
+            setattr(result, key, _number(got[key]))
+        result.samples_per_cpu_s = result.labelled_per_s * measured / cpu_s["sut"] if cpu_s["sut"] > 0 else math.nan
+        result.missing = int(got["gaps"] + got["unlabelled_tail"])
+        result.duplicates = int(got["duplicates"])
+        result.shed = int(metrics.get("sigclassd_samples_shed_total", 0))
+        result.rejected = int(metrics.get("sigclassd_samples_rejected_total", 0))
+        result.generator_late_p99_ms = _number(sent["late_p99_ms"])
+        result.extra = {
+            "sent_samples": sent["samples"],
+            "labelled": got["labelled"],
+            "timed_messages": got["timed"],
+            "malformed_label_messages": got["malformed"],
+            "daemon_missing": int(metrics.get("sigclassd_samples_missing_total", 0)),
+            "streams_active": int(metrics.get("sigclassd_streams_active", 0)),
+        }
+    except (RuntimeError, OSError) as e:
+        result.error = str(e).splitlines()[0]
+        print(str(e), file=sys.stderr)
+    finally:
+        if spy is not None and spy.poll() is None:
+            spy.kill()
+            spy.wait()
+        children.close()
+    return result
+
+
+def _sleep_until(t: float) -> None:
+    delay = t - time.time()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def model_meta(model: Path | None) -> Any:  # noqa: ANN401 - a ModelMeta, imported only when a benchmark runs
+    from sigclassd.models.artifact import default_model_path, read_artifact
+
+    return read_artifact(model or default_model_path()).meta
+
+
+def _interrupt(*_: object) -> None:
+    # SIGTERM takes the Ctrl-C path: children stopped, what was measured written.
+    raise KeyboardInterrupt
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Run every requested (mode, streams), then the memory check, and write the report."""
+    if sys.argv[1:2] == ["bench"]:
+        command = shlex.join(["sigclassd", *sys.argv[1:]])
+    else:
+        command = shlex.join(["python", "-m", "sigclassd.bench", *sys.argv[1:]])
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = model_meta(args.model)
+    args.lookahead = meta.lookahead
+    info = report.machine()
+    # Relay first at each count: the ceiling is measured next to the daemon, on the same machine state.
+    order = sorted(args.modes, key=lambda m: m != "relay")
+    plan = [(m, Load(n, args.seconds)) for n in args.streams for m in order if m != "naive"]
+    if "naive" in args.modes:
+        plan += [("naive", Load(n, args.naive_seconds)) for n in args.naive_streams]
+    results: list[RunResult] = []
+    memory: RunResult | None = None
+    profiles: list[str] = []
+    total_s = sum(load.seconds + 15 for _, load in plan) + (25 if args.memory_streams else 0)
+    print(f"{len(plan)} runs{' + memory check' if args.memory_streams else ''}, about {max(1, round(total_s / 60))} min; "
+          f"results to {args.out}", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)
+    with tempfile.TemporaryDirectory(prefix="sigclassd-bench-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        try:
+            loadgen = build_loadgen(tmp)
+            for k, (mode, load) in enumerate(plan, 1):
+                profile = None
+                if (mode, load.streams) in args.profile:
+                    profile = args.out / f"profile-{mode}-{load.streams}.txt"
+                    profiles.append(profile.name)
+                r = run_one(mode, load, args, tmp, loadgen, profile=profile)
+                results.append(r)
+                print(f"[{k}/{len(plan)}] {report.progress(r)}", flush=True)
+            if args.memory_streams:
+                # A trickle: one message per stream every 2 s keeps every stream open without saturating the host.
+                memory = run_one("stateful", Load(args.memory_streams, 8.0, rate_hz=CHUNK / 2.0), args, tmp, loadgen,
+                                 warmup_s=0.0)
+                print(f"   memory {memory.streams:>6} streams: peak RSS {report.cell(memory.rss_mb)} MB, "
+                      f"{memory.extra.get('streams_active', 0)} held{', error: ' + memory.error if memory.error else ''}",
+                      flush=True)
+        except KeyboardInterrupt:
+            print("interrupted: writing what was measured", file=sys.stderr)
+        except RuntimeError as e:
+            print(f"sigclassd bench: {e}", file=sys.stderr)
+            return 1
+    info["load average after (1, 5 min)"] = "{:.2f}, {:.2f}".format(*os.getloadavg()[:2])
+    setup = report.Setup(command=command, load=Load(0, args.seconds), hop=args.hop, naive_hop=args.naive_hop or args.hop,
+                         model=f"{meta.name} {meta.version} ({args.model or 'bundled'})", lookahead=meta.lookahead,
+                         warmup_s=WARMUP_S, settings=list(args.set))
+    (args.out / "results.md").write_text(report.render_report(results, memory, info, setup, profiles))
+    (args.out / "results.json").write_text(json.dumps({
+        "command": command, "machine": info,
+        "runs": [{**asdict(r), "sustained": r.sustained} for r in results],
+        "memory": asdict(memory) if memory else None,
+    }, indent=1, default=str))
+    if results:
+        report.plot(results, setup, args.out / "throughput_latency.png")
+    print(f"wrote {args.out / 'results.md'}, results.json, throughput_latency.png", flush=True)
+    return 0 if results and not any(r.error for r in results) else 1
