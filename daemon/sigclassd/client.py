@@ -24,7 +24,6 @@ this module never imports TensorFlow.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -130,8 +129,9 @@ class Publisher:
         if not 1 <= channels <= 0xFFFF:
             msg = f"channels must be 1-65535, got {channels}"
             raise ValueError(msg)
-        if not math.isfinite(sample_rate_hz) or sample_rate_hz < 0:
-            msg = f"sample_rate_hz must be finite and >= 0 (0 = unknown), got {sample_rate_hz}"
+        if not (sample_rate_hz == 0 or protocol.MIN_RATE_HZ <= sample_rate_hz <= protocol.MAX_RATE_HZ):
+            msg = (f"sample_rate_hz must be 0 (unknown) or between {protocol.MIN_RATE_HZ:g} and "
+                   f"{protocol.MAX_RATE_HZ:g}, got {sample_rate_hz}")
             raise ValueError(msg)
         s = self._streams[stream_id] = Stream(self, stream_id, channels, float(sample_rate_hz), clock)
         return s

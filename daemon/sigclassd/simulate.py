@@ -9,14 +9,16 @@ period, so that the load is spread evenly over time as real gateways' would be.
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import zmq
 
-from sigclassd import protocol
+from sigclassd.client import Publisher, Stream
+from sigclassd.errors import EXIT_CONFIG
 from sigclassd.stopflag import StopFlag
 
 # A few distinct recordings are enough to make streams differ; generating one
@@ -48,46 +50,63 @@ def load_source(source: str, channels: int, rate: float, seed: int, seconds: flo
     return recs
 
 
-class Gateway:
-    """The state of one simulated stream: its source, position and next seq."""
+class Source:
+    """Where one simulated stream reads its samples: a recording, looped from an offset."""
 
-    __slots__ = ("topic", "source", "pos", "seq", "first")
+    __slots__ = ("recording", "pos")
 
-    def __init__(self, name: str, source: np.ndarray, pos: int) -> None:
-        self.topic = name
-        self.source = source
+    def __init__(self, recording: np.ndarray, pos: int) -> None:
+        self.recording = recording
         self.pos = pos
-        self.seq = 0
-        self.first = True
 
     def next_chunk(self, k: int) -> np.ndarray:
-        src = self.source
-        if self.pos + k > len(src):
+        if self.pos + k > len(self.recording):
             self.pos = 0
-        chunk = src[self.pos : self.pos + k]
+        chunk = self.recording[self.pos : self.pos + k]
         self.pos += k
         return chunk
 
 
+def default_prefix() -> str:
+    """Stream ids unique to this run (host and pid), so two simulators never feed the same streams."""
+    return f"sim-{socket.gethostname().split('.')[0]}-{os.getpid()}-"
+
+
+def subscription_note(pub: Publisher, streams: list[Stream], endpoints: str) -> str | None:
+    """A line saying which streams no daemon subscribes to (ZeroMQ drops those), or None if all are."""
+    unheard = [s.id for s in streams if not pub.is_subscribed(s.id)]
+    if not unheard:
+        return None
+    prefixes = pub.subscribed_prefixes()
+    heard_by = (f"the subscribers there take only prefixes {prefixes}" if prefixes
+                else "nobody is subscribed there (is the daemon running, and its input bound there?)")
+    return (f"simulate: {len(unheard)} of {len(streams)} streams (e.g. {unheard[0]!r}) reach no daemon at "
+            f"{endpoints}: {heard_by}; their messages are dropped")
+
+
 def simulate(args: argparse.Namespace) -> int:
     recs = load_source(args.source, args.channels, args.rate, args.seed)
-    if args.source != "synthetic" and recs[0].shape[1] != args.channels:
-        print(f"note: {args.source} has {recs[0].shape[1]} channels; sending those", file=sys.stderr)
+    channels = recs[0].shape[1]
+    if args.source != "synthetic" and channels != args.channels:
+        print(f"note: {args.source} has {channels} channels; sending those", file=sys.stderr)
     rng = np.random.default_rng(args.seed)
-    gateways = []
+    endpoints = ", ".join(args.connect + args.bind)
+    try:
+        pub = Publisher(args.connect, bind=args.bind, send_hwm=args.hwm)
+    except ValueError as e:
+        print(f"simulate: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    streams, sources = [], []
     for i in range(args.streams):
-        src = recs[i % len(recs)]
-        gateways.append(Gateway(f"{args.prefix}{i:04d}", src, int(rng.integers(0, max(1, len(src) - args.chunk)))))
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PUB)
-    sock.setsockopt(zmq.SNDHWM, args.hwm)
-    sock.setsockopt(zmq.LINGER, 2000)
-    for ep in args.connect:
-        sock.connect(ep)
-    for ep in args.bind:
-        sock.bind(ep)
+        rec = recs[i % len(recs)]
+        streams.append(pub.stream(f"{args.prefix}{i:04d}", channels, args.rate))
+        sources.append(Source(rec, int(rng.integers(0, max(1, len(rec) - args.chunk)))))
     stop = StopFlag()
-    time.sleep(args.settle)  # let the SUB side connect: PUB drops what it sends before that
+    # PUB drops what it sends before the daemon's subscription arrives: wait for it, a bounded time.
+    pub.wait_subscribed(streams[0].id, args.settle)
+    note = subscription_note(pub, streams, endpoints)
+    if note:
+        print(note, file=sys.stderr)
     period = args.chunk / args.rate
     start = time.time()
     sent_msgs = sent_samples = 0
@@ -98,30 +117,29 @@ def simulate(args: argparse.Namespace) -> int:
         base = start + tick * period
         if base >= deadline:
             break
-        for i, g in enumerate(gateways):
-            due = base + period * i / len(gateways)
+        for i, (stream, source) in enumerate(zip(streams, sources, strict=True)):
+            due = base + period * i / len(streams)
             delay = due - time.time()
             if delay > 0:
                 time.sleep(delay)
-            chunk = g.next_chunk(args.chunk)
-            flags = protocol.FLAG_RESTART if g.first else 0
-            t0 = int((due - period) * 1e9) + 0  # sensor time of the first sample in the chunk
-            sock.send_multipart(protocol.encode_samples(g.topic, chunk, g.seq, t0_ns=t0,
-                                                        sample_rate_hz=args.rate, flags=flags))
-            g.first = False
-            g.seq += len(chunk)
+            stream.send(source.next_chunk(args.chunk))
             sent_msgs += 1
-            sent_samples += len(chunk)
+            sent_samples += args.chunk
         tick += 1
-        if not args.quiet and time.monotonic() >= next_report:
-            elapsed = time.time() - start
-            print(f"\rsent {sent_msgs} messages, {sent_samples} samples ({sent_samples / elapsed:,.0f}/s) "
-                  f"to {args.streams} streams", end="", file=sys.stderr, flush=True)
+        if time.monotonic() >= next_report:
             next_report = time.monotonic() + 1.0
+            new_note = subscription_note(pub, streams, endpoints)
+            if new_note != note:
+                print(("\n" if not args.quiet else "") + (new_note or "simulate: every stream now reaches a daemon"),
+                      file=sys.stderr)
+                note = new_note
+            if not args.quiet:
+                elapsed = time.time() - start
+                print(f"\rsent {sent_msgs} messages, {sent_samples} samples ({sent_samples / elapsed:,.0f}/s) "
+                      f"to {args.streams} streams {args.prefix}0000...", end="", file=sys.stderr, flush=True)
     if not args.quiet:
         print(f"\nsent {sent_msgs} messages, {sent_samples} samples", file=sys.stderr)
-    sock.close()
-    ctx.term()
+    pub.close()
     return 0
 
 
@@ -130,7 +148,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "simulate",
         help="act as sensor gateways: publish protocol-v1 samples for N streams",
         description="Publish protocol-v1 sample messages for N simulated streams at R Hz, K samples per message, "
-                    "from the synthetic generator or an .npz recording. Stops after --seconds or on Ctrl-C.",
+                    "from the synthetic generator or an .npz recording, through sigclassd.client. Warns when no "
+                    "daemon subscribes to the streams. Stops after --seconds or on Ctrl-C.",
     )
     p.add_argument("--connect", action="append", default=None, metavar="ENDPOINT",
                    help="daemon input endpoint to connect to (repeatable; default tcp://127.0.0.1:5555)")
@@ -142,10 +161,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--channels", type=int, default=16, help="channels of synthetic data (default 16)")
     p.add_argument("--seconds", type=float, default=0.0, help="stop after this long (default: run until Ctrl-C)")
     p.add_argument("--source", default="synthetic", help="'synthetic' (default) or an .npz recording to loop")
-    p.add_argument("--prefix", default="sensor-", help="stream id prefix (default 'sensor-')")
+    p.add_argument("--prefix", default=None,
+                   help="stream id prefix; ids are PREFIX0000, PREFIX0001, ... (default 'sim-HOST-PID-', unique to "
+                        "this run, so that two simulators never send the same streams)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and start offsets")
     p.add_argument("--hwm", type=int, default=100_000, help="PUB send high-water mark in messages")
-    p.add_argument("--settle", type=float, default=0.5, help="seconds to wait after connecting (default 0.5)")
+    p.add_argument("--settle", type=float, default=2.0,
+                   help="seconds to wait at most for a daemon to subscribe before sending; it warns if none does "
+                        "(default 2)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=_main)
 
@@ -154,6 +177,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.connect is None and not args.bind:
         args.connect = ["tcp://127.0.0.1:5555"]
     args.connect = args.connect or []
+    args.prefix = default_prefix() if args.prefix is None else args.prefix
     if args.streams < 1 or args.rate <= 0 or args.chunk < 1:
         print("error: --streams, --rate and --chunk must be positive", file=sys.stderr)
         return 2

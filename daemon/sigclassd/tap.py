@@ -1,9 +1,9 @@
 """A label consumer: subscribe to the daemon's output and print JSON lines or a live summary.
 
-It also checks what a consumer should check: that each stream's seq numbers
-follow on from the previous message (a jump means labels were lost between
-the daemon and this consumer, e.g. at the PUB high-water mark, or samples the
-daemon never labelled, which the message's ``gap`` field counts).
+It runs on :class:`sigclassd.client.Subscriber`, so it checks what every consumer
+should: that each stream's seq numbers follow on from the previous message plus
+its ``gap`` (samples the daemon never labelled); what else is missing was lost
+between the daemon and this consumer, e.g. at the PUB high-water mark.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import time
 from collections import Counter
 
 import numpy as np
-import zmq
 
-from sigclassd import protocol
-from sigclassd.errors import FrameError
+from sigclassd.client import LabelMessage, Subscriber
+from sigclassd.errors import EXIT_CONFIG
 from sigclassd.stopflag import StopFlag
+
+# While nothing arrives, the waiting line comes after --idle seconds, then this often.
+WAITING_REPEAT_S = 10.0
 
 
 def _runs(labels: np.ndarray) -> list[list[int]]:
@@ -32,76 +34,71 @@ def _runs(labels: np.ndarray) -> list[list[int]]:
     return [[int(labels[a]), int(b - a)] for a, b in zip(starts, ends, strict=True)]
 
 
-def to_json(f: protocol.LabelFrame, now_ns: int, probs: bool) -> dict:
+def to_json(m: LabelMessage, probs: bool) -> dict:
     d = {
-        "stream": f.stream, "seq": f.seq, "n": len(f.labels), "labels": _runs(f.labels),
-        "flags": f.flag_names(), "gap": f.gap, "model_id": f"{f.model_id:08x}", "t0_ns": f.t0_ns,
-        "latency_ms": round((now_ns - f.ingress_ns) / 1e6, 3) if f.ingress_ns else None,
+        "stream": m.stream, "seq": m.seq, "n": m.n, "labels": _runs(m.labels), "flags": list(m.flags),
+        "gap": m.gap, "lost": m.lost, "model_id": m.model_id, "t0_ns": m.t0_ns,
+        "latency_ms": round(m.latency_s * 1e3, 3) if m.latency_s is not None else None,
     }
     if probs:
-        d["probabilities"] = np.round(f.probabilities, 4).tolist()
+        d["probabilities"] = np.round(m.probabilities, 4).tolist()
     return d
 
 
+def waiting_line(sub: Subscriber, silent_s: float) -> str:
+    """What tap is waiting on, and the likeliest reason nothing comes."""
+    what = "every stream" if sub.prefixes == ("",) else "streams " + ", ".join(f"{p}*" for p in sub.prefixes)
+    where = ", ".join(sub.endpoints)
+    if sub.connections():
+        why = "connected; are gateways sending streams the daemon subscribes to?"
+    else:
+        why = "not connected: is a daemon running with output.bind there?"
+    return f"tap: nothing for {silent_s:.0f} s from {where} ({what}); {why}"
+
+
 def tap(args: argparse.Namespace) -> int:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.SUB)
-    sock.setsockopt(zmq.RCVHWM, 1_000_000)
-    sock.setsockopt(zmq.LINGER, 0)
-    for prefix in args.subscribe or [""]:
-        sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
-    for ep in args.connect:
-        sock.connect(ep)
+    try:
+        sub = Subscriber(args.connect, prefix=args.subscribe or "")
+    except ValueError as e:
+        print(f"tap: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     stop = StopFlag()
-    expected: dict[str, int] = {}
     counts: Counter[str] = Counter()
-    classes: Counter[int] = Counter()
     streams: set[str] = set()
-    received = lost = 0
-    deadline = time.monotonic() + args.seconds if args.seconds > 0 else float("inf")
-    next_summary = time.monotonic() + 1.0
-    window_start = time.monotonic()
+    now = time.monotonic()
+    deadline = now + args.seconds if args.seconds > 0 else float("inf")
+    next_summary = window_start = last_message = now
+    next_waiting = now + args.idle if args.idle > 0 else float("inf")
     out = sys.stdout
-    while not stop.requested and time.monotonic() < deadline and (args.count <= 0 or received < args.count):
-        if not sock.poll(200):
+    while not stop.requested and time.monotonic() < deadline and (args.count <= 0 or sub.received < args.count):
+        m = sub.receive(timeout_s=0.2)
+        now = time.monotonic()
+        if m is None:
+            if now >= next_waiting:
+                print(waiting_line(sub, now - last_message), file=sys.stderr, flush=True)
+                next_waiting = now + WAITING_REPEAT_S
             continue
-        parts = sock.recv_multipart()
-        try:
-            f = protocol.decode_labels(parts)
-        except FrameError as e:
-            print(f"bad label message: {e}", file=sys.stderr)
-            continue
-        received += 1
-        n = len(f.labels)
-        if f.flags & protocol.LABEL_START:
-            expected.pop(f.stream, None)
-        want = expected.get(f.stream)
-        if want is not None and f.seq != want + f.gap:
-            lost += abs(f.seq - f.gap - want)
-        expected[f.stream] = f.seq + n
-        if args.summary:
-            streams.add(f.stream)
-            counts["messages"] += 1
-            counts["samples"] += n
-            classes.update(np.bincount(f.labels).nonzero()[0].tolist() if n else [])
-            for name in f.flag_names():
-                counts[name] += 1
-            now = time.monotonic()
-            if now >= next_summary:
-                secs = now - window_start
-                flags = {k: v for k, v in counts.items() if k not in ("messages", "samples")}
-                print(f"{len(streams)} streams  {counts['messages'] / secs:8.1f} msg/s  "
-                      f"{counts['samples'] / secs:10.1f} samples/s  flags {flags}  lost {lost}", file=out, flush=True)
-                counts.clear()
-                streams.clear()
-                window_start, next_summary = now, now + 1.0
-        else:
-            out.write(json.dumps(to_json(f, time.time_ns(), args.probs)) + "\n")
+        last_message, next_waiting = now, now + args.idle if args.idle > 0 else float("inf")
+        if not args.summary:
+            out.write(json.dumps(to_json(m, args.probs)) + "\n")
             out.flush()
-    sock.close()
-    ctx.term()
-    if lost:
-        print(f"{lost} samples missing from the label sequence", file=sys.stderr)
+            continue
+        streams.add(m.stream)
+        counts["messages"] += 1
+        counts["samples"] += m.n
+        for name in m.flags:
+            counts[name] += 1
+        if now >= next_summary:
+            secs = now - window_start
+            flags = {k: v for k, v in counts.items() if k not in ("messages", "samples")}
+            print(f"{len(streams)} streams  {counts['messages'] / secs:8.1f} msg/s  "
+                  f"{counts['samples'] / secs:10.1f} samples/s  flags {flags}  lost {sub.lost}", file=out, flush=True)
+            counts.clear()
+            streams.clear()
+            window_start, next_summary = now, now + 1.0
+    sub.close()
+    if sub.lost:
+        print(f"tap: {sub.lost} samples missing from the label sequence", file=sys.stderr)
     return 0
 
 
@@ -120,6 +117,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--probs", action="store_true", help="include the class probabilities")
     p.add_argument("--count", type=int, default=0, help="exit after this many messages")
     p.add_argument("--seconds", type=float, default=0.0, help="exit after this long")
+    p.add_argument("--idle", type=float, default=3.0,
+                   help="after this many seconds with nothing received, say on stderr what tap waits on "
+                        f"(then every {WAITING_REPEAT_S:.0f} s; 0: never; default 3)")
     p.set_defaults(func=_main)
 
 

@@ -171,8 +171,9 @@ def test_bad_stream_arguments_raise_with_what_to_fix(ctx):
             pub.stream("", CH)
         with pytest.raises(ValueError, match="channels must be 1-65535"):
             pub.stream("c", 0)
-        with pytest.raises(ValueError, match="sample_rate_hz must be finite"):
-            pub.stream("r", CH, float("nan"))
+        for rate in (float("nan"), -1.0, 1e-4, 1e8):
+            with pytest.raises(ValueError, match="sample_rate_hz must be 0 \\(unknown\\) or between 0.001 and 1e"):
+                pub.stream("r", CH, rate)
         s = pub.stream("s", CH)
         with pytest.raises(ValueError, match="seq -1 out of range"):
             s.send(chunk(), seq=-1)
