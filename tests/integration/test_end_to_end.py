@@ -1,4 +1,4 @@
-"""End to end: real daemon process, real ZeroMQ sockets over loopback, real TensorFlow model."""
+"""End to end: real daemon process, real ZeroMQ sockets over loopback, labels checked against the Keras model."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from harness import Consumer, Daemon, Gateway, accounting, by_stream, identity_holds, labelled_seqs
 
 from sigclassd import protocol
+from sigclassd.engine.activations import to_probabilities
 
 pytestmark = [pytest.mark.integration, pytest.mark.tf]
 
@@ -24,20 +25,37 @@ def _load(model_dir):  # noqa: ANN001, ANN202
     return read_artifact(model_dir).meta, keras.saving.load_model(model_dir / "model.keras", compile=False)
 
 
-def offline_probs(model_dir, x: np.ndarray) -> np.ndarray:
-    """The model run offline by Keras, the sigmoid expanded to [1 - p, p] as the daemon publishes it."""
-    meta, model = _load(model_dir)
-    xn = (x - np.asarray(meta.norm_mean, np.float32)) / np.asarray(meta.norm_std, np.float32)
-    p = np.asarray(model(xn[None].astype(np.float32), training=False))[0]
-    return np.concatenate([1 - p, p], axis=-1) if p.shape[-1] == 1 else p
-
-
 def offline_windows(model_dir, windows: np.ndarray) -> np.ndarray:
-    """Many windows through the offline model in one call."""
+    """Windows ``[n, time, channels]`` through the model run offline by Keras, as the daemon publishes them."""
     meta, model = _load(model_dir)
     xn = (windows - np.asarray(meta.norm_mean, np.float32)) / np.asarray(meta.norm_std, np.float32)
-    p = np.asarray(model(xn.astype(np.float32), training=False))
-    return np.concatenate([1 - p, p], axis=-1) if p.shape[-1] == 1 else p
+    return to_probabilities(np.asarray(model(xn.astype(np.float32), training=False)))
+
+
+def offline_probs(model_dir, x: np.ndarray) -> np.ndarray:
+    """One whole stream through the offline model."""
+    return offline_windows(model_dir, x[None])[0]
+
+
+def assert_windows_equal_offline(model_dir, stream: str, x: np.ndarray, frames: list) -> None:
+    """Each windowed label frame equals the newest labels of the offline model over the window ending there.
+
+    A stream's first windows are shorter than the model's: the daemon pads them at the front with the
+    normalisation mean (zeros after normalisation), and so does this reference.
+    """
+    meta, _ = _load(model_dir)
+    window = meta.window
+    labelled = [f for f in frames if len(f.labels)]
+    windows = []
+    for f in labelled:
+        end = f.seq + len(f.labels)
+        begin = max(0, end - window)
+        pad = np.tile(np.asarray(meta.norm_mean, np.float32), (window - (end - begin), 1))
+        windows.append(np.concatenate([pad, x[begin:end]]))
+    for f, want in zip(labelled, offline_windows(model_dir, np.stack(windows)), strict=True):
+        want = want[window - len(f.labels) :]
+        np.testing.assert_allclose(f.probabilities, want, atol=1e-5, rtol=0, err_msg=f"{stream} seq {f.seq}")
+        np.testing.assert_array_equal(f.labels, want.argmax(-1))
 
 
 def send_streams(gw: Gateway, data: dict[str, np.ndarray], chunks: np.ndarray, pace: float = 0.0) -> None:
@@ -84,18 +102,7 @@ def test_windowed_every_sample_labelled_once_in_order_equal_to_offline(tmp_path,
         assert fs[0].flags & protocol.LABEL_START
         assert fs[-1].flags & protocol.LABEL_FINAL
         assert all(f.t0_ns == 1_700_000_000_000_000_000 + f.seq * 4_000_000 for f in fs if len(f.labels))
-        window = 400
-        labelled = [f for f in fs if len(f.labels)]
-        windows = []
-        for f in labelled:
-            end = f.seq + len(f.labels)
-            begin = max(0, end - window)
-            windows.append(np.concatenate([np.full((window - (end - begin), 16), 0.5, np.float32), x[begin:end]]))
-        offline = offline_windows(same_model, np.stack(windows))
-        for f, want in zip(labelled, offline, strict=True):
-            want = want[window - len(f.labels) :]
-            np.testing.assert_allclose(f.probabilities, want, atol=1e-4, err_msg=f"{s} seq {f.seq}")
-            np.testing.assert_array_equal(f.labels, want.argmax(-1))
+        assert_windows_equal_offline(same_model, s, x, fs)
     events = [e["event"] for e in d.events()]
     assert "ready" in events and "drained" in events and "stopped" in events
 
