@@ -17,7 +17,6 @@ from sigclassd.models.train import (
     _carry_plan,
     classification_report,
     served_windows,
-    to_probabilities,
 )
 
 DAPHNET = Path(__file__).parents[3] / "shared" / "data" / "daphnet_fog.npz"
@@ -42,13 +41,6 @@ def test_majority_prediction_scores_chance_balanced_accuracy() -> None:
     y = np.array([0] * 9 + [1])
     r = classification_report(y, np.zeros_like(y), 2)
     assert r["accuracy"] == pytest.approx(0.9) and r["balanced_accuracy"] == pytest.approx(0.5)
-
-
-def test_sigmoid_output_becomes_two_probabilities() -> None:
-    """A single sigmoid unit p is returned as [1 - p, p]; softmax output is unchanged."""
-    np.testing.assert_allclose(to_probabilities(np.array([[0.2], [0.9]])), [[0.8, 0.2], [0.1, 0.9]])
-    soft = np.array([[0.1, 0.7, 0.2]])
-    assert to_probabilities(soft) is soft
 
 
 def test_carry_batches_put_consecutive_windows_in_the_same_slot() -> None:

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sigclassd.config import ModelSettings
+from sigclassd.engine.activations import to_probabilities
 from sigclassd.models.architectures import HyperParams, build_model, lookahead, output_activation
 from sigclassd.models.artifact import (
     MODEL_FILE,
@@ -185,13 +186,6 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int
         "f1": [float(v) for v in f1],
         "confusion": cm.tolist(),
     }
-
-
-def to_probabilities(out: np.ndarray) -> np.ndarray:
-    """Model output ``[..., units]`` as per-class probabilities ``[..., n_classes]`` (sigmoid p -> [1-p, p])."""
-    if out.shape[-1] == 1:
-        return np.concatenate([1.0 - out, out], axis=-1)
-    return out
 
 
 # ---------------------------------------------------------------- inference as served
