@@ -67,7 +67,8 @@ def tap(args: argparse.Namespace) -> int:
     streams: set[str] = set()
     now = time.monotonic()
     deadline = now + args.seconds if args.seconds > 0 else float("inf")
-    next_summary = window_start = last_message = now
+    window_start = last_message = now
+    next_summary = now + 1.0
     next_waiting = now + args.idle if args.idle > 0 else float("inf")
     out = sys.stdout
     while not stop.requested and time.monotonic() < deadline and (args.count <= 0 or sub.received < args.count):
