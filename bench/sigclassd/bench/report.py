@@ -176,13 +176,14 @@ def render_report(results: Sequence[RunResult], memory: RunResult | None, info: 
                   profiles: Sequence[str]) -> str:
     extra = f" Extra daemon settings: `{' '.join(setup.settings)}`." if setup.settings else ""
     lines = ["# sigclassd benchmark", "", f"Command: `{setup.command}`", "",
-             f"Load: {setup.load.describe()}. Load generator and consumer: the compiled `loadgen` (C, libzmq); they, the "
-             "system under test and nothing else of the benchmark's run as separate processes on this machine.", "",
+             f"Load: {setup.load.describe()}. Sent and received by the compiled `loadgen` (C, libzmq); generator, "
+             "consumer and system under test run as separate processes on this machine.", "",
              f"Model: {setup.model}, look-ahead {setup.lookahead} samples. Windowed hop {setup.hop}; naive loop hop "
              f"{setup.naive_hop}.{extra}", "",
-             "Latency (p50 ... max): from the due time at the gateway of the newest sample a label depends on (the "
-             "labelled sample plus, in stateful mode, the model's look-ahead) to the label's receipt by the consumer. "
-             "Arrival latency: from the system under test's receipt of that sample (the label's `ingress_ns`). "
+             "Latency (p50 ... max): from the time the gateway message carrying the newest sample a label depends on "
+             "(the labelled sample plus, in stateful mode, the model's look-ahead) was due, to the label's receipt by "
+             "the consumer. Arrival latency: from the system under test's receipt of that sample (the label's "
+             "`ingress_ns`) to the same receipt; queueing in its input socket is not in it. "
              f"The first {setup.warmup_s:g} s of each run are not timed. Sustained: nothing missing, shed or "
              f"rejected, and p99 <= {SUSTAIN_P99_MS:.0f} ms.", "", render_table(results)]
     goals = targets(results, memory, setup)

@@ -144,7 +144,8 @@ def bench(args: argparse.Namespace) -> int:
     results: list[RunResult] = []
     memory: RunResult | None = None
     profiles: list[str] = []
-    total_s = sum(load.seconds + 15 for _, load in plan) + (25 if args.memory_streams else 0)
+    # Start, settle and drain take about 5 s a run; the naive loop also loads TensorFlow.
+    total_s = sum(load.seconds + (14 if mode == "naive" else 5) for mode, load in plan) + (30 if args.memory_streams else 0)
     print(f"{len(plan)} runs{' + memory check' if args.memory_streams else ''}, about {max(1, round(total_s / 60))} min; "
           f"results to {args.out}", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)
