@@ -442,9 +442,11 @@ def _choose_units(
 ) -> list[list[tuple[int, int]]]:
     """Pick units (recording, start, stop) for validation: each class first, then up to ``val_fraction``.
 
-    Classes are served rarest first, each by the unit holding most of it among
-    those that leave some of it for training; the rest of the share is filled
-    with units evenly spread over the list, so validation is not all from one end.
+    Classes are served rarest first, each by the unit whose share of the class
+    is closest to ``val_fraction`` among those that leave some of every class for
+    training; the rest of the share is filled with units evenly spread over the
+    list (so validation is not all from one end), none that would overshoot it
+    by more than half its length.
     """
     counts = np.stack([np.bincount(recs[i].y[a:b][recs[i].y[a:b] >= 0], minlength=n_classes) for i, a, b in units])
     total = counts.sum(axis=0)
@@ -461,14 +463,14 @@ def _choose_units(
             continue
         ok = [u for u in range(len(units)) if counts[u, k] > 0 and keeps_training(u)]
         if ok:
-            chosen.append(max(ok, key=lambda u: counts[u, k]))
+            chosen.append(min(ok, key=lambda u: abs(counts[u, k] - val_fraction * total[k])))
     size = sum(units[u][2] - units[u][1] for u in chosen)
     rest = [u for u in range(len(units)) if u not in chosen]
     step = max(1, round(1 / val_fraction))
     for u in rest[step // 2 :: step] + rest:
         if size >= target or len(chosen) >= len(units) - 1:
             break
-        if keeps_training(u):
+        if u not in chosen and size + (units[u][2] - units[u][1]) / 2 <= target and keeps_training(u):
             chosen.append(u)
             size += units[u][2] - units[u][1]
     held: list[list[tuple[int, int]]] = [[] for _ in recs]
