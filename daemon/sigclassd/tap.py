@@ -53,7 +53,7 @@ def waiting_line(sub: Subscriber, silent_s: float) -> str:
         why = "connected; are gateways sending streams the daemon subscribes to?"
     else:
         why = "not connected: is a daemon running with output.bind there?"
-    return f"tap: nothing for {silent_s:.0f} s from {where} ({what}); {why}"
+    return f"tap: nothing for {silent_s:.1f} s from {where} ({what}); {why}"
 
 
 def tap(args: argparse.Namespace) -> int:
