@@ -54,8 +54,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         settings = config.load(args.config, overrides)
     except ConfigError as e:
-        logs.configure("auto", "info")
-        print(f"sigclassd: config error: {e}", file=sys.stderr)
+        logs.startup_error("config_error", f"config error: {e}")
         return EXIT_CONFIG
     logs.configure(settings.log.format, settings.log.level)
     from sigclassd import service

@@ -83,6 +83,16 @@ def connected_to_journal() -> bool:
     return (st.st_dev, st.st_ino) == (device, inode) and os.path.exists(JOURNAL_SOCKET)
 
 
+def startup_error(event: str, message: str) -> None:
+    """An error found before the settings, and so the log format, are known: a journal entry at
+    error priority under systemd (``journalctl -p err`` lists it), else a plain line on stderr."""
+    if connected_to_journal():
+        configure("journal", "info")
+        structlog.get_logger("sigclassd").error(event, error=message)
+    else:
+        print(f"sigclassd: {message}", file=sys.stderr)
+
+
 class ToStructlog(logging.Handler):
     """Hands the standard library's records (other libraries, ``warnings``) to structlog."""
 
