@@ -89,15 +89,23 @@ class Publisher:
         if (curve_server_key_file is None) != (curve_secret_key_file is None):
             msg = "CURVE needs both curve_server_key_file (the daemon's server.key) and curve_secret_key_file"
             raise ValueError(msg)
+        curve = None
+        if curve_server_key_file is not None and curve_secret_key_file is not None:
+            server_public, _ = _read_keys(curve_server_key_file, "curve_server_key_file")
+            public, secret = _read_keys(curve_secret_key_file, "curve_secret_key_file")
+            if not secret:
+                msg = (f"curve_secret_key_file: {curve_secret_key_file} holds only a public key; give the "
+                       "'.key_secret' file 'sigclassd keygen' wrote")
+                raise ValueError(msg)
+            curve = (server_public, public, secret)
         self._sock = (context or zmq.Context.instance()).socket(zmq.XPUB)
         self._sock.setsockopt(zmq.SNDHWM, send_hwm)
         self._sock.setsockopt(zmq.LINGER, int(linger_s * 1000))
         # Without it a connect pipe outlives the connection, and with it the daemon's subscriptions:
         # is_subscribed() would go on answering for a daemon that has gone.
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
-        if curve_server_key_file is not None and curve_secret_key_file is not None:
-            self._sock.curve_serverkey = _load_key(curve_server_key_file, "curve_server_key_file", secret=False)
-            self._sock.curve_publickey, self._sock.curve_secretkey = _load_key_pair(curve_secret_key_file)
+        if curve is not None:
+            self._sock.curve_serverkey, self._sock.curve_publickey, self._sock.curve_secretkey = curve
         self.endpoints = connect + bind
         try:
             for ep in connect:
@@ -188,21 +196,13 @@ class Publisher:
         self.close()
 
 
-def _load_key(path: str | Path, what: str, *, secret: bool) -> bytes:
+def _read_keys(path: str | Path, what: str) -> tuple[bytes, bytes | None]:
+    """The (public, secret) Z85 keys of a ZeroMQ certificate file; secret is None in a public-only file."""
     try:
-        public, secret_key = zmq.auth.load_certificate(path)
+        return zmq.auth.load_certificate(path)
     except (OSError, ValueError) as e:
         msg = f"{what}: cannot read a CURVE key from {path}: {e}"
         raise ValueError(msg) from e
-    if secret and not secret_key:
-        msg = f"{what}: {path} holds only a public key; give the '.key_secret' file 'sigclassd keygen' wrote"
-        raise ValueError(msg)
-    return secret_key if secret else public
-
-
-def _load_key_pair(path: str | Path) -> tuple[bytes, bytes]:
-    return (_load_key(path, "curve_secret_key_file", secret=False),
-            _load_key(path, "curve_secret_key_file", secret=True))
 
 
 class Stream:
