@@ -72,6 +72,9 @@ class StreamSettings:
 @dataclass(frozen=True)
 class MetricsSettings:
     listen: str = "127.0.0.1:5557"  # empty: no HTTP listener
+    # Connections served at once; never more than an eighth of the fd limit (RLIMIT_NOFILE),
+    # so a flood of HTTP clients cannot take the descriptors the ZeroMQ sockets need.
+    max_connections: int = 32
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,7 @@ def validate(s: Settings) -> None:
         host, sep, port = s.metrics.listen.rpartition(":")
         need(bool(sep) and port.isdigit() and 0 <= int(port) < 65536,
              f"metrics.listen is {s.metrics.listen!r}; use HOST:PORT, e.g. '127.0.0.1:5557'")
+    need(1 <= s.metrics.max_connections <= 10_000, "metrics.max_connections must be in [1, 10000]")
     need(s.log.format in LOG_FORMATS, f"log.format is {s.log.format!r}; use one of {', '.join(LOG_FORMATS)}")
     need(s.log.level in LOG_LEVELS, f"log.level is {s.log.level!r}; use one of {', '.join(LOG_LEVELS)}")
     need(s.log.stats_interval_s > 0 and s.log.reject_summary_interval_s > 0, "log intervals must be > 0")

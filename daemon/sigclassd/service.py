@@ -129,7 +129,9 @@ class Service:
         self.publisher = Publisher(self.ctx, s.output)
         if s.metrics.listen:
             try:
-                self.http = start_http_server(s.metrics.listen, self.registry, self.health, self.counting)
+                self.http = start_http_server(s.metrics.listen, self.registry, self.health, self.counting,
+                                              max_connections=s.metrics.max_connections,
+                                              summary_interval_s=s.log.reject_summary_interval_s)
             except OSError as e:
                 msg = f"cannot listen on metrics.listen = {s.metrics.listen!r}: {e.strerror or e}"
                 raise BindError(msg) from e
