@@ -36,10 +36,13 @@ from zmq.utils.monitor import recv_monitor_message
 
 from sigclassd import protocol
 from sigclassd.errors import FrameError
+from sigclassd.sockets import heartbeat
 
 __all__ = ["LabelMessage", "Publisher", "Stream", "StreamReport", "Subscriber"]
 
 log = logging.getLogger("sigclassd.client")
+
+_SNDMORE = int(zmq.SNDMORE)
 
 # A flood of malformed label messages is logged once, then at most once per this many seconds.
 MALFORMED_LOG_INTERVAL_S = 10.0
@@ -104,6 +107,7 @@ class Publisher:
         # Without it a connect pipe outlives the connection, and with it the daemon's subscriptions:
         # is_subscribed() would go on answering for a daemon that has gone.
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
+        heartbeat(self._sock)
         if curve is not None:
             self._sock.curve_serverkey, self._sock.curve_publickey, self._sock.curve_secretkey = curve
         self.endpoints = connect + bind
@@ -183,7 +187,9 @@ class Publisher:
                 self._prefixes.discard(event[1:])
 
     def _send(self, parts: list[bytes]) -> None:
-        self._sock.send_multipart(parts, copy=False)
+        topic, body = parts
+        self._sock.send(topic, _SNDMORE)  # two sends with a plain int flag: send_multipart's enum arithmetic
+        self._sock.send(body)             # costs as much as the encoding
 
     def close(self) -> None:
         """Close the socket, waiting up to ``linger_s`` for queued messages to go out."""
@@ -369,6 +375,7 @@ class Subscriber:
         self._sock = (context or zmq.Context.instance()).socket(zmq.SUB)
         self._sock.setsockopt(zmq.RCVHWM, receive_hwm)
         self._sock.setsockopt(zmq.LINGER, 0)
+        heartbeat(self._sock)  # reconnects to a daemon whose host died and came back
         for p in self.prefixes:
             self._sock.setsockopt(zmq.SUBSCRIBE, p.encode("utf-8"))
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
