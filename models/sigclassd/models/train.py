@@ -454,7 +454,7 @@ def train(
             self.epoch_started = time.perf_counter()
 
         def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-            trained = self.sync or model
+            trained = self.sync if self.sync is not None else model  # the model whose optimizer runs
             if self.sync is not None:
                 _copy_weights(self.sync, model)
             rep = score_served(model, val_recs, k, window=cfg.window, hop=cfg.serve_hop, lag=cfg.serve_lag,
