@@ -97,7 +97,7 @@ def test_daemon_units_follow_the_daemon_contract(name: str) -> None:
     assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert s["Restart"] == ["on-failure"]
     assert s["RestartPreventExitStatus"] == [f"{EXIT_CONFIG} {EXIT_MODEL}"]
-    assert s["Environment"][0] == "TF_CPP_MIN_LOG_LEVEL=2"
+    assert s["MemoryDenyWriteExecute"] == ["yes"]
     stop_timeout = int(s["TimeoutStopSec"][0].removesuffix("s"))
     assert stop_timeout > config.ServiceSettings().drain_grace_s + config.OutputSettings().linger_ms / 1000
     assert int(s["WatchdogSec"][0].removesuffix("s")) > 0
