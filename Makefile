@@ -32,8 +32,10 @@ run: $(VENV)/.installed-base
 	$(BIN)/sigclassd run $(ARGS)
 
 # Debian packages the tests use: a real Prometheus and promtool, systemd-analyze for the unit
-# checks, and a C compiler with libzmq for the C gateway example.
-OS_PACKAGES := prometheus systemd libzmq3-dev pkg-config gcc
+# checks, a C compiler with libzmq for the C gateway example, and for the real-systemd test
+# systemd-nspawn (systemd-container), nsenter/unshare (util-linux) and Debian's python3-venv
+# (the units' venv must come from a system interpreter).
+OS_PACKAGES := prometheus systemd libzmq3-dev pkg-config gcc systemd-container util-linux python3-venv
 # The image and multi-host tests: podman with runc, debootstrap for a local base image,
 # systemd-nspawn and nftables for the simulated hosts.
 IMAGE_PACKAGES := podman runc debootstrap systemd-container nftables iproute2
