@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 
@@ -82,6 +83,9 @@ COMMANDS = {
     "bench": ("sigclassd.bench", "add_parser", "measure throughput and latency of the daemon under load"),
 }
 
+# Commands that build, train or evaluate models with Keras: only the `train` extra installs TensorFlow.
+NEED_TRAIN_EXTRA = ("train", "eval")
+
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole parser, with only ``command``'s own arguments defined (all of them if None)."""
@@ -116,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
+        return EXIT_CONFIG
+    if args.command in NEED_TRAIN_EXTRA and importlib.util.find_spec("tensorflow") is None:
+        print(f"sigclassd {args.command} needs TensorFlow, which serving leaves out: pip install 'sigclassd[train]'",
+              file=sys.stderr)
         return EXIT_CONFIG
     try:
         return args.func(args) or EXIT_OK
