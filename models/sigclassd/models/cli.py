@@ -314,6 +314,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if note:
                 print(f"sigclassd eval: warning: {note}", file=sys.stderr, flush=True)
         model = load_model(artifact)
+        modes = "windowed" + ("" if args.no_stateful or not meta.streamable else " and stateful")
+        print(f"scoring {sum(len(r) for r in recs)} samples in {len(recs)} recording(s), {modes} ...",
+              file=sys.stderr, flush=True)
         report = evaluate_recordings(model, meta, recs, hop=args.hop, lag=args.lag, stateful=not args.no_stateful)
     except (ValueError, ModelError) as e:
         return _fail("eval", e)
