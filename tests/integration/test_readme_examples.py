@@ -13,7 +13,7 @@ import time
 import pytest
 from harness import ROOT, Daemon
 
-pytestmark = [pytest.mark.integration, pytest.mark.tf]
+pytestmark = pytest.mark.integration  # the bundled model, stateful on NumPy: no TensorFlow
 
 
 def readme_example(name: str) -> str:

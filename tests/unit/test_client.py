@@ -266,7 +266,7 @@ def take(sub: Subscriber, count: int) -> list:
     return out
 
 
-def test_subscriber_decodes_and_follows_each_stream(ctx):
+def test_subscriber_decodes_and_follows_each_stream(ctx, caplog):
     """Messages come decoded (flags by name, model id as the SHA-256 prefix); lost samples and incarnations are counted."""
     src, ep = label_source(ctx)
     with Subscriber(ep, context=ctx) as sub:
@@ -299,6 +299,8 @@ def test_subscriber_decodes_and_follows_each_stream(ctx):
     assert (a.incarnations, a.finals, a.open, a.labelled, a.gap, a.lost, a.next_seq) == (2, 1, True, 45, 5, 10, 10)
     assert (b.incarnations, b.lost, b.labelled) == (0, 0, 10)
     assert sub.lost == 10 and sub.received == 8 and sub.malformed == 1
+    warnings = [r.getMessage() for r in caplog.records if r.name == "sigclassd.client"]
+    assert len(warnings) == 1 and f"malformed label message from {ep} (1 so far; skipped): short_header" in warnings[0]
 
 
 def test_subscriber_reports_labels_repeated_by_two_sources(ctx):
