@@ -18,9 +18,10 @@ from sigclassd.bench import add_parser
 from sigclassd.bench.load import Load, stream_name
 from sigclassd.bench.parties import Children, Party, build_loadgen
 from sigclassd.bench.profile import summarise_folded
-from sigclassd.bench.report import Setup, harness_checks, render_report, render_table, targets
+from sigclassd.bench.report import Setup, harness_checks, render_report, render_table, scaling, targets
 from sigclassd.bench.result import RunResult
 from sigclassd.bench.run import run_one
+from sigclassd.bench.sut import index_prefixes
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +242,33 @@ def test_a_short_relay_run_labels_every_sample_and_measures_every_party(tmp_path
     assert 0 < r.arrival_p50_ms <= r.p50_ms  # the relay receives a message after it was due
     assert all(x >= 0 for x in (r.cpu_percent, r.generator_cpu_percent, r.consumer_cpu_percent))
     assert r.rss_mb > 0
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(0, 500), (500, 1000), (0, 375), (375, 750), (0, 1), (1234, 56789), (7, 8)])
+def test_index_prefixes_match_exactly_the_range(lo: int, hi: int) -> None:
+    """A shard subscribed to these prefixes gets every stream index in [lo, hi) and no other."""
+    prefixes = index_prefixes(lo, hi)
+    matched = [i for i in range(0, 100_000, 1 if hi < 2000 else 7) if f"{i:05d}".startswith(tuple(prefixes))]
+    assert matched == [i for i in range(0, 100_000, 1 if hi < 2000 else 7) if lo <= i < hi]
+    assert len(prefixes) <= 9 * 5 * 2  # at most 9 aligned blocks per digit on each side
+
+
+def test_scaling_compares_one_process_with_the_shards() -> None:
+    """The report says how many streams one process and the shards sustained, and their CPU where both did."""
+    rows = [_row("stateful", 500, cpu_percent=90.0), _row("stateful", 1000, p99_ms=500.0),
+            _row("sharded", 500, cpu_percent=110.0), _row("sharded", 1000, cpu_percent=170.0)]
+    assert scaling(rows) == ("Stateful sustained 500 streams in one process and 1,000 as 2 shards behind "
+                             "`sigclassd forward` (the SUT CPU of the shards includes the forwarder's). "
+                             "At 500 streams, both sustained: SUT CPU 90 % vs 110 %.")
+    assert scaling(rows[:2]) == ""
+
+
+@pytest.mark.integration
+def test_a_short_sharded_run_labels_every_stream_exactly_once(tmp_path, loadgen) -> None:
+    """Two stateful shards behind the forwarder split 30 streams between them: nothing missing, nothing twice."""
+    opts = argparse.Namespace(hop=50, naive_hop=0, model=None, set=[], ready_timeout=60.0, lookahead=4)
+    r = run_one("sharded", Load(30, 3.0), opts, tmp_path, loadgen, warmup_s=1.0)
+    assert r.error == ""
+    assert r.extra["sent_samples"] == r.extra["labelled"] == 30 * 750
+    assert (r.missing, r.duplicates, r.shed, r.rejected) == (0, 0, 0, 0)
+    assert r.extra["streams_active"] == 30  # summed over both shards' /metrics

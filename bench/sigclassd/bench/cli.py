@@ -41,7 +41,7 @@ def _profile_spec(text: str) -> tuple[str, int]:
 def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--modes", type=_modes, default=list(MODES), help=f"comma-separated (default {','.join(MODES)})")
     p.add_argument("--streams", type=_ints, default=[100, 250, 500, 750, 1000, 1500],
-                   help="stream counts for stateful, windowed and relay, each run relay first "
+                   help="stream counts for every mode but naive, the relay first at each count "
                         "(default 100,250,500,750,1000,1500)")
     p.add_argument("--seconds", type=float, default=10.0, help="load duration per run (default 10)")
     p.add_argument("--naive-streams", type=_ints, default=[1, 2, 5, 10],
@@ -67,8 +67,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench",
         help="benchmark the daemon against the bare relay and the naive predict loop",
-        description="Run the daemon (stateful, windowed), the bare ZeroMQ relay and the naive predict loop as "
-                    "separate processes under N streams of protocol-v1 load (250 Hz, 16 channels, 10 samples per "
+        description="Run the daemon (stateful, windowed, and stateful as two shards behind `sigclassd forward`), "
+                    "the bare ZeroMQ relay and the naive predict loop as separate processes under N streams of protocol-v1 load (250 Hz, 16 channels, 10 samples per "
                     "message) sent and received by a compiled load generator and consumer (C, libzmq: needs gcc, "
                     "pkg-config and libzmq3-dev), and measure labelled samples/s, latency percentiles, the CPU of "
                     "every party, RSS and loss. Writes results.md, results.json and throughput_latency.png to --out.",

@@ -3,7 +3,7 @@
  * system under test (SUT) is measured with. One program, two roles sharing one schedule:
  *
  *   loadgen send    ENDPOINT --streams N --seconds S [--rate HZ --chunk C --channels K --prefix P]
- *   loadgen receive ENDPOINT --streams N --seconds S [--rate HZ --chunk C --prefix P --lookahead L --warmup W]
+ *   loadgen receive ENDPOINT[,ENDPOINT...] --streams N --seconds S [--rate HZ --chunk C --prefix P --lookahead L --warmup W]
  *
  * Both connect, print {"event": "ready"} on stdout, then read the start time (Unix ns) as one line
  * on stdin. The schedule: stream i (topic P + 5-digit i) sends message m, samples m*C .. m*C+C-1,
@@ -227,7 +227,10 @@ static int receive_labels(Load *l) {
     zmq_setsockopt(sub, ZMQ_RCVHWM, &hwm, sizeof hwm);
     zmq_setsockopt(sub, ZMQ_LINGER, &linger, sizeof linger);
     zmq_setsockopt(sub, ZMQ_SUBSCRIBE, l->prefix, strlen(l->prefix));
-    if (zmq_connect(sub, l->endpoint) != 0) die(l->endpoint);
+    char *endpoints = strdup(l->endpoint), *save = NULL; /* several: one per shard */
+    for (char *e = strtok_r(endpoints, ",", &save); e; e = strtok_r(NULL, ",", &save))
+        if (zmq_connect(sub, e) != 0) die(e);
+    free(endpoints);
 
     uint64_t *next = calloc(l->streams, sizeof *next); /* per stream: the seq after the newest labelled */
     Vec from_due = {0}, from_arrival = {0};

@@ -18,6 +18,7 @@ import zmq
 
 from sigclassd.bench.load import CHUNK, Load
 from sigclassd.bench.result import DAEMON_MODES, MODES, SUSTAIN_P99_MS, RunResult
+from sigclassd.bench.sut import SHARDS
 # Issue 13's targets.
 RELAY_RATIO_MUST, RELAY_RATIO_GOAL = 0.9, 1.0
 STATEFUL_STREAMS, STATEFUL_P99_MS = 1000, 40.0
@@ -43,6 +44,7 @@ class Setup:
 
     def label(self, mode: str) -> str:
         return {"relay": "relay (ceiling)", "stateful": "stateful", "windowed": f"windowed, hop {self.hop}",
+                "sharded": f"stateful, {SHARDS} shards behind the forwarder",
                 "naive": f"naive predict loop, hop {self.naive_hop}"}[mode]
 
 
@@ -127,6 +129,22 @@ def targets(results: Sequence[RunResult], memory: RunResult | None, setup: Setup
     return out
 
 
+def scaling(results: Sequence[RunResult]) -> str:
+    """One process against shards behind the forwarder on the same machine, or "" if not both were run."""
+    if not {"stateful", "sharded"} <= {r.mode for r in results}:
+        return ""
+    one, two = max_sustained(results, "stateful"), max_sustained(results, "sharded")
+    text = (f"Stateful sustained {one:,} streams in one process and {two:,} as {SHARDS} shards behind "
+            "`sigclassd forward` (the SUT CPU of the shards includes the forwarder's).")
+    sustained = {(r.mode, r.streams): r for r in results if r.sustained}
+    both = [n for m, n in sustained if m == "stateful" and ("sharded", n) in sustained]
+    if both:
+        n = max(both)
+        text += (f" At {n:,} streams, both sustained: SUT CPU {sustained['stateful', n].cpu_percent:.0f} % vs "
+                 f"{sustained['sharded', n].cpu_percent:.0f} %.")
+    return text
+
+
 def harness_checks(results: Sequence[RunResult]) -> list[str]:
     """What would make the numbers a measure of the harness rather than the SUT, one line each."""
     out = []
@@ -191,6 +209,9 @@ def render_report(results: Sequence[RunResult], memory: RunResult | None, info: 
         lines += ["## Targets (issue 13)", "", "| target | measured | |", "|---|---|---|"]
         lines += [f"| {t} | {m} | {ok} |" for t, m, ok in goals]
         lines.append("")
+    shards = scaling(results)
+    if shards:
+        lines += [f"## {SHARDS} shards", "", shards, ""]
     checks = harness_checks(results)
     lines += ["## Harness checks", ""]
     lines += [f"- {c}" for c in checks] if checks else [
@@ -223,7 +244,7 @@ def plot(results: Sequence[RunResult], setup: Setup, path: Path) -> None:
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 8), sharex=True)
     styles = {"relay": ("k", "--"), "stateful": ("tab:blue", "-"), "windowed": ("tab:orange", "-"),
-              "naive": ("tab:red", ":")}
+              "sharded": ("tab:green", "-."), "naive": ("tab:red", ":")}
     for mode in [m for m in MODES if any(r.mode == m for r in results)]:
         rows = sorted((r for r in results if r.mode == mode and not r.error), key=lambda r: r.streams)
         if not rows:

@@ -9,7 +9,7 @@ from typing import Any
 from sigclassd.bench.load import RATE_HZ
 
 SUSTAIN_P99_MS = 100.0
-MODES = ("stateful", "windowed", "relay", "naive")
+MODES = ("stateful", "windowed", "sharded", "relay", "naive")
 DAEMON_MODES = ("stateful", "windowed")
 
 

@@ -20,7 +20,7 @@ from sigclassd.bench.load import CHUNK, Load
 from sigclassd.bench.parties import Children, Party, build_loadgen, cpu_seconds
 from sigclassd.bench.profile import py_spy, pyinstrument_wrap, start_py_spy, summarise_profile
 from sigclassd.bench.result import RunResult
-from sigclassd.bench.sut import peak_rss_mb, start_sut
+from sigclassd.bench.sut import start_sut
 
 WARMUP_S = 2.0
 SETTLE_S = 1.0  # between "everyone connected" and the first due message: SUB subscriptions must propagate
@@ -43,7 +43,7 @@ def run_one(mode: str, load: Load, opts: argparse.Namespace, tmp: Path, loadgen:
         sut = start_sut(mode, load.streams, tmp, children, opts, wrap)
         result.runtime = sut.runtime
         lookahead = opts.lookahead if mode == "stateful" else 0
-        consumer = Party(children, loadgen, "receive", sut.output, load,
+        consumer = Party(children, loadgen, "receive", ",".join(sut.outputs), load,
                          ["--lookahead", str(lookahead), "--warmup", repr(warmup_s)])
         generator = Party(children, loadgen, "send", sut.input, load)
         for party in (consumer, generator):
@@ -51,22 +51,20 @@ def run_one(mode: str, load: Load, opts: argparse.Namespace, tmp: Path, loadgen:
         start = time.time() + SETTLE_S
         for party in (consumer, generator):
             party.begin(int(start * 1e9))
-        pids = {"sut": sut.proc.pid, "generator": generator.pid, "consumer": consumer.pid}
         _sleep_until(start + warmup_s)
-        cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        cpu0 = {"sut": sut.cpu_seconds(), "consumer": cpu_seconds(consumer.pid)}
         if profile is not None and wrap is None:
-            spy = start_py_spy(sut.proc.pid, load.seconds - warmup_s, profile.with_suffix(".folded"))
+            spy = start_py_spy(sut.pids[0], load.seconds - warmup_s, profile.with_suffix(".folded"))
         _sleep_until(start + load.seconds)
         # The generator may still be sending its last messages: its CPU is read when it reports.
-        cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items() if name != "generator"}
+        cpu1 = {"sut": sut.cpu_seconds(), "consumer": cpu_seconds(consumer.pid)}
         sent = generator.report(60)
-        cpu1["generator"] = _number(sent["cpu_s"])
         _sleep_until(start + load.seconds + TAIL_S)
         metrics = sut.metrics()
-        result.rss_mb = peak_rss_mb(sut.proc.pid)
-        if sut.proc.poll() is not None:
-            result.error = f"SUT exited with {sut.proc.returncode} during the run"
-        children.stop(sut.proc, 60)  # the daemon drains: every accepted sample gets its labels
+        result.rss_mb = sut.peak_rss_mb()
+        if sut.exited():
+            result.error = f"SUT exited with {sut.exited()[0]} during the run"
+        sut.stop(children, 60)  # a daemon drains: every accepted sample gets its labels
         generator.tell("stop")
         time.sleep(0.5)
         consumer.tell("stop")
@@ -75,12 +73,11 @@ def run_one(mode: str, load: Load, opts: argparse.Namespace, tmp: Path, loadgen:
             spy.wait(30)
             summarise_profile(profile.with_suffix(".folded"), profile, f"{mode} at {load.streams} streams")
         measured = load.seconds - warmup_s
-        cpu_s = {name: cpu1[name] - cpu0[name] for name in pids}
-        # The generator's figure is its whole life (it has no reason to idle outside the window).
-        cpu_s["generator"] = cpu1["generator"]
+        cpu_s = {name: cpu1[name] - cpu0[name] for name in cpu0}
         result.cpu_percent = 100 * cpu_s["sut"] / measured
-        result.generator_cpu_percent = 100 * cpu_s["generator"] / load.seconds
         result.consumer_cpu_percent = 100 * cpu_s["consumer"] / measured
+        # The generator's own figure, over its sending (it idles only before the start).
+        result.generator_cpu_percent = 100 * _number(sent["cpu_s"]) / load.seconds
         for key in ("labelled_per_s", "messages_per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms",
                     "arrival_p50_ms", "arrival_p99_ms"):
             setattr(result, key, _number(got[key]))
