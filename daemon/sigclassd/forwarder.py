@@ -24,6 +24,7 @@ import zmq
 from sigclassd import logs
 from sigclassd.errors import ConfigError
 from sigclassd.notify import Notifier
+from sigclassd.sockets import heartbeat
 
 log = structlog.get_logger("sigclassd.forwarder")
 
@@ -58,6 +59,8 @@ class Forwarder:
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.RCVHWM, hwm)
         sock.setsockopt(zmq.LINGER, self._linger_ms)
+        # A dead shard's or gateway's pipe goes within seconds, with its queue and subscriptions.
+        heartbeat(sock)
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:

@@ -12,7 +12,7 @@ import time
 import zmq
 
 from sigclassd.config import InputSettings
-from sigclassd.sockets import bind
+from sigclassd.sockets import bind, heartbeat
 
 
 class Ingest:
@@ -37,6 +37,7 @@ class Ingest:
         # (and the sending peer disconnected) before they reach Python.
         sock.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes)
         sock.setsockopt(zmq.LINGER, 0)
+        heartbeat(sock)
         if curve_secret is not None:
             sock.curve_server = True
             sock.curve_secretkey = curve_secret

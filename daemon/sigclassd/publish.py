@@ -10,7 +10,7 @@ from __future__ import annotations
 import zmq
 
 from sigclassd.config import OutputSettings
-from sigclassd.sockets import bind
+from sigclassd.sockets import bind, heartbeat
 
 # A plain int: pyzmq converts an enum flag on every call, which shows in profiles.
 _SNDMORE = int(zmq.SNDMORE)
@@ -22,6 +22,7 @@ class Publisher:
         sock = ctx.socket(zmq.PUB)
         sock.setsockopt(zmq.SNDHWM, settings.sndhwm)
         sock.setsockopt(zmq.LINGER, settings.linger_ms)
+        heartbeat(sock)  # a dead consumer's queue (up to sndhwm messages) is freed
         self.endpoint = bind(sock, settings.bind, "output.bind")
         self.socket = sock
 

@@ -1,10 +1,26 @@
-"""Binding ZeroMQ sockets with errors that say which setting and address failed."""
+"""Binding ZeroMQ sockets with errors that say which setting and address failed; heartbeats."""
 
 from __future__ import annotations
 
 import zmq
 
 from sigclassd.errors import BindError
+
+
+# A peer whose host lost power or whose link went down sends no FIN or RST, and a connection
+# that carries nothing towards it (a SUB's, the forwarder's XPUB to a shard) never finds out:
+# it would wait on a dead peer for ever and never reconnect. ZMTP heartbeats close such a
+# connection after HEARTBEAT_TIMEOUT_MS of silence, and a connecting socket then reconnects.
+# Shorter outages (a link cut for a few seconds) keep the connection and lose nothing.
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 5000
+
+
+def heartbeat(sock: zmq.Socket) -> None:
+    """Ping ``sock``'s peers every second; drop a connection silent for 5 s (and ask peers to, too)."""
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
 
 
 def bind(sock: zmq.Socket, endpoint: str, setting: str) -> str:
