@@ -15,13 +15,17 @@ from harness import ROOT, free_port
 
 from sigclassd import protocol
 from sigclassd.bench import add_parser
-from sigclassd.bench.load import Load, stream_name
+from sigclassd.bench.load import PREFIX, Load
 from sigclassd.bench.parties import Children, Party, build_loadgen
 from sigclassd.bench.profile import summarise_folded
 from sigclassd.bench.report import Setup, harness_checks, render_report, render_table, scaling, targets
 from sigclassd.bench.result import RunResult
 from sigclassd.bench.run import run_one
 from sigclassd.bench.sut import index_prefixes
+
+
+def stream_name(index: int) -> str:
+    return f"{PREFIX}{index:05d}"
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +36,8 @@ def loadgen(tmp_path_factory) -> Path:
         pytest.skip(str(e))
 
 
-def _party(children: Children, loadgen: Path, role: str, endpoint: str, load: Load, extra=None) -> Party:  # noqa: ANN001
+def _party(children: Children, loadgen: Path, role: str, endpoint: str, load: Load,
+           extra: list[str] | None = None) -> Party:
     party = Party(children, loadgen, role, endpoint, load, extra)
     party.ready(10)
     time.sleep(0.5)  # the PUB side learns the subscription asynchronously
@@ -175,7 +180,8 @@ def test_harness_checks_flag_a_relay_below_the_daemon_and_a_late_generator() -> 
     """A ceiling below the daemon, or a generator off its schedule, means the harness was measured: say so."""
     fine = [_row("relay", 500), _row("stateful", 500, labelled_per_s=124_000.0)]
     assert harness_checks(fine) == []
-    low = [_row("relay", 1000, labelled_per_s=127_000.0, p99_ms=500.0), _row("stateful", 1000, labelled_per_s=168_000.0),
+    low = [_row("relay", 1000, labelled_per_s=127_000.0, p99_ms=500.0),
+           _row("stateful", 1000, labelled_per_s=168_000.0),
            _row("windowed", 1000, labelled_per_s=120_000.0, p99_ms=900.0, generator_late_p99_ms=12.0)]
     found = harness_checks(low)
     assert len(found) == 2

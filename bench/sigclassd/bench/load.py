@@ -43,7 +43,3 @@ class Load:
         """One sentence for the report: the load as it was sent."""
         return (f"{self.channels} channels, {self.rate_hz:g} Hz per stream, {self.chunk} samples per message, "
                 f"each stream's sends spread evenly over the {self.period * 1e3:g} ms message period")
-
-
-def stream_name(index: int) -> str:
-    return f"{PREFIX}{index:05d}"

@@ -120,7 +120,8 @@ def targets(results: Sequence[RunResult], memory: RunResult | None, setup: Setup
     state = [r.samples_per_cpu_s for r in results if r.mode == "stateful" and r.sustained]
     if naive and state:
         ratio = max(state) / max(naive)
-        out.append((f">= {NAIVE_FACTOR:,.0f}x the naive loop (hop {setup.naive_hop}) in labelled samples per CPU-second",
+        out.append((f">= {NAIVE_FACTOR:,.0f}x the naive loop (hop {setup.naive_hop}) in labelled samples per "
+                    "CPU-second",
                     f"{max(state):,.0f} vs {max(naive):,.0f} /CPU-s = {ratio:,.0f}x", _met(ratio >= NAIVE_FACTOR)))
     if memory is not None:
         out.append((f"RSS < {MEMORY_MB / 1024:.0f} GB with {memory.streams:,} open streams (stateful; issue 8)",
@@ -159,7 +160,8 @@ def harness_checks(results: Sequence[RunResult]) -> list[str]:
                        f"{cell(c.sustained)} vs {cell(r.sustained)}: the harness, not the SUT, is the limit")
     for r in results:
         if not math.isnan(r.generator_late_p99_ms) and r.generator_late_p99_ms > GENERATOR_LATE_MS:
-            out.append(f"{r.mode} at {r.streams:,} streams: the generator's sends were {r.generator_late_p99_ms:.1f} ms "
+            out.append(f"{r.mode} at {r.streams:,} streams: the generator's sends were "
+                       f"{r.generator_late_p99_ms:.1f} ms "
                        "late (p99): the machine, not the SUT, set the pace")
         if r.extra.get("malformed_label_messages"):
             out.append(f"{r.mode} at {r.streams:,} streams: {r.extra['malformed_label_messages']} label messages "
@@ -261,7 +263,9 @@ def plot(results: Sequence[RunResult], setup: Setup, path: Path) -> None:
     bottom.axhline(SUSTAIN_P99_MS, color="0.5", linewidth=1, linestyle="-.", label=f"{SUSTAIN_P99_MS:.0f} ms")
     top.set(xscale="log", yscale="log", ylabel="labelled samples/s",
             title="throughput (filled: sustained, hollow: not sustained)")
-    bottom.set(xscale="log", yscale="log", xlabel=f"streams ({setup.load.rate_hz:g} Hz, {setup.load.channels} channels, {setup.load.chunk} samples/message)",
+    load = setup.load
+    bottom.set(xscale="log", yscale="log",
+               xlabel=f"streams ({load.rate_hz:g} Hz, {load.channels} channels, {load.chunk} samples/message)",
                ylabel="p99 latency, ms", title="latency: newest sample due at the gateway -> label at the consumer")
     for ax in (top, bottom):
         ax.grid(True, which="both", alpha=0.3)
@@ -276,6 +280,7 @@ def progress(r: RunResult) -> str:
         return f"{r.mode:>9} {r.streams:>6} streams: error: {r.error}"
     return (f"{r.mode:>9} {r.streams:>6} streams: offered {r.offered_per_s:>9,.0f}/s labelled "
             f"{r.labelled_per_s:>9,.0f}/s  p50 {cell(r.p50_ms):>6} p99 {cell(r.p99_ms):>6} max {cell(r.max_ms):>6} ms  "
-            f"CPU SUT {r.cpu_percent:4.0f}% gen {r.generator_cpu_percent:3.0f}% consumer {r.consumer_cpu_percent:3.0f}%  "
+            f"CPU SUT {r.cpu_percent:4.0f}% gen {r.generator_cpu_percent:3.0f}% "
+            f"consumer {r.consumer_cpu_percent:3.0f}%  "
             f"RSS {cell(r.rss_mb)} MB  missing {r.missing} shed {r.shed} rejected {r.rejected}  "
             f"{'sustained' if r.sustained else 'NOT sustained'}")

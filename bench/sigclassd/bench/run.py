@@ -142,9 +142,10 @@ def bench(args: argparse.Namespace) -> int:
     memory: RunResult | None = None
     profiles: list[str] = []
     # Start, settle and drain take about 5 s a run; the naive loop also loads TensorFlow.
-    total_s = sum(load.seconds + (14 if mode == "naive" else 5) for mode, load in plan) + (30 if args.memory_streams else 0)
-    print(f"{len(plan)} runs{' + memory check' if args.memory_streams else ''}, about {max(1, round(total_s / 60))} min; "
-          f"results to {args.out}", flush=True)
+    total_s = sum(load.seconds + (14 if mode == "naive" else 5) for mode, load in plan)
+    total_s += 30 if args.memory_streams else 0
+    print(f"{len(plan)} runs{' + memory check' if args.memory_streams else ''}, "
+          f"about {max(1, round(total_s / 60))} min; results to {args.out}", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)
     with tempfile.TemporaryDirectory(prefix="sigclassd-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -162,17 +163,18 @@ def bench(args: argparse.Namespace) -> int:
                 # A trickle: one message per stream every 2 s keeps every stream open without saturating the host.
                 memory = run_one("stateful", Load(args.memory_streams, 8.0, rate_hz=CHUNK / 2.0), args, tmp, loadgen,
                                  warmup_s=0.0)
+                error = f", error: {memory.error}" if memory.error else ""
                 print(f"   memory {memory.streams:>6} streams: peak RSS {report.cell(memory.rss_mb)} MB, "
-                      f"{memory.extra.get('streams_active', 0)} held{', error: ' + memory.error if memory.error else ''}",
-                      flush=True)
+                      f"{memory.extra.get('streams_active', 0)} held{error}", flush=True)
         except KeyboardInterrupt:
             print("interrupted: writing what was measured", file=sys.stderr)
         except RuntimeError as e:
             print(f"sigclassd bench: {e}", file=sys.stderr)
             return 1
     info["load average after (1, 5 min)"] = "{:.2f}, {:.2f}".format(*os.getloadavg()[:2])
-    setup = report.Setup(command=command, load=Load(0, args.seconds), hop=args.hop, naive_hop=args.naive_hop or args.hop,
-                         model=f"{meta.name} {meta.version} ({args.model or 'bundled'})", lookahead=meta.lookahead,
+    setup = report.Setup(command=command, load=Load(0, args.seconds), hop=args.hop,
+                         naive_hop=args.naive_hop or args.hop, lookahead=meta.lookahead,
+                         model=f"{meta.name} {meta.version} ({args.model or 'bundled'})",
                          warmup_s=WARMUP_S, settings=list(args.set))
     (args.out / "results.md").write_text(report.render_report(results, memory, info, setup, profiles))
     (args.out / "results.json").write_text(json.dumps({

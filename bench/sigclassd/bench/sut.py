@@ -182,10 +182,10 @@ def wait_ready(proc: subprocess.Popen, http_port: int, timeout: float) -> None:
         if proc.poll() is not None:
             msg = f"daemon exited with {proc.returncode} before it was ready"
             raise RuntimeError(msg)
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz",
+                                                                   timeout=2) as r:
+            if r.status == 200:
+                return
         time.sleep(0.2)
     msg = f"daemon not ready in {timeout:.0f} s"
     raise RuntimeError(msg)
