@@ -71,7 +71,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "the bare ZeroMQ relay and the naive predict loop as separate processes under N streams of "
                     "protocol-v1 load (250 Hz, 16 channels, 10 samples per message) sent and received by a compiled "
                     "load generator and consumer (C, libzmq: needs gcc, pkg-config and libzmq3-dev), and measure "
-                    "labelled samples/s, latency percentiles, the CPU of every party, RSS and loss. Writes results.md, results.json and throughput_latency.png to --out.",
+                    "labelled samples/s, latency percentiles, the CPU of every party, RSS and loss. Writes "
+                    "results.md, results.json and throughput_latency.png to --out.",
     )
     build_parser(p)
     p.set_defaults(func=_bench)
