@@ -42,7 +42,7 @@ def run_one(mode: str, load: Load, opts: argparse.Namespace, tmp: Path, loadgen:
         wrap = pyinstrument_wrap(profile) if profile is not None and not py_spy() else None
         sut = start_sut(mode, load.streams, tmp, children, opts, wrap)
         result.runtime = sut.runtime
-        lookahead = opts.lookahead if mode == "stateful" else 0
+        lookahead = opts.lookahead if mode in ("stateful", "sharded") else 0  # windowed labels without it
         consumer = Party(children, loadgen, "receive", ",".join(sut.outputs), load,
                          ["--lookahead", str(lookahead), "--warmup", repr(warmup_s)])
         generator = Party(children, loadgen, "send", sut.input, load)
