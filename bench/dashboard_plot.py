@@ -1,12 +1,12 @@
-"""Render the Grafana dashboard's main panels from a real Prometheus, as one PNG.
+"""Draw the Grafana dashboard's main queries from a real Prometheus with matplotlib, as one PNG.
 
 Queries ``/api/v1/query_range`` of a Prometheus that scrapes sigclassd with the
 same PromQL as ``deploy/grafana/sigclassd-dashboard.json`` (without Grafana's
-``$instance`` filter) and draws each panel with matplotlib, so the README can
-show what the dashboard looks like on real scraped data without a Grafana server.
+``$job`` and ``$instance`` filters) and draws each panel with matplotlib: not a
+Grafana screenshot, but the same numbers, on real scraped data, without a Grafana server.
 
     python bench/dashboard_plot.py --prometheus http://127.0.0.1:9090 --minutes 2 \
-        --out deploy/grafana/dashboard-preview.png
+        --out deploy/grafana/dashboard-queries.png
 """
 
 from __future__ import annotations
@@ -46,13 +46,14 @@ def panels(w: str) -> tuple[Panel, ...]:
         Panel("Frames rejected by reason", "frames/s", (
             ("{reason}", f"sum by (reason) (rate(sigclassd_frames_rejected_total[{w}])) > 0"),
         )),
-        Panel("Streams", "streams", (
+        Panel("Streams active", "streams", (
             ("active", "sum(sigclassd_streams_active)"),
-            ("buffered samples / 100", "sum(sigclassd_samples_buffered) / 100"),
         )),
-        Panel("Batch size (streams per model call)", "streams", (
+        # histogram_quantile interpolates inside the first bucket, (0, 1], and would put the p90
+        # below 1 when most calls batch one stream: clamp at the smallest possible batch.
+        Panel("Streams per model call", "streams", (
             ("mean", f"sum(rate(sigclassd_batch_streams_sum[{w}])) / sum(rate(sigclassd_batch_streams_count[{w}]))"),
-            ("p90", q(0.9, "sigclassd_batch_streams")),
+            ("p90", f"clamp_min({q(0.9, 'sigclassd_batch_streams')}, 1)"),
         )),
         Panel("Inference duration", "ms", (
             ("p50", q(0.5, "sigclassd_inference_duration_seconds") + " * 1000"),
@@ -100,7 +101,8 @@ def render(base: str, start: float, end: float, out: str, *, step: float = 1.0, 
     for ax in axes[-1]:
         ax.set_xlabel("seconds")
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(start))
-    fig.suptitle(f"sigclassd dashboard preview: Prometheus data from {stamp}, rate window {rate_window}")
+    fig.suptitle(f"sigclassd dashboard queries (matplotlib, not Grafana): Prometheus data from {stamp}, "
+                 f"rate window {rate_window}")
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
@@ -115,7 +117,7 @@ def main() -> int:
     p.add_argument("--end", type=float, help="range end, Unix seconds (default: now)")
     p.add_argument("--step", type=float, default=1.0, help="query resolution, seconds")
     p.add_argument("--rate-window", default="10s", help="PromQL range of rate(), e.g. 10s or 1m")
-    p.add_argument("--out", default="deploy/grafana/dashboard-preview.png")
+    p.add_argument("--out", default="deploy/grafana/dashboard-queries.png")
     args = p.parse_args()
     end = args.end if args.end is not None else time.time()
     start = args.start if args.start is not None else end - 60 * args.minutes

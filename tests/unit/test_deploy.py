@@ -18,6 +18,7 @@ from sigclassd.errors import EXIT_CONFIG, EXIT_MODEL
 from sigclassd.metrics import Metrics
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+README = DEPLOY.parent / "README.md"
 UNITS = ("sigclassd.service", "sigclassd@.service", "sigclassd-forwarder.service")
 INSTALLED_BINARY = "/opt/sigclassd/venv/bin/sigclassd"
 
@@ -242,10 +243,14 @@ def test_dashboard_uses_only_exported_metrics() -> None:
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
     exported = exported_names()
-    variable_metric = re.match(r"label_values\((\w+),", variables["instance"]["definition"]).group(1)
+    variable_metric = re.match(r"label_values\((\w+)[{,]", variables["instance"]["definition"]).group(1)
     assert variable_metric in exported
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     assert len(exprs) >= 25
+    assert variables["job"]["definition"] == "label_values(sigclassd_build_info, job)"
+    assert '{job=~"$job"}' in variables["instance"]["definition"]
+    for expr in exprs:
+        assert selectors_lack(expr, 'job=~"$job"') == [], expr
     used = set().union(*(metric_names(e) for e in exprs))
     assert used - exported == set()
     for needed in ("sigclassd_ingress_to_publish_seconds_bucket", "sigclassd_frames_rejected_total",
@@ -285,3 +290,53 @@ def test_alert_rules_use_only_exported_metrics() -> None:
         names = metric_names(rule["expr"])
         assert names, rule["alert"]
         assert names - exported == set(), rule["alert"]
+    for rule in rules:
+        assert selectors_lack(rule["expr"], 'job="sigclassd"') == [], rule["alert"]
+
+
+def selectors_lack(expr: str, matcher: str) -> list[str]:
+    """The metrics of a PromQL expression selected without `matcher` (so a job selector reaches every series)."""
+    return [name for name in metric_names(expr)
+            for match in re.finditer(rf"\b{name}\b(\{{[^}}]*\}})?", expr)
+            if matcher not in (match.group(1) or "")]
+
+
+def test_every_alert_has_a_runbook_section_in_the_readme() -> None:
+    """Each alert's runbook_url is the README's "## Runbook" section of that alert, and the section exists."""
+    runbook = README.read_text().split("\n## Runbook\n", 1)[1].split("\n## ", 1)[0]
+    sections = re.findall(r"^### (\w+)$", runbook, flags=re.MULTILINE)
+    rules = alert_rules((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    for rule in rules:
+        assert rule["runbook_url"] == f"README.md#{rule['alert'].lower()}"
+    assert sorted(sections) == sorted(rule["alert"] for rule in rules)
+
+
+def dimension(expr: str) -> str:
+    """What a dashboard query measures, e.g. "samples/s", "seconds", "bytes", "streams"."""
+    names = metric_names(expr)
+    # A histogram's mean (_sum / _count) or quantile (_bucket) measures what the histogram observes.
+    name = next((n for n in names if n.endswith(("_sum", "_bucket"))), min(names))
+    if name.endswith("_count") or "inference_errors" in name:
+        thing = "calls"
+    elif "bytes" in name:
+        thing = "bytes"
+    elif "seconds" in name:
+        thing = "seconds"
+    else:
+        thing = next((w for w in ("samples", "streams", "resets", "frames", "messages", "ready", "up", "info")
+                      if w in name), name)
+        thing = "messages" if thing == "frames" else thing
+    per_second = "rate(" in expr and "histogram_quantile" not in expr and "_sum" not in expr
+    return thing + "/s" if per_second else thing
+
+
+def test_no_dashboard_panel_mixes_units() -> None:
+    """Every query of a panel measures the same thing (no bytes beside messages, seconds beside errors/s)."""
+    assert dimension('sum(rate(sigclassd_label_published_bytes_total[1m]))') == "bytes/s"
+    assert dimension('histogram_quantile(0.5, sum by (le) (rate(sigclassd_batch_wait_seconds_bucket[1m])))') == \
+        "seconds"
+    dashboard = json.loads((DEPLOY / "grafana" / "sigclassd-dashboard.json").read_text())
+    for panel in dashboard["panels"]:
+        dims = {dimension(t["expr"]) for t in panel.get("targets", [])}
+        assert len(dims) <= 1, (panel["title"], dims)
+
