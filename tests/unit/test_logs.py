@@ -105,9 +105,14 @@ def journal(tmp_path, monkeypatch):
     server.settimeout(5)
     monkeypatch.setattr(logs, "JOURNAL_SOCKET", str(path))
     monkeypatch.setattr(logs.JournalLogger, "socket", None)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
     logs.configure("journal", "info")
     yield lambda: parse_journal_datagram(server.recv(65536))
-    logs.configure("json", "info")
+    structlog.reset_defaults()
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    logging.captureWarnings(False)
     server.close()
 
 
