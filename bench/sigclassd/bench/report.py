@@ -154,7 +154,9 @@ def harness_checks(results: Sequence[RunResult]) -> list[str]:
         c = relay.get(r.streams)
         if r.mode not in DAEMON_MODES or r.error or c is None:
             continue
-        if c.labelled_per_s < 0.98 * r.labelled_per_s or (r.sustained and not c.sustained):
+        # While the relay keeps up, both label what is offered (windowed in bursts of a hop, so a little
+        # more or less inside the timed window): only a relay that fell behind can be below the daemon.
+        if not c.sustained and (r.sustained or c.labelled_per_s < 0.98 * r.labelled_per_s):
             out.append(f"at {r.streams:,} streams the relay (the ceiling) did less than {r.mode}: "
                        f"{c.labelled_per_s:,.0f} vs {r.labelled_per_s:,.0f} labelled/s, sustained "
                        f"{cell(c.sustained)} vs {cell(r.sustained)}: the harness, not the SUT, is the limit")
