@@ -35,7 +35,9 @@ host_on() {
     local name=${1%%=*} octet=${1#*=}
     local netns; netns=$(ns "$name")
     ip netns add "$netns"
-    ip link add "sgc-$name-br" type veth peer name eth0 netns "$netns"
+    # A fixed MAC per address, as a rebooted machine keeps its NIC's: a new random one would
+    # leave its peers' ARP caches pointing at a host that no longer exists for several seconds.
+    ip link add "sgc-$name-br" type veth peer name eth0 address "$(printf '02:00:0a:c8:00:%02x' "$octet")" netns "$netns"
     ip link set "sgc-$name-br" master "$BRIDGE" up
     ip -n "$netns" addr add "$NET.$octet/24" dev eth0
     ip -n "$netns" link set lo up
