@@ -1,21 +1,24 @@
-"""Per-call cost of the stateful engine's runtimes: NumPy, tf.function, XLA, LiteRT.
+"""Cost of the model engines: the stateful step per call, the windowed forward in windows per second.
 
-The daemon calls ``StatefulEngine.run`` once per main-loop tick with every
-stream that has new samples, so what matters is milliseconds per call at the
+The daemon calls the stateful engine once per main-loop turn with every stream
+that has new samples, so what matters there is milliseconds per call at the
 shapes the loop meets, from one stream with one sample (idle) to 1,000 streams
-with 10 samples each (full load). Each runtime runs in its own process so that
-its resident memory is its own. Every runtime's outputs are checked against
-the NumPy step on the same inputs.
+with 10 samples each (full load). The windowed engine runs batches of whole
+windows: windows per second (wall and per CPU-second) at batch 64 and 256.
 
-    TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python bench/engine_runtimes.py [--model DIR] [--seconds 1.0]
+With TensorFlow installed (the ``train`` extra) the windowed figures are also
+taken for the Keras model under ``tf.function(jit_compile=True)`` in calls of
+64, the XLA path the daemon used before it served without TensorFlow, and its
+outputs are compared with the NumPy engine's. Each engine runs in its own
+process, so that its resident memory is its own.
 
-Without ``--model`` it builds the seed architecture (16 channels, Conv1D 32x8
-'same', LSTM 32, sigmoid) with random weights.
+    .venv/bin/python bench/engine_runtimes.py [--model DIR] [--seconds 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -26,95 +29,130 @@ from pathlib import Path
 
 import numpy as np
 
-SHAPES = ((1, 1), (1, 10), (100, 10), (500, 10), (1000, 10), (1000, 1))
-RUNTIMES = ("numpy", "tf", "xla", "litert")
+STEP_SHAPES = ((1, 1), (1, 10), (100, 10), (500, 10), (1000, 10), (1000, 1))
+WINDOW_BATCHES = (64, 256)
 
 
-def build_seed_artifact(path: Path) -> Path:
-    """Save the seed architecture with random weights as a model directory."""
-    import keras
-    from keras import layers
-
-    from sigclassd.models.artifact import ModelMeta, write_metadata
-
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((None, 16))
-    x = layers.Conv1D(32, 8, padding="same", activation="relu")(inputs)
-    x = layers.LSTM(32, return_sequences=True)(x)
-    outputs = layers.Dense(1, activation="sigmoid")(x)
-    path.mkdir(parents=True, exist_ok=True)
-    keras.Model(inputs, outputs).save(path / "model.keras")
-    meta = ModelMeta(
-        name="bench-seed", version="0", architecture="seq2seq", channels=16, window=400, classes=("rest", "event"),
-        output="sigmoid", lookahead=4, norm_mean=(0.0,) * 16, norm_std=(1.0,) * 16,
-    )
-    write_metadata(path, meta)
-    return path
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
 
-def measure(model: Path, runtime: str, seconds: float) -> list[dict[str, float | int | str]]:
-    """Time ``runtime`` at every shape; one JSON-able row per shape."""
-    import psutil
+def timed(fn, seconds: float) -> tuple[float, float, int]:  # noqa: ANN001
+    """Wall seconds, CPU seconds and calls of ``fn`` repeated for about ``seconds``."""
+    fn()
+    calls = 0
+    wall, cpu = time.perf_counter(), time.process_time()
+    while time.perf_counter() - wall < seconds:
+        fn()
+        calls += 1
+    return time.perf_counter() - wall, time.process_time() - cpu, calls
 
+
+def windows(meta, batch: int) -> np.ndarray:  # noqa: ANN001
+    rng = np.random.default_rng(batch)
+    mean, std = np.asarray(meta.norm_mean, np.float32), np.asarray(meta.norm_std, np.float32)
+    return (mean + std * rng.normal(size=(batch, meta.window, meta.channels))).astype(np.float32)
+
+
+def measure_numpy(model: Path, seconds: float, scratch: Path) -> list[dict]:
     from sigclassd.engine.stateful import StatefulEngine
+    from sigclassd.engine.windowed import WindowedEngine
     from sigclassd.models.artifact import read_artifact
 
     artifact = read_artifact(model)
-    engine = StatefulEngine.load(artifact, runtime=runtime)
-    reference = StatefulEngine.load(artifact, runtime="numpy")
-    rng = np.random.default_rng(0)
     rows = []
-    for batch, chunk in SHAPES:
-        x = rng.normal(size=(batch, chunk, artifact.meta.channels)).astype(np.float32)
-        lengths = np.full(batch, chunk)
-        state = np.zeros((batch, engine.state_size), np.float32)
-        # Warm the shape (tracing, XLA compile, LiteRT conversion) and carry a
-        # realistic state: streams past their start.
-        for _ in range(3):
-            y, state = engine.run(x, lengths, state)
-        y_ref, _ = reference.run(x, lengths, state)
-        y, _ = engine.run(x, lengths, state)
-        max_diff = float(np.abs(y - y_ref).max())
-        calls = 0
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            engine.run(x, lengths, state)
-            calls += 1
-        elapsed = time.perf_counter() - start
-        rows.append({
-            "runtime": runtime, "batch": batch, "chunk": chunk, "ms_per_call": 1e3 * elapsed / calls,
-            "samples_per_s": batch * chunk * calls / elapsed, "max_abs_diff": max_diff,
-            "rss_mb": psutil.Process().memory_info().rss / 2**20,
-        })
+    if artifact.meta.streamable:
+        engine = StatefulEngine.load(artifact)
+        rng = np.random.default_rng(0)
+        for batch, chunk in STEP_SHAPES:
+            x = rng.normal(size=(batch, chunk, artifact.meta.channels)).astype(np.float32)
+            lengths = np.full(batch, chunk)
+            state = np.zeros((batch, engine.state_size), np.float32)
+            for _ in range(3):  # streams past their start
+                _, state = engine.run(x, lengths, state)
+            wall, cpu, calls = timed(lambda: engine.run(x, lengths, state), seconds)  # noqa: B023
+            rows.append({"kind": "step", "engine": "numpy", "batch": batch, "chunk": chunk,
+                         "ms_per_call": 1e3 * wall / calls, "samples_per_s": batch * chunk * calls / wall,
+                         "rss_mb": rss_mb()})
+    engine = WindowedEngine.load(artifact)
+    for batch in WINDOW_BATCHES:
+        x = windows(artifact.meta, batch)
+        probs, _ = engine.run(x, np.full(batch, artifact.meta.window), np.zeros((batch, 0), np.float32))
+        np.save(scratch / f"numpy-{batch}.npy", probs)  # for the XLA process to compare with
+        wall, cpu, calls = timed(lambda: engine.run(x, None, None), seconds)  # noqa: B023
+        rows.append({"kind": "window", "engine": "numpy", "batch": batch, "windows_per_s": batch * calls / wall,
+                     "windows_per_cpu_s": batch * calls / cpu, "rss_mb": rss_mb()})
     return rows
 
 
-def main() -> None:
+def measure_xla(model: Path, seconds: float, scratch: Path) -> list[dict]:
+    """The removed windowed path: the Keras model under XLA, batches in calls of 64."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import tensorflow as tf
+
+    from sigclassd.engine.activations import to_probabilities
+    from sigclassd.models.artifact import read_artifact
+
+    artifact = read_artifact(model)
+    meta = artifact.meta
+    net = keras.saving.load_model(artifact.keras_path, compile=False)
+    fn = tf.function(lambda x: net(x, training=False), jit_compile=True)
+    mean, std = np.asarray(meta.norm_mean, np.float32), np.asarray(meta.norm_std, np.float32)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        xn = (x - mean) / std
+        return to_probabilities(np.concatenate([fn(xn[a : a + 64]).numpy() for a in range(0, len(xn), 64)]))
+
+    rows = []
+    for batch in WINDOW_BATCHES:
+        x = windows(meta, batch)
+        diff = float(np.abs(run(x) - np.load(scratch / f"numpy-{batch}.npy")).max())
+        wall, cpu, calls = timed(lambda: run(x), seconds)  # noqa: B023
+        rows.append({"kind": "window", "engine": "xla (removed)", "batch": batch, "windows_per_s": batch * calls / wall,
+                     "windows_per_cpu_s": batch * calls / cpu, "max_abs_diff": diff, "rss_mb": rss_mb()})
+    return rows
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, help="model directory (default: the seed architecture, random weights)")
-    parser.add_argument("--seconds", type=float, default=1.0, help="timing per shape and runtime")
-    parser.add_argument("--runtimes", default=",".join(RUNTIMES))
-    parser.add_argument("--only", help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help="model directory (default: the bundled model)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="timing per shape (default: %(default)s)")
+    parser.add_argument("--only", choices=("numpy", "xla"), help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.model is None:
+        from sigclassd.models.artifact import default_model_path
+
+        args.model = default_model_path()
     if args.only:
-        print(json.dumps(measure(args.model, args.only, args.seconds)))
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or build_seed_artifact(Path(tmp) / "seed")
-        rows = []
-        for runtime in args.runtimes.split(","):
-            out = subprocess.run(
-                [sys.executable, __file__, "--model", str(model), "--only", runtime, "--seconds", str(args.seconds)],
-                check=True, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-            )
+        measure = measure_numpy if args.only == "numpy" else measure_xla
+        rows = measure(args.model, args.seconds, args.scratch)
+        print(json.dumps(rows))
+        return 0
+    engines = ["numpy"] + (["xla"] if importlib.util.find_spec("tensorflow") else [])
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for engine in engines:
+            out = subprocess.run([sys.executable, __file__, "--model", str(args.model), "--only", engine,
+                                  "--seconds", str(args.seconds), "--scratch", scratch],
+                                 check=True, capture_output=True, text=True)
             rows += json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"model: {args.model or 'seed architecture, random weights'}; {os.cpu_count()} CPUs")
-    print("| runtime | batch x chunk | ms/call | samples/s | max abs diff vs numpy | RSS MB |")
-    print("|---|---|---:|---:|---:|---:|")
+    print(f"model: {args.model}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
+    print("\nStateful step, one call:\n\n| batch x chunk | ms/call | samples/s | RSS MB |\n|---|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['runtime']} | {r['batch']} x {r['chunk']} | {r['ms_per_call']:.3f} | {r['samples_per_s']:,.0f} "
-              f"| {r['max_abs_diff']:.1e} | {r['rss_mb']:.0f} |")
+        if r["kind"] == "step":
+            print(f"| {r['batch']} x {r['chunk']} | {r['ms_per_call']:.3f} | {r['samples_per_s']:,.0f} | {r['rss_mb']:.0f} |")
+    print("\nWindowed forward:\n\n| engine | batch | windows/s | windows per CPU-s | max abs diff vs numpy | RSS MB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if r["kind"] == "window":
+            diff = f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else "-"
+            print(f"| {r['engine']} | {r['batch']} | {r['windows_per_s']:,.0f} | {r['windows_per_cpu_s']:,.0f} | {diff} "
+                  f"| {r['rss_mb']:.0f} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -38,46 +38,37 @@ def lstm(step: LSTM, u: np.ndarray, h: np.ndarray, c: np.ndarray,
     batch, time, _ = u.shape
     n = step.units
     standard = step.activation == "tanh" and step.recurrent_activation == "sigmoid"
-    kernel, recurrent, bias = step.negated if standard else (step.kernel, step.recurrent, step.bias)
+    kernel, recurrent, bias = step.fused if standard else (step.kernel, step.recurrent, step.bias)
     # Time-major, so that each step reads and writes contiguous rows.
     xp = _matmul(np.ascontiguousarray(u.transpose(1, 0, 2)), kernel, bias)
     out = np.empty((time, batch, n), np.float32)
     act, rec = ACTIVATIONS[step.activation], ACTIVATIONS[step.recurrent_activation]
     z = np.empty((batch, 4 * n), np.float32)
-    tc = np.empty((batch, n), np.float32)
-    one, two = np.float32(1), np.float32(2)
-    with np.errstate(over="ignore"):
-        for t in range(time):
-            np.matmul(h, recurrent, out=z)
-            z += xp[t]
-            if standard:
-                # z holds -z_i, -z_f, -2 z_g, -z_o: one exp gives every gate, as
-                # sigmoid(x) = 1 / (1 + exp(-x)) and tanh(x) = 2 sigmoid(2x) - 1
-                # (exp is the costly ufunc; overflow to inf gives the exact limits).
-                np.exp(z, out=z)
-                z += one
-                np.reciprocal(z, out=z)
-                i, f, g, o = z[:, :n], z[:, n : 2 * n], z[:, 2 * n : 3 * n], z[:, 3 * n :]
-                g *= two
-                g -= one
-                c_next = f * c
-                c_next += i * g
-                np.multiply(c_next, -two, out=tc)
-                np.exp(tc, out=tc)
-                tc += one
-                np.divide(two, tc, out=tc)
-                tc -= one
-                h_next = o * tc
-            else:
-                i, f, g, o = rec(z[:, :n]), rec(z[:, n : 2 * n]), act(z[:, 2 * n : 3 * n]), rec(z[:, 3 * n :])
-                c_next = f * c + i * g
-                h_next = o * act(c_next)
-            if active is not None:
-                c = np.where(active[:, t], c_next, c)
-                h = np.where(active[:, t], h_next, h)
-            else:
-                c, h = c_next, h_next
-            out[t] = h
+    half = np.float32(0.5)
+    for t in range(time):
+        np.matmul(h, recurrent, out=z)
+        z += xp[t]
+        if standard:
+            # Gates i, f, o, c (see LSTM.fused): one tanh, then i, f, o = (1 + tanh) / 2.
+            np.tanh(z, out=z)
+            gates = z[:, : 3 * n]
+            gates *= half
+            gates += half
+            i, f, o, g = z[:, :n], z[:, n : 2 * n], z[:, 2 * n : 3 * n], z[:, 3 * n :]
+            c_next = f * c
+            c_next += i * g
+            h_next = np.tanh(c_next)
+            h_next *= o
+        else:
+            i, f, g, o = rec(z[:, :n]), rec(z[:, n : 2 * n]), act(z[:, 2 * n : 3 * n]), rec(z[:, 3 * n :])
+            c_next = f * c + i * g
+            h_next = o * act(c_next)
+        if active is not None:
+            c = np.where(active[:, t], c_next, c)
+            h = np.where(active[:, t], h_next, h)
+        else:
+            c, h = c_next, h_next
+        out[t] = h
     return out.transpose(1, 0, 2), h, c
 
 
