@@ -51,7 +51,7 @@ os-deps:
 test: venv os-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: venv
+bench: venv os-deps
 	$(BIN)/sigclassd bench $(ARGS)
 
 clean:
