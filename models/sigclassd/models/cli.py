@@ -206,17 +206,9 @@ def _fail(cmd: str, e: Exception) -> int:
     return 2
 
 
-def _print_summary(held: dict) -> None:
-    modes = [m for m in ("baseline", "windowed", "stateful") if m in held]
-    print(f"held-out: {held['part']}, {held['samples']} samples")
-    print(f"{'':20}" + "".join(f"{m:>12}" for m in modes))
-    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
-        print(f"{key:20}" + "".join(f"{held[m][key]:12.3f}" for m in modes))
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from sigclassd.models.data import remap_labels
-    from sigclassd.models.train import TrainConfig, train
+    from sigclassd.models.train import TrainConfig, format_report, train
 
     try:
         ds = remap_labels(_load(args), drop=tuple(args.drop_class), positive=tuple(args.positive_class))
@@ -261,8 +253,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         artifact = train(ds, cfg, args.out, verbose=verbose, command=command)
     except (ValueError, ModelError) as e:
         return _fail("train", e)
+    held = artifact.meta.metrics["held_out"]
     print(f"\nwrote {artifact.path} ({artifact.keras_path.stat().st_size} bytes model, sha256 {artifact.sha256[:12]})")
-    _print_summary(artifact.meta.metrics["held_out"])
+    print(f"validation ({held['part']}), kept epoch:")
+    print(format_report(held, artifact.meta.classes))
     return 0
 
 
