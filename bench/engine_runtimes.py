@@ -8,7 +8,8 @@ windows: windows per second (wall and per CPU-second) at batch 64 and 256.
 
 With TensorFlow installed (the ``train`` extra) the windowed figures are also
 taken for the Keras model under ``tf.function(jit_compile=True)`` in calls of
-64, the XLA path the daemon used before it served without TensorFlow, and its
+64, the XLA path the daemon used before it served without TensorFlow, and, if
+``ai-edge-litert`` is installed too, for the model converted to LiteRT; their
 outputs are compared with the NumPy engine's. Each engine runs in its own
 process, so that its resident memory is its own.
 
@@ -115,11 +116,50 @@ def measure_xla(model: Path, seconds: float, scratch: Path) -> list[dict]:
     return rows
 
 
+def measure_litert(model: Path, seconds: float, scratch: Path) -> list[dict]:
+    """The Keras model converted to LiteRT (builtin ops) at a fixed batch, one interpreter thread."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    from sigclassd.engine.activations import to_probabilities
+    from sigclassd.models.artifact import read_artifact
+
+    artifact = read_artifact(model)
+    meta = artifact.meta
+    net = keras.saving.load_model(artifact.keras_path, compile=False)
+    mean, std = np.asarray(meta.norm_mean, np.float32), np.asarray(meta.norm_std, np.float32)
+    rows = []
+    for batch in WINDOW_BATCHES:
+        fn = tf.function(lambda x: net(x, training=False),
+                         input_signature=[tf.TensorSpec([batch, meta.window, meta.channels], tf.float32)])
+        flat = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn).convert()
+        interpreter = Interpreter(model_content=flat, num_threads=1)
+        interpreter.allocate_tensors()
+        (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
+
+        def run(x: np.ndarray) -> np.ndarray:
+            interpreter.set_tensor(inp["index"], (x - mean) / std)  # noqa: B023
+            interpreter.invoke()  # noqa: B023
+            return to_probabilities(interpreter.get_tensor(out["index"]))  # noqa: B023
+
+        x = windows(meta, batch)
+        diff = float(np.abs(run(x) - np.load(scratch / f"numpy-{batch}.npy")).max())
+        wall, cpu, calls = timed(lambda: run(x), seconds)  # noqa: B023
+        rows.append({"kind": "window", "engine": "litert", "batch": batch, "windows_per_s": batch * calls / wall,
+                     "windows_per_cpu_s": batch * calls / cpu, "max_abs_diff": diff, "rss_mb": rss_mb()})
+    return rows
+
+
+MEASURES = {"numpy": measure_numpy, "xla": measure_xla, "litert": measure_litert}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="model directory (default: the bundled model)")
     parser.add_argument("--seconds", type=float, default=2.0, help="timing per shape (default: %(default)s)")
-    parser.add_argument("--only", choices=("numpy", "xla"), help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=tuple(MEASURES), help=argparse.SUPPRESS)
     parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.model is None:
@@ -127,11 +167,12 @@ def main() -> int:
 
         args.model = default_model_path()
     if args.only:
-        measure = measure_numpy if args.only == "numpy" else measure_xla
-        rows = measure(args.model, args.seconds, args.scratch)
+        rows = MEASURES[args.only](args.model, args.seconds, args.scratch)
         print(json.dumps(rows))
         return 0
-    engines = ["numpy"] + (["xla"] if importlib.util.find_spec("tensorflow") else [])
+    engines = ["numpy"]
+    if importlib.util.find_spec("tensorflow"):
+        engines += ["xla"] + (["litert"] if importlib.util.find_spec("ai_edge_litert") else [])
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for engine in engines:
