@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,11 +26,15 @@ from sigclassd import protocol
 from sigclassd.sockets import heartbeat
 from sigclassd.synthetic import make_recording
 
+# The hosts are test_systemd's containers: skipped with its reason where nspawn cannot boot.
+from test_systemd import SOURCE_IN_CONTAINER, Container, venv_dir  # noqa: E402,F401 - venv_dir: a fixture
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SIMHOSTS = ROOT / "deploy" / "multihost" / "simhosts.sh"
 HOSTS = {"fwd": 10, "shard1": 11, "shard2": 12}
 FORWARDER = "10.200.0.10"
+FORWARDER_UNIT = "sigclassd-forwarder.service"
 PREFIXES = {"shard1": "site-a/", "shard2": "site-b/"}
 STREAMS = ("site-a/0", "site-a/1", "site-b/0", "site-b/1")
 RATE_HZ, CHUNK = 250.0, 10
@@ -38,43 +44,76 @@ def simhosts(*args: str) -> None:
     subprocess.run([str(SIMHOSTS), *args], check=True, timeout=30, capture_output=True)
 
 
-def in_host(host: str, args: list[str], log) -> subprocess.Popen:  # noqa: ANN001
-    """A process on a simulated host (`ip netns exec` execs it, so its pid is the program's)."""
-    return subprocess.Popen(["ip", "netns", "exec", f"sgc-{host}", sys.executable, "-m", "sigclassd", *args],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+class Host:
+    """A simulated host: its network namespace (simhosts.sh) with a real systemd booted in it by
+    systemd-nspawn (test_systemd's container: a tmpfs root over this machine's /usr, the venv bound
+    at the units' path) and the project's units installed by deploy/install.sh."""
+
+    def __init__(self, name: str, venv: Path, src: Path, tmp: Path) -> None:
+        self.name, self.venv, self.src, self.tmp = name, venv, src, tmp
+        self.container: Container | None = None
+
+    def power_on(self) -> None:
+        if self.container is not None:
+            simhosts("on", f"{self.name}={HOSTS[self.name]}")
+        self.container = Container(self.venv, self.src, self.tmp / f"{self.name}-console.log",
+                                   name=f"sgc-{self.name}-{os.getpid()}",
+                                   network=f"--network-namespace-path=/run/netns/sgc-{self.name}")
+        self.container.run("sh", f"{SOURCE_IN_CONTAINER}/deploy/install.sh", "--no-venv", timeout=60)
+
+    def power_off(self) -> None:
+        simhosts("off", self.name)
+        assert self.container is not None
+        self.container.close()  # systemd-nspawn has seen its container die
+
+    def start(self, unit: str) -> None:
+        """`systemctl start`: the units are Type=notify, so it returns once the daemon is ready."""
+        assert self.container is not None
+        self.container.systemctl("start", unit, timeout=60)
+
+    def stop(self, unit: str) -> int:
+        """`systemctl stop`; the main process's exit status, -1 if systemd saw it fail or killed it."""
+        assert self.container is not None
+        self.container.systemctl("stop", unit, timeout=60)
+        shown = self.container.show(unit)
+        return int(shown["ExecMainStatus"]) if shown["Result"] == "success" else -1
+
+    def journal(self, unit: str) -> str:
+        assert self.container is not None
+        return self.container.run("journalctl", "--no-pager", "-o", "cat", "-u", unit).stdout
 
 
 class Shard(Daemon):
-    """A daemon shard on its own simulated host: it connects to the forwarder's XPUB side, serves
-    labels and metrics on the host's address."""
+    """A daemon shard, `sigclassd@NAME` on its own host: it connects to the forwarder's XPUB side
+    and serves labels and metrics on the host's address."""
 
-    def __init__(self, tmp, host: str) -> None:  # noqa: ANN001
-        self.host, self.address = host, f"10.200.0.{HOSTS[host]}"
+    def __init__(self, tmp: Path, host: Host) -> None:
+        self.host, self.address = host, f"10.200.0.{HOSTS[host.name]}"
+        self.unit = f"sigclassd@{host.name}.service"
         super().__init__(tmp, {
-            "input": {"bind": [], "connect": [f"tcp://{FORWARDER}:5551"], "subscribe": [PREFIXES[host]]},
+            "input": {"bind": [], "connect": [f"tcp://{FORWARDER}:5551"], "subscribe": [PREFIXES[host.name]]},
             "output": {"bind": f"tcp://{self.address}:5556"},
             "metrics": {"listen": f"{self.address}:5557"},
             "model": {"mode": "stateful"},
-        }, name=host)
+        }, name=host.name)
 
     @property
     def output(self) -> str:
         return f"tcp://{self.address}:5556"
 
     def start(self, wait: bool = True, timeout: float = 60.0) -> Shard:
-        if self.proc is not None:
-            self.proc.wait(10)  # the one that was powered off
-            self.log_file.close()
-        self.log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = in_host(self.host, ["run", "--config", str(self.config)], self.log_file)
-        if wait:
-            self.wait_ready(timeout)
+        assert self.host.container is not None
+        self.host.container.write(f"/etc/sigclassd/{self.host.name}.toml", self.config.read_text())
+        self.host.start(self.unit)
         return self
 
-    def http(self, path: str) -> tuple[int, str]:
-        import urllib.error
-        import urllib.request
+    def stop(self, timeout: float = 30.0) -> int:  # type: ignore[override]
+        return self.host.stop(self.unit)
 
+    def log_text(self) -> str:
+        return self.host.journal(self.unit)
+
+    def http(self, path: str) -> tuple[int, str]:
         try:
             with urllib.request.urlopen(f"http://{self.address}:5557{path}", timeout=5) as r:
                 return r.status, r.read().decode()
@@ -132,7 +171,7 @@ class Feed:
             heartbeat(sock)  # as sigclassd.client does: finds a shard whose host died
             sock.connect(shard.output)
             poller.register(sock, zmq.POLLIN)
-            hosts[sock] = shard.host
+            hosts[sock] = shard.host.name
         try:
             while not self.stop.is_set() or poller.poll(2000):
                 for sock, _ in poller.poll(50):
@@ -180,43 +219,55 @@ def continuity(frames: list[protocol.LabelFrame]) -> tuple[int, int, int]:
     return labelled, reported, unreported
 
 
-@pytest.fixture
-def deployment(tmp_path, ctx):
-    """Three simulated hosts with a forwarder and two shards running; everything removed after."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("simulated hosts need root and iproute2 (ip netns)")
+@pytest.fixture(scope="module")
+def hosts(venv_dir, tmp_path_factory):
+    """The simulated hosts, booted once for the module; a test that powers one off boots it again."""
+    if shutil.which("ip") is None:
+        pytest.skip("simulated hosts need iproute2 (ip netns)")
     probe = subprocess.run(["ip", "netns", "add", "sgc-probe"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"cannot create network namespaces here: {probe.stderr.strip()}")
     subprocess.run(["ip", "netns", "del", "sgc-probe"], check=True)
     simhosts("down")
     simhosts("up", *(f"{h}={o}" for h, o in HOSTS.items()))
-    dep = Deployment(tmp_path, ctx)
+    venv, src = venv_dir
+    tmp = tmp_path_factory.mktemp("hosts")
+    booted = {name: Host(name, venv, src, tmp) for name in HOSTS}
     try:
-        dep.start_forwarder()
-        for shard in dep.shards:
-            shard.start(wait=False)
-        for shard in dep.shards:
-            shard.wait_ready()
-        yield dep
+        started = time.monotonic()
+        for host in booted.values():
+            host.power_on()
+        print(f"\n{len(booted)} hosts booted in {time.monotonic() - started:.1f} s")
+        yield booted
     finally:
-        dep.close()
+        for host in booted.values():
+            if host.container is not None:
+                host.container.close()
         simhosts("down")
 
 
-class Deployment:
-    def __init__(self, tmp, ctx) -> None:  # noqa: ANN001
-        self.tmp, self.ctx = tmp, ctx
-        self.shards = [Shard(tmp, host) for host in PREFIXES]
-        self.forwarder: subprocess.Popen | None = None
-        self.feed: Feed | None = None
+@pytest.fixture
+def deployment(hosts, tmp_path, ctx):
+    """The forwarder and two shards running on their hosts; stopped after the test."""
+    dep = Deployment(hosts, tmp_path, ctx)
+    try:
+        hosts["fwd"].start(FORWARDER_UNIT)
+        for shard in dep.shards:
+            shard.start()
+        yield dep
+    finally:
+        if dep.feed is not None:
+            dep.feed.close()
+        for host, unit in [(s.host, s.unit) for s in dep.shards] + [(hosts["fwd"], FORWARDER_UNIT)]:
+            if host.container is not None and host.container.nspawn.poll() is None:
+                host.container.systemctl("stop", unit, check=False)
 
-    def start_forwarder(self) -> None:
-        if self.forwarder is not None:
-            self.forwarder.wait(10)  # the one that was powered off
-        log = open(self.tmp / "forwarder.log", "ab")  # noqa: SIM115 - the process holds it
-        self.forwarder = in_host("fwd", ["forward", "--xsub", f"tcp://{FORWARDER}:5550",
-                                         "--xpub", f"tcp://{FORWARDER}:5551"], log)
+
+class Deployment:
+    def __init__(self, hosts: dict[str, Host], tmp: Path, ctx) -> None:  # noqa: ANN001
+        self.hosts, self.ctx = hosts, ctx
+        self.shards = [Shard(tmp, hosts[name]) for name in PREFIXES]
+        self.feed: Feed | None = None
 
     def run_feed(self) -> Feed:
         self.feed = Feed(self.ctx, self.shards).start()
@@ -227,23 +278,12 @@ class Deployment:
         assert self.feed is not None
         self.feed.finish()
         time.sleep(1.0)  # what is in flight reaches the shards
-        accounts = [accounting(s) for s in self.shards]
+        self.accounts = [accounting(s) for s in self.shards]
         self.gap_resets = [gap_resets(s) for s in self.shards]
         codes = [s.stop() for s in self.shards]
         self.feed.close()
-        assert self.forwarder is not None
-        self.forwarder.terminate()
-        codes.append(self.forwarder.wait(15))
-        self.accounts = accounts
+        codes.append(self.hosts["fwd"].stop(FORWARDER_UNIT))
         return codes
-
-    def close(self) -> None:
-        if self.feed is not None:
-            self.feed.close()
-        for proc in [s.proc for s in self.shards] + [self.forwarder]:
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
 
 
 @dataclass
@@ -327,11 +367,12 @@ def test_shard_host_power_off_and_back(deployment):
     it never received: the hole shows to consumers as a seq jump with no `gap`."""
     feed = deployment.run_feed()
     time.sleep(3)
-    simhosts("off", "shard1")
+    shard1 = deployment.shards[0]
+    shard1.host.power_off()
     off = time.monotonic()
     time.sleep(3)
-    simhosts("on", "shard1=11")
-    deployment.shards[0].start()
+    shard1.host.power_on()
+    shard1.start()
     ready = time.monotonic()
     time.sleep(4)
     codes = deployment.stop_all()
@@ -359,11 +400,14 @@ def test_forwarder_host_power_off_and_back(deployment):
     report every lost sample, as missing and as the `gap` of a new incarnation."""
     feed = deployment.run_feed()
     time.sleep(3)
-    simhosts("off", "fwd")
+    fwd = deployment.hosts["fwd"]
+    fwd.power_off()
+    off = time.monotonic()
     time.sleep(3)
-    simhosts("on", "fwd=10")
-    deployment.start_forwarder()
+    fwd.power_on()
+    fwd.start(FORWARDER_UNIT)
     started = time.monotonic()
+    print(f"\n  the forwarder's host booted and the forwarder started {started - off - 3:.2f} s after power-on")
     time.sleep(5)
     codes = deployment.stop_all()
     seen = outcomes(feed, "the forwarder's host powered off for 3 s")

@@ -186,12 +186,13 @@ def venv_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 class Container:
     """A booted systemd-nspawn container; commands run in all its namespaces through nsenter."""
 
-    def __init__(self, venv: Path, src: Path, log: Path) -> None:
-        self.name = f"sigclassd-test-{os.getpid()}"
+    def __init__(self, venv: Path, src: Path, log: Path, *, name: str = "",
+                 network: str = "--private-network") -> None:
+        self.name = name or f"sigclassd-test-{os.getpid()}"
         self.log = log.open("wb")
         self.nspawn = subprocess.Popen(
             [NSPAWN, "-q", "-D", "/", "-M", self.name, "--register=no", "--keep-unit", "--volatile=yes",
-             "--console=pipe", "--system-call-filter=bpf", "--private-network",
+             "--console=pipe", "--system-call-filter=bpf", network,
              f"--bind-ro={venv}:{VENV_PATH}", f"--bind-ro={src}:{SOURCE_IN_CONTAINER}",
              "-b", "systemd.mask=systemd-firstboot.service", "systemd.mask=systemd-networkd-wait-online.service"],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
@@ -390,6 +391,8 @@ def test_broken_config_on_reload_keeps_serving_and_logs_at_error_priority(contai
         container.write(CONFIG, good)
     assert errors[0]["PRIORITY"] == "3"
     assert "no_such_key" in errors[0]["ERROR"], errors[0]
+    # The README's recipe for one event: a match on the journal field the event name becomes.
+    assert container.journal("_SYSTEMD_UNIT=sigclassd.service", "EVENT=reload_failed") == errors
     unit = container.show("sigclassd.service")
     assert (unit["ActiveState"], unit["MainPID"]) == ("active", pid)
     driver = container.drive("--input", INPUT, "--output", OUTPUT, "--seconds", "2", "--streams", "r/0")
