@@ -212,7 +212,8 @@ static int send_load(Load *l) {
     json_number("late_max_ms", sent ? late[sent - 1] : NAN);
     printf(", \"cpu_s\": %.3f}\n", cpu);
     fflush(stdout);
-    /* Stay connected until told: a SUB socket that binds drops what it still queues from a peer that leaves. */
+    /* Stay connected until told: while the SUT is behind, its receive queue is full and the rest of the load
+     * waits in this socket's queue, which closing would drop (after the linger). */
     char line[64];
     while (fgets(line, sizeof line, stdin) && strncmp(line, "stop", 4) != 0) {}
     zmq_close(pub);
