@@ -56,6 +56,20 @@ def windows(meta, batch: int) -> np.ndarray:  # noqa: ANN001
     return (mean + std * rng.normal(size=(batch, meta.window, meta.channels))).astype(np.float32)
 
 
+def window_row(engine: str, run, meta, batch: int, seconds: float, scratch: Path) -> dict:  # noqa: ANN001
+    """Windows per second of ``run`` at ``batch``; the NumPy engine's outputs are kept for the others to match."""
+    x = windows(meta, batch)
+    probs = run(x)
+    reference = scratch / f"numpy-{batch}.npy"
+    row = {"kind": "window", "engine": engine, "batch": batch}
+    if engine == "numpy":
+        np.save(reference, probs)
+    else:
+        row["max_abs_diff"] = float(np.abs(probs - np.load(reference)).max())
+    wall, cpu, calls = timed(lambda: run(x), seconds)
+    return {**row, "windows_per_s": batch * calls / wall, "windows_per_cpu_s": batch * calls / cpu, "rss_mb": rss_mb()}
+
+
 def measure_numpy(model: Path, seconds: float, scratch: Path) -> list[dict]:
     from sigclassd.engine.stateful import StatefulEngine
     from sigclassd.engine.windowed import WindowedEngine
@@ -77,14 +91,8 @@ def measure_numpy(model: Path, seconds: float, scratch: Path) -> list[dict]:
                          "ms_per_call": 1e3 * wall / calls, "samples_per_s": batch * chunk * calls / wall,
                          "rss_mb": rss_mb()})
     engine = WindowedEngine.load(artifact)
-    for batch in WINDOW_BATCHES:
-        x = windows(artifact.meta, batch)
-        probs, _ = engine.run(x, np.full(batch, artifact.meta.window), np.zeros((batch, 0), np.float32))
-        np.save(scratch / f"numpy-{batch}.npy", probs)  # for the XLA process to compare with
-        wall, cpu, calls = timed(lambda: engine.run(x, None, None), seconds)  # noqa: B023
-        rows.append({"kind": "window", "engine": "numpy", "batch": batch, "windows_per_s": batch * calls / wall,
-                     "windows_per_cpu_s": batch * calls / cpu, "rss_mb": rss_mb()})
-    return rows
+    return rows + [window_row("numpy", lambda x: engine.run(x, None, None)[0], artifact.meta, batch, seconds, scratch)
+                   for batch in WINDOW_BATCHES]
 
 
 def measure_xla(model: Path, seconds: float, scratch: Path) -> list[dict]:
@@ -106,14 +114,7 @@ def measure_xla(model: Path, seconds: float, scratch: Path) -> list[dict]:
         xn = (x - mean) / std
         return to_probabilities(np.concatenate([fn(xn[a : a + 64]).numpy() for a in range(0, len(xn), 64)]))
 
-    rows = []
-    for batch in WINDOW_BATCHES:
-        x = windows(meta, batch)
-        diff = float(np.abs(run(x) - np.load(scratch / f"numpy-{batch}.npy")).max())
-        wall, cpu, calls = timed(lambda: run(x), seconds)  # noqa: B023
-        rows.append({"kind": "window", "engine": "xla (removed)", "batch": batch, "windows_per_s": batch * calls / wall,
-                     "windows_per_cpu_s": batch * calls / cpu, "max_abs_diff": diff, "rss_mb": rss_mb()})
-    return rows
+    return [window_row("xla (removed)", run, meta, batch, seconds, scratch) for batch in WINDOW_BATCHES]
 
 
 def measure_litert(model: Path, seconds: float, scratch: Path) -> list[dict]:
@@ -144,11 +145,7 @@ def measure_litert(model: Path, seconds: float, scratch: Path) -> list[dict]:
             interpreter.invoke()  # noqa: B023
             return to_probabilities(interpreter.get_tensor(out["index"]))  # noqa: B023
 
-        x = windows(meta, batch)
-        diff = float(np.abs(run(x) - np.load(scratch / f"numpy-{batch}.npy")).max())
-        wall, cpu, calls = timed(lambda: run(x), seconds)  # noqa: B023
-        rows.append({"kind": "window", "engine": "litert", "batch": batch, "windows_per_s": batch * calls / wall,
-                     "windows_per_cpu_s": batch * calls / cpu, "max_abs_diff": diff, "rss_mb": rss_mb()})
+        rows.append(window_row("litert", run, meta, batch, seconds, scratch))
     return rows
 
 
