@@ -346,6 +346,10 @@ def test_start_is_ready_after_bind_and_warm_up_with_status(container: Container)
     unit = container.show("sigclassd.service")
     assert (unit["ActiveState"], unit["SubState"], unit["NRestarts"]) == ("active", "running", "0")
     assert unit["StatusText"].startswith("serving default"), unit["StatusText"]
+    # READY=1 meant it: /readyz on the default metrics port already answers 200.
+    readyz = container.run(f"{VENV_PATH}/bin/python", "-c", "import urllib.request as u; "
+                           "print(u.urlopen('http://127.0.0.1:5557/readyz', timeout=5).status)")
+    assert readyz.stdout.strip() == "200"
     entries = container.journal("_SYSTEMD_UNIT=sigclassd.service", f"_PID={unit['MainPID']}")
     events = [e.get("EVENT") for e in entries]
     assert "ready" in events
