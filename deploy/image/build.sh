@@ -93,5 +93,7 @@ fi
 step "image: podman build $tag FROM $base"
 podman build --quiet --format docker --build-arg "BASE=$base" --tag "$tag" \
     --file "$work/context/Containerfile" "$work/context" >/dev/null
+# The build stage and the image this tag named before are left untagged: remove them.
+podman image prune --force --filter label=org.opencontainers.image.title=sigclassd >/dev/null
 size=$(podman image inspect --format '{{.Size}}' "$tag")
 step "built $tag: $((size / 1000000)) MB"
