@@ -67,6 +67,20 @@ class StreamSettings:
     gap_reset_samples: int = 400
     # seq moving backwards by more than this is taken as an unflagged restart.
     backwards_reset_samples: int = 4000
+    # A stream may send up to rate_limit times the sample_rate_hz its frames declare, with
+    # rate_burst_s seconds of catch-up; frames beyond that are rejected (rate_limited), and the
+    # stream is served after the well-behaved ones for demote_s seconds. 0 turns the limit off.
+    rate_limit: float = 1.5
+    rate_burst_s: float = 2.0
+    demote_s: float = 10.0
+    # Samples of demoted streams fed to the model per turn: what a flood can cost the others.
+    demoted_samples_per_turn: int = 2048
+    # Resets (restart flag, seq jumps) one stream id may cause per second, with a burst of
+    # reset_burst; further resetting frames are rejected (reset_storm).
+    max_resets_per_s: float = 2.0
+    reset_burst: int = 10
+    # Retired incarnations awaiting their last labels, across all ids; beyond it resets are refused.
+    max_retired: int = 1024
 
 
 @dataclass(frozen=True)
@@ -201,6 +215,14 @@ def validate(s: Settings) -> None:
     need(s.streams.max_pending_samples >= 1, "streams.max_pending_samples must be >= 1")
     need(s.streams.gap_reset_samples >= 0, "streams.gap_reset_samples must be >= 0")
     need(s.streams.backwards_reset_samples >= 0, "streams.backwards_reset_samples must be >= 0")
+    need(s.streams.rate_limit == 0 or s.streams.rate_limit >= 1,
+         "streams.rate_limit must be 0 (off) or >= 1 (a multiple of the declared sample rate)")
+    need(s.streams.rate_burst_s > 0, "streams.rate_burst_s must be > 0")
+    need(s.streams.demote_s >= 0, "streams.demote_s must be >= 0")
+    need(s.streams.demoted_samples_per_turn >= 1, "streams.demoted_samples_per_turn must be >= 1")
+    need(s.streams.max_resets_per_s > 0, "streams.max_resets_per_s must be > 0")
+    need(s.streams.reset_burst >= 1, "streams.reset_burst must be >= 1")
+    need(s.streams.max_retired >= 1, "streams.max_retired must be >= 1")
     if s.metrics.listen:
         host, sep, port = s.metrics.listen.rpartition(":")
         need(bool(sep) and port.isdigit() and 0 <= int(port) < 65536,

@@ -179,12 +179,15 @@ class Summary:
         self.last = clock()
         self.log = structlog.get_logger("sigclassd")
 
-    def add(self, key: str, **example: object) -> None:
+    def add(self, key: str, count: int = 1, **example: object) -> None:
+        """``count`` events of kind ``key``; ``example`` describes one of them."""
         if key not in self.seen:
             self.seen.add(key)
             self.log.warning(self.event, reason=key, first=True, **example)
-            return
-        self.counts[key] += 1
+            count -= 1
+            if not count:
+                return
+        self.counts[key] += count
         self.examples[key] = example
 
     def flush(self, force: bool = False) -> None:

@@ -36,10 +36,13 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 FRAME_REJECT_REASONS = (
     "bad_frame_count", "bad_topic", "short_header", "bad_version", "bad_dtype", "bad_flags", "empty",
-    "channel_mismatch", "bad_length", "bad_seq", "bad_rate", "non_finite", "unauthorised_topic",
+    "channel_mismatch", "bad_length", "bad_seq", "bad_rate", "bad_time", "non_finite", "out_of_range",
+    "unauthorised_topic",
 )
-SAMPLE_REJECT_REASONS = ("stream_limit", "inference_error")
-RESET_REASONS = ("restart", "seq_backwards", "gap", "model_changed")
+SAMPLE_REJECT_REASONS = (
+    "stream_limit", "inference_error", "non_finite_output", "rate_limited", "reset_storm", "conflicting_publishers",
+)
+RESET_REASONS = ("restart", "seq_backwards", "gap", "model_changed", "non_finite_state")
 
 
 class BulkHistogram:
@@ -118,7 +121,9 @@ class Metrics:
         self.streams_active = Gauge(f"{p}_streams_active", "Streams currently held in the stream table.", registry=r)
         self.streams_limit = Gauge(f"{p}_streams_limit", "The configured streams.max_streams.", registry=r)
         self.streams_opened = Counter(f"{p}_streams_opened", "Streams opened (first message of a stream id).", registry=r)
-        self.streams_evicted = Counter(f"{p}_streams_evicted", "Streams evicted after the idle TTL.", registry=r)
+        self.streams_evicted = Counter(
+            f"{p}_streams_evicted", "Streams retired for idleness (after the TTL, or the least recently seen "
+            "when the table is full and a new stream arrives).", registry=r)
         self.stream_resets = Counter(
             f"{p}_stream_resets", "Stream state resets, by reason.", ["reason"], registry=r
         )

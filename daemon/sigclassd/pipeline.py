@@ -65,6 +65,7 @@ class Pipeline:
             settings.model.mode, self.table, window=meta.window, lag=settings.model.lag,
             lookahead=engine.lookahead, pad_value=np.asarray(meta.norm_mean, np.float32),
             n_classes=meta.n_classes, max_streams=settings.model.max_batch_streams,
+            demoted_samples=settings.streams.demoted_samples_per_turn,
         )
         self.consecutive_errors = 0
         # Samples this far from the model's training range would overflow its float32 arithmetic
@@ -73,7 +74,7 @@ class Pipeline:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.table.ready or self.table.retired)
+        return self.table.has_work
 
     def turn(self, timeout_s: float) -> bool:
         """Take what is queued on the socket, then run one batch; True if a batch ran.
@@ -123,9 +124,8 @@ class Pipeline:
                 self.rejects.add(e.reason, detail=str(e), topic=parts[0][:64].decode("utf-8", "replace"))
                 continue
             table.accept(frame, wall)
-        refused = table.take_limit_rejects()
-        if refused:
-            self.rejects.add("stream_limit", detail=f"{refused} frames of new streams over streams.max_streams")
+        for reason, (count, detail, stream) in table.take_notices().items():
+            self.rejects.add(reason, count, detail=detail, topic=stream)
 
     # ------------------------------------------------------------ planner -> engine -> planner
 
@@ -213,3 +213,4 @@ class Pipeline:
         """Take a reloaded ``[streams]`` section: limits, TTLs and seq policy apply from the next frame."""
         self.settings = settings
         self.table.settings = settings.streams
+        self.planner.demoted_samples = settings.streams.demoted_samples_per_turn

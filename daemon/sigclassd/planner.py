@@ -60,7 +60,7 @@ class Planner:
     """What both planners share: taking streams from the table, completing and failing batches."""
 
     def __init__(self, table: StreamTable, *, window: int, lag: int, lookahead: int, pad_value: np.ndarray,
-                 n_classes: int, max_streams: int) -> None:
+                 n_classes: int, max_streams: int, demoted_samples: int = 2048) -> None:
         self.table = table
         self.window = window
         self.lag = lag
@@ -68,12 +68,13 @@ class Planner:
         self.pad_value = pad_value.astype(np.float32)
         self.no_probs = np.zeros((0, n_classes), np.float32)
         self.max_streams = max_streams
+        self.demoted_samples = demoted_samples  # per call, for streams over their declared rate
 
     def collect(self) -> Batch | None:
         """Gather the next batch, or None when no stream has work."""
         empty: list[Stream] = []
         plans: list[tuple[Stream, list[tuple[int, int, int]]]] = []
-        for stream in self.table.take_ready(self.max_streams):
+        for stream in self.table.take_ready(self.max_streams, self.demoted_samples):
             plan = self._plan(stream)
             if plan:
                 plans.append((stream, plan))

@@ -78,6 +78,7 @@ class Stream:
     __slots__ = (
         "name", "topic", "data", "seq", "arrival", "sensor_ns", "n", "fed", "labelled",
         "next_seq", "last_seq", "slot", "consumed", "done", "flags", "gap", "last_seen", "final",
+        "allowance", "refilled_at", "demoted_until", "reset_allowance", "reset_refilled_at", "previous_next_seq",
     )
 
     def __init__(self, name: str, channels: int, capacity: int, slot: int, flags: int) -> None:
@@ -99,6 +100,14 @@ class Stream:
         self.gap = 0
         self.last_seen = 0.0
         self.final = False
+        # Budgets that outlive a reset (see inherit): samples the stream may still send at its
+        # declared rate, resets it may still cause, and until when it is served last.
+        self.allowance: float | None = None
+        self.refilled_at = 0.0
+        self.demoted_until = 0.0
+        self.reset_allowance: float | None = None
+        self.reset_refilled_at = 0.0
+        self.previous_next_seq: int | None = None  # where the incarnation before this one would have gone on
 
     @property
     def pending(self) -> int:
@@ -181,6 +190,64 @@ class Stream:
         if self.last_seq is None:
             # The incarnation's first seq: a hole before its first labels (shed, failed batch) is then a gap.
             self.last_seq = seq
+
+    def within_rate(self, k: int, rate_hz: float, now: float, burst_s: float) -> bool:
+        """Take ``k`` samples from a bucket refilled at ``rate_hz`` holding ``burst_s`` seconds; False if empty.
+
+        The bucket may go into debt by one frame, so a frame larger than the bucket still passes
+        when the bucket is full, and the average stays at the rate.
+        """
+        full = rate_hz * burst_s
+        if self.allowance is None:
+            self.allowance = full
+        else:
+            self.allowance = min(full, self.allowance + (now - self.refilled_at) * rate_hz)
+        self.refilled_at = now
+        if self.allowance <= 0:
+            return False
+        self.allowance -= k
+        return True
+
+    def may_reset(self, now: float, per_s: float, burst: int) -> bool:
+        """Take one reset from the id's reset budget; False if it is spent."""
+        if self.reset_allowance is None:
+            self.reset_allowance = float(burst)
+        else:
+            self.reset_allowance = min(float(burst), self.reset_allowance + (now - self.reset_refilled_at) * per_s)
+        self.reset_refilled_at = now
+        if self.reset_allowance < 1:
+            return False
+        self.reset_allowance -= 1
+        return True
+
+    def inherit(self, old: Stream) -> None:
+        """Carry the budgets of the id's previous incarnation over a reset: restarting must not refill them."""
+        self.allowance, self.refilled_at, self.demoted_until = old.allowance, old.refilled_at, old.demoted_until
+        self.reset_allowance, self.reset_refilled_at = old.reset_allowance, old.reset_refilled_at
+        self.previous_next_seq = old.next_seq
+        self.last_seen = old.last_seen
+
+    def demote(self, until: float) -> None:
+        self.demoted_until = until
+
+    def skip(self, seq: int, k: int) -> None:
+        """A frame of ``k`` samples at ``seq`` was refused: expect what follows it, so the hole is no 'missing'.
+
+        The labels after it still report the hole, as GAP, with SHED.
+        """
+        if self.next_seq is None or seq >= self.next_seq:
+            self.next_seq = seq + k
+        self.mark_shed()
+
+    def conflicting(self, seq: int, k: int) -> bool:
+        """True if a frame at ``seq`` continues the previous incarnation exactly: a second publisher on this id.
+
+        The other publisher is then followed, so its next frames are recognised too.
+        """
+        if self.previous_next_seq is None or seq != self.previous_next_seq:
+            return False
+        self.previous_next_seq = seq + k
+        return True
 
     def touch(self, now: float) -> None:
         self.last_seen = now
@@ -270,14 +337,21 @@ class StreamTable:
         self.retired: list[Stream] = []
         # Insertion-ordered set of streams with work: the batcher serves them oldest first.
         self.ready: dict[Stream, None] = {}
+        # Streams over their declared rate recently: served after `ready`, within a sample budget.
+        self.demoted: dict[Stream, None] = {}
         self.buffered = 0
-        self.limit_rejects = 0
+        self.notices: dict[str, tuple[int, str, str]] = {}  # reason -> (count, example detail, example stream)
         self.next_flags = first_flags  # the flags a new stream id's first labels carry
 
-    def take_limit_rejects(self) -> int:
-        """Frames refused by the stream limit since the last call."""
-        count, self.limit_rejects = self.limit_rejects, 0
-        return count
+    def take_notices(self) -> dict[str, tuple[int, str, str]]:
+        """Frames refused since the last call, by reason: (count, an example's detail, its stream id)."""
+        notices, self.notices = self.notices, {}
+        return notices
+
+    def _refuse(self, reason: str, k: int, stream: str, detail: str) -> None:
+        self.metrics.samples_rejected.labels(reason).inc(k)
+        count = self.notices.get(reason, (0, detail, stream))[0]
+        self.notices[reason] = (count + 1, detail, stream)
 
     def __len__(self) -> int:
         return len(self.streams)
@@ -289,55 +363,91 @@ class StreamTable:
             self.free_slots = list(range(2 * old - 1, old - 1, -1))
         slot = self.free_slots.pop()
         self.states[slot] = self.initial_state
-        capacity = self.history + min(self.settings.max_pending_samples, 64) + 16
-        return Stream(name, self.channels, capacity, slot, flags)
+        # Small at first, grown on demand: a storm of one-sample incarnations must not cost a window each.
+        return Stream(name, self.channels, 32, slot, flags)
 
     def release(self, stream: Stream) -> None:
         """Give a finished (retired and fully labelled) stream's state slot back."""
         self.free_slots.append(stream.release())
 
     def accept(self, frame: SampleFrame, wall: float | None = None) -> None:
-        """Apply the seq policy to a decoded frame and buffer what is new."""
+        """Apply the rate limit and the seq policy to a decoded frame and buffer what is new."""
         now = self.clock()
         wall = time.time() if wall is None else wall
         m = self.metrics
+        s = self.settings
         k = len(frame.samples)
         m.samples_received.inc(k)
         stream = self.streams.get(frame.stream)
         if stream is None:
-            if len(self.streams) >= self.settings.max_streams:
-                m.samples_rejected.labels("stream_limit").inc(k)
-                self.limit_rejects += 1
+            if len(self.streams) >= s.max_streams and not self._evict_least_recent(now):
+                self._refuse("stream_limit", k, frame.stream, "a new stream while streams.max_streams are held")
                 return
             stream = self._new_stream(frame.stream, self.next_flags)
             self.streams[frame.stream] = stream
             m.streams_opened.inc()
-        elif frame.restart:
-            stream = self.reset(stream, "restart")
-        else:
-            expected = stream.next_seq
-            assert expected is not None
+        if s.rate_limit and frame.sample_rate_hz and \
+                not stream.within_rate(k, frame.sample_rate_hz * s.rate_limit, now, s.rate_burst_s):
+            # Over its own declared rate: this stream pays (its frames refused, itself served last), not the others.
+            stream.demote(now + s.demote_s)
+            stream.skip(frame.seq, k)
+            stream.touch(now)
+            self._refuse("rate_limited", k, frame.stream,
+                         f"more than {s.rate_limit:g} x the declared {frame.sample_rate_hz:g} Hz")
+            return
+        expected = stream.next_seq
+        if frame.restart and expected is not None:
+            stream = self._reset_for(stream, frame, "restart", now)
+        elif expected is not None and frame.seq != expected:
+            if stream.conflicting(frame.seq, k):
+                stream.touch(now)
+                self._refuse("conflicting_publishers", k, frame.stream,
+                             "two sources publish this stream id with interleaved seqs; the newer one is kept")
+                return
             if frame.seq > expected:
                 missing = frame.seq - expected
-                if missing > self.settings.gap_reset_samples:
+                if missing > s.gap_reset_samples:
                     # A jump this far is a new incarnation, not lost samples: counted as a reset only,
                     # so one wild seq cannot add 9e18 to samples_missing.
-                    stream = self.reset(stream, "gap")
-                    stream.mark_gap(missing)
+                    stream = self._reset_for(stream, frame, "gap", now)
+                    if stream is not None:
+                        stream.mark_gap(missing)
                 else:
                     m.samples_missing.inc(missing)
-            elif frame.seq < expected:
-                if expected - frame.seq > self.settings.backwards_reset_samples:
-                    stream = self.reset(stream, "seq_backwards")
-                else:
-                    overlap = min(expected - frame.seq, k)
-                    m.samples_duplicate.inc(overlap)
-                    if overlap == k:
-                        stream.touch(now)
-                        return
-                    self._append(stream, frame, overlap, now, wall)
+            elif expected - frame.seq > s.backwards_reset_samples:
+                stream = self._reset_for(stream, frame, "seq_backwards", now)
+            else:
+                overlap = min(expected - frame.seq, k)
+                m.samples_duplicate.inc(overlap)
+                if overlap == k:
+                    stream.touch(now)
                     return
-        self._append(stream, frame, 0, now, wall)
+                self._append(stream, frame, overlap, now, wall)
+                return
+        if stream is not None:
+            self._append(stream, frame, 0, now, wall)
+
+    def _reset_for(self, stream: Stream, frame: SampleFrame, reason: str, now: float) -> Stream | None:
+        """Reset ``stream`` for ``frame``, or refuse the frame (None) if the id's reset budget is spent."""
+        s = self.settings
+        if len(self.retired) >= s.max_retired or not stream.may_reset(now, s.max_resets_per_s, s.reset_burst):
+            stream.touch(now)
+            self._refuse("reset_storm", len(frame.samples), frame.stream,
+                         f"{reason}: more than {s.max_resets_per_s:g} resets/s on this id, or "
+                         f"{len(self.retired)} old incarnations still being labelled")
+            return None
+        return self.reset(stream, reason)
+
+    def _evict_least_recent(self, now: float) -> bool:
+        """Make room for a new stream: retire the least recently seen of the oldest few, if idle a second."""
+        candidates = [s for _, s in zip(range(64), self.streams.values(), strict=False)]
+        oldest = min(candidates, key=lambda s: s.last_seen, default=None)
+        if oldest is None or oldest.last_seen > now - 1.0 or len(self.retired) >= self.settings.max_retired:
+            return False
+        del self.streams[oldest.name]
+        self.retire(oldest)
+        self.metrics.streams_evicted.inc()
+        return True
 
     def _append(self, stream: Stream, frame: SampleFrame, start: int, now: float, wall: float) -> None:
         stream.arriving(frame.seq + start)
@@ -360,8 +470,8 @@ class StreamTable:
                 stream.grow(max(2 * len(stream.data), stream.n + k))
         stream.append(frame, start, now, wall)
         self.buffered += k
-        if stream.pending >= self.ready_after and stream not in self.ready:
-            self.ready[stream] = None
+        if stream.pending >= self.ready_after:
+            self._queue(stream, now)
 
     def _count_shed(self, stream: Stream, count: int) -> None:
         self.metrics.samples_shed.inc(count)
@@ -377,12 +487,22 @@ class StreamTable:
         self.metrics.stream_resets.labels(reason).inc()
         self.retire(stream)
         fresh = self._new_stream(stream.name, protocol.LABEL_START | extra_flags)
+        fresh.inherit(stream)
         self.streams[stream.name] = fresh
         return fresh
+
+    def _queue(self, stream: Stream, now: float) -> None:
+        if stream in self.ready or stream in self.demoted:
+            return
+        if stream.demoted_until > now:
+            self.demoted[stream] = None
+        else:
+            self.ready[stream] = None
 
     def retire(self, stream: Stream) -> None:
         stream.retire()
         self.ready.pop(stream, None)
+        self.demoted.pop(stream, None)
         self.retired.append(stream)
 
     def evict_idle(self) -> int:
@@ -403,8 +523,9 @@ class StreamTable:
         self.streams.clear()
         self.next_flags = protocol.LABEL_START | extra_flags
 
-    def take_ready(self, limit: int) -> Iterator[Stream]:
-        """Yield up to ``limit`` streams with work: retired ones first, then ready ones, oldest first."""
+    def take_ready(self, limit: int, demoted_samples: int) -> Iterator[Stream]:
+        """Yield up to ``limit`` streams with work: retired ones first, then ready ones, oldest first, then
+        demoted ones (over their declared rate lately) while their pending samples fit in ``demoted_samples``."""
         count = 0
         while self.retired and count < limit:
             yield self.retired.pop(0)
@@ -414,13 +535,23 @@ class StreamTable:
             del self.ready[stream]
             yield stream
             count += 1
+        while self.demoted and count < limit and demoted_samples > 0:
+            stream = next(iter(self.demoted))
+            del self.demoted[stream]
+            demoted_samples -= stream.pending
+            yield stream
+            count += 1
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.ready or self.demoted or self.retired)
 
     def requeue(self, stream: Stream) -> None:
-        """Put a live stream back in the ready set if it still has a full batch of work."""
-        if stream.final or stream in self.ready:
+        """Put a live stream back in a ready set if it still has a full batch of work."""
+        if stream.final:
             return
         if stream.pending >= self.ready_after and self.streams.get(stream.name) is stream:
-            self.ready[stream] = None
+            self._queue(stream, self.clock())
 
     def mark_labelled(self, count: int) -> None:
         self.buffered -= count

@@ -176,7 +176,7 @@ def test_stream_limit_rejects_new_streams_and_counts_them():
     t.accept(frame("c", 0, 4))
     t.accept(frame("c", 4, 4))
     t.accept(frame("a", 3, 3))
-    assert sorted(t.streams) == ["a", "b"] and t.limit_rejects == 2
+    assert sorted(t.streams) == ["a", "b"] and t.take_notices()["stream_limit"][:1] == (2,)
     assert counter(reg, "samples_rejected", reason="stream_limit") == 8
     assert held_seqs(t, "a") == list(range(6))
     clock.now = 100.0
@@ -243,3 +243,76 @@ def test_retire_all_flags_the_next_incarnations():
     assert not t.streams and len(t.retired) == 1
     t.accept(frame("a", 2, 2))
     assert t.streams["a"].flags == protocol.LABEL_START | protocol.LABEL_MODEL_CHANGED
+
+
+def rated(stream: str, seq: int, n: int, rate: float = 100.0, *, restart: bool = False) -> SampleFrame:
+    f = frame(stream, seq, n, restart=restart)
+    return SampleFrame(f.stream, f.seq, 0, rate, f.flags, f.samples)
+
+
+def test_a_stream_over_its_declared_rate_is_refused_and_served_last():
+    """At 10x its declared 100 Hz, a stream's excess frames are rejected (rate_limited), not 'missing', and it is
+    demoted: well-behaved streams are taken first, the demoted one within the per-turn sample budget."""
+    t, reg, clock = make_table(rate_limit=1.5, rate_burst_s=1.0, demote_s=10.0)
+    t.accept(rated("good", 0, 10))
+    for i in range(40):  # 400 samples in 0.4 s of a 100 Hz stream
+        clock.now = i * 0.01
+        t.accept(rated("flood", 10 * i, 10))
+    # Allowed: the 150-sample burst (1 s at 1.5 x 100 Hz, passing while the bucket is above 0: 18 frames),
+    # then 150 samples/s refill, one 10-sample frame every ~7 turns: 3 more. 21 frames in, 19 refused.
+    assert counter(reg, "samples_rejected", reason="rate_limited") == 190
+    assert counter(reg, "samples_missing") == 0
+    flood = t.streams["flood"]
+    assert flood.flags & protocol.LABEL_SHED and flood.next_seq == 400
+    clock.now = 0.5
+    t.accept(rated("good", 10, 10))
+    taken = list(t.take_ready(8, demoted_samples=1000))
+    assert [s.name for s in taken] == ["good", "flood"]
+    t.requeue(flood)
+    assert list(t.take_ready(8, demoted_samples=0)) == []  # no budget: the flood waits
+
+
+def test_a_reset_storm_costs_its_own_id_only():
+    """Restarts beyond the id's budget are rejected (reset_storm); another id still resets freely."""
+    t, reg, clock = make_table(max_resets_per_s=1.0, reset_burst=3)
+    t.accept(frame("storm", 0, 1))
+    for i in range(1, 11):
+        t.accept(frame("storm", 0, 1, restart=True))
+    assert counter(reg, "stream_resets", reason="restart") == 3
+    assert counter(reg, "samples_rejected", reason="reset_storm") == 7
+    assert len(t.retired) == 3
+    t.accept(frame("calm", 0, 1))
+    t.accept(frame("calm", 0, 1, restart=True))
+    assert counter(reg, "stream_resets", reason="restart") == 4
+    clock.now = 2.0  # the budget refills at 1/s
+    t.accept(frame("storm", 0, 1, restart=True))
+    assert counter(reg, "stream_resets", reason="restart") == 5
+
+
+def test_two_publishers_on_one_id_are_detected_and_the_older_one_refused():
+    """A frame that continues the incarnation a seq jump just ended comes from a second publisher: refused, counted."""
+    t, reg, _ = make_table(gap_reset_samples=10, backwards_reset_samples=10)
+    for i in range(5):
+        t.accept(frame("x", 1000 + 10 * i, 10))  # publisher A
+    t.accept(frame("x", 0, 10))  # publisher B appears: a backwards jump resets the stream
+    for i in range(5):
+        t.accept(frame("x", 1050 + 10 * i, 10))  # A goes on: each frame continues A's old incarnation
+        t.accept(frame("x", 10 + 10 * i, 10))  # B goes on
+    assert counter(reg, "stream_resets", reason="seq_backwards") == 1
+    assert counter(reg, "samples_rejected", reason="conflicting_publishers") == 50
+    assert held_seqs(t, "x")[-5:] == list(range(55, 60))
+    count, detail, stream = t.take_notices()["conflicting_publishers"]
+    assert count == 5 and stream == "x" and "two sources" in detail
+
+
+def test_a_full_table_makes_room_by_retiring_the_least_recently_seen_idle_stream():
+    """100 one-message ids fill the table; a real new stream gets in by retiring the stalest, not by waiting a TTL."""
+    t, reg, clock = make_table(max_streams=100)
+    for i in range(100):
+        t.accept(frame(f"once/{i}", 0, 1))
+    clock.now = 5.0
+    t.accept(frame("real", 0, 4))
+    assert "real" in t.streams and "once/0" not in t.streams and [s.name for s in t.retired] == ["once/0"]
+    assert counter(reg, "streams_evicted") == 1 and counter(reg, "samples_rejected", reason="stream_limit") == 0
+    t.accept(frame("real2", 0, 4))  # 'real' was seen just now; the next stalest one-message id goes
+    assert "real" in t.streams and "once/1" not in t.streams
