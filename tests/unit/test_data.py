@@ -93,8 +93,8 @@ def _labelled(name: str, labels: list[tuple[int, int]]) -> Recording:
     return Recording(name, np.arange(len(y), dtype=np.float32)[:, None], y)
 
 
-def test_auto_split_falls_back_to_recordings_that_hold_every_class() -> None:
-    """When the ends of the recordings miss a class, whole recordings are held out so that both sides hold it."""
+def test_recording_split_holds_out_recordings_that_hold_every_class() -> None:
+    """When the ends of the recordings miss a class, auto holds out blocks; by recording, a recording with it."""
     recs = (
         _labelled("r0", [(0, 3000), (1, 500), (0, 1500)]),
         _labelled("r1", [(0, 5000)]),
@@ -103,7 +103,8 @@ def test_auto_split_falls_back_to_recordings_that_hold_every_class() -> None:
     )
     ds = Dataset(recs, ("rest", "event"))
     assert split(ds, by="time").missing == {"validation": ["event"]}
-    parts = split(ds, val_fraction=0.25)
+    assert split(ds, val_fraction=0.25).method == "blocks"
+    parts = split(ds, val_fraction=0.25, by="recording")
     assert parts.method == "recording" and not parts.missing
     held = [r.name for r in parts.val]
     assert len(held) == 1 and held[0] in ("r0", "r2")

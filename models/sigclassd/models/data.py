@@ -487,8 +487,9 @@ def split(
 
     ``blocks`` cuts every recording into blocks of about ``block`` samples (at
     least 5 per recording when it is long enough). ``auto`` tries ``time``, then
-    ``recording`` (with two or more recordings), then ``blocks``, and keeps the
-    first that misses no class on either side (else the one that misses fewest).
+    ``blocks`` (closest to it: every recording still trains and validates), then
+    ``recording`` (with two or more recordings), and keeps the first that misses
+    no class on either side (else the one that misses fewest).
     """
     if not 0 < val_fraction < 1:
         msg = f"val_fraction must be in (0, 1), got {val_fraction}"
@@ -532,7 +533,7 @@ def split(
     if by != "auto":
         return makers[by]()
     tried = []
-    for name in ("time", "recording", "blocks"):
+    for name in ("time", "blocks", "recording"):
         if name == "recording" and len(recs) < 2:
             continue
         s = makers[name]()
