@@ -174,6 +174,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from sigclassd import logs
+
+    logs.configure("auto", "info")  # the client's warnings come out like the daemon's lines (journal included)
     if args.connect is None and not args.bind:
         args.connect = ["tcp://127.0.0.1:5555"]
     args.connect = args.connect or []
