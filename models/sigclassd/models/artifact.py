@@ -136,6 +136,11 @@ class ModelArtifact:
         """The 32-bit identifier carried in every label message: the first 4 bytes of the hash."""
         return int.from_bytes(bytes.fromhex(self.sha256[:8]), "little")
 
+    @property
+    def model_hex(self) -> str:
+        """The model id as logs, metrics and tools show it: the first 8 hex digits of the SHA-256."""
+        return self.sha256[:8]
+
 
 def default_model_path() -> Path:
     """The bundled model, installed as package data next to this module."""
