@@ -6,7 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from sigclassd.bench.result import MODES
+from sigclassd.bench.result import DAEMON_MODES, MODES
+
+SCENARIOS = ("load", "flood", "storms")
 
 
 def _ints(text: str) -> list[int]:
@@ -39,10 +41,17 @@ def _profile_spec(text: str) -> tuple[str, int]:
 
 
 def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--modes", type=_modes, default=list(MODES), help=f"comma-separated (default {','.join(MODES)})")
-    p.add_argument("--streams", type=_ints, default=[100, 250, 500, 750, 1000, 1500],
+    p.add_argument("--scenario", choices=SCENARIOS, default="load",
+                   help="load (default): every mode at every stream count, into results.md. flood: the valid streams "
+                        "alone, then while a second gateway floods (--flood-*), into flood.md. storms: the valid "
+                        "streams alone, then beside a reset storm, one-message stream ids and consumers that never "
+                        "read (--storm-*), into storms.md. flood and storms run the daemon modes only (issue 14)")
+    p.add_argument("--modes", type=_modes, default=None,
+                   help=f"comma-separated (default {','.join(MODES)}; for flood and storms "
+                        f"{','.join(DAEMON_MODES)})")
+    p.add_argument("--streams", type=_ints, default=None,
                    help="stream counts for every mode but naive, the relay first at each count "
-                        "(default 100,250,500,750,1000,1500)")
+                        "(default 100,250,500,750,1000,1500); flood and storms: the valid streams (default 100)")
     p.add_argument("--seconds", type=float, default=10.0, help="load duration per run (default 10)")
     p.add_argument("--naive-streams", type=_ints, default=[1, 2, 5, 10],
                    help="stream counts for the naive loop, which saturates early (default 1,2,5,10)")
@@ -59,6 +68,15 @@ def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for a SUT to serve")
     p.add_argument("--profile", type=_profile_spec, action="append", default=[], metavar="MODE:STREAMS",
                    help="profile that run's SUT with py-spy (else pyinstrument) into OUT/profile-MODE-STREAMS.txt")
+    p.add_argument("--flood-streams", type=int, default=1000, help="flood: the flooding gateway's streams (default 1000)")
+    p.add_argument("--flood-speed", type=float, default=10.0,
+                   help="flood: how many times faster than their declared 250 Hz the flood's streams send (default 10)")
+    p.add_argument("--storm-resets", type=int, default=60_000,
+                   help="storms: restart-flagged one-sample messages on one id in 1 s (default 60000)")
+    p.add_argument("--storm-ids", type=int, default=100_000,
+                   help="storms: stream ids with one one-sample message each, sent in 2 s (default 100000)")
+    p.add_argument("--storm-consumers", type=int, default=200,
+                   help="storms: consumers that subscribe to everything and never read (default 200)")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="results directory (default bench/results)")
     return p
 
@@ -80,6 +98,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     from sigclassd.bench.run import bench
+
+    loads = args.scenario == "load"
+    if args.modes is None:
+        args.modes = list(MODES) if loads else list(DAEMON_MODES)
+    if args.streams is None:
+        args.streams = [100, 250, 500, 750, 1000, 1500] if loads else [100]
+    if not loads and not set(args.modes) <= set(DAEMON_MODES):
+        print(f"sigclassd bench: --scenario {args.scenario} runs the daemon modes only ({','.join(DAEMON_MODES)})",
+              file=sys.stderr)
+        return 2
 
     return bench(args)
 

@@ -2,13 +2,15 @@
  * The benchmark's load generator and consumer, compiled so that neither takes the CPU the
  * system under test (SUT) is measured with. One program, two roles sharing one schedule:
  *
- *   loadgen send    ENDPOINT --streams N --seconds S [--rate HZ --chunk C --channels K --prefix P]
+ *   loadgen send    ENDPOINT --streams N --seconds S [--rate HZ --speed X --chunk C --channels K --prefix P]
  *   loadgen receive ENDPOINT[,ENDPOINT...] --streams N --seconds S [--rate HZ --chunk C --prefix P --lookahead L --warmup W]
  *
  * Both connect, print {"event": "ready"} on stdout, then read the start time (Unix ns) as one line
  * on stdin. The schedule: stream i (topic P + 5-digit i) sends message m, samples m*C .. m*C+C-1,
  * at due(i, m) = start + (m + i/N) * C/HZ, the moment its newest sample exists; it sends the
  * messages due before start + S. Protocol v1, float32, the restart flag on message 0.
+ * --speed X (default 1) sends X times faster than the HZ the frames declare: a flooding gateway
+ * (X = 10: 2,500 samples/s per stream declared as 250 Hz); the schedule then uses HZ * X.
  *
  * `send` sends on schedule, prints messages sent, how late the sends were and its CPU, and stays
  * connected until it reads "stop" (or EOF) on stdin.
@@ -47,12 +49,12 @@
 typedef struct {
     const char *endpoint, *prefix;
     long streams;
-    double seconds, rate, warmup;
+    double seconds, rate, speed, warmup;
     int chunk, channels, lookahead;
     int64_t start_ns;
 } Load;
 
-static double period_ns(const Load *l) { return l->chunk * 1e9 / l->rate; }
+static double period_ns(const Load *l) { return l->chunk * 1e9 / (l->rate * l->speed); }
 
 /* Offset of stream i's messages from the start: its phase, i/N of the period. */
 static double phase_ns(const Load *l, long i) { return period_ns(l) * (double)i / (double)l->streams; }
@@ -177,7 +179,7 @@ static int send_load(Load *l) {
     float rate = (float)l->rate;
     uint32_t rate_bits;
     memcpy(&rate_bits, &rate, 4);
-    double sample_ns = 1e9 / l->rate;
+    double sample_ns = 1e9 / (l->rate * l->speed); /* as sent, so sensor times do not overlap */
 
     l->start_ns = wait_for_start();
     long sent = 0;
@@ -322,7 +324,7 @@ static int receive_labels(Load *l) {
 
 static void usage(const char *argv0) {
     fprintf(stderr,
-            "usage: %s send|receive ENDPOINT --streams N --seconds S [--rate HZ] [--chunk C] [--channels K]\n"
+            "usage: %s send|receive ENDPOINT --streams N --seconds S [--rate HZ] [--speed X] [--chunk C] [--channels K]\n"
             "       [--prefix P] [--lookahead L] [--warmup W]\n", argv0);
     exit(2);
 }
@@ -330,9 +332,9 @@ static void usage(const char *argv0) {
 int main(int argc, char **argv) {
     if (argc < 3) usage(argv[0]);
     const char *role = argv[1];
-    Load l = {.endpoint = argv[2], .prefix = "bench-", .rate = 250, .chunk = 10, .channels = 16};
+    Load l = {.endpoint = argv[2], .prefix = "bench-", .rate = 250, .speed = 1, .chunk = 10, .channels = 16};
     static struct option opts[] = {
-        {"streams", 1, 0, 'n'}, {"seconds", 1, 0, 's'}, {"rate", 1, 0, 'r'}, {"chunk", 1, 0, 'c'},
+        {"streams", 1, 0, 'n'}, {"seconds", 1, 0, 's'}, {"rate", 1, 0, 'r'}, {"speed", 1, 0, 'x'}, {"chunk", 1, 0, 'c'},
         {"channels", 1, 0, 'k'}, {"prefix", 1, 0, 'p'}, {"lookahead", 1, 0, 'l'}, {"warmup", 1, 0, 'w'}, {0}};
     optind = 3;
     for (int c; (c = getopt_long(argc, argv, "", opts, NULL)) != -1;) {
@@ -340,6 +342,7 @@ int main(int argc, char **argv) {
         case 'n': l.streams = atol(optarg); break;
         case 's': l.seconds = atof(optarg); break;
         case 'r': l.rate = atof(optarg); break;
+        case 'x': l.speed = atof(optarg); break;
         case 'c': l.chunk = atoi(optarg); break;
         case 'k': l.channels = atoi(optarg); break;
         case 'p': l.prefix = optarg; break;
@@ -348,9 +351,9 @@ int main(int argc, char **argv) {
         default: usage(argv[0]);
         }
     }
-    if (l.streams < 1 || l.streams > 99999 || l.seconds <= 0 || l.rate <= 0 || l.chunk < 1 || l.channels < 1 ||
+    if (l.streams < 1 || l.streams > 99999 || l.seconds <= 0 || l.rate <= 0 || l.speed <= 0 || l.chunk < 1 || l.channels < 1 ||
         strlen(l.prefix) > 200) {
-        fprintf(stderr, "loadgen: need 1 <= --streams <= 99999, positive --seconds, --rate, --chunk, --channels "
+        fprintf(stderr, "loadgen: need 1 <= --streams <= 99999, positive --seconds, --rate, --speed, --chunk, --channels "
                         "and a --prefix of at most 200 bytes\n");
         return 2;
     }

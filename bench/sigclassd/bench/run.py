@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -18,8 +19,10 @@ from typing import Any
 from sigclassd.bench import report
 from sigclassd.bench.load import CHUNK, Load
 from sigclassd.bench.parties import Children, Party, build_loadgen, cpu_seconds
+from sigclassd.bench.intruders import Intruder
 from sigclassd.bench.profile import py_spy, pyinstrument_wrap, start_py_spy, summarise_profile
 from sigclassd.bench.result import RunResult
+from sigclassd.bench.scenarios import run_scenario
 from sigclassd.bench.sut import start_sut
 
 WARMUP_S = 2.0
@@ -33,8 +36,12 @@ def _number(value: Any) -> float:
 
 
 def run_one(mode: str, load: Load, opts: argparse.Namespace, tmp: Path, loadgen: Path, *,
-            warmup_s: float = WARMUP_S, profile: Path | None = None) -> RunResult:
-    """Start the SUT, drive it with ``load`` from the compiled generator, stop it, and measure."""
+            warmup_s: float = WARMUP_S, profile: Path | None = None, intruder: Intruder | None = None) -> RunResult:
+    """Start the SUT, drive it with ``load`` from the compiled generator, stop it, and measure.
+
+    ``intruder`` (a flooding gateway, a reset storm, ...) misbehaves beside ``load`` on the same SUT;
+    what it did and what the SUT's memory did are in ``result.extra["intruder"]``.
+    """
     children = Children()
     result = RunResult(mode, load.streams, load.seconds, load.offered(), rate_hz=load.rate_hz)
     spy = None
@@ -48,9 +55,13 @@ def run_one(mode: str, load: Load, opts: argparse.Namespace, tmp: Path, loadgen:
         generator = Party(children, loadgen, "send", sut.input, load)
         for party in (consumer, generator):
             party.ready(60)
+        if intruder is not None:
+            intruder.prepare(sut, children, loadgen)
         start = time.time() + SETTLE_S
         for party in (consumer, generator):
             party.begin(int(start * 1e9))
+        if intruder is not None:
+            intruder.begin(int(start * 1e9), warmup_s)
         _sleep_until(start + warmup_s)
         cpu0 = {"sut": sut.cpu_seconds(), "consumer": cpu_seconds(consumer.pid)}
         if profile is not None and wrap is None:
@@ -59,13 +70,17 @@ def run_one(mode: str, load: Load, opts: argparse.Namespace, tmp: Path, loadgen:
         # The generator may still be sending its last messages: its CPU is read when it reports.
         cpu1 = {"sut": sut.cpu_seconds(), "consumer": cpu_seconds(consumer.pid)}
         sent = generator.report(60)
+        intruded = intruder.report(sut, 120) if intruder is not None else None
         _sleep_until(start + load.seconds + TAIL_S)
         metrics = sut.metrics()
         result.rss_mb = sut.peak_rss_mb()
+        rss_end = sut.rss_mb()
         if sut.exited():
             result.error = f"SUT exited with {sut.exited()[0]} during the run"
         sut.stop(children, 60)  # a daemon drains: every accepted sample gets its labels
         generator.tell("stop")
+        if intruder is not None:
+            intruder.stop()
         time.sleep(0.5)
         consumer.tell("stop")
         got = consumer.report(60)
@@ -94,7 +109,16 @@ def run_one(mode: str, load: Load, opts: argparse.Namespace, tmp: Path, loadgen:
             "malformed_label_messages": got["malformed"],
             "daemon_missing": int(metrics.get("sigclassd_samples_missing_total", 0)),
             "streams_active": int(metrics.get("sigclassd_streams_active", 0)),
+            "flagged_shed": got["flagged_shed"],
+            "rejected_by_reason": {k.partition(":")[2]: int(v) for k, v in metrics.items()
+                                   if k.startswith("sigclassd_samples_rejected_total:") and v},
+            "frames_rejected_by_reason": {k.partition(":")[2]: int(v) for k, v in metrics.items()
+                                          if k.startswith("sigclassd_frames_rejected_total:") and v},
+            "resets_by_reason": {k.partition(":")[2]: int(v) for k, v in metrics.items()
+                                 if k.startswith("sigclassd_stream_resets_total:") and v},
         }
+        if intruded is not None:
+            result.extra["intruder"] = {**intruded, "rss_end_mb": rss_end}
     except (RuntimeError, OSError) as e:
         result.error = str(e).splitlines()[0]
         print(str(e), file=sys.stderr)
@@ -132,6 +156,16 @@ def bench(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     meta = model_meta(args.model)
     args.lookahead = meta.lookahead
+    if args.scenario != "load":
+        signal.signal(signal.SIGTERM, _interrupt)
+        with tempfile.TemporaryDirectory(prefix="sigclassd-bench-") as tmp_dir:
+            try:
+                loadgen = build_loadgen(Path(tmp_dir))
+            except RuntimeError as e:
+                print(f"sigclassd bench: {e}", file=sys.stderr)
+                return 1
+            return run_scenario(args, command, functools.partial(run_one, opts=args, tmp=Path(tmp_dir),
+                                                                 loadgen=loadgen))
     info = report.machine()
     # Relay first at each count: the ceiling is measured next to the daemon, on the same machine state.
     order = sorted(args.modes, key=lambda m: m != "relay")

@@ -72,7 +72,8 @@ class SUT:
         return [p.returncode for p in self.procs if p.poll() is not None]
 
     def metrics(self) -> dict[str, float]:
-        """The daemons' counters, summed over labels and shards; empty for the relay and the naive loop."""
+        """The daemons' counters, summed over labels and shards, and per reason as ``NAME:REASON``;
+        empty for the relay and the naive loop."""
         from prometheus_client.parser import text_string_to_metric_families
 
         out: dict[str, float] = {}
@@ -82,7 +83,14 @@ class SUT:
             for family in text_string_to_metric_families(text):
                 for s in family.samples:
                     out[s.name] = out.get(s.name, 0.0) + s.value
+                    if "reason" in s.labels:
+                        key = f"{s.name}:{s.labels['reason']}"
+                        out[key] = out.get(key, 0.0) + s.value
         return out
+
+    def rss_mb(self) -> float:
+        """Resident memory now (VmRSS), in MB, summed over the processes."""
+        return sum(status_mb(pid, "VmRSS") for pid in self.pids)
 
     def stop(self, children: Children, timeout: float) -> None:
         """SIGTERM in start order, so the forwarder (started last) outlives the daemons while they drain."""
@@ -199,10 +207,15 @@ def daemon_runtime(log_path: Path) -> str:
     return ""
 
 
-def peak_rss_mb(pid: int) -> float:
-    """The kernel's high-water mark of the process's resident memory (VmHWM), in MB."""
+def status_mb(pid: int, field: str) -> float:
+    """A memory figure of ``/proc/PID/status`` (``VmRSS``, ``VmHWM``, ...), in MB."""
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return math.nan
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The kernel's high-water mark of the process's resident memory (VmHWM), in MB."""
+    return status_mb(pid, "VmHWM")
