@@ -25,8 +25,8 @@ Options:
                    It must not live under /home or /root: the units set ProtectHome=yes, which
                    hides those directories from the service, so a venv made from e.g. a pyenv
                    interpreter there cannot start. Install Debian's python3 and python3-venv.
-  --train          also install the `train` extra: TensorFlow, for `sigclassd train`/`eval` and
-                   the TensorFlow runtimes (a few hundred MB more)
+  --train          also install the `train` extra: TensorFlow, for `sigclassd train`/`eval`
+                   (about 1.5 GB more; serving never uses it)
   --enable         also `systemctl enable --now sigclassd.service`
   -h, --help       show this help
 
