@@ -73,13 +73,15 @@ def test_windows_equal_keras_model(case: str, tmp_path: Path) -> None:
 
 
 def test_plain_keras_sequential_model_is_served(tmp_path: Path) -> None:
-    """A model built in plain Keras from the supported layers (Sequential, Dropout, two Dense, Softmax) runs exactly."""
+    """A model built in plain Keras from the supported layers (Sequential, Dropout, layers without bias, a
+    non-default LSTM activation, two Dense, Softmax) runs exactly."""
     import keras
     from keras import layers
 
     model = keras.Sequential([
-        keras.Input((None, CHANNELS)), layers.Conv1D(4, 3, padding="causal", activation="tanh"), layers.Dropout(0.3),
-        layers.LSTM(5, return_sequences=True), layers.Dense(6, activation="relu"), layers.Dense(3), layers.Softmax(),
+        keras.Input((None, CHANNELS)), layers.Conv1D(4, 3, padding="causal", activation="tanh", use_bias=False),
+        layers.Dropout(0.3), layers.LSTM(5, return_sequences=True, use_bias=False, activation="softsign"),
+        layers.Dense(6, activation="relu"), layers.Dense(3, use_bias=False), layers.Softmax(),
     ])
     randomise(model, seed=7)
     artifact = save(model, tmp_path / "plain", architecture="causal", n_classes=3)

@@ -172,9 +172,19 @@ def _bias(layer: Layer, index: int, size: int) -> np.ndarray:
     return layer.weights[index] if layer.config.get("use_bias", True) else np.zeros(size, np.float32)
 
 
+# How many variables Keras stores for a layer, with and without a bias.
+_VARIABLES = {"Conv1D": 2, "LSTM": 3, "Dense": 2}
+
+
 def _op(layer: Layer, width: int) -> Op:
     """One Keras layer as an operation; ``width`` is its input's last dimension."""
     kind, cfg = layer.kind, layer.config
+    if kind in _VARIABLES:
+        expected = _VARIABLES[kind] - (0 if cfg.get("use_bias", True) else 1)
+        if len(layer.weights) != expected:
+            msg = (f"layer {layer.name!r} ({kind}): the weights file holds {len(layer.weights)} variables for it, "
+                   f"expected {expected}; was model.keras saved by Keras 3 from this very model?")
+            raise ModelError(msg)
     if kind == "Conv1D":
         (stride,) = tuple(cfg["strides"])
         (dilation,) = tuple(cfg["dilation_rate"])
