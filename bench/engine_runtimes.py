@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 STEP_SHAPES = ((1, 1), (1, 10), (100, 10), (500, 10), (1000, 10), (1000, 1))
-WINDOW_BATCHES = (64, 256)
+WINDOW_BATCHES = (1, 16, 64, 256)
 
 
 def rss_mb() -> float:
