@@ -443,10 +443,10 @@ def _choose_units(
     """Pick units (recording, start, stop) for validation: each class first, then up to ``val_fraction``.
 
     Classes are served rarest first, each by the unit whose share of the class
-    is closest to ``val_fraction`` among those that leave some of every class for
-    training; the rest of the share is filled with units evenly spread over the
+    is closest to ``val_fraction`` (from below if it can) among those that leave
+    some of every class for training; the rest of the share is filled with units evenly spread over the
     list (so validation is not all from one end), none that would overshoot it
-    by more than half its length.
+    by more than half its length, first those that take no class past its share.
     """
     counts = np.stack([np.bincount(recs[i].y[a:b][recs[i].y[a:b] >= 0], minlength=n_classes) for i, a, b in units])
     total = counts.sum(axis=0)
@@ -463,16 +463,24 @@ def _choose_units(
             continue
         ok = [u for u in range(len(units)) if counts[u, k] > 0 and keeps_training(u)]
         if ok:
-            chosen.append(min(ok, key=lambda u: abs(counts[u, k] - val_fraction * total[k])))
+            share = val_fraction * total[k]
+            chosen.append(min(ok, key=lambda u: (counts[u, k] > share, abs(counts[u, k] - share))))
+    def within_share(u: int) -> bool:
+        """Whether holding out unit ``u`` too keeps every class's validation part within its share."""
+        return bool((counts[chosen].sum(axis=0) + counts[u] <= np.maximum(val_fraction * total, 1)).all())
+
     size = sum(units[u][2] - units[u][1] for u in chosen)
     rest = [u for u in range(len(units)) if u not in chosen]
     step = max(1, round(1 / val_fraction))
-    for u in rest[step // 2 :: step] + rest:
-        if size >= target or len(chosen) >= len(units) - 1:
-            break
-        if u not in chosen and size + (units[u][2] - units[u][1]) / 2 <= target and keeps_training(u):
-            chosen.append(u)
-            size += units[u][2] - units[u][1]
+    # Fill first with units that take no class past its share (a rare class needs its training samples).
+    for strict in (True, False):
+        for u in rest[step // 2 :: step] + rest:
+            if size >= target or len(chosen) >= len(units) - 1:
+                break
+            if (u not in chosen and size + (units[u][2] - units[u][1]) / 2 <= target and keeps_training(u)
+                    and (within_share(u) or not strict)):
+                chosen.append(u)
+                size += units[u][2] - units[u][1]
     held: list[list[tuple[int, int]]] = [[] for _ in recs]
     for u in chosen:
         i, a, b = units[u]
