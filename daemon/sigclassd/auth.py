@@ -16,7 +16,15 @@ and never be readable by anything but the service.
 A gateway can be held to its own streams: a file ``NAME.prefixes`` next to its
 ``NAME.key`` lists, one per line, the stream-id prefixes that gateway may
 publish; its messages on any other topic are rejected (``unauthorised_topic``).
-A gateway without such a file may publish any topic.
+A listed prefix belongs to the gateways that list it: no other gateway, restricted
+or not, may publish under it (where listed prefixes nest, the longest matching
+one decides). A gateway without such a file may publish any other topic.
+
+Start-up fails (ConfigError, naming the file) when the allow-list could have been
+tampered with or would not mean what it says: the secret key file, the allow-list
+directory or a file in it writable by group or others, a secret key readable by
+others, one public key in two files (which file's name, and so which prefixes,
+would the gateway get?) or a ``NAME.prefixes`` file without its ``NAME.key``.
 
 The allow-list is read at start-up; changing it needs a restart (the
 ``security`` section is restart-only).
@@ -45,8 +53,22 @@ def resolve(path: str) -> Path:
     return p
 
 
+def refuse_loose_mode(path: Path, setting: str, secret: bool = False) -> None:
+    """ConfigError if users other than ``path``'s owner could change it, or (``secret``) any user could read it."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o022:
+        msg = (f"{setting}: {path} is writable by group or others (mode {mode:04o}), so another user could "
+               f"replace it; run 'chmod go-w {path}'")
+        raise ConfigError(msg)
+    if secret and mode & 0o004:
+        msg = (f"{setting}: {path} is readable by every user (mode {mode:04o}), so any of them could act as the "
+               f"daemon; run 'chmod o-r {path}'")
+        raise ConfigError(msg)
+
+
 def load_server_secret(path: str) -> bytes:
-    """The Z85 CURVE secret key from a ``.key_secret`` certificate file; ConfigError if absent or malformed."""
+    """The Z85 CURVE secret key from a ``.key_secret`` certificate file; ConfigError if absent, malformed or
+    open to other users."""
     file = resolve(path)
     try:
         _public, secret = zmq.auth.load_certificate(file)
@@ -57,6 +79,7 @@ def load_server_secret(path: str) -> bytes:
         msg = (f"security.curve_secret_key_file: {file} holds only a public key; point it at the "
                "'.key_secret' file written by 'sigclassd keygen'")
         raise ConfigError(msg)
+    refuse_loose_mode(file, "security.curve_secret_key_file", secret=True)
     return secret
 
 
@@ -66,13 +89,19 @@ def allowed_keys(directory: str) -> dict[bytes, str]:
     if not folder.is_dir():
         msg = f"security.curve_allowed_keys_dir: {folder} is not a directory"
         raise ConfigError(msg)
+    refuse_loose_mode(folder, "security.curve_allowed_keys_dir")
     keys: dict[bytes, str] = {}
     for file in sorted(folder.glob("*.key")):
+        refuse_loose_mode(file, "security.curve_allowed_keys_dir")
         try:
             public, _ = zmq.auth.load_certificate(file)
         except (OSError, ValueError) as e:
             msg = f"security.curve_allowed_keys_dir: {file} is not a CURVE public key file: {e}"
             raise ConfigError(msg) from e
+        if public in keys:
+            msg = (f"security.curve_allowed_keys_dir: {file} holds the same public key as {keys[public]}.key; "
+                   "a key names one gateway, remove one of the two files")
+            raise ConfigError(msg)
         keys[public] = file.stem
     if not keys:
         msg = (f"security.curve_allowed_keys_dir: no '*.key' files in {folder}, so no gateway could connect; "
@@ -85,15 +114,42 @@ def topic_prefixes(directory: str, names: list[str]) -> dict[str, tuple[bytes, .
     """For each gateway name with a ``NAME.prefixes`` file, the stream-id prefixes it may publish."""
     folder = resolve(directory)
     prefixes = {}
-    for name in names:
-        file = folder / f"{name}.prefixes"
-        if file.exists():
-            lines = [line.strip() for line in file.read_text().splitlines()]
-            prefixes[name] = tuple(line.encode() for line in lines if line and not line.startswith("#"))
-            if not prefixes[name]:
-                msg = f"security.curve_allowed_keys_dir: {file} lists no prefix, so {name} could publish nothing"
-                raise ConfigError(msg)
+    for file in sorted(folder.glob("*.prefixes")):
+        name = file.stem
+        if name not in names:
+            msg = (f"security.curve_allowed_keys_dir: {file} restricts a gateway {name!r} that has no {name}.key "
+                   "here; rename it after the gateway's key file or remove it")
+            raise ConfigError(msg)
+        refuse_loose_mode(file, "security.curve_allowed_keys_dir")
+        lines = [line.strip() for line in file.read_text().splitlines()]
+        prefixes[name] = tuple(line.encode() for line in lines if line and not line.startswith("#"))
+        if not prefixes[name]:
+            msg = f"security.curve_allowed_keys_dir: {file} lists no prefix, so {name} could publish nothing"
+            raise ConfigError(msg)
     return prefixes
+
+
+class TopicRules:
+    """Which gateway may publish which topic, from the ``NAME.prefixes`` files (see the module docstring)."""
+
+    def __init__(self, prefixes: dict[str, tuple[bytes, ...]]) -> None:
+        owners: dict[bytes, set[str]] = {}
+        for name, listed in prefixes.items():
+            for prefix in listed:
+                owners.setdefault(prefix, set()).add(name)
+        self.restricted = frozenset(prefixes)
+        # Longest first, so the first match is the most specific owner.
+        self.owned = sorted(((p, frozenset(names)) for p, names in owners.items()), key=lambda o: -len(o[0]))
+
+    def __bool__(self) -> bool:
+        """False when no gateway is restricted: every authenticated gateway may publish anything."""
+        return bool(self.restricted)
+
+    def allows(self, gateway: str, topic: bytes) -> bool:
+        for prefix, names in self.owned:
+            if topic.startswith(prefix):
+                return gateway in names
+        return gateway not in self.restricted
 
 
 class _NamedAuthenticator(ThreadAuthenticator):
@@ -109,15 +165,15 @@ class _NamedAuthenticator(ThreadAuthenticator):
 
 def start_authenticator(
     ctx: zmq.Context, security: SecuritySettings
-) -> tuple[bytes, ThreadAuthenticator, dict[str, tuple[bytes, ...]]]:
+) -> tuple[bytes, ThreadAuthenticator, TopicRules]:
     """Start the ZAP handler with the allow-list; return the server secret key for the input socket and the handler.
 
-    Also returns the topic prefixes of the gateways that are restricted (see the module docstring).
+    Also returns the rules of who may publish which topic (see the module docstring).
     The caller stops the handler (``authenticator.stop()``) before terminating the context.
     """
     secret = load_server_secret(security.curve_secret_key_file)
     allowed = allowed_keys(security.curve_allowed_keys_dir)
-    prefixes = topic_prefixes(security.curve_allowed_keys_dir, list(allowed.values()))
+    rules = TopicRules(topic_prefixes(security.curve_allowed_keys_dir, list(allowed.values())))
     authenticator = _NamedAuthenticator(ctx, allowed)
     authenticator.start()
     # configure_curve re-reads the directory itself; the check above already reported anything it would skip.
@@ -126,4 +182,4 @@ def start_authenticator(
         authenticator.stop()
         msg = f"security.curve_allowed_keys_dir: the authenticator loaded other keys than {sorted(allowed.values())}"
         raise ConfigError(msg)
-    return secret, authenticator, prefixes
+    return secret, authenticator, rules

@@ -8,17 +8,21 @@ the batches grow by themselves; when idle nothing waits.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import zmq
 
 from sigclassd.config import InputSettings
 from sigclassd.sockets import bind, heartbeat
 
+if TYPE_CHECKING:
+    from sigclassd.auth import TopicRules
+
 
 class Ingest:
-    """The input socket. With ``topic_prefixes`` (gateway name -> allowed stream-id prefixes,
-    from CURVE authentication), messages of a restricted gateway on another topic are
-    dropped here and counted in ``unauthorised``."""
+    """The input socket. With ``topic_rules`` (who may publish which stream-id prefixes, from
+    CURVE authentication and the allow-list's ``NAME.prefixes`` files), messages of a gateway
+    on a topic it may not publish are dropped here and counted in ``unauthorised``."""
 
     def __init__(
         self,
@@ -26,10 +30,10 @@ class Ingest:
         settings: InputSettings,
         *,
         curve_secret: bytes | None = None,
-        topic_prefixes: dict[str, tuple[bytes, ...]] | None = None,
+        topic_rules: TopicRules | None = None,
     ) -> None:
         self.settings = settings
-        self.topic_prefixes = topic_prefixes or {}
+        self.topic_rules = topic_rules
         self.unauthorised = 0
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, settings.rcvhwm)
@@ -62,7 +66,7 @@ class Ingest:
         if not self.poller.poll(max(0, int(timeout_s * 1000))):
             return messages, 0.0
         now = time.time()
-        if self.topic_prefixes:
+        if self.topic_rules:
             return self._drain_checked(limit), now
         recv = self.socket.recv_multipart
         flags = int(zmq.NOBLOCK)  # a plain int: pyzmq converts an enum flag on every call
@@ -74,16 +78,15 @@ class Ingest:
         return messages, now
 
     def _drain_checked(self, limit: int) -> list[list[bytes]]:
-        """The drain for restricted gateways: the sender's name is a property of the received frame."""
+        """The drain with topic rules: the sender's name is a property of the received frame."""
         messages: list[list[bytes]] = []
         recv = self.socket.recv_multipart
         flags = int(zmq.NOBLOCK)
         try:
             while len(messages) + self.unauthorised < limit:
                 frames = recv(flags, copy=False)
-                allowed = self.topic_prefixes.get(frames[0].get("User-Id"))
                 topic = frames[0].bytes
-                if allowed is not None and not topic.startswith(allowed):
+                if not self.topic_rules.allows(frames[0].get("User-Id"), topic):
                     self.unauthorised += 1
                     continue
                 messages.append([topic, *(f.bytes for f in frames[1:])])

@@ -37,8 +37,12 @@ def keygen(directory: Path, name: str) -> tuple[Path, Path]:
         if file.exists():
             msg = f"{file} exists; remove it first or choose another NAME (keys are never overwritten)"
             raise FileExistsError(msg)
-    directory.mkdir(parents=True, exist_ok=True)
+    if not directory.exists():
+        directory.mkdir(parents=True)
+        # Whatever the umask: the daemon refuses an allow-list directory or key file others can write.
+        directory.chmod(0o755)
     made_public, made_secret = zmq.auth.create_certificates(directory, name)
+    os.chmod(made_public, 0o644)
     os.chmod(made_secret, 0o600)
     return Path(made_public), Path(made_secret)
 

@@ -142,8 +142,8 @@ class Service:
             return {}
         from sigclassd.auth import start_authenticator
 
-        secret, self.authenticator, prefixes = start_authenticator(self.ctx, sec)
-        return {"curve_secret": secret, "topic_prefixes": prefixes}
+        secret, self.authenticator, rules = start_authenticator(self.ctx, sec)
+        return {"curve_secret": secret, "topic_rules": rules}
 
     def _pipeline(self, s: Settings, artifact: ModelArtifact, engine: Engine,
                   first_flags: int = protocol.LABEL_START) -> Pipeline:

@@ -104,10 +104,10 @@ def test_bad_security_config_is_a_config_error(tmp_path):
         for settings, match in cases:
             with pytest.raises(ConfigError, match=match):
                 start_authenticator(ctx, settings)
-        key, auth, prefixes = start_authenticator(ctx, SecuritySettings(str(secret), str(tmp_path / "server")))
+        key, auth, rules = start_authenticator(ctx, SecuritySettings(str(secret), str(tmp_path / "server")))
         auth.stop()
         assert key == zmq.auth.load_certificate(secret)[1]
-        assert prefixes == {}
+        assert not rules  # no gateway restricted: the plain drain
     finally:
         ctx.term()
 
@@ -122,9 +122,10 @@ def test_relative_key_paths_resolve_in_the_systemd_credentials_directory(tmp_pat
     assert load_server_secret("server.key_secret") == zmq.auth.load_certificate(secret)[1]
 
 
-def test_a_gateway_restricted_to_its_prefix_cannot_publish_other_streams(tmp_path, ctx, same_model):
-    """A gateway with NAME.prefixes gets its own streams labelled; its other topics are rejected and counted."""
-    # gw-free has no .prefixes file: it may publish any topic.
+def test_a_restricted_prefix_belongs_to_its_gateway(tmp_path, ctx, same_model):
+    """A gateway with NAME.prefixes gets its own streams labelled and its other topics rejected; a gateway
+    without such a file publishes other topics but not under the restricted prefix, even as a restart."""
+    # gw-free has no .prefixes file: it may publish any topic no other gateway's file lists.
     d, server_public, secrets = curve_daemon(tmp_path, same_model, ["gw-site-a", "gw-free"],
                                              {"gw-site-a": "# streams of site A only\nsite-a/\n"})
     consumer = Consumer(ctx, d.output)
@@ -137,6 +138,7 @@ def test_a_gateway_restricted_to_its_prefix_cannot_publish_other_streams(tmp_pat
         site.send_multipart(protocol.encode_samples("site-a/1", x[a : a + 50], a, flags=flags))
         site.send_multipart(protocol.encode_samples("site-b/1", x[a : a + 50], a, flags=flags))  # not its prefix
         free.send_multipart(protocol.encode_samples("site-b/2", x[a : a + 50], a, flags=flags))
+        free.send_multipart(protocol.encode_samples("site-a/1", -x[a : a + 50], a, flags=protocol.FLAG_RESTART))
         time.sleep(0.01)
     frames = consumer.collect(20, until=lambda fr: {f.stream for f in fr if f.flags & protocol.LABEL_FINAL}
                               == {"site-a/1", "site-b/2"})
@@ -148,5 +150,104 @@ def test_a_gateway_restricted_to_its_prefix_cannot_publish_other_streams(tmp_pat
     streams = by_stream(frames)
     assert set(streams) == {"site-a/1", "site-b/2"}
     assert labelled_seqs(streams["site-a/1"]) == list(range(400))
-    assert rejected == 8
+    assert rejected == 8 + 8
     assert a["received"] == 800 and identity_holds(a), a
+
+
+def test_topic_rules_give_a_listed_prefix_to_its_gateways_only():
+    """The longest listed prefix that matches decides; a prefix listed by two gateways is theirs; unlisted topics
+    belong to the unrestricted gateways."""
+    from sigclassd.auth import TopicRules
+
+    rules = TopicRules({"gw-a": (b"site-a/",), "gw-a2": (b"site-a/",), "gw-x": (b"site-a/x/", b"lab/")})
+    assert [rules.allows("gw-a", t) for t in (b"site-a/1", b"site-a/x/1", b"site-b/1", b"lab/1")] == [
+        True, False, False, False]
+    assert [rules.allows("gw-a2", t) for t in (b"site-a/1", b"site-a/x/1")] == [True, False]
+    assert [rules.allows("gw-x", t) for t in (b"site-a/x/1", b"site-a/1", b"lab/2", b"other")] == [
+        True, False, True, False]
+    assert [rules.allows("gw-free", t) for t in (b"other", b"site-a/1", b"site-a/x/1", b"site-a", b"")] == [
+        True, False, False, True, True]
+    assert bool(rules) and not TopicRules({})
+
+
+def refusal(ctx: zmq.Context, settings) -> str:  # noqa: ANN001
+    """The ConfigError start_authenticator raises for ``settings``, or "" (the authenticator stopped) if it starts."""
+    from sigclassd.auth import start_authenticator
+    from sigclassd.errors import ConfigError
+
+    try:
+        _, auth, _ = start_authenticator(ctx, settings)
+    except ConfigError as e:
+        return str(e)
+    auth.stop()
+    return ""
+
+
+def test_an_allow_list_open_to_tampering_or_ambiguous_is_a_config_error(tmp_path, ctx):
+    """Key files or directories writable by group or others, a secret key readable by all, one public key in
+    two files and a .prefixes file without its key each fail start-up naming the file."""
+    import os
+    import shutil
+
+    from sigclassd.auth import start_authenticator
+    from sigclassd.config import SecuritySettings
+
+    _, secret = keygen(tmp_path / "server", "server")
+    gateways = tmp_path / "gateways"
+    gw1, _ = keygen(gateways, "gw-1")
+    settings = SecuritySettings(str(secret), str(gateways))
+    for path, mode, message in [
+        (secret, 0o620, f"{secret} is writable by group or others"),
+        (secret, 0o604, f"{secret} is readable by every user"),
+        (gateways, 0o777, f"{gateways} is writable by group or others"),
+        (gateways, 0o775, f"{gateways} is writable by group or others"),
+        (gw1, 0o666, f"{gw1} is writable by group or others"),
+    ]:
+        before = path.stat().st_mode & 0o777
+        os.chmod(path, mode)
+        assert message in refusal(ctx, settings)
+        os.chmod(path, before)
+    shutil.copy(gw1, gateways / "gw-1-copy.key")
+    assert f"{gateways / 'gw-1.key'} holds the same public key as gw-1-copy.key" in refusal(ctx, settings)
+    (gateways / "gw-1-copy.key").unlink()
+    (gateways / "gw-l.prefixes").write_text("site-a/\n")  # a typo for gw-1
+    assert "gw-l.prefixes restricts a gateway 'gw-l' that has no gw-l.key" in refusal(ctx, settings)
+    (gateways / "gw-l.prefixes").rename(gateways / "gw-1.prefixes")
+    os.chmod(gateways / "gw-1.prefixes", 0o646)
+    assert "gw-1.prefixes is writable by group or others" in refusal(ctx, settings)
+    os.chmod(gateways / "gw-1.prefixes", 0o644)
+    _, auth, rules = start_authenticator(ctx, settings)
+    auth.stop()
+    assert rules.allows("gw-1", b"site-a/1") and not rules.allows("gw-1", b"site-b/1")
+
+
+def test_the_daemon_refuses_to_start_with_a_duplicated_key_or_a_world_writable_secret(tmp_path):
+    """The real daemon exits with code 2 (config error) before serving, and names the offending file."""
+    import os
+    import shutil
+
+    _, secret = keygen(tmp_path / "server", "server")
+    gateways = tmp_path / "gateways"
+    gw1, _ = keygen(gateways, "gw-1")
+    shutil.copy(gw1, gateways / "gw-2.key")
+    loose_secret = tmp_path / "loose" / "server.key_secret"
+    loose_secret.parent.mkdir()
+    shutil.copy(secret, loose_secret)
+    os.chmod(loose_secret, 0o666)
+    clean_gateways = tmp_path / "clean"
+    keygen(clean_gateways, "gw-3")
+    daemons = [
+        Daemon(tmp_path, {"security": {"curve_secret_key_file": str(secret),
+                                       "curve_allowed_keys_dir": str(gateways)}}, name="dup").start(wait=False),
+        Daemon(tmp_path, {"security": {"curve_secret_key_file": str(loose_secret),
+                                       "curve_allowed_keys_dir": str(clean_gateways)}}, name="loose").start(wait=False),
+    ]
+    deadline = time.monotonic() + 30  # a config error comes before the model load: a second or two
+    while time.monotonic() < deadline and any(d.proc.poll() is None for d in daemons):
+        time.sleep(0.1)
+    codes = [d.proc.poll() for d in daemons]
+    for d in daemons:
+        d.stop()
+    assert codes == [2, 2], [d.log_text()[-2000:] for d in daemons]
+    assert "gw-2.key holds the same public key as gw-1.key" in daemons[0].log_text()
+    assert f"{loose_secret} is writable by group or others" in daemons[1].log_text()
