@@ -23,6 +23,8 @@ from sigclassd.models.data import (
     sample_weights,
     split,
     synthetic_dataset,
+    training_record,
+    unseen_parts,
 )
 
 
@@ -261,3 +263,20 @@ def test_edf_labels_come_from_annotations_or_a_label_signal(tmp_path: Path) -> N
     assert by_signal.channels == 3 and by_signal.recordings[0].y[250:500].tolist() == [2] * 250
     with pytest.raises(ValueError, match=r"no signal\(s\) \['nope'\]"):
         load_edf(path, channels=("nope",))
+
+
+def test_training_recordings_are_found_inside_longer_recordings() -> None:
+    """A training recording inside a longer one is found by fingerprint; only its trained-on samples are left out."""
+    rng = np.random.default_rng(0)
+    trained = Recording("t", rng.normal(size=(1000, 3)).astype(np.float32), np.zeros(1000, np.int64))
+    record = training_record(trained, [(800, 1000)])
+    before, after = rng.normal(size=(500, 3)).astype(np.float32), rng.normal(size=(300, 3)).astype(np.float32)
+    longer = Recording("long", np.concatenate([before, trained.x, after]), np.zeros(1800, np.int64))
+    other = Recording("other", rng.normal(size=(700, 3)).astype(np.float32), np.zeros(700, np.int64))
+    out, touched = unseen_parts((longer, other), [record])
+    assert touched == 1
+    assert [(r.name, len(r)) for r in out] == [("long[0:500]", 500), ("long[1300:1800]", 500), ("other", 700)]
+    np.testing.assert_array_equal(out[1].x[:200], trained.x[800:])
+    changed = Recording("t2", trained.x.copy(), trained.y)
+    changed.x[500, 1] += 1e-3  # one value differs: not the same recording
+    assert unseen_parts((changed,), [record]) == ([changed], 0)

@@ -169,7 +169,7 @@ def test_train_keeps_the_best_epoch_and_eval_skips_the_training_part(tmp_path: P
     printed = capsys.readouterr()
     report = json.loads(printed.out)
     assert report["samples"] == 1600 and report["part"] == "all but what the model was trained on"
-    assert "2 of 2 recording(s) were used to train this model" in printed.err
+    assert "2 of 2 recording(s) hold samples this model was trained on; those 6400 samples are left out" in printed.err
     assert report["windowed"]["balanced_accuracy"] == pytest.approx(held["windowed"]["balanced_accuracy"], abs=1e-9)
     assert main(["eval", str(out), str(data), "--part", "all", "--no-stateful", "--json"]) == 0
     printed = capsys.readouterr()

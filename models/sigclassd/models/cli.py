@@ -260,33 +260,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unseen_part(ds, meta):  # noqa: ANN001, ANN202 - Dataset, ModelMeta -> (recordings, overlap note)
-    """The recordings minus what the model was trained on, recognised by fingerprint, and a note if any was."""
-    from sigclassd.models.data import Recording, fingerprint
-
-    trained = {r["fingerprint"]: r for r in meta.training.get("recordings", [])}
-    recs, seen, kept = [], 0, 0
-    for r in ds.recordings:
-        t = trained.get(fingerprint(r.x))
-        if t is None:
-            recs.append(r)
-            continue
-        seen += 1
-        for a, b in t["held_out"]:
-            recs.append(Recording(f"{r.name}[{a}:{b}]", r.x[a:b], r.y[a:b]))
-            kept += b - a
-    note = ""
-    if seen:
-        total = sum(len(r) for r in ds.recordings)
-        note = (f"{seen} of {len(ds.recordings)} recording(s) were used to train this model; of those, only the "
-                f"held-out part is scored ({kept} samples; {total - sum(len(r) for r in recs)} trained-on "
-                "samples left out). --part all scores everything")
-    return recs, note
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from sigclassd.models.artifact import read_artifact
-    from sigclassd.models.data import remap_labels
+    from sigclassd.models.data import remap_labels, unseen_parts
     from sigclassd.models.train import evaluate_recordings, format_report, load_model
 
     try:
@@ -303,10 +279,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.part == "all":
             recs, part = list(ds.recordings), "all of it"
         else:
-            recs, note = _unseen_part(ds, meta)
-            part = "all of it" if not note else "all but what the model was trained on"
-            if note:
-                print(f"sigclassd eval: warning: {note}", file=sys.stderr, flush=True)
+            recs, touched = unseen_parts(ds.recordings, meta.training.get("recordings", []))
+            part = "all of it" if not touched else "all but what the model was trained on"
+            if touched:
+                left = ds.n_samples - sum(len(r) for r in recs)
+                print(f"sigclassd eval: warning: {touched} of {len(ds.recordings)} recording(s) hold samples this "
+                      f"model was trained on; those {left} samples are left out (--part all scores everything)",
+                      file=sys.stderr, flush=True)
         model = load_model(artifact)
         modes = "windowed" + ("" if args.no_stateful or not meta.streamable else " and stateful")
         print(f"scoring {sum(len(r) for r in recs)} samples in {len(recs)} recording(s), {modes} ...",

@@ -551,6 +551,47 @@ def split(
     return min(tried, key=lambda s: sum(len(v) for v in s.missing.values()))
 
 
+# ---------------------------------------------------------------- what a model was trained on
+
+
+def training_record(r: Recording, held_out: list[tuple[int, int]]) -> dict[str, Any]:
+    """What the metadata keeps of a training recording so that eval can find it again in any file."""
+    return {"name": r.name, "samples": len(r), "fingerprint": fingerprint(r.x),
+            "first": [float(v) for v in r.x[0]], "held_out": [list(h) for h in held_out]}
+
+
+def unseen_parts(recs: tuple[Recording, ...], trained: list[dict[str, Any]]) -> tuple[list[Recording], int]:
+    """``recs`` without the samples a model was trained on, and how many recordings held some.
+
+    A training recording is found wherever it starts inside a recording (same
+    first sample, same fingerprint over its length), so a file that holds it
+    inside a longer recording is caught too. Its held-out ranges stay in.
+    """
+    out, touched = [], 0
+    for r in recs:
+        seen = np.zeros(len(r), bool)
+        for t in trained:
+            n = int(t["samples"])
+            if "first" not in t or n > len(r):
+                continue
+            first = np.asarray(t["first"], np.float32)
+            starts = np.flatnonzero((r.x[: len(r) - n + 1] == first).all(axis=1))[:1000]
+            for i in starts:
+                if fingerprint(r.x[i : i + n]) == t["fingerprint"]:
+                    part = np.ones(n, bool)
+                    for a, b in t["held_out"]:
+                        part[a:b] = False
+                    seen[i : i + n] |= part
+        if not seen.any():
+            out.append(r)
+            continue
+        touched += 1
+        edges = np.flatnonzero(np.diff(np.concatenate(([1], seen.astype(np.int8), [1]))))
+        for a, b in zip(edges[::2], edges[1::2], strict=True):
+            out.append(Recording(f"{r.name}[{a}:{b}]", r.x[a:b], r.y[a:b]))
+    return out, touched
+
+
 # ---------------------------------------------------------------- windows and normalisation
 
 

@@ -68,11 +68,11 @@ from sigclassd.models.data import (
     Split,
     class_weights,
     cut_windows,
-    fingerprint,
     fit_normalisation,
     normalise,
     sample_weights,
     split,
+    training_record,
 )
 
 if TYPE_CHECKING:
@@ -560,8 +560,7 @@ def train(
         # Each training recording's fingerprint and held-out ranges: eval recognises the
         # recordings in any file and scores only what training did not see.
         "recordings": [
-            {"name": r.name, "samples": len(r), "fingerprint": fingerprint(r.x), "held_out": [list(h) for h in ho]}
-            for r, ho in zip(ds.recordings, parts.held_out, strict=True)
+            training_record(r, ho) for r, ho in zip(ds.recordings, parts.held_out, strict=True)
         ],
         "missing_classes": warnings,
         "train_samples": sum(len(r) for r in parts.train),
