@@ -24,9 +24,21 @@ def single_blas_thread() -> None:
     threadpoolctl.threadpool_limits(1, user_api="blas")
 
 
-def _matmul(u: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """``u @ kernel + bias`` over the last axis of a 2-D or 3-D ``u``."""
-    return (u.reshape(-1, u.shape[-1]) @ kernel + bias).reshape(*u.shape[:-1], kernel.shape[1])
+# Activations applied in place to an array the kernel has just made: a fresh array of a
+# window batch's size costs more in page faults than the arithmetic.
+_IN_PLACE = {
+    "linear": lambda y: y,
+    "relu": lambda y: np.maximum(y, np.float32(0), out=y),
+    "tanh": lambda y: np.tanh(y, out=y),
+}
+
+
+def _dense(u: np.ndarray, kernel: np.ndarray, bias: np.ndarray, activation: str = "linear") -> np.ndarray:
+    """``activation(u @ kernel + bias)`` over the last axis of a 2-D or 3-D ``u``."""
+    y = u.reshape(-1, u.shape[-1]) @ kernel
+    y += bias
+    y = y.reshape(*u.shape[:-1], kernel.shape[1])
+    return _IN_PLACE[activation](y) if activation in _IN_PLACE else ACTIVATIONS[activation](y)
 
 
 def lstm(step: LSTM, u: np.ndarray, h: np.ndarray, c: np.ndarray,
@@ -40,10 +52,16 @@ def lstm(step: LSTM, u: np.ndarray, h: np.ndarray, c: np.ndarray,
     standard = step.activation == "tanh" and step.recurrent_activation == "sigmoid"
     kernel, recurrent, bias = step.fused if standard else (step.kernel, step.recurrent, step.bias)
     # Time-major, so that each step reads and writes contiguous rows.
-    xp = _matmul(np.ascontiguousarray(u.transpose(1, 0, 2)), kernel, bias)
+    xp = _dense(np.ascontiguousarray(u.transpose(1, 0, 2)), kernel, bias)
     out = np.empty((time, batch, n), np.float32)
     act, rec = ACTIVATIONS[step.activation], ACTIVATIONS[step.recurrent_activation]
+    # Scratch rows, reused every step: a step is ~10 small NumPy calls, and allocating
+    # their results would cost as much again. Two cell buffers alternate, so that a
+    # step never overwrites the c it reads (nor the caller's state row it starts from).
     z = np.empty((batch, 4 * n), np.float32)
+    ig = np.empty((batch, n), np.float32)
+    th = np.empty((batch, n), np.float32)
+    cells = (np.empty((batch, n), np.float32), np.empty((batch, n), np.float32))
     half = np.float32(0.5)
     for t in range(time):
         np.matmul(h, recurrent, out=z)
@@ -55,20 +73,18 @@ def lstm(step: LSTM, u: np.ndarray, h: np.ndarray, c: np.ndarray,
             gates *= half
             gates += half
             i, f, o, g = z[:, :n], z[:, n : 2 * n], z[:, 2 * n : 3 * n], z[:, 3 * n :]
-            c_next = f * c
-            c_next += i * g
-            h_next = np.tanh(c_next)
-            h_next *= o
+            c_next = np.multiply(f, c, out=cells[t % 2])
+            c_next += np.multiply(i, g, out=ig)
+            np.multiply(o, np.tanh(c_next, out=th), out=out[t])
         else:
             i, f, g, o = rec(z[:, :n]), rec(z[:, n : 2 * n]), act(z[:, 2 * n : 3 * n]), rec(z[:, 3 * n :])
             c_next = f * c + i * g
-            h_next = o * act(c_next)
+            out[t] = o * act(c_next)
         if active is not None:
             c = np.where(active[:, t], c_next, c)
-            h = np.where(active[:, t], h_next, h)
+            out[t] = h = np.where(active[:, t], out[t], h)
         else:
-            c, h = c_next, h_next
-        out[t] = h
+            c, h = c_next, out[t]
     return out.transpose(1, 0, 2), h, c
 
 
@@ -88,7 +104,7 @@ def forward(plan: WindowPlan, x: np.ndarray) -> np.ndarray:
             right = op.span - left if op.padding == "same" else 0
             ext = np.pad(u, ((0, 0), (left, right), (0, 0))) if op.span and op.padding != "valid" else u
             out_time = time if op.padding != "valid" else time - op.span
-            u = ACTIVATIONS[op.activation](_matmul(_conv_columns(ext, op, out_time), op.kernel, op.bias))
+            u = _dense(_conv_columns(ext, op, out_time), op.kernel, op.bias, op.activation)
         elif isinstance(op, LSTM):
             zeros = np.zeros((len(u), op.units), np.float32)
             out, h, _ = lstm(op, u, zeros, zeros)
@@ -100,7 +116,7 @@ def forward(plan: WindowPlan, x: np.ndarray) -> np.ndarray:
         elif isinstance(op, Reshape):
             u = u.reshape(len(u), *op.shape)
         else:
-            u = ACTIVATIONS[op.activation](u if op.kernel is None else _matmul(u, op.kernel, op.bias))
+            u = ACTIVATIONS[op.activation](u) if op.kernel is None else _dense(u, op.kernel, op.bias, op.activation)
     return u
 
 
@@ -140,7 +156,7 @@ def step(
                 new_state[:, op.offset : op.offset + op.size] = kept.reshape(batch, -1)
             else:
                 cols = u
-            y = ACTIVATIONS[op.activation](_matmul(cols, op.kernel, op.bias))
+            y = _dense(cols, op.kernel, op.bias, op.activation)
         elif isinstance(op, LSTM):
             n = op.units
             # The LSTM steps only on valid samples of the stream: not on padding, not on
@@ -153,7 +169,7 @@ def step(
             new_state[:, op.offset : op.offset + n] = h
             new_state[:, op.offset + n : op.offset + 2 * n] = c
         else:
-            y = ACTIVATIONS[op.activation](u if op.kernel is None else _matmul(u, op.kernel, op.bias))
+            y = ACTIVATIONS[op.activation](u) if op.kernel is None else _dense(u, op.kernel, op.bias, op.activation)
         if op.mask_output and edge:
             inside = (seen[:, None] + steps >= op.delay) & (steps - op.delay < ends[:, None])
             y = y * inside[:, :, None]

@@ -97,7 +97,8 @@ class LSTM:
         order = np.r_[0 : 2 * n, 3 * n : 4 * n, 2 * n : 3 * n]
         scale = np.full(4 * n, 0.5, np.float32)
         scale[3 * n :] = 1.0
-        return self.kernel[:, order] * scale, self.recurrent[:, order] * scale, self.bias[order] * scale
+        return (np.ascontiguousarray(self.kernel[:, order] * scale), np.ascontiguousarray(self.recurrent[:, order] * scale),
+                self.bias[order] * scale)
 
 
 @dataclass(frozen=True)
