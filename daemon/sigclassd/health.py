@@ -139,8 +139,11 @@ class BoundedHTTPServer(ThreadingHTTPServer):
     def handle_error(self, request: socket.socket, client_address: tuple) -> None:
         """Instead of the standard library's traceback on stderr: a counted, rate-limited log event."""
         error = sys.exc_info()[1]
+        with self.guard:
+            cut_here = request in self.open and self.open[request] is None
         if isinstance(error, OSError):
-            self.drop("client_gone")  # reset or hung up mid-request, or shut down by a deadline
+            if not cut_here:  # an evicted or timed-out connection is counted once, under that reason
+                self.drop("client_gone")  # reset or hung up mid-request
         else:
             where = traceback.extract_tb(error.__traceback__)[-1] if error and error.__traceback__ else None
             self.drop("handler_error", error=f"{type(error).__name__}: {error}",
