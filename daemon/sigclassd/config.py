@@ -32,6 +32,8 @@ class InputSettings:
     # Messages taken from the socket per main-loop turn before the model runs:
     # bounds the time between model calls under a flood.
     drain_max_messages: int = 20_000
+    # ...and at most this long receiving them (about 1,000 messages a millisecond).
+    drain_max_ms: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,7 @@ def validate(s: Settings) -> None:
     need(s.model.hop >= 1, "model.hop must be >= 1 (samples between windowed model runs)")
     need(s.model.lag >= 0, "model.lag must be >= 0")
     need(s.model.warmup_samples >= 0, "model.warmup_samples must be >= 0")
+    need(s.input.drain_max_ms > 0, "input.drain_max_ms must be > 0")
     need(s.model.max_batch_streams >= 1, "model.max_batch_streams must be >= 1")
     need(0 <= s.model.max_wait_ms <= 1000, "model.max_wait_ms must be in [0, 1000]")
     need(s.model.batch_target_streams >= 1, "model.batch_target_streams must be >= 1")

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from sigclassd.auth import TopicRules
 
 
+_CHECK_EVERY = 64  # messages received between looks at the clock
+
+
 class Ingest:
     """The input socket. With ``topic_rules`` (who may publish which stream-id prefixes, from
     CURVE authentication and the allow-list's ``NAME.prefixes`` files), messages of a gateway
@@ -70,9 +73,16 @@ class Ingest:
             return self._drain_checked(limit), now
         recv = self.socket.recv_multipart
         flags = int(zmq.NOBLOCK)  # a plain int: pyzmq converts an enum flag on every call
+        # A time budget as well as a count: under a flood the turn must come back to the model (and
+        # to the other gateways' streams) soon. libzmq fair-queues its connections, so what is left
+        # behind is mostly the flooding gateway's, and its queue, not the others', overflows.
+        deadline = time.perf_counter() + self.settings.drain_max_ms / 1000
         try:
             while len(messages) < limit:
-                messages.append(recv(flags))
+                for _ in range(min(_CHECK_EVERY, limit - len(messages))):
+                    messages.append(recv(flags))
+                if time.perf_counter() > deadline:
+                    break
         except zmq.Again:
             pass
         return messages, now
