@@ -6,13 +6,14 @@ sockets their descriptors under a low fd limit, and log only JSON.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
 import socket
 import struct
+import subprocess
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -21,17 +22,6 @@ from harness import Consumer, Daemon, Gateway, labelled_seqs
 from sigclassd import protocol
 
 pytestmark = pytest.mark.integration
-
-
-@contextmanager
-def child_fd_limit(n: int):  # noqa: ANN201
-    """Lower this process's soft RLIMIT_NOFILE to ``n`` while a child is started (it inherits it), then restore."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def threads_and_fds(pid: int) -> tuple[int, int]:
@@ -70,11 +60,14 @@ def non_json_lines(d: Daemon) -> list[str]:
     return bad
 
 
-def test_an_idle_flood_under_a_low_fd_limit_neither_grows_the_daemon_nor_starves_zeromq(tmp_path, ctx):
+def test_an_idle_flood_under_a_low_fd_limit_neither_grows_the_daemon_nor_starves_zeromq(tmp_path, ctx, monkeypatch):
     """300 idle connections under RLIMIT_NOFILE 160: they connect at once (backlog), the daemon's threads and
     fds stay within the listener's cap, /metrics answers while they are open, and a new gateway's 500 samples
     are all labelled. The cap comes from the fd limit (160 / 16 = 10), lower than the configured 32."""
-    with child_fd_limit(160):
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with monkeypatch.context() as m:  # the daemon, not this process, gets the low limit
+        m.setattr(subprocess, "Popen", functools.partial(
+            subprocess.Popen, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (160, hard))))
         d = Daemon(tmp_path, {"model": {"hop": 50}}).start(timeout=60)
     try:
         pid = d.proc.pid
