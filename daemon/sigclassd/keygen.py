@@ -26,7 +26,10 @@ and give every gateway the public key {public_key} (the file {public}).
 
 as a gateway's key pair: copy {public} into the daemon's curve_allowed_keys_dir and restart the
 daemon; the gateway's PUB socket sets curve_publickey/curve_secretkey from {secret} and
-curve_serverkey to the daemon's public key.
+curve_serverkey to the daemon's public key. To hold the gateway to its own streams, list their
+stream-id prefixes, one a line, in a file NAME.prefixes beside NAME.key (no other gateway may then
+publish under them). The daemon refuses key files and an allow-list directory that group or others
+can write.
 """
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 
 import numpy as np
@@ -83,6 +85,13 @@ def test_keygen_refuses_to_overwrite_and_protects_the_secret(tmp_path):
     assert len(pub) == 40 and len(sec) == 40 and zmq.auth.load_certificate(public) == (pub, None)
     with pytest.raises(FileExistsError):
         keygen(tmp_path, "gw1")
+    old = os.umask(0o002)  # a user-private-group umask: group-writable by default
+    try:
+        public, secret = keygen(tmp_path / "new", "gw2")
+    finally:
+        os.umask(old)
+    modes = [path.stat().st_mode & 0o777 for path in (public.parent, public, secret)]
+    assert modes == [0o755, 0o644, 0o600]  # what the daemon accepts in an allow-list
 
 
 def test_bad_security_config_is_a_config_error(tmp_path):
@@ -186,9 +195,6 @@ def refusal(ctx: zmq.Context, settings) -> str:  # noqa: ANN001
 def test_an_allow_list_open_to_tampering_or_ambiguous_is_a_config_error(tmp_path, ctx):
     """Key files or directories writable by group or others, a secret key readable by all, one public key in
     two files and a .prefixes file without its key each fail start-up naming the file."""
-    import os
-    import shutil
-
     from sigclassd.auth import start_authenticator
     from sigclassd.config import SecuritySettings
 
@@ -223,8 +229,6 @@ def test_an_allow_list_open_to_tampering_or_ambiguous_is_a_config_error(tmp_path
 
 def test_the_daemon_refuses_to_start_with_a_duplicated_key_or_a_world_writable_secret(tmp_path):
     """The real daemon exits with code 2 (config error) before serving, and names the offending file."""
-    import os
-    import shutil
 
     _, secret = keygen(tmp_path / "server", "server")
     gateways = tmp_path / "gateways"
