@@ -1,4 +1,5 @@
-"""CURVE on the input: an allowed gateway's frames are labelled; unknown keys and plaintext get nothing in."""
+"""CURVE on the input: an allowed gateway's frames are labelled; unknown keys and plaintext get nothing in; a
+restricted prefix belongs to its gateway; an allow-list open to tampering or ambiguous stops start-up."""
 
 from __future__ import annotations
 
