@@ -15,12 +15,15 @@ from harness import ROOT, free_port
 
 from sigclassd import protocol
 from sigclassd.bench import add_parser
-from sigclassd.bench.load import PREFIX, Load
+from sigclassd.bench.cli import resolve_defaults
+from sigclassd.bench.load import FLOOD_PREFIX, PREFIX, Load
 from sigclassd.bench.parties import Children, Party, build_loadgen
 from sigclassd.bench.profile import summarise_folded
 from sigclassd.bench.report import Setup, harness_checks, render_report, render_table, scaling, targets
 from sigclassd.bench.result import RunResult
 from sigclassd.bench.run import run_one
+from sigclassd.bench.scenarios import render as render_scenario
+from sigclassd.bench.scenarios import verdicts
 from sigclassd.bench.sut import index_prefixes
 
 
@@ -78,6 +81,36 @@ def test_generator_sends_each_stream_on_its_spread_schedule(ctx, tmp_path, loadg
             assert f.t0_ns == pytest.approx(due - 36e6, abs=1e3)  # sensor time of the first of 10 samples at 250 Hz
             assert f.samples.shape == (10, 16) and np.isfinite(f.samples).all()
     assert all(t >= start_ns + (f.seq / 10 + int(f.stream[-1]) / 4) * 40e6 - 0.3e6 for t, f in got)  # never early
+
+
+def test_a_flooding_generator_sends_speed_times_the_rate_its_frames_declare(ctx, loadgen) -> None:
+    """--speed 10: 2,500 samples/s per stream on the wire, 250 Hz in every header, the flood's own topics."""
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    sub.bind(endpoint)
+    children = Children()
+    load = Load(streams=2, seconds=0.1, speed=10.0, prefix=FLOOD_PREFIX)  # a message every 4 ms per stream
+    try:
+        gen = _party(children, loadgen, "send", endpoint, load)
+        sub.poll(100)
+        start_ns = time.time_ns() + 200_000_000
+        gen.begin(start_ns)
+        report = gen.report(10)
+        got = []
+        while sub.poll(500):
+            got.append(protocol.decode_samples(sub.recv_multipart()))
+    finally:
+        children.close()
+        sub.close()
+    assert report["messages"] == 50 and len(got) == 50  # 25 per stream in 0.1 s, not 2.5
+    assert load.offered() == 2 * 2500.0
+    for i in range(2):
+        frames = [f for f in got if f.stream == f"{FLOOD_PREFIX}{i:05d}"]
+        assert [f.seq for f in frames] == [10 * m for m in range(25)]
+        assert {f.sample_rate_hz for f in frames} == {250.0}
+        assert np.diff([f.t0_ns for f in frames]) == pytest.approx(4e6, abs=1e3)  # sensor time as sent
 
 
 def _label(stream: int, seq: int, n: int, flags: int = 0, ingress_ns: int = 0) -> list[bytes]:
@@ -234,6 +267,62 @@ def test_the_daemon_package_never_imports_the_benchmark() -> None:
                 names = [f"{node.module}.{a.name}" for a in node.names]
             offenders += [f"{path.name}: {n}" for n in names if n.startswith("sigclassd.bench")]
     assert offenders == []
+
+
+def test_cli_scenarios_default_to_the_daemon_modes_and_100_valid_streams() -> None:
+    """flood and storms: stateful and windowed at 100 valid streams unless told; a relay or two counts are refused."""
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["bench", "--scenario", "flood"])
+    assert resolve_defaults(args) == ""
+    assert (args.modes, args.streams, args.flood_streams, args.flood_speed) == (["stateful", "windowed"], [100],
+                                                                                1000, 10.0)
+    load = parser.parse_args(["bench"])
+    assert resolve_defaults(load) == "" and load.streams == [100, 250, 500, 750, 1000, 1500]
+    assert "daemon modes only" in resolve_defaults(parser.parse_args(["bench", "--scenario", "storms",
+                                                                      "--modes", "relay"]))
+    assert "one count" in resolve_defaults(parser.parse_args(["bench", "--scenario", "flood", "--streams", "1,2"]))
+    assert parser.parse_args(["bench", "--storms", "ids,resets"]).storms == ["ids", "resets"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--storms", "ids,meteor"])
+
+
+def _beside(mode: str, name: str, p99_ms: float, **extra: object) -> RunResult:
+    r = _row(mode, 100, p99_ms=p99_ms, arrival_p99_ms=p99_ms / 2)
+    r.extra = {"flagged_shed": 0, "intruder": {"name": name, "rss_before_mb": 80.0, "rss_end_mb": 90.0}, **extra}
+    return r
+
+
+def test_scenario_targets_compare_each_run_with_the_same_mode_alone() -> None:
+    """Met: nothing missing or flagged shed and p99 <= 2x the mode's own run alone (storms: RSS +< 100 MB too)."""
+    alone = [_row("stateful", 100, p99_ms=20.0), _row("windowed", 100, p99_ms=300.0)]
+    rows = [*alone, _beside("stateful", "flood", 39.0), _beside("windowed", "flood", 500.0),
+            _beside("stateful", "flood", 41.0), _beside("windowed", "flood", 100.0, flagged_shed=3)]
+    got = verdicts(rows, "flood")
+    assert [ok for _, _, ok in got] == ["met", "met", "**missed**", "**missed**"]
+    assert got[0][0] == "stateful, flood: valid streams lose nothing, p99 <= 2x alone"
+    assert got[0][1].startswith("missing 0, labels flagged shed 0; p99 39.0 ms vs 20.0 alone (arrival 19.5 vs")
+    grown = _beside("stateful", "reset storm", 20.0)
+    grown.extra["intruder"]["rss_end_mb"] = 181.0
+    storms = verdicts([*alone, _beside("stateful", "reset storm", 20.0), grown], "storms")
+    assert [ok for _, _, ok in storms] == ["met", "**missed**"]
+    assert storms[1][1].endswith("; RSS +101 MB")
+    assert verdicts([_beside("stateful", "flood", 1.0)], "flood") == []  # nothing to compare with
+
+
+def test_scenario_report_has_a_row_per_run_with_rejects_by_reason() -> None:
+    """The report names the command, the load beside it, every run's rejects by reason and the targets."""
+    args = argparse.Namespace(scenario="flood", set=["input.drain_max_messages=2000"])
+    flooded = _beside("stateful", "flood", 30.0, rejected_by_reason={"rate_limited": 1234, "reset_storm": 5})
+    flooded.extra["intruder"].update(sent_samples=10, sent_per_s=2.0, late_p99_ms=1.0)
+    text = render_scenario([_row("stateful", 100, p99_ms=20.0), flooded], {"flood": "a second gateway floods"}, args,
+                           "sigclassd bench --scenario flood", {"cores": "2"}, Load(100, 10.0))
+    assert "Command: `sigclassd bench --scenario flood`" in text and "- flood: a second gateway floods" in text
+    assert "`input.drain_max_messages=2000`" in text
+    rows = [line for line in text.splitlines() if line.startswith("| stateful |")]
+    assert len(rows) == 2 and "nothing (alone)" in rows[0]
+    assert "rate_limited 1,234, reset_storm 5" in rows[1] and "80.0 / 90.0 / 100" in rows[1]
+    assert "| stateful, flood: valid streams lose nothing, p99 <= 2x alone |" in text
 
 
 @pytest.mark.integration

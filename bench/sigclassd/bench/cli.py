@@ -9,6 +9,7 @@ from pathlib import Path
 from sigclassd.bench.result import DAEMON_MODES, MODES
 
 SCENARIOS = ("load", "flood", "storms")
+STORMS = ("resets", "ids", "consumers")
 
 
 def _ints(text: str) -> list[int]:
@@ -30,6 +31,14 @@ def _modes(text: str) -> list[str]:
         msg = f"unknown mode(s) {', '.join(bad) or text!r}; use {','.join(MODES)}"
         raise argparse.ArgumentTypeError(msg)
     return modes
+
+
+def _storms(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or any(n not in STORMS for n in names):
+        msg = f"--storms takes a comma-separated subset of {','.join(STORMS)}; got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return names
 
 
 def _profile_spec(text: str) -> tuple[str, int]:
@@ -71,6 +80,9 @@ def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--flood-streams", type=int, default=1000, help="flood: the flooding gateway's streams (default 1000)")
     p.add_argument("--flood-speed", type=float, default=10.0,
                    help="flood: how many times faster than their declared 250 Hz the flood's streams send (default 10)")
+    p.add_argument("--storms", type=_storms, default=list(STORMS),
+                   help="storms: which of resets,ids,consumers to run (default all; a subset writes "
+                        "storms-NAMES.md)")
     p.add_argument("--storm-resets", type=int, default=60_000,
                    help="storms: restart-flagged one-sample messages on one id in 1 s (default 60000)")
     p.add_argument("--storm-ids", type=int, default=100_000,
@@ -96,17 +108,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_bench)
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from sigclassd.bench.run import bench
-
+def resolve_defaults(args: argparse.Namespace) -> str:
+    """Fill in the defaults that depend on --scenario; return what is wrong with the options, or ""."""
     loads = args.scenario == "load"
     if args.modes is None:
         args.modes = list(MODES) if loads else list(DAEMON_MODES)
     if args.streams is None:
         args.streams = [100, 250, 500, 750, 1000, 1500] if loads else [100]
     if not loads and not set(args.modes) <= set(DAEMON_MODES):
-        print(f"sigclassd bench: --scenario {args.scenario} runs the daemon modes only ({','.join(DAEMON_MODES)})",
-              file=sys.stderr)
+        return f"--scenario {args.scenario} runs the daemon modes only ({','.join(DAEMON_MODES)})"
+    if not loads and len(args.streams) > 1:
+        return f"--scenario {args.scenario} takes one count of valid streams, e.g. --streams 100"
+    return ""
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from sigclassd.bench.run import bench
+
+    problem = resolve_defaults(args)
+    if problem:
+        print(f"sigclassd bench: {problem}", file=sys.stderr)
         return 2
 
     return bench(args)

@@ -25,6 +25,7 @@ STORM_DELAY_S = 0.5  # after the warm-up: the memory before is read, then the st
 
 class Intruder(Protocol):
     name: str
+    streams: int  # stream ids it opens (the SUT's batch size is chosen for them too)
 
     def describe(self) -> str: ...
     def prepare(self, sut: SUT, children: Children, loadgen: Path) -> None: ...
@@ -40,6 +41,7 @@ class Flood:
 
     def __init__(self, load: Load) -> None:
         self.load = load
+        self.streams = load.streams
         self.party: Party | None = None
 
     def describe(self) -> str:
@@ -68,6 +70,7 @@ class Storm:
     """A Python thread that does its damage once, ``STORM_DELAY_S`` after the warm-up, on its own sockets."""
 
     name = "storm"
+    streams = 1
 
     def __init__(self) -> None:
         self.ctx = zmq.Context()
@@ -159,6 +162,10 @@ class ManyIds(_Publishing):
 
     name = "one-message ids"
 
+    def __init__(self, count: int, seconds: float) -> None:
+        super().__init__(count, seconds)
+        self.streams = count
+
     def describe(self) -> str:
         return f"{self.count:,} stream ids with one one-sample message each, in {self.seconds:g} s"
 
@@ -175,9 +182,11 @@ class DeafConsumers(Storm):
         super().__init__()
         self.count = count
         self.endpoint = ""
+        self.streams = 0
 
     def describe(self) -> str:
-        return f"{self.count} consumers subscribed to every stream that never read"
+        return (f"{self.count} consumers subscribed to every stream that never read (receive queue of 1 message, "
+                "4 kB socket buffer: the backlog builds in the daemon, not in them)")
 
     def connect(self, sut: SUT) -> None:
         self.endpoint = sut.outputs[0]
@@ -187,4 +196,6 @@ class DeafConsumers(Storm):
             sub = self.ctx.socket(zmq.SUB)
             sub.setsockopt(zmq.LINGER, 0)
             sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.setsockopt(zmq.RCVHWM, 1)
+            sub.setsockopt(zmq.RCVBUF, 4096)
             sub.connect(self.endpoint)

@@ -47,7 +47,10 @@ def run_one(mode: str, load: Load, opts: argparse.Namespace, tmp: Path, loadgen:
     spy = None
     try:
         wrap = pyinstrument_wrap(profile) if profile is not None and not py_spy() else None
-        sut = start_sut(mode, load.streams, tmp, children, opts, wrap)
+        # model.max_batch_streams sized for the intruder's streams too; capped so that the table keeps its
+        # default bound (streams.max_streams, 10,000), which the one-message-ids storm is there to test.
+        held = min(10_000, load.streams + (intruder.streams if intruder else 0))
+        sut = start_sut(mode, held, tmp, children, opts, wrap)
         result.runtime = sut.runtime
         lookahead = opts.lookahead if mode in ("stateful", "sharded") else 0  # windowed labels without it
         consumer = Party(children, loadgen, "receive", ",".join(sut.outputs), load,
@@ -108,6 +111,10 @@ def run_one(mode: str, load: Load, opts: argparse.Namespace, tmp: Path, loadgen:
             "timed_messages": got["timed"],
             "malformed_label_messages": got["malformed"],
             "daemon_missing": int(metrics.get("sigclassd_samples_missing_total", 0)),
+            "daemon_frames_received": int(metrics.get("sigclassd_frames_received_total", 0)),
+            "daemon_samples_received": int(metrics.get("sigclassd_samples_received_total", 0)),
+            "daemon_samples_labelled": int(metrics.get("sigclassd_samples_labelled_total", 0)),
+            "streams_evicted": int(metrics.get("sigclassd_streams_evicted_total", 0)),
             "streams_active": int(metrics.get("sigclassd_streams_active", 0)),
             "flagged_shed": got["flagged_shed"],
             "rejected_by_reason": {k.partition(":")[2]: int(v) for k, v in metrics.items()

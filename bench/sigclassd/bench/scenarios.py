@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
 from sigclassd.bench import report
+from sigclassd.bench.cli import STORMS
 from sigclassd.bench.intruders import DeafConsumers, Flood, Intruder, ManyIds, ResetStorm
 from sigclassd.bench.load import FLOOD_PREFIX, Load
 from sigclassd.bench.report import cell
@@ -26,9 +27,10 @@ STORM_RSS_MB = 100.0
 
 
 def storm_intruders(args: argparse.Namespace) -> list[Callable[[], Intruder]]:
-    """Fresh intruders for one mode (each holds sockets: one per run)."""
-    return [lambda: ResetStorm(args.storm_resets, 1.0), lambda: ManyIds(args.storm_ids, 2.0),
-            lambda: DeafConsumers(args.storm_consumers)]
+    """Fresh intruders for one mode (each holds sockets: one per run), those ``--storms`` names."""
+    make = {"resets": lambda: ResetStorm(args.storm_resets, 1.0), "ids": lambda: ManyIds(args.storm_ids, 2.0),
+            "consumers": lambda: DeafConsumers(args.storm_consumers)}
+    return [make[name] for name in args.storms]
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, Callable[[], Intruder | None]]]:
@@ -152,7 +154,9 @@ def run_scenario(args: argparse.Namespace, command: str, run: Callable[..., RunR
     except KeyboardInterrupt:
         print("interrupted: writing what was measured", flush=True)
     info["load average after (1, 5 min)"] = "{:.2f}, {:.2f}".format(*os.getloadavg()[:2])
-    path = args.out / f"{args.scenario}.md"
+    name = args.scenario if args.scenario == "flood" or list(args.storms) == list(STORMS) else \
+        f"storms-{'-'.join(args.storms)}"
+    path = args.out / f"{name}.md"
     path.write_text(render(results, descriptions, args, command, info, valid))
     path.with_suffix(".json").write_text(json.dumps(
         {"command": command, "machine": info, "runs": [asdict(r) for r in results]}, indent=1, default=str))
