@@ -183,6 +183,7 @@ class DeafConsumers(Storm):
         self.count = count
         self.endpoint = ""
         self.streams = 0
+        self.subs: list[zmq.Socket] = []  # held: a socket nothing refers to is closed when collected
 
     def describe(self) -> str:
         return (f"{self.count} consumers subscribed to every stream that never read (receive queue of 1 message, "
@@ -199,3 +200,4 @@ class DeafConsumers(Storm):
             sub.setsockopt(zmq.RCVHWM, 1)
             sub.setsockopt(zmq.RCVBUF, 4096)
             sub.connect(self.endpoint)
+            self.subs.append(sub)
