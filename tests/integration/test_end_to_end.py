@@ -18,18 +18,23 @@ pytestmark = [pytest.mark.integration, pytest.mark.tf]
 
 @functools.cache
 def _load(model_dir):  # noqa: ANN001, ANN202
+    """The model's metadata and the Keras model as one graph for any batch and length (an eager call steps
+    the LSTM in Python, seconds for a long stream)."""
     import keras
+    import tensorflow as tf
 
     from sigclassd.models.artifact import read_artifact
 
-    return read_artifact(model_dir).meta, keras.saving.load_model(model_dir / "model.keras", compile=False)
+    meta = read_artifact(model_dir).meta
+    model = keras.saving.load_model(model_dir / "model.keras", compile=False)
+    return meta, tf.function(lambda x: model(x, training=False), reduce_retracing=True)
 
 
 def offline_windows(model_dir, windows: np.ndarray) -> np.ndarray:
     """Windows ``[n, time, channels]`` through the model run offline by Keras, as the daemon publishes them."""
     meta, model = _load(model_dir)
     xn = (windows - np.asarray(meta.norm_mean, np.float32)) / np.asarray(meta.norm_std, np.float32)
-    return to_probabilities(np.asarray(model(xn.astype(np.float32), training=False)))
+    return to_probabilities(np.asarray(model(xn.astype(np.float32))))
 
 
 def offline_probs(model_dir, x: np.ndarray) -> np.ndarray:
@@ -58,8 +63,8 @@ def assert_windows_equal_offline(model_dir, stream: str, x: np.ndarray, frames: 
         np.testing.assert_array_equal(f.labels, want.argmax(-1))
 
 
-def send_streams(gw: Gateway, data: dict[str, np.ndarray], chunks: np.ndarray, pace: float = 0.0) -> None:
-    """Send each stream in its chunk sizes, interleaving the streams as gateways would."""
+def send_streams(gw: Gateway, data: dict[str, np.ndarray], chunks: np.ndarray, pace: float = 0.0) -> int:
+    """Send each stream in its chunk sizes, interleaving the streams as gateways would; return the messages sent."""
     pos = dict.fromkeys(data, 0)
     i = 0
     while any(pos[s] < len(x) for s, x in data.items()):
@@ -74,22 +79,33 @@ def send_streams(gw: Gateway, data: dict[str, np.ndarray], chunks: np.ndarray, p
             pos[s] += len(chunk)
         if pace:
             time.sleep(pace)
+    return i
+
+
+def wait_received(d: Daemon, messages: int, timeout: float = 10.0) -> None:
+    """Until the daemon has taken every message sent: a stop drains what was received, not what is in flight."""
+    deadline = time.monotonic() + timeout
+    while d.metric("sigclassd_frames_received_total") < messages and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def test_windowed_every_sample_labelled_once_in_order_equal_to_offline(tmp_path, ctx, same_model):
     """Windowed mode labels every accepted sample exactly once, in seq order, with the offline model's values."""
     hop = 50
-    d = Daemon(tmp_path, {"model": {"path": str(same_model), "mode": "windowed", "hop": hop}}).start()
+    # The streams declare 250 Hz but are sent ~40x faster: no rate limit, this test is about exactness.
+    d = Daemon(tmp_path, {"model": {"path": str(same_model), "mode": "windowed", "hop": hop},
+                          "streams": {"rate_limit": 0}}).start()
     consumer = Consumer(ctx, d.output)
     gw = Gateway(ctx, d.input)
     time.sleep(0.5)
     rng = np.random.default_rng(7)
     lengths = {"gw-a/0": 1203, "gw-b/1": 777, "gw-c/2": 401}
     data = {s: rng.normal(0.5, 2.0, (n, 16)).astype(np.float32) for s, n in lengths.items()}
-    send_streams(gw, data, rng.integers(1, 40, 200), pace=0.002)
+    sent = send_streams(gw, data, rng.integers(1, 40, 200), pace=0.002)
     # Everything that completes a hop is labelled while running; the tail of each stream waits for the drain.
     consumer.collect(20, until=lambda fr: sum(len(f.labels) for f in fr) >= sum(
         (n // hop) * hop if n >= 400 else 0 for n in lengths.values()) - 3 * hop)
+    wait_received(d, sent)
     assert d.stop(signal.SIGTERM) == 0
     frames = consumer.collect(5, until=lambda fr: {f.stream for f in fr if f.flags & protocol.LABEL_FINAL} == set(data))
     gw.close()
@@ -148,7 +164,7 @@ def test_bad_input_is_counted_and_does_not_disturb_valid_streams(tmp_path, ctx, 
 def test_stateful_labels_equal_offline_model_over_whole_stream(tmp_path, ctx, fixture, request):
     """Stateful mode publishes, for every sample, the offline model's output over the whole stream (<= 1e-5)."""
     model_dir = request.getfixturevalue(fixture)
-    d = Daemon(tmp_path, {"model": {"path": str(model_dir), "mode": "stateful"}}).start()
+    d = Daemon(tmp_path, {"model": {"path": str(model_dir), "mode": "stateful"}, "streams": {"rate_limit": 0}}).start()
     consumer = Consumer(ctx, d.output)
     gw = Gateway(ctx, d.input)
     time.sleep(0.5)
