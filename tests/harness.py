@@ -50,6 +50,8 @@ def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
 class Daemon:
     """``sigclassd run`` in a subprocess with its own ports; stdout (JSON logs) goes to a file."""
 
+    http_host = "127.0.0.1"  # where /metrics and the health endpoints are asked
+
     def __init__(self, tmp: Path, sections: dict[str, dict[str, Any]] | None = None,
                  env: dict[str, str] | None = None, name: str = "daemon") -> None:
         self.tmp = tmp
@@ -89,7 +91,7 @@ class Daemon:
 
     def http(self, path: str) -> tuple[int, str]:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as r:
+            with urllib.request.urlopen(f"http://{self.http_host}:{self.http_port}{path}", timeout=5) as r:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()

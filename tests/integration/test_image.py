@@ -115,8 +115,8 @@ def test_labels_flow_and_podman_stop_drains(image, tmp_path, ctx):
         for k in range(0, max(lengths.values()), 10):
             for s, (x, _) in data.items():
                 if k < len(x):
-                    gateway.send(s, x[k : k + 10], k, sample_rate_hz=250.0,
-                                 flags=protocol.FLAG_RESTART if k == 0 else 0)
+                    # Faster than real time, so no sample rate is declared (streams.rate_limit).
+                    gateway.send(s, x[k : k + 10], k, flags=protocol.FLAG_RESTART if k == 0 else 0)
             time.sleep(0.002)
         total = sum(lengths.values())
         deadline = time.monotonic() + 30

@@ -187,14 +187,15 @@ class Container:
     """A booted systemd-nspawn container; commands run in all its namespaces through nsenter."""
 
     def __init__(self, venv: Path, src: Path, log: Path, *, name: str = "",
-                 network: str = "--private-network") -> None:
+                 network: str = "--private-network", boot: tuple[str, ...] = ()) -> None:
         self.name = name or f"sigclassd-test-{os.getpid()}"
         self.log = log.open("wb")
         self.nspawn = subprocess.Popen(
             [NSPAWN, "-q", "-D", "/", "-M", self.name, "--register=no", "--keep-unit", "--volatile=yes",
              "--console=pipe", "--system-call-filter=bpf", network,
              f"--bind-ro={venv}:{VENV_PATH}", f"--bind-ro={src}:{SOURCE_IN_CONTAINER}",
-             "-b", "systemd.mask=systemd-firstboot.service", "systemd.mask=systemd-networkd-wait-online.service"],
+             "-b", "systemd.mask=systemd-firstboot.service", "systemd.mask=systemd-networkd-wait-online.service",
+             *boot],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
         )
         self.pid = self._init_pid(timeout_s=20)
@@ -207,8 +208,12 @@ class Container:
             if self.nspawn.poll() is not None:
                 break
             pids = children.read_text().split() if children.exists() else []
-            if pids:
-                return int(pids[0])
+            # Until it execs systemd, the child is a forked nspawn that may yet fork again.
+            try:
+                if pids and Path(f"/proc/{pids[0]}/comm").read_text().strip() == "systemd":
+                    return int(pids[0])
+            except FileNotFoundError:  # it exited in between
+                pass
             time.sleep(0.05)
         self.close()
         pytest.skip(f"systemd-nspawn cannot boot a container here: {self.output()}")
