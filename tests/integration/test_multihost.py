@@ -14,11 +14,12 @@ import shutil
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import zmq
 from harness import ROOT, Daemon, Gateway, accounting, by_stream, identity_holds, labelled_seqs
 
 from sigclassd import protocol
@@ -120,22 +121,16 @@ class Shard(Daemon):
         return self.host.journal(self.unit)
 
 
-
-@dataclass
 class Feed:
-    """Gateways on this machine sending every stream in real time from a thread; consumers of
+    """A gateway on this machine sending every stream in real time from a thread; a consumer of
     every shard receiving in another, each label message stamped with its arrival time."""
 
-    ctx: object
-    shards: list[Shard]
-    data: dict[str, np.ndarray] = field(default_factory=dict)
-    sent: dict[str, int] = field(default_factory=dict)
-    received: list[tuple[float, str, protocol.LabelFrame]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
+    def __init__(self, ctx: zmq.Context, shards: list[Shard]) -> None:
+        self.ctx, self.shards = ctx, shards
         self.stop = threading.Event()
         self.data = {s: make_recording(40 * int(RATE_HZ), seed=i)[0] for i, s in enumerate(STREAMS)}
         self.sent = dict.fromkeys(STREAMS, 0)
+        self.received: list[tuple[float, str, protocol.LabelFrame]] = []
         self.threads = [threading.Thread(target=self._send, daemon=True),
                         threading.Thread(target=self._receive, daemon=True)]
 
@@ -161,8 +156,6 @@ class Feed:
             gateway.close()
 
     def _receive(self) -> None:
-        import zmq
-
         poller, hosts = zmq.Poller(), {}
         for shard in self.shards:
             sock = self.ctx.socket(zmq.SUB)
@@ -267,7 +260,7 @@ def deployment(hosts, tmp_path, ctx):
 
 
 class Deployment:
-    def __init__(self, hosts: dict[str, Host], tmp: Path, ctx) -> None:  # noqa: ANN001
+    def __init__(self, hosts: dict[str, Host], tmp: Path, ctx: zmq.Context) -> None:
         self.hosts, self.ctx = hosts, ctx
         self.shards = [Shard(tmp, hosts[name]) for name in PREFIXES]
         self.feed: Feed | None = None
