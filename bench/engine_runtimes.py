@@ -73,7 +73,7 @@ def window_row(engine: str, run, meta, batch: int, seconds: float, scratch: Path
 def measure_numpy(model: Path, seconds: float, scratch: Path) -> list[dict]:
     from sigclassd.engine.stateful import StatefulEngine
     from sigclassd.engine.windowed import WindowedEngine
-    from sigclassd.models.artifact import read_artifact
+    from sigclassd.artifact import read_artifact
 
     artifact = read_artifact(model)
     rows = []
@@ -102,7 +102,7 @@ def measure_xla(model: Path, seconds: float, scratch: Path) -> list[dict]:
     import tensorflow as tf
 
     from sigclassd.engine.activations import to_probabilities
-    from sigclassd.models.artifact import read_artifact
+    from sigclassd.artifact import read_artifact
 
     artifact = read_artifact(model)
     meta = artifact.meta
@@ -125,7 +125,7 @@ def measure_litert(model: Path, seconds: float, scratch: Path) -> list[dict]:
     from ai_edge_litert.interpreter import Interpreter
 
     from sigclassd.engine.activations import to_probabilities
-    from sigclassd.models.artifact import read_artifact
+    from sigclassd.artifact import read_artifact
 
     artifact = read_artifact(model)
     meta = artifact.meta
@@ -160,7 +160,7 @@ def main() -> int:
     parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.model is None:
-        from sigclassd.models.artifact import default_model_path
+        from sigclassd.artifact import default_model_path
 
         args.model = default_model_path()
     if args.only:

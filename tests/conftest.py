@@ -33,7 +33,7 @@ def build_test_model(path, *, padding: str = "same", channels: int = 16, n_class
     import keras
     import numpy as np
 
-    from sigclassd.models.artifact import ModelMeta, write_metadata
+    from sigclassd.artifact import ModelMeta, write_metadata
 
     keras.utils.set_random_seed(seed)
     inp = keras.Input((None, channels))

@@ -24,7 +24,7 @@ from sigclassd.errors import FrameError, SigclassdError
 from sigclassd.ingest import Ingest
 from sigclassd.logs import Summary
 from sigclassd.metrics import Metrics
-from sigclassd.models.artifact import ModelArtifact
+from sigclassd.artifact import ModelArtifact
 from sigclassd.planner import make_planner
 from sigclassd.publish import Publisher
 from sigclassd.streams import LabelRun, StreamTable

@@ -34,7 +34,7 @@ from sigclassd.health import Health, start_http_server
 from sigclassd.ingest import Ingest
 from sigclassd.logs import Summary
 from sigclassd.metrics import Metrics
-from sigclassd.models.artifact import ModelArtifact
+from sigclassd.artifact import ModelArtifact
 from sigclassd.notify import Notifier
 from sigclassd.pipeline import InferenceFailure, Pipeline
 from sigclassd.publish import Publisher

@@ -23,7 +23,7 @@ def _load(model_dir):  # noqa: ANN001, ANN202
     import keras
     import tensorflow as tf
 
-    from sigclassd.models.artifact import read_artifact
+    from sigclassd.artifact import read_artifact
 
     meta = read_artifact(model_dir).meta
     model = keras.saving.load_model(model_dir / "model.keras", compile=False)

@@ -36,7 +36,7 @@ def eeg_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _stream_through_daemon(ctx, tmp: Path, model: Path, x: np.ndarray, mode: str) -> list[protocol.LabelFrame]:
     """Send ``x`` as one stream, one hop per message, each after the labels of the previous one; then drain."""
-    from sigclassd.models.artifact import read_artifact
+    from sigclassd.artifact import read_artifact
 
     held = read_artifact(model).meta.lookahead  # stateful: labels held back for the model's future context
     d = Daemon(tmp, {"model": {"path": str(model), "mode": mode, "hop": HOP, "lag": LAG}}, name=mode).start()
@@ -62,7 +62,7 @@ def _stream_through_daemon(ctx, tmp: Path, model: Path, x: np.ndarray, mode: str
 @pytest.mark.parametrize("mode", ["windowed", "stateful"])
 def test_eval_labels_equal_the_daemons(tmp_path: Path, ctx, eeg_model: Path, mode: str) -> None:  # noqa: ANN001
     """On 2,000 held-out EEG samples, eval's per-sample probabilities for a mode are the daemon's (<= 1e-4)."""
-    from sigclassd.models.artifact import read_artifact
+    from sigclassd.artifact import read_artifact
     from sigclassd.models.data import Recording, normalise
     from sigclassd.models.train import load_model, predict_served, predict_stateful
 

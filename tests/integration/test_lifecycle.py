@@ -16,7 +16,7 @@ import pytest
 from harness import Consumer, Daemon, Gateway, accounting, by_stream, identity_holds, labelled_seqs, write_toml
 
 from sigclassd import protocol
-from sigclassd.models.artifact import read_artifact
+from sigclassd.artifact import read_artifact
 
 pytestmark = [pytest.mark.integration]
 

@@ -19,7 +19,7 @@ from harness import Consumer, Daemon, Gateway, by_stream, labelled_seqs
 from test_end_to_end import assert_windows_equal_offline, offline_probs, send_streams
 
 from sigclassd import protocol
-from sigclassd.models.artifact import default_model_path, read_artifact
+from sigclassd.artifact import default_model_path, read_artifact
 
 pytestmark = [pytest.mark.integration, pytest.mark.tf]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sigclassd.models.artifact import file_sha256
+from sigclassd.artifact import file_sha256
 from sigclassd.models.data import (
     IGNORE,
     Dataset,

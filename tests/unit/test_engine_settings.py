@@ -7,7 +7,7 @@ import pytest
 from sigclassd import config
 from sigclassd.engine import check_settings
 from sigclassd.errors import ConfigError, ModelError
-from sigclassd.models.artifact import default_model_path, read_artifact
+from sigclassd.artifact import default_model_path, read_artifact
 
 META = read_artifact(default_model_path()).meta  # 16 channels, window 400, seq2seq
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sigclassd.errors import ModelError
-from sigclassd.models.artifact import ModelMeta, read_artifact, write_metadata
+from sigclassd.artifact import ModelMeta, read_artifact, write_metadata
 from sigclassd.models.cli import main
 from sigclassd.models.data import IGNORE, Recording
 from sigclassd.models.train import (
@@ -283,7 +283,7 @@ def test_multiclass_train_on_a_daphnet_slice(tmp_path: Path, capsys: pytest.Capt
 
 def test_eval_refuses_data_with_the_wrong_channel_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """eval exits 2 with a clear message when the data's channels differ from the model's."""
-    from sigclassd.models.artifact import default_model_path
+    from sigclassd.artifact import default_model_path
 
     code = main(["eval", str(default_model_path()), "--synthetic", "--channels", "3", "--samples", "1000"])
     assert code == 2

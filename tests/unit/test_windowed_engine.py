@@ -14,7 +14,7 @@ from sigclassd.engine.activations import to_probabilities  # noqa: E402
 from sigclassd.engine.windowed import WindowedEngine  # noqa: E402
 from sigclassd.errors import ModelError  # noqa: E402
 from sigclassd.models.architectures import HyperParams, build_model, lookahead  # noqa: E402
-from sigclassd.models.artifact import ModelArtifact, ModelMeta, read_artifact, write_metadata  # noqa: E402
+from sigclassd.artifact import ModelArtifact, ModelMeta, read_artifact, write_metadata  # noqa: E402
 
 pytestmark = pytest.mark.tf
 

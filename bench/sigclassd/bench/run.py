@@ -144,7 +144,7 @@ def _sleep_until(t: float) -> None:
 
 
 def model_meta(model: Path | None) -> Any:  # noqa: ANN401 - a ModelMeta, imported only when a benchmark runs
-    from sigclassd.models.artifact import default_model_path, read_artifact
+    from sigclassd.artifact import default_model_path, read_artifact
 
     return read_artifact(model or default_model_path()).meta
 

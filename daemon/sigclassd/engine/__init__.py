@@ -11,7 +11,7 @@ from __future__ import annotations
 from sigclassd.config import Settings
 from sigclassd.engine.base import Engine
 from sigclassd.errors import ModelError
-from sigclassd.models.artifact import ModelArtifact, ModelMeta, default_model_path, read_artifact
+from sigclassd.artifact import ModelArtifact, ModelMeta, default_model_path, read_artifact
 
 
 def check_settings(settings: Settings, meta: ModelMeta, where: str) -> None:

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from sigclassd.models.artifact import ModelArtifact
+from sigclassd.artifact import ModelArtifact
 
 
 class Engine(Protocol):

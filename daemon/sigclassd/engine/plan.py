@@ -23,7 +23,7 @@ import numpy as np
 from sigclassd.engine.archive import KerasChain, Layer
 from sigclassd.engine.activations import ACTIVATIONS
 from sigclassd.errors import ModelError
-from sigclassd.models.artifact import ModelArtifact
+from sigclassd.artifact import ModelArtifact
 
 # Layers that are the identity at inference.
 IDENTITY_LAYERS = ("Dropout", "SpatialDropout1D", "GaussianNoise", "GaussianDropout", "AlphaDropout",

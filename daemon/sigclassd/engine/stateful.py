@@ -41,7 +41,7 @@ from sigclassd.engine.activations import to_probabilities
 from sigclassd.engine.archive import read_chain
 from sigclassd.engine.plan import LSTM, Conv, StepPlan, check_outputs, step_plan
 from sigclassd.errors import ModelError
-from sigclassd.models.artifact import ModelArtifact
+from sigclassd.artifact import ModelArtifact
 
 
 class StatefulEngine:

@@ -16,7 +16,7 @@ from sigclassd.engine.activations import to_probabilities
 from sigclassd.engine.archive import read_chain
 from sigclassd.engine.plan import WindowPlan, check_outputs, window_plan
 from sigclassd.errors import ModelError
-from sigclassd.models.artifact import ModelArtifact
+from sigclassd.artifact import ModelArtifact
 
 CALL_BATCH = 64
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from sigclassd.models.artifact import SEQUENCE_ARCHITECTURES, WINDOW_ONLY_ARCHITECTURES
+from sigclassd.artifact import SEQUENCE_ARCHITECTURES, WINDOW_ONLY_ARCHITECTURES
 
 if TYPE_CHECKING:
     import keras

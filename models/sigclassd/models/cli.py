@@ -261,7 +261,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from sigclassd.models.artifact import read_artifact
+    from sigclassd.artifact import read_artifact
     from sigclassd.models.data import remap_labels, unseen_parts
     from sigclassd.models.train import evaluate_recordings, format_report, load_model
 

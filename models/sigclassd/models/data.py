@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from sigclassd.models.artifact import file_sha256
+from sigclassd.artifact import file_sha256
 from sigclassd.synthetic import make_recording
 
 IGNORE = -1

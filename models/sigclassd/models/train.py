@@ -53,7 +53,7 @@ import numpy as np
 from sigclassd.config import ModelSettings
 from sigclassd.engine.activations import to_probabilities
 from sigclassd.models.architectures import HyperParams, build_model, lookahead, output_activation
-from sigclassd.models.artifact import (
+from sigclassd.artifact import (
     MODEL_FILE,
     SEQUENCE_ARCHITECTURES,
     ModelArtifact,
