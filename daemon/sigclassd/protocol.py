@@ -121,6 +121,19 @@ def decode_topic(topic: bytes) -> str:
         raise FrameError("bad_topic", msg) from None
 
 
+def _split(parts: list[bytes], header_size: int, what: str) -> tuple[str, bytes]:
+    """The stream id and the body of a 2-frame message, the body at least a header long."""
+    if len(parts) != 2:
+        msg = f"expected 2 frames (topic, body), got {len(parts)}"
+        raise FrameError("bad_frame_count", msg)
+    topic, body = parts
+    stream = decode_topic(topic)
+    if len(body) < header_size:
+        msg = f"{what} is {len(body)} bytes, shorter than the {header_size}-byte header"
+        raise FrameError("short_header", msg)
+    return stream, body
+
+
 def decode_samples(
     parts: list[bytes], *, n_channels: int | None = None, allow_non_finite: bool = False,
     max_abs: float | None = None,
@@ -132,14 +145,7 @@ def decode_samples(
     ``max_abs``, when given, is the largest magnitude a sample may have: beyond it
     the model's arithmetic would overflow (reason ``out_of_range``).
     """
-    if len(parts) != 2:
-        msg = f"expected 2 frames (topic, body), got {len(parts)}"
-        raise FrameError("bad_frame_count", msg)
-    topic, body = parts
-    stream = decode_topic(topic)
-    if len(body) < SAMPLE_HEADER_SIZE:
-        msg = f"body is {len(body)} bytes, shorter than the {SAMPLE_HEADER_SIZE}-byte header"
-        raise FrameError("short_header", msg)
+    stream, body = _split(parts, SAMPLE_HEADER_SIZE, "body")
     version, dtype_code, channels, n_samples, seq, t0_ns, rate, flags = SAMPLE_HEADER.unpack_from(body)
     if version != VERSION:
         msg = f"protocol version {version}, this daemon speaks {VERSION}"
@@ -230,14 +236,7 @@ def encode_labels(
 
 def decode_labels(parts: list[bytes]) -> LabelFrame:
     """Decode a label message or raise :class:`FrameError`."""
-    if len(parts) != 2:
-        msg = f"expected 2 frames (topic, body), got {len(parts)}"
-        raise FrameError("bad_frame_count", msg)
-    topic, body = parts
-    stream = decode_topic(topic)
-    if len(body) < LABEL_HEADER_SIZE:
-        msg = f"label body is {len(body)} bytes, shorter than the {LABEL_HEADER_SIZE}-byte header"
-        raise FrameError("short_header", msg)
+    stream, body = _split(parts, LABEL_HEADER_SIZE, "label body")
     version, k, flags, n, seq, t0_ns, model_id, gap, ingress_ns = LABEL_HEADER.unpack_from(body)
     if version != VERSION:
         msg = f"label version {version}, expected {VERSION}"
