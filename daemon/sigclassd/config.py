@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sigclassd import shard
 from sigclassd.errors import ConfigError
 
 
@@ -34,6 +35,9 @@ class InputSettings:
     drain_max_messages: int = 20_000
     # ...and at most this long receiving them (about 1,000 messages a millisecond).
     drain_max_ms: float = 5.0
+    # "K/N": label only the streams that rendezvous hashing of their id gives to shard K of N
+    # (sigclassd/shard.py); the others are dropped before decoding. Empty: every stream subscribed to.
+    shard: str = ""
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,11 @@ def validate(s: Settings) -> None:
     need(s.model.lag >= 0, "model.lag must be >= 0")
     need(s.model.warmup_samples >= 0, "model.warmup_samples must be >= 0")
     need(s.input.drain_max_ms > 0, "input.drain_max_ms must be > 0")
+    if s.input.shard:
+        try:
+            shard.parse(s.input.shard)
+        except ConfigError as e:
+            problems.append(str(e))
     need(s.model.max_batch_streams >= 1, "model.max_batch_streams must be >= 1")
     need(0 <= s.model.max_wait_ms <= 1000, "model.max_wait_ms must be in [0, 1000]")
     need(s.model.batch_target_streams >= 1, "model.batch_target_streams must be >= 1")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from sigclassd.config import InputSettings
+from sigclassd.shard import Shard
 from sigclassd.sockets import bind, heartbeat
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ class Ingest:
         self.settings = settings
         self.topic_rules = topic_rules
         self.unauthorised = 0
+        self.set_shard(settings.shard)
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, settings.rcvhwm)
         # Bounds the memory one message can take: larger ones are dropped by libzmq
@@ -70,7 +72,7 @@ class Ingest:
             return messages, 0.0
         now = time.time()
         if self.topic_rules:
-            return self._drain_checked(limit), now
+            return self._mine(self._drain_checked(limit)), now
         recv = self.socket.recv_multipart
         flags = int(zmq.NOBLOCK)  # a plain int: pyzmq converts an enum flag on every call
         # A time budget as well as a count: under a flood the turn must come back to the model (and
@@ -85,7 +87,19 @@ class Ingest:
                     break
         except zmq.Again:
             pass
-        return messages, now
+        return self._mine(messages), now
+
+    def set_shard(self, text: str) -> None:
+        """Label only shard "K/N"'s streams from now on (every stream if ``text`` is empty)."""
+        self.shard = Shard(text) if text else None
+
+    def _mine(self, messages: list[list[bytes]]) -> list[list[bytes]]:
+        # Other shards' messages arrive too (subscriptions match prefixes, not hashes): drop them
+        # before they are decoded or counted.
+        if self.shard is None:
+            return messages
+        owns = self.shard.owns
+        return [m for m in messages if owns(m[0])]
 
     def _drain_checked(self, limit: int) -> list[list[bytes]]:
         """The drain with topic rules: the sender's name is a property of the received frame."""

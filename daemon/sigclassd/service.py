@@ -12,6 +12,7 @@ watchdog and drain. Signal handlers only set flags; the loop acts on them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -269,6 +270,9 @@ class Service:
             return
         new, artifact, engine = result
         old = self.settings
+        if new.input.shard != old.input.shard:  # the one [input] key that needs no new socket
+            self._reshard(new.input.shard)
+            old = config_mod.replace(old, input=dataclasses.replace(old.input, shard=new.input.shard))
         ignored = [name for name in RESTART_ONLY if getattr(new, name) != getattr(old, name)]
         if ignored:
             log.warning("reload_needs_restart", sections=ignored,
@@ -295,6 +299,17 @@ class Service:
         changed = [f for f in ("model", "streams", "log", "service") if getattr(new, f) != getattr(old, f)]
         log.info("reloaded", model=artifact.meta.name, version=artifact.meta.version, model_id=artifact.model_hex,
                  model_changed=model_changed, mode=new.model.mode, applied=changed)
+
+    def _reshard(self, text: str) -> None:
+        """Serve shard ``text`` from now on; the streams that now belong to another shard get their
+        last labels (FINAL) at once, so their consumers see the move instead of an idle timeout."""
+        self.ingest.set_shard(text)
+        table = self.pipe.table
+        leaving = [] if self.ingest.shard is None else \
+            [name for name in table.streams if not self.ingest.shard.owns(name.encode("utf-8"))]
+        for name in leaving:
+            table.retire(table.streams.pop(name))
+        log.info("resharded", shard=text or "all", streams_leaving=len(leaving))
 
     # ---------------------------------------------------------------- shutdown
 
