@@ -39,8 +39,8 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from sigclassd import protocol
-from sigclassd.client import Subscriber
 from sigclassd.bench.sut import free_port
+from sigclassd.client import Subscriber
 
 COUNTERS = ("received", "labelled", "duplicate", "shed", "missing")
 # Counted by reason at the end: what the misbehaving gateway caused.

@@ -16,6 +16,7 @@ from harness import ROOT, free_port
 from sigclassd import protocol
 from sigclassd.bench import add_parser
 from sigclassd.bench.cli import resolve_defaults
+from sigclassd.bench.intruders import Flood, ResetStorm
 from sigclassd.bench.load import FLOOD_PREFIX, PREFIX, Load
 from sigclassd.bench.parties import Children, Party, build_loadgen
 from sigclassd.bench.profile import summarise_folded
@@ -47,15 +48,14 @@ def _party(children: Children, loadgen: Path, role: str, endpoint: str, load: Lo
     return party
 
 
-def test_generator_sends_each_stream_on_its_spread_schedule(ctx, tmp_path, loadgen) -> None:
-    """Stream i sends message m (seq 10m, restart flag on m = 0) at start + (m + i/N) * 40 ms, for the due ones only."""
+def _send(ctx: zmq.Context, loadgen: Path, load: Load) -> tuple[int, dict, list[tuple[int, protocol.SampleFrame]]]:
+    """Run ``loadgen send`` with ``load`` into a SUB socket: the start time, its report, (receipt ns, frame)s."""
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     sub.bind(endpoint)
     children = Children()
-    load = Load(streams=4, seconds=0.19)  # 4.75 periods: streams 0-2 are due 5 times, stream 3 (phase 0.75) 4 times
     try:
         gen = _party(children, loadgen, "send", endpoint, load)
         sub.poll(100)  # a socket acts on its new connection (sends the subscription) when next used
@@ -69,6 +69,13 @@ def test_generator_sends_each_stream_on_its_spread_schedule(ctx, tmp_path, loadg
     finally:
         children.close()
         sub.close()
+    return start_ns, report, got
+
+
+def test_generator_sends_each_stream_on_its_spread_schedule(ctx, tmp_path, loadgen) -> None:
+    """Stream i sends message m (seq 10m, restart flag on m = 0) at start + (m + i/N) * 40 ms, for the due ones only."""
+    # 4.75 periods: streams 0-2 are due 5 times, stream 3 (phase 0.75) 4 times
+    start_ns, report, got = _send(ctx, loadgen, Load(streams=4, seconds=0.19))
     assert report["messages"] == 19 and report["samples"] == 190
     assert [f.stream for _, f in got[:4]] == [stream_name(i) for i in range(4)]  # sends in due order
     per_stream = {i: [f for _, f in got if f.stream == stream_name(i)] for i in range(4)}
@@ -85,25 +92,9 @@ def test_generator_sends_each_stream_on_its_spread_schedule(ctx, tmp_path, loadg
 
 def test_a_flooding_generator_sends_speed_times_the_rate_its_frames_declare(ctx, loadgen) -> None:
     """--speed 10: 2,500 samples/s per stream on the wire, 250 Hz in every header, the flood's own topics."""
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    sub.bind(endpoint)
-    children = Children()
     load = Load(streams=2, seconds=0.1, speed=10.0, prefix=FLOOD_PREFIX)  # a message every 4 ms per stream
-    try:
-        gen = _party(children, loadgen, "send", endpoint, load)
-        sub.poll(100)
-        start_ns = time.time_ns() + 200_000_000
-        gen.begin(start_ns)
-        report = gen.report(10)
-        got = []
-        while sub.poll(500):
-            got.append(protocol.decode_samples(sub.recv_multipart()))
-    finally:
-        children.close()
-        sub.close()
+    _, report, received = _send(ctx, loadgen, load)
+    got = [f for _, f in received]
     assert report["messages"] == 50 and len(got) == 50  # 25 per stream in 0.1 s, not 2.5
     assert load.offered() == 2 * 2500.0
     for i in range(2):
@@ -368,3 +359,51 @@ def test_a_short_sharded_run_labels_every_stream_exactly_once(tmp_path, loadgen)
     assert r.extra["sent_samples"] == r.extra["labelled"] == 30 * 750
     assert (r.missing, r.duplicates, r.shed, r.rejected) == (0, 0, 0, 0)
     assert r.extra["streams_active"] == 30  # summed over both shards' /metrics
+
+
+# Issue 14 against the real daemon, as `sigclassd bench --scenario flood|storms` measures it, shortened: valid
+# streams beside a flooding gateway or a reset storm, the daemon's counters by reason. About 15 s each.
+VALID = Load(5, 4.0)  # 5 streams x 4 s x 250 Hz = 1,000 samples each
+RATE_LIMIT, BURST_S = 1.5, 2.0  # deploy/config/sigclassd.toml [streams] rate_limit, rate_burst_s
+RESET_BURST, RESETS_PER_S = 10, 2.0  # [streams] reset_burst, max_resets_per_s
+OPTS = argparse.Namespace(hop=50, naive_hop=0, model=None, set=[], ready_timeout=120.0, lookahead=4)
+
+
+def assert_valid_untouched(r) -> None:
+    assert r.error == ""
+    assert r.extra["sent_samples"] == r.extra["labelled"] == 5 * 1000
+    assert (r.missing, r.duplicates, r.extra["flagged_shed"]) == (0, 0, 0)
+
+
+@pytest.mark.integration
+def test_a_flooding_gateway_is_rate_limited_against_its_declared_rate_and_the_valid_streams_lose_nothing(
+        tmp_path, loadgen) -> None:
+    """20 streams declared at 250 Hz, sent at 2,500 Hz: past each stream's bucket (1.5 x 250 Hz, 2 s of burst)
+    the daemon refuses them as rate_limited; the valid streams keep every sample."""
+    flood = Flood(Load(20, 4.0, speed=10.0, prefix=FLOOD_PREFIX))
+    r = run_one("stateful", VALID, OPTS, tmp_path, loadgen, warmup_s=1.0, intruder=flood)
+    assert_valid_untouched(r)
+    rejected = r.extra["rejected_by_reason"]
+    assert set(rejected) == {"rate_limited"}
+    flood_received = r.extra["daemon_samples_received"] - 5 * 1000
+    assert 0 < flood_received <= r.extra["intruder"]["sent_samples"] == 20 * 10_000
+    # What passed is at most the bucket plus its refill while the flood lasted (4 s, and up to 3 s of reading after).
+    passed = flood_received - rejected["rate_limited"]
+    assert passed <= 20 * 250 * RATE_LIMIT * (BURST_S + 7.0)
+    assert rejected["rate_limited"] > flood_received / 2
+
+
+@pytest.mark.integration
+def test_a_reset_storm_on_one_id_costs_that_id_only(tmp_path, loadgen) -> None:
+    """3,000 restart-flagged one-sample messages on one id in 0.5 s: the id gets its reset budget and its rate,
+    the rest is refused by reason, RSS stays put, and the valid streams keep every sample."""
+    storm = ResetStorm(3000, 0.5)
+    r = run_one("windowed", VALID, OPTS, tmp_path, loadgen, warmup_s=1.0, intruder=storm)
+    assert_valid_untouched(r)
+    resets = r.extra["resets_by_reason"].get("restart", 0)
+    assert 1 <= resets <= RESET_BURST + RESETS_PER_S * 6
+    rejected = r.extra["rejected_by_reason"]
+    assert set(rejected) <= {"rate_limited", "reset_storm"}
+    storm_received = r.extra["daemon_samples_received"] - 5 * 1000
+    assert sum(rejected.values()) >= storm_received - 250 * RATE_LIMIT * (BURST_S + 7.0)
+    assert r.extra["intruder"]["rss_end_mb"] - r.extra["intruder"]["rss_before_mb"] < 100

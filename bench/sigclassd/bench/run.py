@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from sigclassd.bench import report
+from sigclassd.bench.intruders import Intruder
 from sigclassd.bench.load import CHUNK, Load
 from sigclassd.bench.parties import Children, Party, build_loadgen, cpu_seconds
-from sigclassd.bench.intruders import Intruder
 from sigclassd.bench.profile import py_spy, pyinstrument_wrap, start_py_spy, summarise_profile
 from sigclassd.bench.result import RunResult
 from sigclassd.bench.scenarios import run_scenario
