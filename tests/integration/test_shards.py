@@ -6,13 +6,16 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
-from harness import Consumer, Daemon, Gateway, by_stream, free_port, labelled_seqs
+from harness import Consumer, Daemon, Gateway, by_stream, free_port, labelled_seqs, write_toml
+from test_lifecycle import wait_event
 
 from sigclassd import protocol
+from sigclassd.shard import owner as shard_owner
 
 pytestmark = [pytest.mark.integration, pytest.mark.tf, pytest.mark.slow]
 
@@ -78,3 +81,121 @@ def test_each_stream_is_labelled_by_exactly_one_shard(tmp_path, ctx, causal_mode
         for s, fs in streams.items():
             assert labelled_seqs(fs) == list(range(lengths[s])), f"{s}: not every sample labelled once, in order"
             assert fs[-1].flags & protocol.LABEL_FINAL
+
+
+class Feed(threading.Thread):
+    """STREAMS streams through one gateway, 10 samples a message every 20 ms each, until stopped."""
+
+    def __init__(self, gateway: Gateway, streams: list[str]) -> None:
+        super().__init__(daemon=True)
+        self.gateway, self.streams = gateway, streams
+        self.halt = threading.Event()
+        self.sent = 0  # samples per stream so far
+        self.times: list[tuple[float, int]] = []  # (monotonic time, seq about to be sent)
+
+    def run(self) -> None:
+        rng = np.random.default_rng(3)
+        while not self.halt.is_set():
+            self.times.append((time.monotonic(), self.sent))
+            x = rng.normal(size=(10, 16)).astype(np.float32)
+            for s in self.streams:
+                self.gateway.send(s, x, self.sent, flags=protocol.FLAG_RESTART if self.sent == 0 else 0)
+            self.sent += 10
+            time.sleep(0.02)
+
+    def seq_at(self, t: float) -> int:
+        return max((seq for when, seq in self.times if when <= t), default=0)
+
+
+def test_hashed_shards_grow_from_two_to_three(tmp_path, ctx, causal_model):
+    """input.shard = "K/N" behind a real forwarder: each stream labelled by exactly one shard; adding a
+    third shard and reloading the two others with "K/3" moves only the streams rendezvous hashing gives
+    to shard 3: FINAL on their old shard at its reload, START on the new one, no sample unlabelled;
+    every other stream goes on untouched."""
+    xsub, xpub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    fwd_log = open(tmp_path / "forwarder.log", "wb")  # noqa: SIM115 - closed below
+    forwarder = subprocess.Popen([sys.executable, "-m", "sigclassd", "forward", "--xsub", xsub, "--xpub", xpub],
+                                 stdout=fwd_log, stderr=subprocess.STDOUT)
+
+    def shard(k: int, n: int) -> Daemon:
+        return Daemon(tmp_path, {"input": {"bind": [], "connect": [xpub], "shard": f"{k}/{n}"},
+                                 "model": {"path": str(causal_model), "hop": 20, "max_batch_streams": 32}},
+                      name=f"shard{k}")
+
+    streams = [f"gw-{i}/{kind}" for i in range(12) for kind in ("vib", "ac")]
+    moving = {s for s in streams if shard_owner(s, 3) == 3}
+    assert moving == {s for s in streams if shard_owner(s, 2) != shard_owner(s, 3)}
+    assert 4 <= len(moving) <= 12, "these ids should move about a third of the streams"
+    shards = [shard(1, 2), shard(2, 2)]
+    new = shard(3, 3)
+    consumers: list[Consumer] = []
+    gateway = Gateway(ctx, xsub)
+    feed = Feed(gateway, streams)
+    try:
+        for d in shards:
+            d.start(wait=False)
+        for d in shards:
+            d.wait_ready()
+        # Connected before shard 3 starts, so that none of its first labels is missed.
+        consumers = [Consumer(ctx, d.output) for d in (*shards, new)]
+        time.sleep(1.0)  # subscriptions: shard -> forwarder -> gateway
+        feed.start()
+        time.sleep(1.5)
+        new.start()
+        started = time.monotonic()
+        for k, d in enumerate(shards, 1):
+            write_toml(d.config, {**d.sections, "input": {**d.sections["input"], "shard": f"{k}/3"}})
+            d.send_signal(signal.SIGHUP)
+        resharded = [wait_event(d, "resharded") for d in shards]
+        reload_s = time.monotonic() - started
+        time.sleep(1.5)
+        feed.halt.set()
+        feed.join(5)
+        total = feed.sent
+        time.sleep(1.0)  # the last messages through the forwarder; the stops label what they hold
+        codes = [d.stop() for d in (*shards, new)]
+        for c in consumers:
+            c.collect(1.0)
+    finally:
+        feed.halt.set()
+        for c in consumers:
+            c.close()
+        gateway.close()
+        for d in (*shards, new):
+            if d.proc is not None and d.proc.poll() is None:
+                d.stop(signal.SIGKILL)
+        forwarder.send_signal(signal.SIGTERM)
+        fwd_code = forwarder.wait(15)
+        fwd_log.close()
+
+    assert codes == [0, 0, 0] and fwd_code == 0
+    assert [e["streams_leaving"] for e in resharded] == [
+        sum(shard_owner(s, 2) == k for s in moving) for k in (1, 2)]
+    labels = [by_stream(c.frames) for c in consumers]
+    assert set(labels[2]) == moving, "shard 3 labels exactly the streams that move"
+    overlaps = []
+    for s in streams:
+        old, now = shard_owner(s, 2), shard_owner(s, 3)
+        before = labels[old - 1][s]
+        assert not any(s in labels[k - 1] for k in (1, 2, 3) if k not in (old, now)), f"{s}: a third shard"
+        if s not in moving:
+            assert labelled_seqs(before) == list(range(total)), f"{s}: not every sample labelled once, in order"
+            assert [f.flags & protocol.LABEL_START != 0 for f in before].count(True) == 1
+            assert [f.flags & protocol.LABEL_FINAL != 0 for f in before].count(True) == 1, "moved for nothing"
+            continue
+        after = labels[now - 1][s]
+        old_seqs, new_seqs = labelled_seqs(before), labelled_seqs(after)
+        # The old shard: from 0, in order, once, until its reload; its last labels are FINAL.
+        assert old_seqs == list(range(len(old_seqs))) and before[-1].flags & protocol.LABEL_FINAL, s
+        assert sum(bool(f.flags & protocol.LABEL_FINAL) for f in before) == 1
+        # The new shard: a START, then every sample to the end, in order, once.
+        assert after[0].flags & protocol.LABEL_START and not after[0].flags & protocol.LABEL_GAP, s
+        assert new_seqs == list(range(new_seqs[0], total)), f"{s}: the new shard missed or repeated samples"
+        assert new_seqs[0] <= len(old_seqs), f"{s}: samples {len(old_seqs)}..{new_seqs[0]} labelled by no shard"
+        overlaps.append(len(old_seqs) - new_seqs[0])
+    per_s = 10 / 0.02
+    print(f"\n{len(moving)} of {len(streams)} streams moved to shard 3; the two reloads took {reload_s:.2f} s; "
+          f"labelled by both shards meanwhile: {min(overlaps)}-{max(overlaps)} samples a stream "
+          f"({min(overlaps) / per_s:.2f}-{max(overlaps) / per_s:.2f} s at {per_s:.0f} Hz); "
+          f"shard 3 began at seq {min(labelled_seqs(labels[2][s])[0] for s in moving)}, "
+          f"{total} samples a stream in all")
