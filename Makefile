@@ -38,8 +38,9 @@ run: $(VENV)/.installed-base
 # (the units' venv must come from a system interpreter).
 OS_PACKAGES := prometheus systemd libzmq3-dev pkg-config gcc systemd-container util-linux python3-venv
 # The image and multi-host tests: podman with runc, debootstrap for a local base image,
-# systemd-nspawn and nftables for the simulated hosts.
-IMAGE_PACKAGES := podman runc debootstrap systemd-container nftables iproute2
+# systemd-nspawn and nftables for the simulated hosts, dnsname so that compose services
+# find each other by name on podman's CNI network.
+IMAGE_PACKAGES := podman runc debootstrap systemd-container nftables iproute2 golang-github-containernetworking-plugin-dnsname
 
 os-deps:
 	@missing=$$(for p in $(OS_PACKAGES) $(IMAGE_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
