@@ -60,3 +60,11 @@ def same_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def causal_model(tmp_path_factory):
     return build_test_model(tmp_path_factory.mktemp("model_causal") / "m", padding="causal", seed=1)
+
+
+@pytest.fixture(scope="session")
+def image() -> str:
+    """The serving image (deploy/image/build.sh), built once for every container test of the session."""
+    from containers import build_image
+
+    return build_image()

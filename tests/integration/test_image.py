@@ -5,42 +5,18 @@ Debian base, run as a container, fed over ZeroMQ through published ports, stoppe
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import time
 
 import numpy as np
 import pytest
-from harness import ROOT, Consumer, Daemon, Gateway, accounting, by_stream, identity_holds, labelled_seqs
+from containers import PODMAN_ENV, podman
+from harness import Consumer, Daemon, Gateway, accounting, by_stream, identity_holds, labelled_seqs
 
 from sigclassd import protocol
 from sigclassd.synthetic import make_recording
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-TAG = "localhost/sigclassd:test"
-PODMAN_ENV = {"CONTAINERS_CONF": str(ROOT / "deploy" / "image" / "containers.conf")}
-
-
-def podman(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout, check=check,
-                          env={**os.environ, **PODMAN_ENV})
-
-
-@pytest.fixture(scope="module")
-def image() -> str:
-    """The serving image, built from this checkout; the debootstrapped base is cached between runs."""
-    missing = [tool for tool in ("podman", "debootstrap") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"{' and '.join(missing)} not installed (make os-deps installs IMAGE_PACKAGES)")
-    started = time.monotonic()
-    build = subprocess.run([str(ROOT / "deploy" / "image" / "build.sh"), "--debootstrap-base", "--tag", TAG],
-                           capture_output=True, text=True, timeout=600, env={**os.environ, **PODMAN_ENV})
-    print(build.stdout, build.stderr, f"image build: {time.monotonic() - started:.1f} s", sep="\n")
-    assert build.returncode == 0, build.stdout + build.stderr
-    return TAG
-
 
 class Container(Daemon):
     """The daemon as `podman run` of the image: the harness's config (sockets on every interface) is
