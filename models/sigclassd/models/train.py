@@ -50,9 +50,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sigclassd.config import ModelSettings
-from sigclassd.engine.activations import to_probabilities
-from sigclassd.models.architectures import HyperParams, build_model, lookahead, output_activation
 from sigclassd.artifact import (
     MODEL_FILE,
     SEQUENCE_ARCHITECTURES,
@@ -61,6 +58,9 @@ from sigclassd.artifact import (
     read_artifact,
     write_metadata,
 )
+from sigclassd.config import ModelSettings
+from sigclassd.engine.activations import to_probabilities
+from sigclassd.models.architectures import HyperParams, build_model, lookahead, output_activation
 from sigclassd.models.data import (
     IGNORE,
     Dataset,
