@@ -192,7 +192,7 @@ def test_promtool_accepts_rules_and_config() -> None:
     """promtool check rules accepts alerts.yml and check config accepts prometheus.yml."""
     rules = run_promtool("check", "rules", "alerts.yml")
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 9 rules found" in rules.stdout
+    assert "SUCCESS: 10 rules found" in rules.stdout
     cfg = run_promtool("check", "config", "prometheus.yml")
     assert cfg.returncode == 0, cfg.stdout + cfg.stderr
 
