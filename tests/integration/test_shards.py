@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -22,14 +21,41 @@ pytestmark = [pytest.mark.integration, pytest.mark.tf, pytest.mark.slow]
 PREFIXES = ("site-a/", "site-b/")
 
 
+class Forwarder:
+    """``sigclassd forward`` on two free loopback ports: gateways publish to ``xsub``, shards connect to ``xpub``."""
+
+    def __init__(self, tmp_path) -> None:  # noqa: ANN001
+        self.xsub, self.xpub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+        self.log = open(tmp_path / "forwarder.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sigclassd", "forward", "--xsub", self.xsub, "--xpub", self.xpub,
+             "--stats-interval", "1"], stdout=self.log, stderr=subprocess.STDOUT)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(15)
+        self.log.close()
+        return code
+
+
+def hashed_shard(tmp_path, xpub: str, model, k: int, n: int, name: str = "") -> Daemon:  # noqa: ANN001
+    """A daemon that connects to the forwarder, subscribes to every stream and labels shard "k/n"'s."""
+    return Daemon(tmp_path, {"input": {"bind": [], "connect": [xpub], "shard": f"{k}/{n}"},
+                             "model": {"path": str(model), "hop": 20, "max_batch_streams": 32}},
+                  name=name or f"shard{k}")
+
+
+def stop_all(daemons: list[Daemon]) -> None:
+    """SIGKILL whatever a failed test left running."""
+    for d in daemons:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop(signal.SIGKILL)
+
+
 def test_each_stream_is_labelled_by_exactly_one_shard(tmp_path, ctx, causal_model):
     """Each shard labels every sample of the streams under its prefix and nothing else, via one forwarder."""
-    xsub, xpub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    fwd_log = open(tmp_path / "forwarder.log", "wb")  # noqa: SIM115 - closed below
-    forwarder = subprocess.Popen(
-        [sys.executable, "-m", "sigclassd", "forward", "--xsub", xsub, "--xpub", xpub, "--stats-interval", "1"],
-        stdout=fwd_log, stderr=subprocess.STDOUT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )
+    forwarder = Forwarder(tmp_path)
+    xsub, xpub = forwarder.xsub, forwarder.xpub
     shards = [
         Daemon(tmp_path, {"input": {"bind": [], "connect": [xpub], "subscribe": [prefix]},
                           "model": {"path": str(causal_model), "hop": 50, "max_batch_streams": 4}}, name=f"shard{i}")
@@ -65,12 +91,8 @@ def test_each_stream_is_labelled_by_exactly_one_shard(tmp_path, ctx, causal_mode
         for sock in (*consumers, *gateways):
             sock.close()
     finally:
-        for shard in shards:
-            if shard.proc is not None and shard.proc.poll() is None:
-                shard.stop(signal.SIGKILL)
-        forwarder.send_signal(signal.SIGTERM)
-        fwd_code = forwarder.wait(15)
-        fwd_log.close()
+        stop_all(shards)
+        fwd_code = forwarder.stop()
 
     assert fwd_code == 0
     assert received == [want[p] for p in PREFIXES]
@@ -112,15 +134,10 @@ def test_hashed_shards_grow_from_two_to_three(tmp_path, ctx, causal_model):
     third shard and reloading the two others with "K/3" moves only the streams rendezvous hashing gives
     to shard 3: FINAL on their old shard at its reload, START on the new one, no sample unlabelled;
     every other stream goes on untouched."""
-    xsub, xpub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    fwd_log = open(tmp_path / "forwarder.log", "wb")  # noqa: SIM115 - closed below
-    forwarder = subprocess.Popen([sys.executable, "-m", "sigclassd", "forward", "--xsub", xsub, "--xpub", xpub],
-                                 stdout=fwd_log, stderr=subprocess.STDOUT)
+    forwarder = Forwarder(tmp_path)
 
     def shard(k: int, n: int) -> Daemon:
-        return Daemon(tmp_path, {"input": {"bind": [], "connect": [xpub], "shard": f"{k}/{n}"},
-                                 "model": {"path": str(causal_model), "hop": 20, "max_batch_streams": 32}},
-                      name=f"shard{k}")
+        return hashed_shard(tmp_path, forwarder.xpub, causal_model, k, n)
 
     streams = [f"gw-{i}/{kind}" for i in range(12) for kind in ("vib", "ac")]
     moving = {s for s in streams if shard_owner(s, 3) == 3}
@@ -129,7 +146,7 @@ def test_hashed_shards_grow_from_two_to_three(tmp_path, ctx, causal_model):
     shards = [shard(1, 2), shard(2, 2)]
     new = shard(3, 3)
     consumers: list[Consumer] = []
-    gateway = Gateway(ctx, xsub)
+    gateway = Gateway(ctx, forwarder.xsub)
     feed = Feed(gateway, streams)
     try:
         for d in shards:
@@ -161,12 +178,8 @@ def test_hashed_shards_grow_from_two_to_three(tmp_path, ctx, causal_model):
         for c in consumers:
             c.close()
         gateway.close()
-        for d in (*shards, new):
-            if d.proc is not None and d.proc.poll() is None:
-                d.stop(signal.SIGKILL)
-        forwarder.send_signal(signal.SIGTERM)
-        fwd_code = forwarder.wait(15)
-        fwd_log.close()
+        stop_all([*shards, new])
+        fwd_code = forwarder.stop()
 
     assert codes == [0, 0, 0] and fwd_code == 0
     assert [e["streams_leaving"] for e in resharded] == [
@@ -199,3 +212,64 @@ def test_hashed_shards_grow_from_two_to_three(tmp_path, ctx, causal_model):
           f"({min(overlaps) / per_s:.2f}-{max(overlaps) / per_s:.2f} s at {per_s:.0f} Hz); "
           f"shard 3 began at seq {min(labelled_seqs(labels[2][s])[0] for s in moving)}, "
           f"{total} samples a stream in all")
+
+
+def test_a_lost_shard_is_replaced_by_one_with_the_same_setting(tmp_path, ctx, causal_model):
+    """Failover is a replacement, not a standby: shard 2 of 2 is SIGKILLed (as a host powered off), and a
+    daemon with the same "2/2" on other ports (another host) takes exactly its streams, each from a
+    START; shard 1's streams go on untouched. Measured: what each of shard 2's streams lost."""
+    forwarder = Forwarder(tmp_path)
+    streams = [f"gw-{i}/{kind}" for i in range(8) for kind in ("vib", "ac")]
+    share = {s: shard_owner(s, 2) for s in streams}
+    assert set(share.values()) == {1, 2}
+    shards = [hashed_shard(tmp_path, forwarder.xpub, causal_model, k, 2) for k in (1, 2)]
+    spare = hashed_shard(tmp_path, forwarder.xpub, causal_model, 2, 2, name="spare")
+    consumers: list[Consumer] = []
+    gateway = Gateway(ctx, forwarder.xsub)
+    feed = Feed(gateway, streams)
+    try:
+        for d in shards:
+            d.start(wait=False)
+        for d in shards:
+            d.wait_ready()
+        consumers = [Consumer(ctx, d.output) for d in (*shards, spare)]
+        time.sleep(1.0)
+        feed.start()
+        time.sleep(1.5)
+        killed = time.monotonic()
+        assert shards[1].stop(signal.SIGKILL) == -signal.SIGKILL
+        spare.start()
+        ready_s = time.monotonic() - killed
+        time.sleep(1.5)
+        feed.halt.set()
+        feed.join(5)
+        total = feed.sent
+        time.sleep(1.0)
+        codes = [shards[0].stop(), spare.stop()]
+        for c in consumers:
+            c.collect(1.0)
+    finally:
+        feed.halt.set()
+        for c in consumers:
+            c.close()
+        gateway.close()
+        stop_all([*shards, spare])
+        fwd_code = forwarder.stop()
+
+    assert codes == [0, 0] and fwd_code == 0
+    first, lost, replaced = (by_stream(c.frames) for c in consumers)
+    assert set(first) == {s for s in streams if share[s] == 1}
+    for s, fs in first.items():
+        assert labelled_seqs(fs) == list(range(total)), f"{s}: shard 1's streams must not notice"
+    assert set(lost) == set(replaced) == {s for s in streams if share[s] == 2}
+    holes = []
+    for s in replaced:
+        before, after = labelled_seqs(lost[s]), labelled_seqs(replaced[s])
+        assert before == list(range(len(before))) and not any(f.flags & protocol.LABEL_FINAL for f in lost[s])
+        assert replaced[s][0].flags & protocol.LABEL_START and after == list(range(after[0], total)), s
+        assert after[0] >= len(before), f"{s}: labelled twice"
+        holes.append(after[0] - len(before))
+    per_s = 10 / 0.02
+    print(f"\nshard 2 killed at seq {feed.seq_at(killed)}; the replacement was ready {ready_s:.2f} s later; "
+          f"unlabelled per stream: {min(holes)}-{max(holes)} samples ({min(holes) / per_s:.2f}-"
+          f"{max(holes) / per_s:.2f} s at {per_s:.0f} Hz); shard 1's {len(first)} streams: none")
