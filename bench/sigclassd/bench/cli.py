@@ -102,7 +102,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "protocol-v1 load (250 Hz, 16 channels, 10 samples per message) sent and received by a compiled "
                     "load generator and consumer (C, libzmq: needs gcc, pkg-config and libzmq3-dev), and measure "
                     "labelled samples/s, latency percentiles, the CPU of every party, RSS and loss. Writes "
-                    "results.md, results.json and throughput_latency.png to --out.",
+                    "results.md, results.json and throughput_latency.png to --out. --scenario flood|storms instead "
+                    "runs valid streams alone and then beside a misbehaving party (a flooding gateway; a reset "
+                    "storm, one-message stream ids, consumers that never read) into flood.md or storms.md.",
     )
     build_parser(p)
     p.set_defaults(func=_bench)
