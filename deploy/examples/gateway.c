@@ -66,7 +66,7 @@ int main(int argc, char **argv) {
         size_t len = 32 + (size_t)n * N_CHANNELS * 4;
         zmq_send(pub, stream, strlen(stream), ZMQ_SNDMORE);
         zmq_send(pub, body, len, 0);
-        usleep(1000);
+        usleep((useconds_t)(n * 1e6 / RATE_HZ)); /* real time: the daemon refuses a stream far above its declared rate */
     }
     zmq_close(pub);
     zmq_ctx_term(ctx);
