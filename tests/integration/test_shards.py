@@ -45,12 +45,14 @@ def hashed_shard(tmp_path, xpub: str, model, k: int, n: int, name: str = "") -> 
                   name=name or f"shard{k}")
 
 
+
+
+
 def stop_all(daemons: list[Daemon]) -> None:
     """SIGKILL whatever a failed test left running."""
     for d in daemons:
         if d.proc is not None and d.proc.poll() is None:
             d.stop(signal.SIGKILL)
-
 
 def test_each_stream_is_labelled_by_exactly_one_shard(tmp_path, ctx, causal_model):
     """Each shard labels every sample of the streams under its prefix and nothing else, via one forwarder."""
@@ -106,7 +108,7 @@ def test_each_stream_is_labelled_by_exactly_one_shard(tmp_path, ctx, causal_mode
 
 
 class Feed(threading.Thread):
-    """STREAMS streams through one gateway, 10 samples a message every 20 ms each, until stopped."""
+    """Streams through one gateway, 10 samples a message every 20 ms each, until stopped."""
 
     def __init__(self, gateway: Gateway, streams: list[str]) -> None:
         super().__init__(daemon=True)
@@ -129,6 +131,30 @@ class Feed(threading.Thread):
         return max((seq for when, seq in self.times if when <= t), default=0)
 
 
+def start_feeding(ctx, shards: list[Daemon], later: Daemon, feed: Feed) -> list[Consumer]:  # noqa: ANN001
+    """Start ``shards``, connect a consumer to each and to ``later`` (before it starts, so that none of its
+    first labels is missed), let the subscriptions reach the gateway, then feed for 1.5 s."""
+    for d in shards:
+        d.start(wait=False)
+    for d in shards:
+        d.wait_ready()
+    consumers = [Consumer(ctx, d.output) for d in (*shards, later)]
+    time.sleep(1.0)  # subscriptions: shard -> forwarder -> gateway
+    feed.start()
+    time.sleep(1.5)
+    return consumers
+
+
+def tear_down(feed: Feed, consumers: list[Consumer], daemons: list[Daemon], forwarder: Forwarder) -> int:
+    """Close every socket, SIGKILL whatever a failed test left running; the forwarder's exit code."""
+    feed.halt.set()
+    for c in consumers:
+        c.close()
+    feed.gateway.close()
+    stop_all(daemons)
+    return forwarder.stop()
+
+
 def test_hashed_shards_grow_from_two_to_three(tmp_path, ctx, causal_model):
     """input.shard = "K/N" behind a real forwarder: each stream labelled by exactly one shard; adding a
     third shard and reloading the two others with "K/3" moves only the streams rendezvous hashing gives
@@ -146,18 +172,9 @@ def test_hashed_shards_grow_from_two_to_three(tmp_path, ctx, causal_model):
     shards = [shard(1, 2), shard(2, 2)]
     new = shard(3, 3)
     consumers: list[Consumer] = []
-    gateway = Gateway(ctx, forwarder.xsub)
-    feed = Feed(gateway, streams)
+    feed = Feed(Gateway(ctx, forwarder.xsub), streams)
     try:
-        for d in shards:
-            d.start(wait=False)
-        for d in shards:
-            d.wait_ready()
-        # Connected before shard 3 starts, so that none of its first labels is missed.
-        consumers = [Consumer(ctx, d.output) for d in (*shards, new)]
-        time.sleep(1.0)  # subscriptions: shard -> forwarder -> gateway
-        feed.start()
-        time.sleep(1.5)
+        consumers = start_feeding(ctx, shards, new, feed)
         new.start()
         started = time.monotonic()
         for k, d in enumerate(shards, 1):
@@ -174,12 +191,7 @@ def test_hashed_shards_grow_from_two_to_three(tmp_path, ctx, causal_model):
         for c in consumers:
             c.collect(1.0)
     finally:
-        feed.halt.set()
-        for c in consumers:
-            c.close()
-        gateway.close()
-        stop_all([*shards, new])
-        fwd_code = forwarder.stop()
+        fwd_code = tear_down(feed, consumers, [*shards, new], forwarder)
 
     assert codes == [0, 0, 0] and fwd_code == 0
     assert [e["streams_leaving"] for e in resharded] == [
@@ -225,17 +237,9 @@ def test_a_lost_shard_is_replaced_by_one_with_the_same_setting(tmp_path, ctx, ca
     shards = [hashed_shard(tmp_path, forwarder.xpub, causal_model, k, 2) for k in (1, 2)]
     spare = hashed_shard(tmp_path, forwarder.xpub, causal_model, 2, 2, name="spare")
     consumers: list[Consumer] = []
-    gateway = Gateway(ctx, forwarder.xsub)
-    feed = Feed(gateway, streams)
+    feed = Feed(Gateway(ctx, forwarder.xsub), streams)
     try:
-        for d in shards:
-            d.start(wait=False)
-        for d in shards:
-            d.wait_ready()
-        consumers = [Consumer(ctx, d.output) for d in (*shards, spare)]
-        time.sleep(1.0)
-        feed.start()
-        time.sleep(1.5)
+        consumers = start_feeding(ctx, shards, spare, feed)
         killed = time.monotonic()
         assert shards[1].stop(signal.SIGKILL) == -signal.SIGKILL
         spare.start()
@@ -249,12 +253,7 @@ def test_a_lost_shard_is_replaced_by_one_with_the_same_setting(tmp_path, ctx, ca
         for c in consumers:
             c.collect(1.0)
     finally:
-        feed.halt.set()
-        for c in consumers:
-            c.close()
-        gateway.close()
-        stop_all([*shards, spare])
-        fwd_code = forwarder.stop()
+        fwd_code = tear_down(feed, consumers, [*shards, spare], forwarder)
 
     assert codes == [0, 0] and fwd_code == 0
     first, lost, replaced = (by_stream(c.frames) for c in consumers)
