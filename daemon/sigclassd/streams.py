@@ -78,7 +78,7 @@ class Stream:
     __slots__ = (
         "name", "topic", "data", "seq", "arrival", "sensor_ns", "n", "fed", "labelled",
         "next_seq", "last_seq", "slot", "consumed", "done", "flags", "gap", "last_seen", "final",
-        "allowance", "refilled_at", "demoted_until", "reset_allowance", "reset_refilled_at", "previous_next_seq",
+        "allowance", "refilled_at", "rate_seq", "demoted_until", "reset_allowance", "reset_refilled_at", "previous_next_seq",
     )
 
     def __init__(self, name: str, channels: int, capacity: int, slot: int, flags: int) -> None:
@@ -104,6 +104,7 @@ class Stream:
         # declared rate, resets it may still cause, and until when it is served last.
         self.allowance: float | None = None
         self.refilled_at = 0.0
+        self.rate_seq: int | None = None  # seq after the last frame charged to the rate bucket
         self.demoted_until = 0.0
         self.reset_allowance: float | None = None
         self.reset_refilled_at = 0.0
@@ -191,12 +192,17 @@ class Stream:
             # The incarnation's first seq: a hole before its first labels (shed, failed batch) is then a gap.
             self.last_seq = seq
 
-    def within_rate(self, k: int, rate_hz: float, now: float, burst_s: float) -> bool:
-        """Take ``k`` samples from a bucket refilled at ``rate_hz`` holding ``burst_s`` seconds; False if empty.
+    def within_rate(self, seq: int, k: int, rate_hz: float, now: float, burst_s: float, max_hole: int) -> bool:
+        """Charge a frame to a bucket refilled at ``rate_hz`` holding ``burst_s`` seconds; False if it is empty.
 
+        A frame costs its samples plus the hole before it (up to ``max_hole``): what the stream
+        *sent*, measured by its seqs, not what reached the daemon. A flood whose excess libzmq
+        drops before the daemon sees it is still over its rate.
         The bucket may go into debt by one frame, so a frame larger than the bucket still passes
         when the bucket is full, and the average stays at the rate.
         """
+        hole = 0 if self.rate_seq is None else min(max(0, seq - self.rate_seq), max_hole)
+        self.rate_seq = seq + k
         full = rate_hz * burst_s
         if self.allowance is None:
             self.allowance = full
@@ -205,7 +211,7 @@ class Stream:
         self.refilled_at = now
         if self.allowance <= 0:
             return False
-        self.allowance -= k
+        self.allowance -= k + hole
         return True
 
     def may_reset(self, now: float, per_s: float, burst: int) -> bool:
@@ -223,6 +229,7 @@ class Stream:
     def inherit(self, old: Stream) -> None:
         """Carry the budgets of the id's previous incarnation over a reset: restarting must not refill them."""
         self.allowance, self.refilled_at, self.demoted_until = old.allowance, old.refilled_at, old.demoted_until
+        self.rate_seq = old.rate_seq
         self.reset_allowance, self.reset_refilled_at = old.reset_allowance, old.reset_refilled_at
         self.previous_next_seq = old.next_seq
         self.last_seen = old.last_seen
@@ -387,7 +394,8 @@ class StreamTable:
             self.streams[frame.stream] = stream
             m.streams_opened.inc()
         if s.rate_limit and frame.sample_rate_hz and \
-                not stream.within_rate(k, frame.sample_rate_hz * s.rate_limit, now, s.rate_burst_s):
+                not stream.within_rate(frame.seq, k, frame.sample_rate_hz * s.rate_limit, now, s.rate_burst_s,
+                                       s.gap_reset_samples):
             # Over its own declared rate: this stream pays (its frames refused, itself served last), not the others.
             stream.demote(now + s.demote_s)
             stream.skip(frame.seq, k)

@@ -316,3 +316,13 @@ def test_a_full_table_makes_room_by_retiring_the_least_recently_seen_idle_stream
     assert counter(reg, "streams_evicted") == 1 and counter(reg, "samples_rejected", reason="stream_limit") == 0
     t.accept(frame("real2", 0, 4))  # 'real' was seen just now; the next stalest one-message id goes
     assert "real" in t.streams and "once/1" not in t.streams
+
+
+def test_the_rate_limit_counts_what_a_stream_sent_not_what_arrived():
+    """A 10x flood of which libzmq delivered only every 10th message is still over its rate: the seq holes count."""
+    t, reg, clock = make_table(rate_limit=1.5, rate_burst_s=1.0)
+    for i in range(0, 400, 10):  # every 10th message of a 100 Hz stream sent at 1,000 Hz: 100 samples/s arrive
+        clock.now = i * 0.001
+        t.accept(rated("flood", 10 * i, 10))
+    assert counter(reg, "samples_rejected", reason="rate_limited") > 0
+    assert t.streams["flood"].demoted_until > clock.now
