@@ -143,6 +143,7 @@ class Planner:
         No NaN is ever published; the consumer sees FINAL, then START with the hole as GAP.
         """
         self.table.mark_dropped(stream.abandon(), "non_finite_output")
+        self.table.notice("non_finite_output", stream.name, "the model's output or state went NaN/Inf; the stream restarts")
         if stream.final:
             runs.extend(stream.finish([], self.no_probs))
             self.table.release(stream)
@@ -265,7 +266,8 @@ class StatefulPlanner(Planner):
         if flushed is None or not len(flushed):
             return probabilities
         rows, length, classes = probabilities.shape
-        extended = np.empty((rows, length + flushed.shape[1], classes), np.float32)
+        # Zeros, not empty: rows that do not end here leave the tail unused, and it must not read as NaN.
+        extended = np.zeros((rows, length + flushed.shape[1], classes), np.float32)
         extended[:, :length] = probabilities
         for j, row in enumerate(batch.flush_rows):
             n = batch.lengths[row]

@@ -357,6 +357,10 @@ class StreamTable:
 
     def _refuse(self, reason: str, k: int, stream: str, detail: str) -> None:
         self.metrics.samples_rejected.labels(reason).inc(k)
+        self.notice(reason, stream, detail)
+
+    def notice(self, reason: str, stream: str, detail: str) -> None:
+        """Something an operator should read about; the pipeline logs it, rate-limited."""
         count = self.notices.get(reason, (0, detail, stream))[0]
         self.notices[reason] = (count + 1, detail, stream)
 
