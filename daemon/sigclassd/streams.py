@@ -192,26 +192,28 @@ class Stream:
             # The incarnation's first seq: a hole before its first labels (shed, failed batch) is then a gap.
             self.last_seq = seq
 
-    def within_rate(self, seq: int, k: int, rate_hz: float, now: float, burst_s: float, max_hole: int) -> bool:
+    def within_rate(self, seq: int, k: int, rate_hz: float, now: float, burst_s: float) -> bool:
         """Charge a frame to a bucket refilled at ``rate_hz`` holding ``burst_s`` seconds; False if it is empty.
 
-        A frame costs its samples plus the hole before it (up to ``max_hole``): what the stream
-        *sent*, measured by its seqs, not what reached the daemon. A flood whose excess libzmq
-        drops before the daemon sees it is still over its rate.
+        A frame costs its samples plus the seq hole before it: what the stream *sent*, not what
+        reached the daemon, so a flood whose excess libzmq dropped before the daemon saw it still
+        pays for all of it. The hole is paid from the time that passed since the previous frame
+        before the bucket's cap applies: a hole that an outage explains (seqs advancing at the rate
+        while nothing arrived) costs nothing. One wild forward seq is charged at most ten buckets.
         The bucket may go into debt by one frame, so a frame larger than the bucket still passes
         when the bucket is full, and the average stays at the rate.
         """
-        hole = 0 if self.rate_seq is None else min(max(0, seq - self.rate_seq), max_hole)
-        self.rate_seq = seq + k
         full = rate_hz * burst_s
         if self.allowance is None:
             self.allowance = full
         else:
-            self.allowance = min(full, self.allowance + (now - self.refilled_at) * rate_hz)
+            hole = min(max(0, seq - self.rate_seq), 10 * full) if self.rate_seq is not None else 0
+            self.allowance = min(full, self.allowance + (now - self.refilled_at) * rate_hz - hole)
         self.refilled_at = now
+        self.rate_seq = seq + k
         if self.allowance <= 0:
             return False
-        self.allowance -= k + hole
+        self.allowance -= k
         return True
 
     def may_reset(self, now: float, per_s: float, burst: int) -> bool:
@@ -398,8 +400,7 @@ class StreamTable:
             self.streams[frame.stream] = stream
             m.streams_opened.inc()
         if s.rate_limit and frame.sample_rate_hz and \
-                not stream.within_rate(frame.seq, k, frame.sample_rate_hz * s.rate_limit, now, s.rate_burst_s,
-                                       s.gap_reset_samples):
+                not stream.within_rate(frame.seq, k, frame.sample_rate_hz * s.rate_limit, now, s.rate_burst_s):
             # Over its own declared rate: this stream pays (its frames refused, itself served last), not the others.
             stream.demote(now + s.demote_s)
             stream.skip(frame.seq, k)

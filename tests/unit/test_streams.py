@@ -326,3 +326,17 @@ def test_the_rate_limit_counts_what_a_stream_sent_not_what_arrived():
         t.accept(rated("flood", 10 * i, 10))
     assert counter(reg, "samples_rejected", reason="rate_limited") > 0
     assert t.streams["flood"].demoted_until > clock.now
+
+
+def test_a_hole_that_an_outage_explains_costs_nothing_and_a_dropped_flood_pays():
+    """3 s with nothing, then seqs 3 s further on: not over the rate. A jump of 8,000 samples 5 ms later is."""
+    t, reg, clock = make_table(rate_limit=1.5, rate_burst_s=2.0)
+    t.accept(rated("a", 0, 10, rate=250.0))
+    clock.now = 3.0
+    t.accept(rated("a", 760, 10, rate=250.0))
+    t.accept(rated("b", 0, 10, rate=250.0))
+    clock.now = 3.005
+    t.accept(rated("b", 8010, 10, rate=250.0))
+    t.accept(rated("b", 8020, 10, rate=250.0))
+    assert counter(reg, "samples_rejected", reason="rate_limited") == 20  # b's two frames after the jump
+    assert t.streams["a"].demoted_until == 0 and t.streams["b"].demoted_until > clock.now
