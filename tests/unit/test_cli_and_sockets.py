@@ -1,0 +1,84 @@
+"""The command line (what it imports, what it exits with) and the daemon's sockets (binding errors, the drain)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import zmq
+from harness import free_port
+
+from sigclassd import cli, protocol
+from sigclassd.config import InputSettings, OutputSettings
+from sigclassd.errors import EXIT_CONFIG, BindError
+from sigclassd.ingest import Ingest
+from sigclassd.publish import Publisher
+
+
+def imported_by(command: str) -> set[str]:
+    code = ("import sys; from sigclassd.cli import build_parser; build_parser(%r); "
+            "print(' '.join(m for m in sys.modules if m.startswith(('sigclassd', 'tensorflow', 'keras'))))" % command)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def test_a_command_imports_its_own_module_only():
+    """`run` loads neither the benchmark, the training code nor the other tools; `--help` loads none of them."""
+    run = imported_by("run")
+    assert not {m for m in run if m.startswith(("sigclassd.bench", "sigclassd.models", "sigclassd.simulate",
+                                                "sigclassd.tap", "sigclassd.forwarder", "tensorflow", "keras"))}
+    assert "sigclassd.bench" in imported_by("bench") and "sigclassd.bench" not in imported_by("tap")
+    assert imported_by(None) <= {"sigclassd", "sigclassd.cli", "sigclassd.errors", "sigclassd.version"}
+
+
+def test_help_lists_every_command_and_a_bare_call_exits_2(capsys):
+    assert cli.main([]) == EXIT_CONFIG
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in cli.COMMANDS)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["no-such-command"])
+    assert e.value.code == 2
+
+
+def test_a_busy_address_fails_naming_the_setting_and_address():
+    ctx = zmq.Context()
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        with pytest.raises(BindError, match=rf"input.bind = 'tcp://127.0.0.1:{port}'"):
+            Ingest(ctx, InputSettings(bind=(f"tcp://127.0.0.1:{port}",)))
+        with pytest.raises(BindError, match=rf"output.bind = 'tcp://127.0.0.1:{port}'"):
+            Publisher(ctx, OutputSettings(bind=f"tcp://127.0.0.1:{port}"))
+    finally:
+        busy.close()
+        ctx.destroy(linger=0)
+
+
+def test_the_drain_takes_at_most_its_cap_and_leaves_the_rest_queued():
+    """drain_max_messages bounds one turn's take; what is left comes in the next."""
+    ctx = zmq.Context()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    ingest = Ingest(ctx, InputSettings(bind=(endpoint,), drain_max_messages=100, drain_max_ms=1000.0))
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.SNDHWM, 0)
+    pub.connect(endpoint)
+    time.sleep(0.2)
+    assert ingest.drain(0.1) == ([], 0.0)  # polling lets the SUB send its subscription, as the daemon's loop does
+    time.sleep(0.2)
+    parts = protocol.encode_samples("d/a", [[0.0] * 16], 0)
+    for _ in range(250):
+        pub.send_multipart(parts)
+    time.sleep(0.3)
+    try:
+        counts = [len(ingest.drain(1.0)[0]) for _ in range(3)]
+        assert counts == [100, 100, 50]
+        assert ingest.drain(0.05) == ([], 0.0)
+    finally:
+        pub.close(linger=0)
+        ingest.close()
+        ctx.destroy(linger=0)
