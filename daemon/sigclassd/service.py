@@ -127,6 +127,13 @@ class Service:
         s = self.settings
         self.ctx = zmq.Context()
         self.ingest = Ingest(self.ctx, s.input, **self._curve())
+        exposed = [ep for ep in s.input.bind if not _loopback(ep)]
+        if exposed and not s.security.curve_secret_key_file:
+            log.warning("input_exposed", endpoints=exposed,
+                        detail="input binds beyond loopback without CURVE: anyone who can connect can send, and "
+                               "libzmq bounds each frame (input.max_message_bytes) but not a message's frame count, "
+                               "so one peer can make the daemon hold a huge message; set [security] or bind to "
+                               "loopback behind a firewall")
         self.publisher = Publisher(self.ctx, s.output)
         if s.metrics.listen:
             try:
@@ -350,6 +357,15 @@ class Service:
             self.http[0].shutdown()
             self.http[0].server_close()
             self.http = None
+
+
+def _loopback(endpoint: str) -> bool:
+    """True for endpoints only this host can reach: ipc, inproc, and tcp on a loopback address."""
+    transport, _, address = endpoint.partition("://")
+    if transport != "tcp":
+        return transport in ("ipc", "inproc")
+    host = address.rpartition(":")[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def check(settings: Settings, load: ModelLoader = load_model) -> int:

@@ -82,3 +82,12 @@ def test_the_drain_takes_at_most_its_cap_and_leaves_the_rest_queued():
         pub.close(linger=0)
         ingest.close()
         ctx.destroy(linger=0)
+
+
+def test_only_loopback_and_local_transports_count_as_unexposed():
+    from sigclassd.service import _loopback
+
+    assert all(_loopback(e) for e in ("tcp://127.0.0.1:5555", "tcp://[::1]:5", "tcp://localhost:1", "ipc:///run/x",
+                                      "inproc://a"))
+    assert not any(_loopback(e) for e in ("tcp://*:5555", "tcp://0.0.0.0:5555", "tcp://10.0.0.2:5555",
+                                          "tcp://eth0:5555"))
