@@ -114,16 +114,20 @@ class Pipeline:
         channels = self.artifact.meta.channels
         m = self.metrics
         m.frames_received.inc(len(messages))
-        decode = protocol.decode_samples
+        header, payload, admit = protocol.decode_header, protocol.decode_payload, table.admit
         max_abs = self.max_abs
         for parts in messages:
             try:
-                frame = decode(parts, n_channels=channels, max_abs=max_abs)
+                h = header(parts, n_channels=channels)
+                # Over-rate streams are refused on their header: a flood does not pay for NumPy decoding.
+                if not admit(h.stream, h.seq, h.n_samples, h.rate):
+                    continue
+                frame = payload(h, max_abs=max_abs)
             except FrameError as e:
                 m.frames_rejected.labels(e.reason).inc()
                 self.rejects.add(e.reason, detail=str(e), topic=parts[0][:64].decode("utf-8", "replace"))
                 continue
-            table.accept(frame, wall)
+            table.accept(frame, wall, admitted=True)
         for reason, (count, detail, stream) in table.take_notices().items():
             self.rejects.add(reason, count, detail=detail, topic=stream)
 

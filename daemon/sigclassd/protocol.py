@@ -105,6 +105,21 @@ class LabelFrame:
         return [name for bit, name in LABEL_FLAG_NAMES.items() if self.flags & bit]
 
 
+@dataclass(slots=True)
+class SampleHeader:
+    """A gateway message whose frames and header passed every check; its samples are not decoded yet."""
+
+    stream: str
+    dtype_code: int
+    channels: int
+    n_samples: int
+    seq: int
+    t0_ns: int
+    rate: float
+    flags: int
+    body: bytes
+
+
 # Sample rates outside this range make sensor-time arithmetic meaningless (and, near 0, overflow).
 MIN_RATE_HZ = 1e-3
 MAX_RATE_HZ = 1e7
@@ -134,16 +149,11 @@ def _split(parts: list[bytes], header_size: int, what: str) -> tuple[str, bytes]
     return stream, body
 
 
-def decode_samples(
-    parts: list[bytes], *, n_channels: int | None = None, allow_non_finite: bool = False,
-    max_abs: float | None = None,
-) -> SampleFrame:
-    """Decode a gateway message or raise :class:`FrameError` with a reason.
+def decode_header(parts: list[bytes], *, n_channels: int | None = None) -> SampleHeader:
+    """Check a gateway message's frames and header (no NumPy) or raise :class:`FrameError` with a reason.
 
     ``n_channels``, when given, is the channel count the model expects; a frame
     with another count is rejected here so that it never reaches a buffer.
-    ``max_abs``, when given, is the largest magnitude a sample may have: beyond it
-    the model's arithmetic would overflow (reason ``out_of_range``).
     """
     stream, body = _split(parts, SAMPLE_HEADER_SIZE, "body")
     version, dtype_code, channels, n_samples, seq, t0_ns, rate, flags = SAMPLE_HEADER.unpack_from(body)
@@ -176,6 +186,18 @@ def decode_samples(
     if t0_ns and rate and abs(t0_ns) + n_samples * 1e9 / rate >= SEQ_MAX:
         msg = f"t0_ns {t0_ns}: the message's sample times would pass 2**63 ns"
         raise FrameError("bad_time", msg)
+    return SampleHeader(stream, dtype_code, channels, n_samples, seq, t0_ns, float(rate), flags, body)
+
+
+def decode_payload(h: SampleHeader, *, allow_non_finite: bool = False, max_abs: float | None = None) -> SampleFrame:
+    """The samples of a checked header's message, or :class:`FrameError`.
+
+    ``max_abs``, when given, is the largest magnitude a sample may have: beyond it
+    the model's arithmetic would overflow (reason ``out_of_range``).
+    """
+    stream, dtype_code, channels, n_samples, seq, t0_ns, rate, flags, body = (
+        h.stream, h.dtype_code, h.channels, h.n_samples, h.seq, h.t0_ns, h.rate, h.flags, h.body)
+    dtype = DTYPES[dtype_code]
     values = np.frombuffer(body, dtype=dtype, offset=SAMPLE_HEADER_SIZE).reshape(n_samples, channels)
     samples = values.astype(np.float32) if dtype_code != DTYPE_FLOAT32 else values
     if max_abs is not None:
@@ -195,6 +217,15 @@ def decode_samples(
         msg = "samples contain NaN or Inf"
         raise FrameError("non_finite", msg)
     return SampleFrame(stream, seq, t0_ns, float(rate), flags, samples)
+
+
+def decode_samples(
+    parts: list[bytes], *, n_channels: int | None = None, allow_non_finite: bool = False,
+    max_abs: float | None = None,
+) -> SampleFrame:
+    """Decode a gateway message (header, then samples) or raise :class:`FrameError` with a reason."""
+    return decode_payload(decode_header(parts, n_channels=n_channels), allow_non_finite=allow_non_finite,
+                          max_abs=max_abs)
 
 
 def encode_samples(

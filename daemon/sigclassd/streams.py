@@ -383,13 +383,35 @@ class StreamTable:
         """Give a finished (retired and fully labelled) stream's state slot back."""
         self.free_slots.append(stream.release())
 
-    def accept(self, frame: SampleFrame, wall: float | None = None) -> None:
-        """Apply the rate limit and the seq policy to a decoded frame and buffer what is new."""
+    def admit(self, stream_id: str, seq: int, k: int, rate_hz: float) -> bool:
+        """The rate limit, which needs only a message's header: False (counted) if the stream is over its rate.
+
+        A stream over its own declared rate pays, not the others: its frames are refused and for
+        ``demote_s`` it is served after the well-behaved streams. A new stream is admitted.
+        """
+        s = self.settings
+        stream = self.streams.get(stream_id) if s.rate_limit and rate_hz else None
+        if stream is None:
+            return True
+        now = self.clock()
+        if stream.within_rate(seq, k, rate_hz * s.rate_limit, now, s.rate_burst_s):
+            return True
+        stream.demote(now + s.demote_s)
+        stream.skip(seq, k)
+        stream.touch(now)
+        self.metrics.samples_received.inc(k)
+        self._refuse("rate_limited", k, stream_id, f"more than {s.rate_limit:g} x the declared {rate_hz:g} Hz")
+        return False
+
+    def accept(self, frame: SampleFrame, wall: float | None = None, *, admitted: bool = False) -> None:
+        """Apply the rate limit (unless ``admitted`` already) and the seq policy to a decoded frame; buffer what is new."""
+        k = len(frame.samples)
+        if not admitted and not self.admit(frame.stream, frame.seq, k, frame.sample_rate_hz):
+            return
         now = self.clock()
         wall = time.time() if wall is None else wall
         m = self.metrics
         s = self.settings
-        k = len(frame.samples)
         m.samples_received.inc(k)
         stream = self.streams.get(frame.stream)
         if stream is None:
@@ -399,15 +421,8 @@ class StreamTable:
             stream = self._new_stream(frame.stream, self.next_flags)
             self.streams[frame.stream] = stream
             m.streams_opened.inc()
-        if s.rate_limit and frame.sample_rate_hz and \
-                not stream.within_rate(frame.seq, k, frame.sample_rate_hz * s.rate_limit, now, s.rate_burst_s):
-            # Over its own declared rate: this stream pays (its frames refused, itself served last), not the others.
-            stream.demote(now + s.demote_s)
-            stream.skip(frame.seq, k)
-            stream.touch(now)
-            self._refuse("rate_limited", k, frame.stream,
-                         f"more than {s.rate_limit:g} x the declared {frame.sample_rate_hz:g} Hz")
-            return
+            if s.rate_limit and frame.sample_rate_hz:  # the first frame opens the rate bucket (full, so it passes)
+                stream.within_rate(frame.seq, k, frame.sample_rate_hz * s.rate_limit, now, s.rate_burst_s)
         expected = stream.next_seq
         if frame.restart and expected is not None:
             stream = self._reset_for(stream, frame, "restart", now)
