@@ -98,9 +98,10 @@ class Shard(Daemon):
             "output": {"bind": f"tcp://{self.address}:5556"},
             "metrics": {"listen": f"{self.address}:5557"},
             "model": {"mode": "stateful"},
-            # What a link held up arrives at once when it comes back: take up to 10 s of it
-            # (the default 2 s refuses the rest of a 3 s cut as rate_limited).
-            "streams": {"rate_burst_s": 10.0},
+            # What a link held up arrives at once when it comes back: take up to 10 s of it (the default
+            # 2 s refuses the rest of a 3 s cut as rate_limited, and the default 1,000 pending samples sheds
+            # the oldest when TCP's retransmission backoff stretches a 3 s cut to 5 s, as seen under load).
+            "streams": {"rate_burst_s": 10.0, "max_pending_samples": 4000},
         }, name=host.name)
         self.http_host, self.http_port = self.address, 5557
 
