@@ -25,7 +25,7 @@ from sigclassd.ingest import Ingest
 from sigclassd.logs import Summary
 from sigclassd.metrics import Metrics
 from sigclassd.artifact import ModelArtifact
-from sigclassd.planner import make_planner
+from sigclassd.planner import Batch, make_planner
 from sigclassd.publish import Publisher
 from sigclassd.streams import LabelRun, StreamTable
 
@@ -105,8 +105,7 @@ class Pipeline:
         if unauthorised:
             self.metrics.frames_received.inc(unauthorised)
             self.metrics.frames_rejected.labels("unauthorised_topic").inc(unauthorised)
-            self.rejects.add("unauthorised_topic",
-                             detail=f"{unauthorised} messages on topics their gateway may not publish")
+            self.rejects.add("unauthorised_topic", unauthorised, detail="messages on topics their gateway may not publish")
         return bool(messages)
 
     def accept(self, messages: list[list[bytes]], wall: float) -> None:
@@ -160,12 +159,12 @@ class Pipeline:
             self.publish(self.planner.complete(batch, probs, state, flushed))
         return True
 
-    def _failed(self, batch: object, error: Exception) -> None:
+    def _failed(self, batch: Batch, error: Exception) -> None:
         self.metrics.inference_errors.inc()
         with self.counting:
-            dropped = self.planner.fail(batch)  # type: ignore[arg-type]
+            dropped = self.planner.fail(batch)
         self.consecutive_errors += 1
-        log.error("inference_failed", error=repr(error), streams=len(batch.items),  # type: ignore[attr-defined]
+        log.error("inference_failed", error=repr(error), streams=len(batch.items),
                   samples_dropped=dropped, consecutive=self.consecutive_errors)
         if self.consecutive_errors >= self.settings.service.max_consecutive_inference_errors:
             msg = f"{self.consecutive_errors} model calls failed in a row; last: {error!r}"

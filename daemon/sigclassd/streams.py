@@ -23,6 +23,7 @@ oldest first, and counted.
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -468,8 +469,7 @@ class StreamTable:
 
     def _evict_least_recent(self, now: float) -> bool:
         """Make room for a new stream: retire the least recently seen of the oldest few, if idle a second."""
-        candidates = [s for _, s in zip(range(64), self.streams.values(), strict=False)]
-        oldest = min(candidates, key=lambda s: s.last_seen, default=None)
+        oldest = min(itertools.islice(self.streams.values(), 64), key=lambda s: s.last_seen, default=None)
         if oldest is None or oldest.last_seen > now - 1.0 or len(self.retired) >= self.settings.max_retired:
             return False
         del self.streams[oldest.name]
@@ -510,11 +510,11 @@ class StreamTable:
         self.buffered -= count
         self.metrics.samples_shed.inc(count)
 
-    def reset(self, stream: Stream, reason: str, extra_flags: int = 0) -> Stream:
+    def reset(self, stream: Stream, reason: str) -> Stream:
         """Retire ``stream`` (its unlabelled rows get labelled, flagged FINAL) and start a new incarnation."""
         self.metrics.stream_resets.labels(reason).inc()
         self.retire(stream)
-        fresh = self._new_stream(stream.name, protocol.LABEL_START | extra_flags)
+        fresh = self._new_stream(stream.name, protocol.LABEL_START)
         fresh.inherit(stream)
         self.streams[stream.name] = fresh
         return fresh
@@ -544,12 +544,11 @@ class StreamTable:
             self.metrics.streams_evicted.inc(len(idle))
         return len(idle)
 
-    def retire_all(self, extra_flags: int = 0) -> None:
+    def retire_all(self) -> None:
         """Retire every stream (drain, model swap); new frames open fresh incarnations."""
         for stream in self.streams.values():
             self.retire(stream)
         self.streams.clear()
-        self.next_flags = protocol.LABEL_START | extra_flags
 
     def take_ready(self, limit: int, demoted_samples: int) -> Iterator[Stream]:
         """Yield up to ``limit`` streams with work: retired ones first, then ready ones, oldest first, then

@@ -14,7 +14,6 @@ import random
 import struct
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from prometheus_client import CollectorRegistry
 
 from sigclassd import protocol

@@ -73,7 +73,7 @@ def test_simulate_warns_when_nobody_subscribes():
     ep = f"tcp://127.0.0.1:{free_port()}"
     rc, _, err = finish(sigclassd("simulate", "--connect", ep, "--seconds", "0.2", "--settle", "0.3", "--quiet"))
     assert rc == 0
-    assert f"4 of 4 streams (e.g. 'sim-" in err and f"reach no daemon at {ep}: nobody is subscribed there" in err
+    assert "4 of 4 streams (e.g. 'sim-" in err and f"reach no daemon at {ep}: nobody is subscribed there" in err
 
 
 def test_simulate_names_the_prefixes_a_daemon_does_take(ctx):

@@ -235,14 +235,17 @@ def test_more_than_64_streams_grow_the_state_matrix():
     assert len(set(slots)) == 130 and max(slots) < len(t.states)
 
 
-def test_retire_all_flags_the_next_incarnations():
-    """After retire_all(extra) every stream is retired and new ones open flagged START plus the extra flags."""
+def test_retire_all_retires_every_stream_and_a_new_table_flags_its_first_incarnations():
+    """retire_all leaves no live stream; a table made after a model swap opens streams flagged START|MODEL_CHANGED."""
     t, _, _ = make_table()
     t.accept(frame("a", 0, 2))
-    t.retire_all(protocol.LABEL_MODEL_CHANGED)
-    assert not t.streams and len(t.retired) == 1
-    t.accept(frame("a", 2, 2))
-    assert t.streams["a"].flags == protocol.LABEL_START | protocol.LABEL_MODEL_CHANGED
+    t.retire_all()
+    assert not t.streams and len(t.retired) == 1 and t.retired[0].final
+    swapped = StreamTable(t.settings, t.metrics, channels=2, history=16, ready_after=8,
+                          initial_state=lambda: np.zeros(3, np.float32), warmup=16,
+                          first_flags=protocol.LABEL_START | protocol.LABEL_MODEL_CHANGED)
+    swapped.accept(frame("a", 2, 2))
+    assert swapped.streams["a"].flags == protocol.LABEL_START | protocol.LABEL_MODEL_CHANGED
 
 
 def rated(stream: str, seq: int, n: int, rate: float = 100.0, *, restart: bool = False) -> SampleFrame:
