@@ -70,6 +70,8 @@ class Service:
         self.ctx: zmq.Context | None = None
         self.http = None
         self.authenticator = None
+        self.ingest: Ingest | None = None
+        self.publisher: Publisher | None = None
         # Held while samples move between counters (accept, complete+publish, fail), and by
         # /metrics while it renders: every scrape sees counters that reconcile.
         self.counting = threading.Lock()
@@ -311,12 +313,9 @@ class Service:
         """Serve shard ``text`` from now on; the streams that now belong to another shard get their
         last labels (FINAL) at once, so their consumers see the move instead of an idle timeout."""
         self.ingest.set_shard(text)
-        table = self.pipe.table
-        leaving = [] if self.ingest.shard is None else \
-            [name for name in table.streams if not self.ingest.shard.owns(name.encode("utf-8"))]
-        for name in leaving:
-            table.retire(table.streams.pop(name))
-        log.info("resharded", shard=text or "all", streams_leaving=len(leaving))
+        shard = self.ingest.shard
+        leaving = 0 if shard is None else self.pipe.table.retire_if(lambda s: not shard.owns(s.topic))
+        log.info("resharded", shard=text or "all", streams_leaving=leaving)
 
     # ---------------------------------------------------------------- shutdown
 
@@ -345,7 +344,7 @@ class Service:
     def close(self) -> None:
         """Close the sockets (queued labels get out within output.linger_ms) and the metrics listener."""
         if self.ctx is not None:
-            for closing in (getattr(self, "ingest", None), getattr(self, "publisher", None)):
+            for closing in (self.ingest, self.publisher):
                 if closing is not None:
                     closing.close()
             if self.authenticator is not None:

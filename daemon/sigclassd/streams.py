@@ -536,13 +536,18 @@ class StreamTable:
     def evict_idle(self) -> int:
         """Retire streams idle for longer than the TTL; their last labels are flagged FINAL."""
         deadline = self.clock() - self.settings.idle_ttl_s
-        idle = [s for s in self.streams.values() if s.last_seen < deadline]
-        for stream in idle:
+        idle = self.retire_if(lambda s: s.last_seen < deadline)
+        if idle:
+            self.metrics.streams_evicted.inc(idle)
+        return idle
+
+    def retire_if(self, leaving: Callable[[Stream], bool]) -> int:
+        """Retire the live streams for which ``leaving`` is true (idle, or moved to another shard); how many."""
+        gone = [s for s in self.streams.values() if leaving(s)]
+        for stream in gone:
             del self.streams[stream.name]
             self.retire(stream)
-        if idle:
-            self.metrics.streams_evicted.inc(len(idle))
-        return len(idle)
+        return len(gone)
 
     def retire_all(self) -> None:
         """Retire every stream (drain, model swap); new frames open fresh incarnations."""
