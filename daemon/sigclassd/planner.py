@@ -169,24 +169,31 @@ class Planner:
             self.table.requeue(stream)
 
 
+def plan_windows(n: int, labelled: int, window: int, lag: int, *, final: bool) -> list[tuple[int, int, int]]:
+    """(window end, first labelled row, end of labelled rows) of each window over rows ``labelled .. n``.
+
+    A window ends at the newest row (or ``window`` rows on), and labels up to ``lag`` rows before
+    its end; a ``final`` stream labels everything. ``sigclassd eval`` scores with this same plan.
+    """
+    label_to = n if final else n - lag
+    plans = []
+    while labelled < label_to:
+        end = min(n, labelled + window)
+        upto = min(label_to if end == n else end - lag, label_to)
+        if upto <= labelled:
+            break
+        plans.append((end, labelled, upto))
+        labelled = upto
+    return plans
+
+
 class WindowedPlanner(Planner):
     """Re-runs each stream's last ``window`` samples every ``hop`` new samples."""
 
     def _plan(self, s: Stream) -> list[tuple[int, int, int]]:
-        """(window end row, first labelled row, end labelled row) for each window of ``s``."""
         if not s.final and s.done == 0 and s.n < self.window:
             return []
-        label_to = s.n if s.final else s.n - self.lag
-        plans = []
-        labelled = s.labelled
-        while labelled < label_to:
-            end = min(s.n, labelled + self.window)
-            upto = min(label_to if end == s.n else end - self.lag, label_to)
-            if upto <= labelled:
-                break
-            plans.append((end, labelled, upto))
-            labelled = upto
-        return plans
+        return plan_windows(s.n, s.labelled, self.window, self.lag, final=s.final)
 
     def _gather(self, plans: list[tuple[Stream, list[tuple[int, int, int]]]], empty: list[Stream]) -> Batch:
         rows = sum(len(p) for _, p in plans)

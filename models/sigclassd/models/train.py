@@ -24,7 +24,7 @@ Evaluation scores what the daemon publishes, in its two modes:
   ``window``); the first window labels all its samples but the newest ``lag``,
   each later window the samples from where the previous one stopped to its end
   minus ``lag``; when the recording ends, a last window ending there labels the
-  rest. This is ``batcher._plan_windows`` for a stream whose messages divide
+  rest. This is ``sigclassd.planner.plan_windows`` for a stream whose messages divide
   ``hop`` and ``window``. A recording shorter than a window is one window,
   left-padded with the normalisation mean, as the daemon flushes it.
 - ``stateful``: the whole recording in one call, so the state runs on from the
@@ -60,6 +60,7 @@ from sigclassd.artifact import (
 )
 from sigclassd.config import ModelSettings
 from sigclassd.engine.activations import to_probabilities
+from sigclassd.planner import plan_windows
 from sigclassd.models.architectures import HyperParams, build_model, lookahead, output_activation
 from sigclassd.models.data import (
     IGNORE,
@@ -199,17 +200,10 @@ def served_windows(n: int, window: int, hop: int, lag: int) -> list[tuple[int, i
     if hop < 1 or not 0 <= lag < window:
         msg = f"need hop >= 1 and 0 <= lag < window, got hop {hop}, lag {lag}, window {window}"
         raise ValueError(msg)
-    plans = []
-    labelled = 0
-    for end in range(window, n + 1, hop):
-        if end - lag > labelled:
-            plans.append((end, labelled, end - lag))
-            labelled = end - lag
-    while labelled < n:  # the flush when the stream ends
-        end = min(n, labelled + window)
-        plans.append((end, labelled, end))
-        labelled = end
-    return plans
+    plans: list[tuple[int, int, int]] = []
+    for end in range(window, n + 1, hop):  # the daemon's turns, each once `hop` more samples arrived
+        plans += plan_windows(end, plans[-1][2] if plans else 0, window, lag, final=False)
+    return plans + plan_windows(n, plans[-1][2] if plans else 0, window, lag, final=True)  # the flush at the end
 
 
 def predict_served(model: keras.Model, x: np.ndarray, window: int, hop: int, lag: int) -> np.ndarray:
