@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 
 _CHECK_EVERY = 64  # messages received between looks at the clock
+_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq converts an enum flag on every call
 
 
 class Ingest:
@@ -71,18 +72,14 @@ class Ingest:
         if not self.poller.poll(max(0, int(timeout_s * 1000))):
             return messages, 0.0
         now = time.time()
-        if self.topic_rules:
-            return self._mine(self._drain_checked(limit)), now
-        recv = self.socket.recv_multipart
-        flags = int(zmq.NOBLOCK)  # a plain int: pyzmq converts an enum flag on every call
+        take = self._take_checked if self.topic_rules else self._take
         # A time budget as well as a count: under a flood the turn must come back to the model (and
         # to the other gateways' streams) soon. libzmq fair-queues its connections, so what is left
         # behind is mostly the flooding gateway's, and its queue, not the others', overflows.
         deadline = time.perf_counter() + self.settings.drain_max_ms / 1000
         try:
             while len(messages) < limit:
-                for _ in range(min(_CHECK_EVERY, limit - len(messages))):
-                    messages.append(recv(flags))
+                take(messages, min(_CHECK_EVERY, limit - len(messages)))
                 if time.perf_counter() > deadline:
                     break
         except zmq.Again:
@@ -101,22 +98,21 @@ class Ingest:
         owns = self.shard.owns
         return [m for m in messages if owns(m[0])]
 
-    def _drain_checked(self, limit: int) -> list[list[bytes]]:
-        """The drain with topic rules: the sender's name is a property of the received frame."""
-        messages: list[list[bytes]] = []
+    def _take(self, messages: list[list[bytes]], count: int) -> None:
         recv = self.socket.recv_multipart
-        flags = int(zmq.NOBLOCK)
-        try:
-            while len(messages) + self.unauthorised < limit:
-                frames = recv(flags, copy=False)
-                topic = frames[0].bytes
-                if not self.topic_rules.allows(frames[0].get("User-Id"), topic):
-                    self.unauthorised += 1
-                    continue
-                messages.append([topic, *(f.bytes for f in frames[1:])])
-        except zmq.Again:
-            pass
-        return messages
+        for _ in range(count):
+            messages.append(recv(_NOBLOCK))
+
+    def _take_checked(self, messages: list[list[bytes]], count: int) -> None:
+        """The take with topic rules: the sender's name is a property of the received frame."""
+        recv = self.socket.recv_multipart
+        for _ in range(count):
+            frames = recv(_NOBLOCK, copy=False)
+            topic = frames[0].bytes
+            if not self.topic_rules.allows(frames[0].get("User-Id"), topic):
+                self.unauthorised += 1
+                continue
+            messages.append([topic, *(f.bytes for f in frames[1:])])
 
     def take_unauthorised(self) -> int:
         """Messages dropped for their topic since the last call."""

@@ -44,7 +44,6 @@ class Shard:
     """Shard K of N: ``owns(topic)`` for every received message, remembered per topic."""
 
     def __init__(self, text: str) -> None:
-        self.text = text
         self.k, self.n = parse(text)
         self.known: dict[bytes, bool] = {}
 
