@@ -17,7 +17,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,14 +29,9 @@ import numpy as np
 import zmq
 
 from sigclassd import protocol
+from sigclassd.bench.sut import free_port, status_mb
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_venv(where: Path) -> Path:
@@ -55,14 +49,6 @@ def build_venv(where: Path) -> Path:
 
 def du_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) / 2**20
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def metric(port: int, name: str) -> float:
@@ -131,7 +117,7 @@ def open_streams(d: Daemon, n: int, timeout: float = 120) -> float:
     time.sleep(1.0)  # the labels of the last messages are computed and published
     pub.close()
     ctx.term()
-    return rss_mb(d.proc.pid)
+    return status_mb(d.proc.pid, "VmRSS")
 
 
 def main() -> int:
@@ -160,7 +146,7 @@ def main() -> int:
                     ready.append(d.wait_ready())
                     if run == 0:
                         time.sleep(1.0)
-                        idle = rss_mb(d.proc.pid)
+                        idle = status_mb(d.proc.pid, "VmRSS")
                         with_streams = [open_streams(d, n) for n in counts]
                 finally:
                     d.stop()

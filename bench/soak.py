@@ -23,6 +23,7 @@ labels in strictly increasing seq, and the daemon drained with exit 0.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -203,7 +204,7 @@ def main() -> int:
     (tmp / "soak.toml").write_text(
         f'[input]\nbind = ["tcp://127.0.0.1:{in_port}"]\n[output]\nbind = "tcp://127.0.0.1:{out_port}"\n'
         f'[metrics]\nlisten = "127.0.0.1:{http_port}"\n[log]\nformat = "json"\nstats_interval_s = 60.0\n'
-        f'[model]\npath = "{args.model}"\nmode = "{args.mode}"\nmax_batch_streams = 64\n'
+        f'[model]\npath = {json.dumps(args.model)}\nmode = "{args.mode}"\nmax_batch_streams = 64\n'
         '[streams]\nidle_ttl_s = 5.0\n'
     )
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
