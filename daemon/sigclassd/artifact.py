@@ -1,8 +1,8 @@
 """The model artifact: one directory holding ``model.keras`` and ``metadata.json``.
 
-Reading the metadata is cheap, so the daemon checks a model against its
-configuration (and reports a clear error) before it reads the weights. Neither
-needs TensorFlow: ``sigclassd.engine.archive`` reads ``model.keras`` with h5py.
+The daemon checks a model's metadata against its configuration (and reports a
+clear error) before it builds the model from the weights. Neither needs
+TensorFlow: ``sigclassd.engine.archive`` reads ``model.keras`` with h5py.
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ def forward(plan: WindowPlan, x: np.ndarray) -> np.ndarray:
     u = x
     for op in plan.ops:
         if isinstance(op, Conv):
-            batch, time, _ = u.shape
+            time = u.shape[1]
             left = {"same": op.span // 2, "causal": op.span, "valid": 0}[op.padding]
             right = op.span - left if op.padding == "same" else 0
             ext = np.pad(u, ((0, 0), (left, right), (0, 0))) if op.span and op.padding != "valid" else u

@@ -74,6 +74,7 @@ from sigclassd.models.data import (
     sample_weights,
     split,
     training_record,
+    window_starts,
 )
 
 if TYPE_CHECKING:
@@ -333,7 +334,7 @@ def _carry_batches(
     for r in recs:
         if len(r) < window:
             continue
-        starts = np.arange(0, len(r) - window + 1, window)
+        starts = window_starts(len(r), window, window)
         idx = starts[:, None] + np.arange(window)
         x, y = r.x[idx], r.y[idx]
         for s in range(0, len(x) - seg_windows + 1, seg_windows):
