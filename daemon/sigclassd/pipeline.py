@@ -1,6 +1,6 @@
 """One turn of the main loop, top to bottom:
 
-    ingest.drain -> protocol.decode -> StreamTable.accept -> Planner.collect
+    ingest.drain -> protocol.decode_batch -> StreamTable.accept_batch -> Planner.collect
         -> Engine.run -> Planner.complete -> protocol.encode -> Publisher.send
 
 A :class:`Pipeline` owns the model-dependent stages (the stream table, the
@@ -20,7 +20,7 @@ import structlog
 from sigclassd import protocol
 from sigclassd.config import Settings
 from sigclassd.engine.base import Engine
-from sigclassd.errors import FrameError, SigclassdError
+from sigclassd.errors import SigclassdError
 from sigclassd.ingest import Ingest
 from sigclassd.logs import Summary
 from sigclassd.metrics import Metrics
@@ -109,25 +109,14 @@ class Pipeline:
         return bool(messages)
 
     def accept(self, messages: list[list[bytes]], wall: float) -> None:
-        table = self.table
-        channels = self.artifact.meta.channels
         m = self.metrics
         m.frames_received.inc(len(messages))
-        header, payload, admit = protocol.decode_header, protocol.decode_payload, table.admit
-        max_abs = self.max_abs
-        for parts in messages:
-            try:
-                h = header(parts, n_channels=channels)
-                # Over-rate streams are refused on their header: a flood does not pay for NumPy decoding.
-                if not admit(h.stream, h.seq, h.n_samples, h.rate):
-                    continue
-                frame = payload(h, max_abs=max_abs)
-            except FrameError as e:
-                m.frames_rejected.labels(e.reason).inc()
-                self.rejects.add(e.reason, detail=str(e), topic=parts[0][:64].decode("utf-8", "replace"))
-                continue
-            table.accept(frame, wall, admitted=True)
-        for reason, (count, detail, stream) in table.take_notices().items():
+        batch = protocol.decode_batch(messages, n_channels=self.artifact.meta.channels, max_abs=self.max_abs)
+        for error, topic in batch.errors:
+            m.frames_rejected.labels(error.reason).inc()
+            self.rejects.add(error.reason, detail=str(error), topic=topic.decode("utf-8", "replace"))
+        self.table.accept_batch(batch, wall)
+        for reason, (count, detail, stream) in self.table.take_notices().items():
             self.rejects.add(reason, count, detail=detail, topic=stream)
 
     # ------------------------------------------------------------ planner -> engine -> planner

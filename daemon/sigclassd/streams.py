@@ -33,7 +33,7 @@ import numpy as np
 from sigclassd import protocol
 from sigclassd.config import StreamSettings
 from sigclassd.metrics import Metrics
-from sigclassd.protocol import SampleFrame
+from sigclassd.protocol import SampleBatch, SampleFrame
 
 
 @dataclass(slots=True)
@@ -289,24 +289,24 @@ class Stream:
             new[: self.n] = old[: self.n]
             setattr(self, name, new)
 
-    def append(self, frame: SampleFrame, start: int, now: float, wall: float) -> None:
-        """Append ``frame.samples[start:]``; capacity is ensured by the caller."""
-        samples = frame.samples[start:]
+    def append(self, samples: np.ndarray, first: int, t0_ns: int, rate: float, start: int, now: float,
+               wall: float) -> None:
+        """Append ``samples`` (a message's rows from ``start`` on; the first has seq ``first``); capacity is
+        ensured by the caller. ``t0_ns`` and ``rate`` are the message's sensor time and declared rate."""
         k = len(samples)
         a, b = self.n, self.n + k
         self.data[a:b] = samples
-        first = frame.seq + start
         if k <= len(_RAMP):
             np.add(_RAMP[:k], first, out=self.seq[a:b])
         else:
             self.seq[a:b] = np.arange(first, first + k)
         self.arrival[a:b] = wall
-        if frame.t0_ns and frame.sample_rate_hz > 0:
-            np.add(_sensor_offsets(start, k, frame.sample_rate_hz), frame.t0_ns, out=self.sensor_ns[a:b])
+        if t0_ns and rate > 0:
+            np.add(_sensor_offsets(start, k, rate), t0_ns, out=self.sensor_ns[a:b])
         else:
             self.sensor_ns[a:b] = 0
-            if frame.t0_ns and start == 0:
-                self.sensor_ns[a] = frame.t0_ns
+            if t0_ns and start == 0:
+                self.sensor_ns[a] = t0_ns
         self.n = b
         self.next_seq = first + k
         self.last_seen = now
@@ -385,7 +385,7 @@ class StreamTable:
         self.free_slots.append(stream.release())
 
     def admit(self, stream_id: str, seq: int, k: int, rate_hz: float) -> bool:
-        """The rate limit, which needs only a message's header: False (counted) if the stream is over its rate.
+        """The rate limit: False (counted) if the stream is over its rate.
 
         A stream over its own declared rate pays, not the others: its frames are refused and for
         ``demote_s`` it is served after the well-behaved streams. A new stream is admitted.
@@ -397,71 +397,117 @@ class StreamTable:
         now = self.clock()
         if stream.within_rate(seq, k, rate_hz * s.rate_limit, now, s.rate_burst_s):
             return True
+        self._rate_limited(stream, seq, k, rate_hz, now)
+        self.metrics.samples_received.inc(k)
+        return False
+
+    def _rate_limited(self, stream: Stream, seq: int, k: int, rate_hz: float, now: float) -> None:
+        s = self.settings
         stream.demote(now + s.demote_s)
         stream.skip(seq, k)
         stream.touch(now)
-        self.metrics.samples_received.inc(k)
-        self._refuse("rate_limited", k, stream_id, f"more than {s.rate_limit:g} x the declared {rate_hz:g} Hz")
-        return False
+        self._refuse("rate_limited", k, stream.name, f"more than {s.rate_limit:g} x the declared {rate_hz:g} Hz")
 
     def accept(self, frame: SampleFrame, wall: float | None = None, *, admitted: bool = False) -> None:
         """Apply the rate limit (unless ``admitted`` already) and the seq policy to a decoded frame; buffer what is new."""
         k = len(frame.samples)
         if not admitted and not self.admit(frame.stream, frame.seq, k, frame.sample_rate_hz):
             return
+        self.metrics.samples_received.inc(k)
+        self._accept(frame.stream, frame.seq, k, frame.sample_rate_hz, frame.flags, frame.t0_ns, frame.samples,
+                     self.clock(), time.time() if wall is None else wall)
+
+    def accept_batch(self, batch: SampleBatch, wall: float) -> None:
+        """:meth:`accept` for every message of a decoded drain, in order, with one clock read and one count.
+
+        A message that continues its stream (the common case) takes a short path: its rate
+        check, then its rows appended; anything else takes the general one.
+        """
         now = self.clock()
-        wall = time.time() if wall is None else wall
+        s = self.settings
+        rate_limit, burst_s, limit = s.rate_limit, s.rate_burst_s, s.max_pending_samples
+        ready_after, history = self.ready_after, self.history
+        get = self.streams.get
+        x = batch.samples
+        received = 0
+        for sid, seq, k, rate, flags, t0, a in zip(batch.streams, batch.seq, batch.n_samples, batch.rate,
+                                                   batch.flags, batch.t0_ns, batch.offset, strict=True):
+            received += k
+            stream = get(sid)
+            if stream is None:
+                self._accept(sid, seq, k, rate, flags, t0, x[a : a + k], now, wall)
+                continue
+            if rate_limit and rate and not stream.within_rate(seq, k, rate * rate_limit, now, burst_s):
+                self._rate_limited(stream, seq, k, rate, now)
+                continue
+            if flags or seq != stream.next_seq or stream.last_seq is None or stream.n - stream.fed + k > limit:
+                self._accept(sid, seq, k, rate, flags, t0, x[a : a + k], now, wall)
+                continue
+            if stream.n + k > len(stream.data):
+                # Rows labelled and outside the model's context make room (as in _append); growing is rare.
+                stream.drop_front(min(stream.labelled, max(0, stream.fed - history)))
+                if stream.n + k > len(stream.data):
+                    self._accept(sid, seq, k, rate, flags, t0, x[a : a + k], now, wall)
+                    continue
+            # Continues its stream and fits: no reset, gap, shed or growth to decide.
+            stream.append(x[a : a + k], seq, t0, rate, 0, now, wall)
+            self.buffered += k
+            if stream.n - stream.fed >= ready_after:
+                self._queue(stream, now)
+        self.metrics.samples_received.inc(received)
+
+    def _accept(self, stream_id: str, seq: int, k: int, rate: float, flags: int, t0_ns: int,
+                samples: np.ndarray, now: float, wall: float) -> None:
+        """The seq policy for one admitted message (its samples already counted as received)."""
         m = self.metrics
         s = self.settings
-        m.samples_received.inc(k)
-        stream = self.streams.get(frame.stream)
+        stream = self.streams.get(stream_id)
         if stream is None:
             if len(self.streams) >= s.max_streams and not self._evict_least_recent(now):
-                self._refuse("stream_limit", k, frame.stream, "a new stream while streams.max_streams are held")
+                self._refuse("stream_limit", k, stream_id, "a new stream while streams.max_streams are held")
                 return
-            stream = self._new_stream(frame.stream, self.next_flags)
-            self.streams[frame.stream] = stream
+            stream = self._new_stream(stream_id, self.next_flags)
+            self.streams[stream_id] = stream
             m.streams_opened.inc()
-            if s.rate_limit and frame.sample_rate_hz:  # the first frame opens the rate bucket (full, so it passes)
-                stream.within_rate(frame.seq, k, frame.sample_rate_hz * s.rate_limit, now, s.rate_burst_s)
+            if s.rate_limit and rate:  # the first frame opens the rate bucket (full, so it passes)
+                stream.within_rate(seq, k, rate * s.rate_limit, now, s.rate_burst_s)
         expected = stream.next_seq
-        if frame.restart and expected is not None:
-            stream = self._reset_for(stream, frame, "restart", now)
-        elif expected is not None and frame.seq != expected:
-            if stream.conflicting(frame.seq, k):
+        start = 0
+        if flags & protocol.FLAG_RESTART and expected is not None:
+            stream = self._reset_for(stream, stream_id, k, "restart", now)
+        elif expected is not None and seq != expected:
+            if stream.conflicting(seq, k):
                 stream.touch(now)
-                self._refuse("conflicting_publishers", k, frame.stream,
+                self._refuse("conflicting_publishers", k, stream_id,
                              "two sources publish this stream id with interleaved seqs; the newer one is kept")
                 return
-            if frame.seq > expected:
-                missing = frame.seq - expected
+            if seq > expected:
+                missing = seq - expected
                 if missing > s.gap_reset_samples:
                     # A jump this far is a new incarnation, not lost samples: counted as a reset only,
                     # so one wild seq cannot add 9e18 to samples_missing.
-                    stream = self._reset_for(stream, frame, "gap", now)
+                    stream = self._reset_for(stream, stream_id, k, "gap", now)
                     if stream is not None:
                         stream.mark_gap(missing)
                 else:
                     m.samples_missing.inc(missing)
-            elif expected - frame.seq > s.backwards_reset_samples:
-                stream = self._reset_for(stream, frame, "seq_backwards", now)
+            elif expected - seq > s.backwards_reset_samples:
+                stream = self._reset_for(stream, stream_id, k, "seq_backwards", now)
             else:
-                overlap = min(expected - frame.seq, k)
-                m.samples_duplicate.inc(overlap)
-                if overlap == k:
+                start = min(expected - seq, k)
+                m.samples_duplicate.inc(start)
+                if start == k:
                     stream.touch(now)
                     return
-                self._append(stream, frame, overlap, now, wall)
-                return
         if stream is not None:
-            self._append(stream, frame, 0, now, wall)
+            self._append(stream, samples, seq, t0_ns, rate, start, now, wall)
 
-    def _reset_for(self, stream: Stream, frame: SampleFrame, reason: str, now: float) -> Stream | None:
-        """Reset ``stream`` for ``frame``, or refuse the frame (None) if the id's reset budget is spent."""
+    def _reset_for(self, stream: Stream, stream_id: str, k: int, reason: str, now: float) -> Stream | None:
+        """Reset ``stream`` for a frame of ``k`` samples, or refuse the frame (None) if the id's reset budget is spent."""
         s = self.settings
         if len(self.retired) >= s.max_retired or not stream.may_reset(now, s.max_resets_per_s, s.reset_burst):
             stream.touch(now)
-            self._refuse("reset_storm", len(frame.samples), frame.stream,
+            self._refuse("reset_storm", k, stream_id,
                          f"{reason}: more than {s.max_resets_per_s:g} resets/s on this id, or "
                          f"{len(self.retired)} old incarnations still being labelled")
             return None
@@ -477,9 +523,11 @@ class StreamTable:
         self.metrics.streams_evicted.inc()
         return True
 
-    def _append(self, stream: Stream, frame: SampleFrame, start: int, now: float, wall: float) -> None:
-        stream.arriving(frame.seq + start)
-        k = len(frame.samples) - start
+    def _append(self, stream: Stream, samples: np.ndarray, seq: int, t0_ns: int, rate: float, start: int,
+                now: float, wall: float) -> None:
+        """Buffer ``samples[start:]`` (the first of ``samples`` has seq ``seq``), shedding to the pending cap."""
+        stream.arriving(seq + start)
+        k = len(samples) - start
         limit = self.settings.max_pending_samples
         if k > limit:
             # Keep the freshest: shedding before buffering bounds memory for any frame size.
@@ -496,7 +544,7 @@ class StreamTable:
             stream.drop_front(keep_from)
             if stream.n + k > len(stream.data):
                 stream.grow(max(2 * len(stream.data), stream.n + k))
-        stream.append(frame, start, now, wall)
+        stream.append(samples[start:], seq + start, t0_ns, rate, start, now, wall)
         self.buffered += k
         if stream.pending >= self.ready_after:
             self._queue(stream, now)

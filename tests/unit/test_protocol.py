@@ -226,3 +226,75 @@ def test_gateway_side_checks_pass_what_the_decoder_accepts():
     protocol.check_samples(GOOD.astype(np.int16), 2, protocol.SEQ_MAX - 3)
     frame = protocol.decode_samples(protocol.encode_samples("é" * 64, GOOD.astype(np.int16), protocol.SEQ_MAX - 3))
     assert frame.seq == protocol.SEQ_MAX - 3
+
+
+def _mixed_drain(rng: np.random.Generator, count: int) -> list[list[bytes]]:
+    """Messages as a drain could bring them: mostly good float32 ones of a few sizes, with every kind of bad one."""
+    channels = 2
+
+    def good(n: int, dtype: int = 1, **kw: object) -> bytes:
+        values = rng.normal(size=(n, channels)) * 100
+        payload = values.astype("<f4" if dtype == 1 else "<i2").tobytes()
+        return sample_body(channels=channels, n=n, dtype=dtype, payload=payload, **kw)
+
+    def nan_body() -> bytes:
+        values = rng.normal(size=(10, channels)).astype("<f4")
+        values[rng.integers(10), rng.integers(channels)] = np.nan
+        return sample_body(channels=channels, n=10, payload=values.tobytes())
+
+    makers = [
+        lambda: [b"s/%d" % rng.integers(50), good(10, seq=int(rng.integers(1 << 40)), rate=250.0, t0=10**18)],
+        lambda: [b"s/%d" % rng.integers(50), good(10, flags=1)],
+        lambda: [b"s/%d" % rng.integers(50), good(int(rng.integers(1, 5)), rate=100.0)],
+        lambda: [b"s/%d" % rng.integers(50), good(10, dtype=2)],
+        lambda: [b"s/%d" % rng.integers(50), good(5, dtype=2)],  # int16 of a float32 message's length
+        lambda: [b"t", nan_body()],
+        lambda: [b"t", sample_body(channels=channels, n=1, payload=struct.pack("<ff", 1e30, 0.0))],
+        lambda: [b"t", good(10, version=2)],
+        lambda: [b"t", good(10, flags=4)],
+        lambda: [b"t", good(10, rate=float("nan"))],
+        lambda: [b"t", good(10, rate=1e8)],
+        lambda: [b"t", good(10, seq=2**63 - 5)],
+        lambda: [b"t", good(10, t0=2**63 - 10, rate=250.0)],
+        lambda: [b"t", good(10, t0=-(2**62) - 1, rate=0.5)],
+        lambda: [b"t", good(10)[:-4]],
+        lambda: [b"t", good(10)[:20]],
+        lambda: [b"\xff", good(10)],
+        lambda: [b"", good(10)],
+        lambda: [b"x" * 129, good(10)],
+        lambda: [b"t", good(10), b"extra"],
+        lambda: [b"t"],
+        lambda: [b"t", sample_body(channels=3, n=10, payload=bytes(120))],
+    ]
+    weights = np.array([40, 3, 5, 3, 3] + [1] * (len(makers) - 5), float)
+    picks = rng.choice(len(makers), size=count, p=weights / weights.sum())
+    return [makers[i]() for i in picks]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_batch_decoding_equals_decoding_each_message(seed):
+    """decode_batch gives, in arrival order, exactly the frames decode_samples gives one by one, and the same
+    rejections with the same reasons and details."""
+    rng = np.random.default_rng(seed)
+    messages = _mixed_drain(rng, int(rng.integers(1, 200)))
+    max_abs = 1e6
+    expected, reasons = [], []
+    for parts in messages:
+        try:
+            expected.append(protocol.decode_samples(parts, n_channels=2, max_abs=max_abs))
+        except FrameError as e:
+            reasons.append((e.reason, str(e)))
+    batch = protocol.decode_batch(messages, n_channels=2, max_abs=max_abs)
+    got = [batch.frame(i) for i in range(len(batch.streams))]
+    assert [f[:5] for f in got] == [f[:5] for f in expected]
+    for g, e in zip(got, expected, strict=True):
+        assert g.samples.dtype == np.float32
+        np.testing.assert_array_equal(g.samples, e.samples)
+    assert sorted((e.reason, str(e)) for e, _ in batch.errors) == sorted(reasons)
+    assert len(expected) + len(reasons) == len(messages)
+
+
+def test_batch_decoding_of_nothing_good():
+    batch = protocol.decode_batch([[b"t"], [b"", sample_body()]], n_channels=2, max_abs=1e6)
+    assert batch.streams == []
+    assert sorted(e.reason for e, _ in batch.errors) == ["bad_frame_count", "bad_topic"]
