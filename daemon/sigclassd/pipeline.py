@@ -127,7 +127,7 @@ class Pipeline:
         if batch is None:
             return False
         m = self.metrics
-        if not batch.items:  # only retired streams with nothing left: their FINAL events
+        if not batch.work:  # only retired streams with nothing left: their FINAL events
             with self.counting:
                 self.publish(self.planner.complete(batch, batch.x, batch.state))
             return True
@@ -142,7 +142,7 @@ class Pipeline:
             return True
         self.consecutive_errors = 0
         m.inference_duration.observe(time.perf_counter() - started)
-        m.batch_streams.observe(len(batch.items))
+        m.batch_streams.observe(len(batch.work))
         m.batch_samples.observe(batch.samples)
         with self.counting:
             self.publish(self.planner.complete(batch, probs, state, flushed))
@@ -153,7 +153,7 @@ class Pipeline:
         with self.counting:
             dropped = self.planner.fail(batch)
         self.consecutive_errors += 1
-        log.error("inference_failed", error=repr(error), streams=len(batch.items),
+        log.error("inference_failed", error=repr(error), streams=len(batch.work),
                   samples_dropped=dropped, consecutive=self.consecutive_errors)
         if self.consecutive_errors >= self.settings.service.max_consecutive_inference_errors:
             msg = f"{self.consecutive_errors} model calls failed in a row; last: {error!r}"
@@ -172,7 +172,7 @@ class Pipeline:
         for r in runs:
             n = len(r.labels)
             parts = encode(r.topic, r.probabilities, r.labels, r.seq, t0_ns=r.t0_ns, model_id=model_id,
-                           flags=r.flags, gap=r.gap, ingress_ns=int(r.arrival[-1] * 1e9) if n else 0)
+                           flags=r.flags, gap=r.gap, ingress_ns=int(r.arrival[-1]) if n else 0)
             send(parts)
             sent_bytes += len(parts[1])
             labelled += n
@@ -186,7 +186,7 @@ class Pipeline:
         m.label_bytes.inc(sent_bytes)
         if labelled:
             m.samples_labelled.inc(labelled)
-            m.latency.observe_many(now - np.concatenate(arrivals))
+            m.latency.observe_many(now - np.concatenate(arrivals) * 1e-9)
         if sensor:
             m.sensor_age.observe_many(now - np.asarray(sensor, np.float64) * 1e-9)
 

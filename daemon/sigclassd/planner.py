@@ -28,18 +28,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sigclassd.protocol import ARRIVAL
 from sigclassd.streams import LabelRun, Stream, StreamTable
 
 
-@dataclass(slots=True)
-class _Item:
-    """One batch row's share of one stream's work."""
-
-    stream: Stream
-    row: int  # batch row
-    start: int  # output position of the first sample labelled
-    first: int  # stream row of the first sample labelled
-    count: int  # samples labelled
+# One stream's share of a model call: (stream, rows fed, flushed outputs, its label spans). A label span is
+# (batch row, output position of its first label, stream row of its first sample, samples labelled).
+Work = tuple[Stream, int, int, list[tuple[int, int, int, int]]]
 
 
 @dataclass(slots=True)
@@ -48,8 +43,7 @@ class Batch:
     lengths: np.ndarray
     state: np.ndarray
     slots: np.ndarray
-    items: list[_Item]
-    advances: list[tuple[Stream, int, int]]  # (stream, rows fed, flushed outputs): applied once the call succeeded
+    work: list[Work]  # applied once the call succeeded
     empty: list[Stream]  # retired streams with nothing left to label (FINAL event only)
     oldest_arrival: float
     samples: int
@@ -81,7 +75,7 @@ class Planner:
             elif stream.final:
                 empty.append(stream)
         if not plans:
-            return Batch(*_EMPTY_ARRAYS, [], [], empty, 0.0, 0, _NO_ROWS) if empty else None
+            return Batch(*_EMPTY_ARRAYS, [], empty, 0.0, 0, _NO_ROWS) if empty else None
         return self._gather(plans, empty)
 
     def _plan(self, stream: Stream) -> list[tuple[int, int, int]]:
@@ -110,31 +104,32 @@ class Planner:
         for s in batch.empty:  # retired before anything in this batch: their FINAL goes first
             runs.extend(s.finish([], self.no_probs))
             table.release(s)
-        if not batch.items:
+        if not batch.work:
             return runs
         table.states[batch.slots] = new_state
         probabilities = self._outputs(batch, probabilities, flushed)
         labels = probabilities.argmax(axis=-1).astype(np.uint8)
         poisoned = _non_finite_streams(batch, probabilities, new_state)
-        own: dict[Stream, list[LabelRun]] = {}
-        for item in batch.items:
-            if item.count and item.stream not in poisoned:
-                a, b = item.start, item.start + item.count
-                own.setdefault(item.stream, []).extend(item.stream.label(
-                    probabilities[item.row, a:b], labels[item.row, a:b], item.first, item.count, table.warmup))
-                table.mark_labelled(item.count)
-        for stream, fed, flushed_rows in batch.advances:
-            if stream in poisoned:
+        warmup = table.warmup
+        labelled = 0
+        for stream, fed, flushed_rows, spans in batch.work:
+            if poisoned and stream in poisoned:
                 self._reset_poisoned(stream, runs)
                 continue
+            mine: list[LabelRun] = []
+            for row, start, first, count in spans:
+                if count:
+                    end = start + count
+                    mine += stream.label(probabilities[row, start:end], labels[row, start:end], first, count, warmup)
+                    labelled += count
             stream.advance(fed, flushed_rows)
-            mine = own.get(stream, [])
-            runs.extend(mine)
+            runs += mine
             if stream.final:
-                runs.extend(stream.finish(mine, self.no_probs))
+                runs += stream.finish(mine, self.no_probs)
                 table.release(stream)
             else:
                 table.requeue(stream)
+        table.mark_labelled(labelled)
         return runs
 
     def _reset_poisoned(self, stream: Stream, runs: list[LabelRun]) -> None:
@@ -153,7 +148,7 @@ class Planner:
     def fail(self, batch: Batch) -> int:
         """Drop the work of a batch whose model call raised; return the samples dropped."""
         dropped = 0
-        for stream, _, _ in batch.advances:
+        for stream, _, _, _ in batch.work:
             dropped += stream.abandon()
             self._settle(stream)
         for stream in batch.empty:
@@ -200,25 +195,26 @@ class WindowedPlanner(Planner):
         x = self._new_input(rows, self.window)
         lengths = np.full(rows, self.window, np.int32)
         slots = np.empty(rows, np.int64)
-        items, advances = [], []
-        oldest = np.inf
+        work: list[Work] = []
+        oldest = []
         samples = 0
         row = 0
         for stream, plan in plans:
+            spans = []
             for end, first, upto in plan:
                 begin = max(0, end - self.window)
                 offset = self.window - (end - begin)
                 x[row, offset:] = stream.data[begin:end]
                 slots[row] = stream.slot
-                items.append(_Item(stream, row, offset + (first - begin), first, upto - first))
+                spans.append((row, offset + (first - begin), first, upto - first))
                 row += 1
             end = plan[-1][0]
             if end > stream.fed:
                 samples += end - stream.fed
-                oldest = min(oldest, stream.arrival[stream.fed])
-            advances.append((stream, max(0, end - stream.fed), 0))
+                oldest.append(stream.meta[stream.fed, ARRIVAL])
+            work.append((stream, max(0, end - stream.fed), 0, spans))
         state = self.table.states[slots]
-        return Batch(x, lengths, state, slots, items, advances, empty, float(oldest), samples, _NO_ROWS)
+        return Batch(x, lengths, state, slots, work, empty, _seconds(oldest), samples, _NO_ROWS)
 
 
 class StatefulPlanner(Planner):
@@ -244,28 +240,24 @@ class StatefulPlanner(Planner):
 
     def _gather(self, plans: list[tuple[Stream, list[tuple[int, int, int]]]], empty: list[Stream]) -> Batch:
         rows = len(plans)
-        x = self._new_input(rows, max(take for _, [(take, _, _)] in plans))
-        lengths = np.empty(rows, np.int32)
-        slots = np.empty(rows, np.int64)
-        items, advances = [], []
+        takes = [take for _, [(take, _, _)] in plans]
+        x = self._new_input(rows, max(takes))
+        work: list[Work] = []
         flush_rows: list[int] = []
-        oldest = np.inf
-        samples = 0
+        oldest = []
+        lookahead = self.lookahead
         for row, (stream, [(take, pads, count)]) in enumerate(plans):
             a = stream.fed
-            x[row, :take] = stream.data[a : a + take]
-            lengths[row] = take
+            if take:
+                x[row, :take] = stream.data[a : a + take]
+                oldest.append(stream.meta[a, ARRIVAL])
             if pads:
                 flush_rows.append(row)
-            slots[row] = stream.slot
             # Output t of this call labels the sample fed `lookahead` rows earlier.
-            items.append(_Item(stream, row, stream.done + self.lookahead - stream.consumed, stream.labelled, count))
-            advances.append((stream, take, pads))
-            if take:
-                oldest = min(oldest, stream.arrival[a])
-            samples += take
+            work.append((stream, take, pads, [(row, stream.done + lookahead - stream.consumed, stream.labelled, count)]))
+        slots = np.array([stream.slot for stream, _ in plans], np.int64)
         state = self.table.states[slots]
-        return Batch(x, lengths, state, slots, items, advances, empty, float(oldest), samples,
+        return Batch(x, np.array(takes, np.int32), state, slots, work, empty, _seconds(oldest), sum(takes),
                      np.asarray(flush_rows, np.int64))
 
     def _outputs(self, batch: Batch, probabilities: np.ndarray, flushed: np.ndarray | None) -> np.ndarray:
@@ -282,12 +274,17 @@ class StatefulPlanner(Planner):
         return extended
 
 
+def _seconds(arrivals_ns: list) -> float:
+    """The oldest of some arrival times (ns), in seconds; infinity if there are none."""
+    return float(min(arrivals_ns)) * 1e-9 if arrivals_ns else float("inf")
+
+
 def _non_finite_streams(batch: Batch, probabilities: np.ndarray, state: np.ndarray) -> set[Stream]:
     """Streams of ``batch`` whose outputs or new state hold NaN or Inf (one reduction when all is well)."""
     if np.isfinite(probabilities.sum()) and np.isfinite(state.sum()):
         return set()
     bad_rows = ~(np.isfinite(probabilities).all(axis=(1, 2)) & np.isfinite(state).all(axis=1))
-    return {item.stream for item in batch.items if bad_rows[item.row]}
+    return {stream for stream, _, _, spans in batch.work if any(bad_rows[row] for row, _, _, _ in spans)}
 
 
 def make_planner(mode: str, table: StreamTable, **kwargs: object) -> Planner:

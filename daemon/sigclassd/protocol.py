@@ -255,7 +255,18 @@ class SampleBatch:
     t0_ns: list[int]
     offset: list[int]
     samples: np.ndarray
+    meta: np.ndarray  # [total, 3] int64 per sample: seq, arrival (ns, 0 until the table fills it), sensor time (ns)
     errors: list[tuple[FrameError, bytes]]
+
+    @classmethod
+    def of(cls, frames: list[SampleFrame]) -> SampleBatch:
+        """Decoded frames laid out as a batch (for tools and tests: the daemon decodes with :func:`decode_batch`)."""
+        counts = [len(f.samples) for f in frames]
+        starts = np.cumsum([0, *counts[:-1]]).tolist() if frames else []
+        seq, t0, rate = [f.seq for f in frames], [f.t0_ns for f in frames], [f.sample_rate_hz for f in frames]
+        samples = np.concatenate([f.samples for f in frames]) if frames else np.zeros((0, 0), np.float32)
+        return cls([f.stream for f in frames], seq, counts, rate, [f.flags for f in frames], t0, starts,
+                   samples.astype(np.float32, copy=False), sample_meta(seq, counts, t0, rate), [])
 
     def frame(self, i: int) -> SampleFrame:
         a = self.offset[i]
@@ -313,6 +324,32 @@ def decode_batch(messages: list[list[bytes]], *, n_channels: int, max_abs: float
     return _columns(messages, kept, singles, n_channels, errors)
 
 
+SEQ, ARRIVAL, SENSOR = 0, 1, 2  # the columns of per-sample metadata
+
+
+def sample_meta(seq: np.ndarray, counts: np.ndarray, t0_ns: np.ndarray, rate: np.ndarray) -> np.ndarray:
+    """Per-sample metadata ``[sum(counts), 3]`` int64 of messages laid end to end: each sample's seq, a zero
+    arrival time (the receiver's to fill), and its sensor time.
+
+    A sample's sensor time is its message's ``t0_ns`` plus its index over the declared rate; with
+    no rate only the message's first sample has one (``t0_ns``), and with no ``t0_ns`` none has (0).
+    """
+    counts = np.asarray(counts, np.int64)
+    starts = np.zeros(len(counts), np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    within = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(starts, counts)
+    meta = np.zeros((len(within), 3), np.int64)
+    meta[:, SEQ] = np.repeat(np.asarray(seq, np.int64), counts) + within
+    t0 = np.repeat(np.asarray(t0_ns, np.int64), counts)
+    rate = np.asarray(rate, np.float64)
+    if t0.any():
+        step = np.repeat(np.where(rate > 0, 1e9 / np.where(rate > 0, rate, 1.0), 0.0), counts)
+        timed = np.repeat(rate > 0, counts)
+        meta[:, SENSOR] = np.where(t0 == 0, 0, np.where(timed, t0 + (within * step).astype(np.int64),
+                                                          np.where(within == 0, t0, 0)))
+    return meta
+
+
 def _sum_of_squares(x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):  # overflow fails the bound, as it should
         return np.einsum("mij,mij->m", x, x)
@@ -335,6 +372,7 @@ def _columns(messages: list[list[bytes]], kept: list[tuple[np.ndarray, np.ndarra
     starts = np.zeros(len(counts), np.int64)
     np.cumsum(counts[:-1], out=starts[1:])
     order = np.argsort(index, kind="stable")
+    meta = sample_meta(h["seq"].astype(np.int64), counts, h["t0_ns"], h["rate"].astype(np.float64))
     if not pieces:
         samples = np.zeros((0, n_channels), np.float32)
     else:
@@ -345,13 +383,13 @@ def _columns(messages: list[list[bytes]], kept: list[tuple[np.ndarray, np.ndarra
     except UnicodeDecodeError:
         streams = []
     if len(streams) != len(h) or any(not 1 <= len(t) <= MAX_TOPIC_BYTES for t in streams):
-        return _checked_topics(messages, index[order], h, starts[order], samples, errors)
+        return _checked_topics(messages, index[order], h, starts[order], samples, meta, errors)
     return SampleBatch(streams, h["seq"].tolist(), h["n_samples"].tolist(), h["rate"].astype(np.float64).tolist(),
-                       h["flags"].tolist(), h["t0_ns"].tolist(), starts[order].tolist(), samples, errors)
+                       h["flags"].tolist(), h["t0_ns"].tolist(), starts[order].tolist(), samples, meta, errors)
 
 
 def _checked_topics(messages: list[list[bytes]], index: np.ndarray, h: np.ndarray, starts: np.ndarray,
-                    samples: np.ndarray, errors: list[tuple[FrameError, bytes]]) -> SampleBatch:
+                    samples: np.ndarray, meta: np.ndarray, errors: list[tuple[FrameError, bytes]]) -> SampleBatch:
     """The batch without the messages whose topic is not a stream id (rare: then checked one by one)."""
     keep, streams = [], []
     for j, i in enumerate(index.tolist()):
@@ -362,7 +400,7 @@ def _checked_topics(messages: list[list[bytes]], index: np.ndarray, h: np.ndarra
             errors.append((e, messages[i][0][:64]))
     h, starts = h[keep], starts[keep]
     return SampleBatch(streams, h["seq"].tolist(), h["n_samples"].tolist(), h["rate"].astype(np.float64).tolist(),
-                       h["flags"].tolist(), h["t0_ns"].tolist(), starts.tolist(), samples, errors)
+                       h["flags"].tolist(), h["t0_ns"].tolist(), starts.tolist(), samples, meta, errors)
 
 
 def encode_samples(

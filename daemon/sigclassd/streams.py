@@ -22,7 +22,6 @@ oldest first, and counted.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +32,7 @@ import numpy as np
 from sigclassd import protocol
 from sigclassd.config import StreamSettings
 from sigclassd.metrics import Metrics
-from sigclassd.protocol import SampleBatch, SampleFrame
+from sigclassd.protocol import ARRIVAL, SENSOR, SEQ, SampleBatch, SampleFrame, sample_meta
 
 
 @dataclass(slots=True)
@@ -47,7 +46,7 @@ class LabelRun:
     t0_ns: int
     flags: int
     gap: int
-    arrival: np.ndarray  # [n] wall-clock seconds each sample reached the daemon
+    arrival: np.ndarray  # [n] int64 wall-clock ns each sample reached the daemon
     sensor_ns: int  # sensor time of the newest sample, 0 if unknown
 
 
@@ -55,14 +54,6 @@ class LabelRun:
 _RAMP = np.arange(1 << 12, dtype=np.int64)
 _NO_LABELS = np.zeros(0, np.uint8)
 _NO_ARRIVAL = np.zeros(0, np.float64)
-
-
-@functools.lru_cache(maxsize=256)
-def _sensor_offsets(start: int, k: int, rate: float) -> np.ndarray:
-    """Sensor-time offsets (ns) of samples ``start .. start+k-1`` of a message at ``rate`` Hz."""
-    offsets = (np.arange(start, start + k) * (1e9 / rate)).astype(np.int64)
-    offsets.flags.writeable = False
-    return offsets
 
 
 class Stream:
@@ -77,7 +68,7 @@ class Stream:
     """
 
     __slots__ = (
-        "name", "topic", "data", "seq", "arrival", "sensor_ns", "n", "fed", "labelled",
+        "name", "topic", "data", "meta", "n", "fed", "labelled",
         "next_seq", "last_seq", "slot", "consumed", "done", "flags", "gap", "last_seen", "final",
         "allowance", "refilled_at", "rate_seq", "demoted_until", "reset_allowance", "reset_refilled_at", "previous_next_seq",
     )
@@ -86,9 +77,8 @@ class Stream:
         self.name = name
         self.topic = name.encode("utf-8")
         self.data = np.empty((capacity, channels), np.float32)
-        self.seq = np.empty(capacity, np.int64)
-        self.arrival = np.empty(capacity, np.float64)
-        self.sensor_ns = np.empty(capacity, np.int64)
+        # Per row: seq, arrival (wall clock, ns) and sensor time (ns): one array, so one copy per message.
+        self.meta = np.empty((capacity, 3), np.int64)
         self.n = 0
         self.fed = 0
         self.labelled = 0
@@ -112,6 +102,10 @@ class Stream:
         self.previous_next_seq: int | None = None  # where the incarnation before this one would have gone on
 
     @property
+    def seq(self) -> np.ndarray:
+        return self.meta[:, SEQ]
+
+    @property
     def pending(self) -> int:
         """Rows not yet fed to the model."""
         return self.n - self.fed
@@ -121,9 +115,24 @@ class Stream:
 
     def label(self, probs: np.ndarray, labels: np.ndarray, first: int, n: int, warmup: int) -> list[LabelRun]:
         """The label runs of rows ``first .. first+n-1``, split where the seqs jump, with their flags."""
-        seq = self.seq[first : first + n]
+        meta = self.meta[first : first + n]
+        seq0, _, sensor0 = meta[0].tolist()
+        seq1, _, sensor1 = meta[-1].tolist()
+        if seq1 - seq0 == n - 1:  # one seq-contiguous run: the common case, without the general loop
+            flags, gap = self.flags, self.gap
+            if self.last_seq is not None and seq0 != self.last_seq:
+                flags |= protocol.LABEL_GAP
+                gap += seq0 - self.last_seq
+            if self.done < warmup:
+                flags |= protocol.LABEL_WARMUP
+            self.flags = self.gap = 0
+            self.done += n
+            self.last_seq = seq1 + 1
+            self.labelled = first + n
+            return [LabelRun(self.topic, seq0, probs, labels, sensor0, flags, gap, meta[:, ARRIVAL], sensor1)]
+        seq = meta[:, SEQ]
         # A gap that did not reset the stream sits inside the rows: split so every run is seq-contiguous.
-        cuts = [0, n] if int(seq[-1]) - int(seq[0]) == n - 1 else [0, *(np.flatnonzero(np.diff(seq) != 1) + 1), n]
+        cuts = [0, *(np.flatnonzero(np.diff(seq) != 1) + 1).tolist(), n]
         runs = []
         for a, b in zip(cuts, cuts[1:], strict=False):
             flags, gap = self.flags, self.gap
@@ -134,8 +143,8 @@ class Stream:
             if self.done < warmup:
                 flags |= protocol.LABEL_WARMUP
             runs.append(LabelRun(
-                self.topic, start, probs[a:b], labels[a:b], int(self.sensor_ns[first + a]), flags, gap,
-                self.arrival[first + a : first + b], int(self.sensor_ns[first + b - 1]),
+                self.topic, start, probs[a:b], labels[a:b], int(meta[a, SENSOR]), flags, gap,
+                meta[a:b, ARRIVAL], int(meta[b - 1, SENSOR]),
             ))
             self.flags = 0
             self.gap = 0
@@ -266,7 +275,7 @@ class Stream:
         """Drop the oldest ``count`` pending rows: they are never fed nor labelled."""
         a = self.fed
         keep = self.n - a - count
-        for buf in (self.data, self.seq, self.arrival, self.sensor_ns):
+        for buf in (self.data, self.meta):
             buf[a : a + keep] = buf[a + count : self.n]
         self.n -= count
         self.mark_shed()
@@ -276,39 +285,26 @@ class Stream:
         if rows <= 0:
             return
         keep = self.n - rows
-        for buf in (self.data, self.seq, self.arrival, self.sensor_ns):
+        for buf in (self.data, self.meta):
             buf[:keep] = buf[rows : self.n]
         self.n = keep
         self.fed -= rows
         self.labelled -= rows
 
     def grow(self, capacity: int) -> None:
-        for name in ("data", "seq", "arrival", "sensor_ns"):
+        for name in ("data", "meta"):
             old = getattr(self, name)
             new = np.empty((capacity, *old.shape[1:]), old.dtype)
             new[: self.n] = old[: self.n]
             setattr(self, name, new)
 
-    def append(self, samples: np.ndarray, first: int, t0_ns: int, rate: float, start: int, now: float,
-               wall: float) -> None:
-        """Append ``samples`` (a message's rows from ``start`` on; the first has seq ``first``); capacity is
-        ensured by the caller. ``t0_ns`` and ``rate`` are the message's sensor time and declared rate."""
-        k = len(samples)
-        a, b = self.n, self.n + k
+    def append(self, samples: np.ndarray, meta: np.ndarray, next_seq: int, now: float) -> None:
+        """Append rows (samples and their seq, arrival and sensor time); capacity is ensured by the caller."""
+        a, b = self.n, self.n + len(samples)
         self.data[a:b] = samples
-        if k <= len(_RAMP):
-            np.add(_RAMP[:k], first, out=self.seq[a:b])
-        else:
-            self.seq[a:b] = np.arange(first, first + k)
-        self.arrival[a:b] = wall
-        if t0_ns and rate > 0:
-            np.add(_sensor_offsets(start, k, rate), t0_ns, out=self.sensor_ns[a:b])
-        else:
-            self.sensor_ns[a:b] = 0
-            if t0_ns and start == 0:
-                self.sensor_ns[a] = t0_ns
+        self.meta[a:b] = meta
         self.n = b
-        self.next_seq = first + k
+        self.next_seq = next_seq
         self.last_seen = now
 
 
@@ -414,8 +410,9 @@ class StreamTable:
         if not admitted and not self.admit(frame.stream, frame.seq, k, frame.sample_rate_hz):
             return
         self.metrics.samples_received.inc(k)
-        self._accept(frame.stream, frame.seq, k, frame.sample_rate_hz, frame.flags, frame.t0_ns, frame.samples,
-                     self.clock(), time.time() if wall is None else wall)
+        meta = sample_meta([frame.seq], [k], [frame.t0_ns], [frame.sample_rate_hz])
+        meta[:, ARRIVAL] = int((time.time() if wall is None else wall) * 1e9)
+        self._accept(frame.stream, frame.seq, k, frame.sample_rate_hz, frame.flags, frame.samples, meta, self.clock())
 
     def accept_batch(self, batch: SampleBatch, wall: float) -> None:
         """:meth:`accept` for every message of a decoded drain, in order, with one clock read and one count.
@@ -428,36 +425,37 @@ class StreamTable:
         rate_limit, burst_s, limit = s.rate_limit, s.rate_burst_s, s.max_pending_samples
         ready_after, history = self.ready_after, self.history
         get = self.streams.get
-        x = batch.samples
+        x, meta = batch.samples, batch.meta
+        meta[:, ARRIVAL] = int(wall * 1e9)
         received = 0
-        for sid, seq, k, rate, flags, t0, a in zip(batch.streams, batch.seq, batch.n_samples, batch.rate,
-                                                   batch.flags, batch.t0_ns, batch.offset, strict=True):
+        for sid, seq, k, rate, flags, a in zip(batch.streams, batch.seq, batch.n_samples, batch.rate, batch.flags,
+                                               batch.offset, strict=True):
             received += k
             stream = get(sid)
             if stream is None:
-                self._accept(sid, seq, k, rate, flags, t0, x[a : a + k], now, wall)
+                self._accept(sid, seq, k, rate, flags, x[a : a + k], meta[a : a + k], now)
                 continue
             if rate_limit and rate and not stream.within_rate(seq, k, rate * rate_limit, now, burst_s):
                 self._rate_limited(stream, seq, k, rate, now)
                 continue
             if flags or seq != stream.next_seq or stream.last_seq is None or stream.n - stream.fed + k > limit:
-                self._accept(sid, seq, k, rate, flags, t0, x[a : a + k], now, wall)
+                self._accept(sid, seq, k, rate, flags, x[a : a + k], meta[a : a + k], now)
                 continue
             if stream.n + k > len(stream.data):
                 # Rows labelled and outside the model's context make room (as in _append); growing is rare.
                 stream.drop_front(min(stream.labelled, max(0, stream.fed - history)))
                 if stream.n + k > len(stream.data):
-                    self._accept(sid, seq, k, rate, flags, t0, x[a : a + k], now, wall)
+                    self._accept(sid, seq, k, rate, flags, x[a : a + k], meta[a : a + k], now)
                     continue
             # Continues its stream and fits: no reset, gap, shed or growth to decide.
-            stream.append(x[a : a + k], seq, t0, rate, 0, now, wall)
+            stream.append(x[a : a + k], meta[a : a + k], seq + k, now)
             self.buffered += k
             if stream.n - stream.fed >= ready_after:
                 self._queue(stream, now)
         self.metrics.samples_received.inc(received)
 
-    def _accept(self, stream_id: str, seq: int, k: int, rate: float, flags: int, t0_ns: int,
-                samples: np.ndarray, now: float, wall: float) -> None:
+    def _accept(self, stream_id: str, seq: int, k: int, rate: float, flags: int, samples: np.ndarray,
+                meta: np.ndarray, now: float) -> None:
         """The seq policy for one admitted message (its samples already counted as received)."""
         m = self.metrics
         s = self.settings
@@ -500,7 +498,7 @@ class StreamTable:
                     stream.touch(now)
                     return
         if stream is not None:
-            self._append(stream, samples, seq, t0_ns, rate, start, now, wall)
+            self._append(stream, samples, meta, seq, start, now)
 
     def _reset_for(self, stream: Stream, stream_id: str, k: int, reason: str, now: float) -> Stream | None:
         """Reset ``stream`` for a frame of ``k`` samples, or refuse the frame (None) if the id's reset budget is spent."""
@@ -523,9 +521,10 @@ class StreamTable:
         self.metrics.streams_evicted.inc()
         return True
 
-    def _append(self, stream: Stream, samples: np.ndarray, seq: int, t0_ns: int, rate: float, start: int,
-                now: float, wall: float) -> None:
-        """Buffer ``samples[start:]`` (the first of ``samples`` has seq ``seq``), shedding to the pending cap."""
+    def _append(self, stream: Stream, samples: np.ndarray, meta: np.ndarray, seq: int, start: int,
+                now: float) -> None:
+        """Buffer rows ``start:`` of ``samples`` and their ``meta`` (the first has seq ``seq``), shedding to the
+        pending cap."""
         stream.arriving(seq + start)
         k = len(samples) - start
         limit = self.settings.max_pending_samples
@@ -544,7 +543,7 @@ class StreamTable:
             stream.drop_front(keep_from)
             if stream.n + k > len(stream.data):
                 stream.grow(max(2 * len(stream.data), stream.n + k))
-        stream.append(samples[start:], seq + start, t0_ns, rate, start, now, wall)
+        stream.append(samples[start:], meta[start:], seq + len(samples), now)
         self.buffered += k
         if stream.pending >= self.ready_after:
             self._queue(stream, now)

@@ -220,18 +220,14 @@ class Harness:
         if len(frames) == 1:  # the one-frame entry point, as tests and tools use it
             self.table.accept(frames[0], wall=self.now)
             return
-        counts = [len(f.samples) for f in frames]
-        self.table.accept_batch(protocol.SampleBatch(
-            [f.stream for f in frames], [f.seq for f in frames], counts, [f.sample_rate_hz for f in frames],
-            [f.flags for f in frames], [f.t0_ns for f in frames], np.cumsum([0, *counts[:-1]]).tolist(),
-            np.concatenate([f.samples for f in frames]), []), self.now)
+        self.table.accept_batch(protocol.SampleBatch.of(frames), self.now)
 
     def batch(self) -> bool:
         self.deliver()
         batch = self.planner.collect()
         if batch is None:
             return False
-        if not batch.items:
+        if not batch.work:
             self.take(self.planner.complete(batch, batch.x, batch.state))
             return True
         probs, state = self.engine.run(batch.x, batch.lengths, batch.state)

@@ -62,7 +62,7 @@ class Pipe:
         batch = self.planner.collect()
         if batch is None:
             return None
-        if not batch.items:
+        if not batch.work:
             return self.planner.complete(batch, batch.x, batch.state)
         probs, state = self.engine(batch.x, batch.lengths, batch.state)
         flushed = self.flush_engine(state[batch.flush_rows]) if len(batch.flush_rows) else None

@@ -298,3 +298,17 @@ def test_batch_decoding_of_nothing_good():
     batch = protocol.decode_batch([[b"t"], [b"", sample_body()]], n_channels=2, max_abs=1e6)
     assert batch.streams == []
     assert sorted(e.reason for e, _ in batch.errors) == ["bad_frame_count", "bad_topic"]
+
+
+def test_sample_meta_gives_each_sample_its_seq_and_sensor_time():
+    """Seq counts on within each message; sensor time is t0 + i / rate, only the first sample's without a rate,
+    and none without t0; the arrival column is left for the receiver."""
+    seq, counts, t0, rate = [5, 100, 7, 0], [3, 2, 2, 1], [10**18, 0, 2_000, -50], [250.0, 250.0, 0.0, 3.0]
+    meta = protocol.sample_meta(seq, counts, t0, rate)
+    want = []
+    for s, k, t, r in zip(seq, counts, t0, rate, strict=True):
+        for i in range(k):
+            sensor = 0 if not t else (t + int(i * (1e9 / r)) if r else (t if i == 0 else 0))
+            want.append([s + i, 0, sensor])
+    assert meta.tolist() == want
+    assert protocol.sample_meta([], [], [], []).shape == (0, 3)

@@ -350,7 +350,7 @@ def _table_state(t: StreamTable, reg: CollectorRegistry) -> tuple:
                                                        "samples_shed", "streams_opened")}
     rejected = sorted((s.labels["reason"], s.value) for mf in reg.collect() if mf.name == "sigclassd_samples_rejected"
                       for s in mf.samples if s.name.endswith("_total"))
-    held = {name: (s.seq[: s.n].tolist(), s.data[: s.n].tolist(), s.flags, s.gap, s.next_seq, s.demoted_until)
+    held = {name: (s.meta[: s.n].tolist(), s.data[: s.n].tolist(), s.flags, s.gap, s.next_seq, s.demoted_until)
             for name, s in t.streams.items()}
     return counters, rejected, held, [s.name for s in t.retired], [s.name for s in t.ready], t.buffered
 
@@ -369,15 +369,12 @@ def test_a_batch_is_accepted_exactly_as_its_frames_one_by_one():
             n = int(rng.integers(1, 40))
             rate = float(rng.choice([0.0, 100.0, 5.0]))
             f = rated(name, seq, n, rate, restart=bool(rng.random() < 0.05))
+            f = f._replace(t0_ns=int(rng.choice([0, 10**18 + seq])))
             frames.append(f)
             nxt[name] = seq + n
         one, reg_one, _ = make_table(rate_limit=1.5, rate_burst_s=0.5, max_pending_samples=50)
         many, reg_many, _ = make_table(rate_limit=1.5, rate_burst_s=0.5, max_pending_samples=50)
         for f in frames:
             one.accept(f, wall=1.0)
-        counts = [len(f.samples) for f in frames]
-        many.accept_batch(protocol.SampleBatch(
-            [f.stream for f in frames], [f.seq for f in frames], counts, [f.sample_rate_hz for f in frames],
-            [f.flags for f in frames], [f.t0_ns for f in frames], np.cumsum([0, *counts[:-1]]).tolist(),
-            np.concatenate([f.samples for f in frames]), []), 1.0)
+        many.accept_batch(protocol.SampleBatch.of(frames), 1.0)
         assert _table_state(many, reg_many) == _table_state(one, reg_one)
