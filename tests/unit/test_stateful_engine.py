@@ -25,7 +25,7 @@ TOLERANCE = 1e-5
 
 
 def build(padding: str, *, conv_depth: int = 1, dilation: int = 1, kernel: int = 5, lstm_depth: int = 1,
-          n_classes: int = 2, seed: int = 0):
+          n_classes: int = 2, seed: int = 0, lstm_activation: str = "tanh"):
     """A small Conv1D-LSTM labelling every timestep, with random weights and biases.
 
     Random biases matter: with Keras' zero biases an LSTM fed zeros stays at zero,
@@ -41,7 +41,7 @@ def build(padding: str, *, conv_depth: int = 1, dilation: int = 1, kernel: int =
     for i in range(conv_depth):
         x = layers.Conv1D(6, kernel, padding=padding, dilation_rate=dilation**i, activation="relu", bias_initializer=bias)(x)
     for _ in range(lstm_depth):
-        x = layers.LSTM(8, return_sequences=True, bias_initializer=bias)(x)
+        x = layers.LSTM(8, return_sequences=True, activation=lstm_activation, bias_initializer=bias)(x)
     units, activation = (1, "sigmoid") if n_classes == 2 else (n_classes, "softmax")
     return keras.Model(inputs, layers.Dense(units, activation=activation, bias_initializer=bias)(x))
 
@@ -202,6 +202,40 @@ def test_padding_and_empty_rows_leave_state_unchanged(tmp_path: Path) -> None:
     np.testing.assert_allclose(after[1], after_short[0], atol=1e-6)
     np.testing.assert_allclose(y[1, :4], y_short[0], atol=1e-6)
     assert not np.array_equal(after[1], state[1])
+
+
+@pytest.mark.parametrize("runs", ["one run", "a run per length"])
+@pytest.mark.parametrize("lstm_activation", ["tanh", "softsign"])
+def test_ragged_batch_equals_rows_one_at_a_time(runs: str, lstm_activation: str, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of lengths in random order (0, shorter and longer than the look-ahead), streams that have seen nothing,
+    fewer samples than the look-ahead, or many, in one call: each row's outputs and state equal those of a call on
+    that row alone, and so do a flush's. The kernel computes rows longest first, as one box or split into runs."""
+    from sigclassd.engine import kernels
+
+    if runs == "a run per length":
+        monkeypatch.setattr(kernels, "_STEP_COST", 0)
+        monkeypatch.setattr(kernels, "_RUN_COST", 0)
+    model = build("same", conv_depth=2, dilation=2, kernel=4, lstm_depth=2, n_classes=3, lstm_activation=lstm_activation)
+    engine = StatefulEngine.load(save(model, tmp_path / "m", n_classes=3, lookahead=same_lookahead(2, 2, 4)))
+    rng = np.random.default_rng(4)
+    seen = np.array([0, 0, 1, 2, 3, 4, 30, 30, 30, 0, 2, 30, 30, 1])
+    lengths = np.array([0, 3, 1, 40, 2, 7, 0, 40, 1, 17, 5, 12, 40, 0])
+    state = np.zeros((len(seen), engine.state_size), np.float32)
+    for row, n in enumerate(seen):
+        if n:
+            _, state[row : row + 1] = engine.run(make_streams(rng, [n])[0][None], np.array([n]), state[row : row + 1])
+    x = np.stack([np.pad(s, ((0, 40 - len(s)), (0, 0)), constant_values=1e3) for s in make_streams(rng, list(lengths))])
+    y, after = engine.run(x, lengths, state)
+    flushed, _ = engine.flush(after)
+    for row, n in enumerate(lengths):
+        y_row, after_row = engine.run(x[row : row + 1, :n], np.array([n]), state[row : row + 1])
+        np.testing.assert_allclose(y[row, :n], y_row[0], atol=1e-6)
+        np.testing.assert_allclose(after[row], after_row[0], atol=1e-6)
+        np.testing.assert_allclose(flushed[row], engine.flush(after_row)[0][0], atol=1e-6)
+        if n == 0:
+            np.testing.assert_array_equal(after[row], state[row])
+    assert np.isfinite(y).all()
 
 
 def test_flush_equals_feeding_mean_rows_for_one_same_conv(tmp_path: Path) -> None:

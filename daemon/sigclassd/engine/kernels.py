@@ -2,6 +2,18 @@
 
 Both run float32 with one BLAS thread (see ``single_blas_thread``) and share the
 LSTM loop, the costly part of either.
+
+While a tensor has a time axis the kernels hold it time-major and feature-major,
+``[time, features, batch]``. Each LSTM step then works on contiguous
+``[features, batch]`` slabs in which every gate is a contiguous block of rows
+(with ``[batch, features]`` each gate was a strided slice, and the step's
+elementwise ops took 1.5x as long), and a per-timestep layer is one stacked
+matmul ``kernel.T @ u[t]``, which for a conv reads its taps straight from the
+padded input with no copy.
+
+The stateful step sorts rows by length, longest first, so that the rows that
+step at time ``t`` are always a prefix: padding is never computed on in the
+LSTM, and rows of very different lengths run in separate boxes (``_runs``).
 """
 
 from __future__ import annotations
@@ -24,154 +36,280 @@ def single_blas_thread() -> None:
     threadpoolctl.threadpool_limits(1, user_api="blas")
 
 
+_HALF = np.float32(0.5)
+
+
+def _sigmoid(y: np.ndarray) -> np.ndarray:
+    # activations.sigmoid's arithmetic, in place.
+    y *= _HALF
+    np.tanh(y, out=y)
+    y *= _HALF
+    y += _HALF
+    return y
+
+
 # Activations applied in place to an array the kernel has just made: a fresh array of a
 # window batch's size costs more in page faults than the arithmetic.
 _IN_PLACE = {
     "linear": lambda y: y,
     "relu": lambda y: np.maximum(y, np.float32(0), out=y),
     "tanh": lambda y: np.tanh(y, out=y),
+    "sigmoid": _sigmoid,
 }
 
 
+def _activate(y: np.ndarray, activation: str, axis: int) -> np.ndarray:
+    """``activation(y)``, in place where possible; a softmax is over ``axis`` (the features)."""
+    if activation in _IN_PLACE:
+        return _IN_PLACE[activation](y)
+    if activation == "softmax":
+        # activations.softmax's arithmetic, over the features' axis.
+        e = np.exp(y - y.max(axis=axis, keepdims=True))
+        return e / e.sum(axis=axis, keepdims=True)
+    return ACTIVATIONS[activation](y)
+
+
 def _dense(u: np.ndarray, kernel: np.ndarray, bias: np.ndarray, activation: str = "linear") -> np.ndarray:
-    """``activation(u @ kernel + bias)`` over the last axis of a 2-D or 3-D ``u``."""
+    """``activation(u @ kernel + bias)`` over the last axis of a batch-major ``u`` (after a Reshape or a last-state LSTM)."""
     y = u.reshape(-1, u.shape[-1]) @ kernel
     y += bias
     y = y.reshape(*u.shape[:-1], kernel.shape[1])
-    return _IN_PLACE[activation](y) if activation in _IN_PLACE else ACTIVATIONS[activation](y)
+    return _activate(y, activation, -1)
 
 
-def lstm(step: LSTM, u: np.ndarray, h: np.ndarray, c: np.ndarray,
-         active: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Run ``step`` over ``u`` ``[batch, time, in]`` from ``h``, ``c``; returns (outputs, h, c).
+def _linear(u: np.ndarray, kernel: np.ndarray, bias: np.ndarray, activation: str) -> np.ndarray:
+    """``activation(kernel.T @ u[t] + bias)`` for every step of ``u`` ``[time, in, batch]``: ``[time, out, batch]``."""
+    y = np.matmul(kernel.T, u)
+    y += bias[:, None]
+    return _activate(y, activation, 1)
 
-    Where ``active[b, t]`` is False the row does not step (its h and c carry over).
+
+def _conv(ext: np.ndarray, op: Conv, time: int) -> np.ndarray:
+    """The conv's ``time`` outputs from its contiguous input ``ext`` ``[time + span, in, batch]`` (padding or buffer included)."""
+    taps = np.lib.stride_tricks.sliding_window_view(ext, op.span + 1, axis=0)
+    taps = taps.transpose(0, 3, 1, 2)[:time, :: op.dilation]
+    # [time, taps * in, batch]: a view of ext when the taps are adjacent, else a copy.
+    return _linear(taps.reshape(time, -1, ext.shape[2]), op.kernel, op.bias, op.activation)
+
+
+# Input projections are made this many steps at a time, just before the steps use them, so
+# that they are still in cache (all at once they were ~50 MB for 256 windows).
+_BLOCK_STEPS = 16
+
+
+def lstm(step: LSTM, u: np.ndarray, h: np.ndarray, c: np.ndarray, counts: list[int] | None = None,
+         hold: np.ndarray | None = None) -> np.ndarray:
+    """Run ``step`` over ``u`` ``[time, in, batch]`` from ``h``, ``c`` ``[units, batch]``; returns the outputs ``[time, units, batch]``.
+
+    ``c`` is updated in place; the last ``h`` of each row is its last output.
+    Only the first ``counts[t]`` rows step at ``t`` (non-increasing; default all):
+    the outputs of the others are zero. Where ``hold[t, b]`` is True (``hold``
+    may cover the first few steps only) row ``b`` does not step at ``t``: its h
+    and c carry over and its output is its h.
     """
-    batch, time, _ = u.shape
+    time, _, batch = u.shape
     n = step.units
     standard = step.activation == "tanh" and step.recurrent_activation == "sigmoid"
     kernel, recurrent, bias = step.fused if standard else (step.kernel, step.recurrent, step.bias)
-    # Time-major, so that each step reads and writes contiguous rows.
-    xp = _dense(np.ascontiguousarray(u.transpose(1, 0, 2)), kernel, bias)
-    out = np.empty((time, batch, n), np.float32)
+    recurrent_t = np.ascontiguousarray(recurrent.T)
+    bias = bias[:, None]
+    if counts is None:
+        counts = [batch] * time
+        out = np.empty((time, n, batch), np.float32)
+    else:
+        out = np.zeros((time, n, batch), np.float32)
     act, rec = ACTIVATIONS[step.activation], ACTIVATIONS[step.recurrent_activation]
-    # Scratch rows, reused every step: a step is ~10 small NumPy calls, and allocating
-    # their results would cost as much again. Two cell buffers alternate, so that a
-    # step never overwrites the c it reads (nor the caller's state row it starts from).
-    z = np.empty((batch, 4 * n), np.float32)
-    ig = np.empty((batch, n), np.float32)
-    th = np.empty((batch, n), np.float32)
-    cells = (np.empty((batch, n), np.float32), np.empty((batch, n), np.float32))
-    half = np.float32(0.5)
-    for t in range(time):
-        np.matmul(h, recurrent, out=z)
-        z += xp[t]
-        if standard:
-            # Gates i, f, o, c (see LSTM.fused): one tanh, then i, f, o = (1 + tanh) / 2.
-            np.tanh(z, out=z)
-            gates = z[:, : 3 * n]
-            gates *= half
-            gates += half
-            i, f, o, g = z[:, :n], z[:, n : 2 * n], z[:, 2 * n : 3 * n], z[:, 3 * n :]
-            c_next = np.multiply(f, c, out=cells[t % 2])
-            c_next += np.multiply(i, g, out=ig)
-            np.multiply(o, np.tanh(c_next, out=th), out=out[t])
-        else:
-            i, f, g, o = rec(z[:, :n]), rec(z[:, n : 2 * n]), act(z[:, 2 * n : 3 * n]), rec(z[:, 3 * n :])
-            c_next = f * c + i * g
-            out[t] = o * act(c_next)
-        if active is not None:
-            c = np.where(active[:, t], c_next, c)
-            out[t] = h = np.where(active[:, t], out[t], h)
-        else:
-            c, h = c_next, out[t]
-    return out.transpose(1, 0, 2), h, c
+    # Scratch, reused every step: a step is ~10 small NumPy calls, and allocating
+    # their results would cost as much again.
+    z_buf = np.empty((4 * n, batch), np.float32)
+    ig_buf = np.empty((n, batch), np.float32)
+    th_buf = np.empty((n, batch), np.float32)
+    xp_buf = np.empty((min(time, _BLOCK_STEPS), 4 * n, batch), np.float32)
+    held = 0 if hold is None else len(hold)
+    h_prev = h
+    for t0 in range(0, time, _BLOCK_STEPS):
+        t1 = min(time, t0 + _BLOCK_STEPS)
+        k0 = counts[t0]
+        if k0 == 0:
+            break
+        xp = np.matmul(kernel.T, u[t0:t1, :, :k0], out=xp_buf[: t1 - t0, :, :k0])
+        xp += bias
+        for t in range(t0, t1):
+            k = counts[t]
+            if k == 0:
+                break
+            hp, cp, z, y = h_prev[:, :k], c[:, :k], z_buf[:, :k], out[t, :, :k]
+            if t < held:
+                rows = np.flatnonzero(hold[t, :k])
+                kept_c = cp[:, rows]
+            np.matmul(recurrent_t, hp, out=z)
+            z += xp[t - t0, :, :k]
+            if standard:
+                # Gates i, f, o, c (see LSTM.fused): one tanh, then i, f, o = (1 + tanh) / 2.
+                np.tanh(z, out=z)
+                gates = z[: 3 * n]
+                gates *= _HALF
+                gates += _HALF
+                i, f, o, g = z[:n], z[n : 2 * n], z[2 * n : 3 * n], z[3 * n :]
+                cp *= f
+                cp += np.multiply(i, g, out=ig_buf[:, :k])
+                np.multiply(o, np.tanh(cp, out=th_buf[:, :k]), out=y)
+            else:
+                i, f, g, o = rec(z[:n]), rec(z[n : 2 * n]), act(z[2 * n : 3 * n]), rec(z[3 * n :])
+                cp[:] = f * cp + i * g
+                y[:] = o * act(cp)
+            if t < held and len(rows):
+                cp[:, rows] = kept_c
+                y[:, rows] = hp[:, rows]
+            h_prev = out[t]
+    return out
 
 
-def _conv_columns(ext: np.ndarray, op: Conv, time: int) -> np.ndarray:
-    """The conv's input taps side by side, ``[batch, time, taps * in]``, from the padded input ``ext``."""
-    taps = np.lib.stride_tricks.sliding_window_view(ext, op.span + 1, axis=1)[:, :time, :, :: op.dilation]
-    return np.ascontiguousarray(taps.transpose(0, 1, 3, 2)).reshape(len(ext), time, -1)
+def _tfb(u: np.ndarray) -> np.ndarray:
+    """A batch-major ``[batch, time, features]`` array as the kernels' ``[time, features, batch]`` (a view)."""
+    return u.transpose(1, 2, 0)
 
 
 def forward(plan: WindowPlan, x: np.ndarray) -> np.ndarray:
     """The model over whole windows: normalised float32 ``[batch, window, channels]`` -> its raw output."""
-    u = x
+    batch = len(x)
+    u, timed = _tfb(x), True  # timed: u is [time, features, batch]; else batch-major, after a Reshape or last state
     for op in plan.ops:
+        if not timed and u.ndim == 3 and isinstance(op, Conv | LSTM | Pool):
+            u, timed = _tfb(u), True
         if isinstance(op, Conv):
-            time = u.shape[1]
+            time = len(u)
             left = {"same": op.span // 2, "causal": op.span, "valid": 0}[op.padding]
             right = op.span - left if op.padding == "same" else 0
-            ext = np.pad(u, ((0, 0), (left, right), (0, 0))) if op.span and op.padding != "valid" else u
-            out_time = time if op.padding != "valid" else time - op.span
-            u = _dense(_conv_columns(ext, op, out_time), op.kernel, op.bias, op.activation)
+            ext = np.empty((left + time + right, *u.shape[1:]), np.float32)
+            ext[:left] = 0
+            ext[left : left + time] = u
+            ext[left + time :] = 0
+            u = _conv(ext, op, time if op.padding != "valid" else time - op.span)
         elif isinstance(op, LSTM):
-            zeros = np.zeros((len(u), op.units), np.float32)
-            out, h, _ = lstm(op, u, zeros, zeros)
-            u = out if op.sequences else h
+            zeros = np.zeros((op.units, batch), np.float32)
+            out = lstm(op, u, zeros, zeros.copy())
+            u, timed = (out, True) if op.sequences else (np.ascontiguousarray(out[-1].T), False)
         elif isinstance(op, Pool):
-            batch, time, width = u.shape
+            time, width, _ = u.shape
             kept = time // op.size * op.size
-            u = u[:, :kept].reshape(batch, time // op.size, op.size, width).max(axis=2)
+            u = u[:kept].reshape(time // op.size, op.size, width, batch).max(axis=1)
         elif isinstance(op, Reshape):
-            u = u.reshape(len(u), *op.shape)
+            u, timed = (u.transpose(2, 0, 1) if timed else u).reshape(batch, *op.shape), False
+        elif timed:
+            u = _linear(u, op.kernel, op.bias, op.activation) if op.kernel is not None else _activate(u.copy(), op.activation, 1)
         else:
-            u = ACTIVATIONS[op.activation](u) if op.kernel is None else _dense(u, op.kernel, op.bias, op.activation)
-    return u
+            u = _dense(u, op.kernel, op.bias, op.activation) if op.kernel is not None else ACTIVATIONS[op.activation](u)
+    return np.ascontiguousarray(u.transpose(2, 0, 1)) if timed else u
+
+
+# How the stateful step splits rows into runs (see ``_runs``), in multiply-adds: a step of
+# the LSTM loop costs about as much in call overheads as this many, and a run as this many.
+_STEP_COST = 1_000_000
+_RUN_COST = 5_000_000
+
+
+def _runs(lengths: np.ndarray, position_cost: int, a: int = 0, b: int | None = None) -> list[tuple[int, int]]:
+    """Split rows ``a:b`` (lengths non-increasing, all > 0) into runs ``[a, b)``, each computed as one box.
+
+    A run's convs and dense layers cost ``position_cost`` per position of its
+    box (rows x its longest row); its LSTM loop costs ``_STEP_COST`` per step
+    (steps on shorter rows are not made, whatever the box). The best single
+    split is taken while it saves more than it costs, then each side is split again.
+    """
+    b = len(lengths) if b is None else b
+    if b - a < 2:
+        return [(a, b)] if b > a else []
+    tail = lengths[a + 1 : b]
+    saved = (b - np.arange(a + 1, b)) * (lengths[a] - tail) * position_cost - tail * _STEP_COST - _RUN_COST
+    best = int(saved.argmax())
+    if saved[best] <= 0:
+        return [(a, b)]
+    return _runs(lengths, position_cost, a, a + 1 + best) + _runs(lengths, position_cost, a + 1 + best, b)
 
 
 def step(
-    plan: StepPlan, x: np.ndarray, lengths: np.ndarray, ends: np.ndarray, state: np.ndarray
+    plan: StepPlan, x: np.ndarray, lengths: np.ndarray, ends: np.ndarray, state: np.ndarray,
+    norm: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One call of the stateful step.
 
-    ``x`` is normalised float32 ``[batch, time, channels]``; ``lengths[b]`` valid
-    steps per row (steps past it leave the row's state unchanged); ``ends[b]`` is
-    where the stream's real input ends within this call (``time`` or more for a
-    normal call, 0 for a flush), past which every layer's input is Keras' zero
-    padding. Returns the model's raw outputs ``[batch, time, units_out]`` and the
-    new states.
+    ``x`` is float32 ``[batch, time, channels]``, normalised as ``(x - mean) / std``
+    here if ``norm`` is ``(mean, std)``; ``lengths[b]`` valid steps per row
+    (steps past it leave the row's state unchanged); ``ends[b]`` is where the
+    stream's real input ends within this call (``time`` or more for a normal
+    call, 0 for a flush), past which every layer's input is Keras' zero
+    padding. Returns the model's raw outputs ``[batch, time, units_out]`` (past a
+    row's length they mean nothing) and the new states.
     """
     batch, time, _ = x.shape
+    y = np.zeros((batch, time, plan.units_out), np.float32)
+    new_state = state.copy()  # rows of length 0 keep theirs
+    order = np.argsort(-lengths, kind="stable")
+    ordered = lengths[order]
+    position_cost = sum(op.kernel.size for op in plan.steps if op.kernel is not None)
+    for a, b in _runs(ordered[ordered > 0], position_cost):
+        rows = order[a:b]
+        longest = int(ordered[a])
+        y_run, new_state[rows] = _step_rows(plan, x[rows, :longest], ordered[a:b], ends[rows], state[rows], norm)
+        y[rows, :longest] = y_run.transpose(2, 0, 1)
+    return y, new_state
+
+
+def _step_rows(
+    plan: StepPlan, x: np.ndarray, lengths: np.ndarray, ends: np.ndarray, state: np.ndarray,
+    norm: tuple[np.ndarray, np.ndarray] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``step`` on rows sorted longest first, the first as long as ``x``: outputs ``[time, units_out, batch]`` and states."""
+    batch, time, _ = x.shape
+    if norm is not None:
+        x -= norm[0]  # x is step's copy of these rows
+        x /= norm[1]
     new_state = np.empty_like(state)
-    full = bool((lengths >= time).all())
+    full = int(lengths[-1]) == time
+    stepping = (batch - np.cumsum(np.bincount(lengths, minlength=time + 1))[:time]).tolist()
     steps = np.arange(time)
     if plan.lookahead:
         seen = state[:, -1].astype(np.int64)
         new_state[:, -1] = np.minimum(seen + lengths, plan.lookahead)
         edge = bool(seen.min() < plan.lookahead) or bool((ends < time).any())
     else:
-        seen = np.zeros(batch, np.int64)
         edge = False
-    rows = np.arange(batch)[:, None]
-    u = x
+    if edge:
+        # [time, batch]: where a layer's output belongs to the stream (after its start, before its end).
+        inside = {op.delay: (seen + steps[:, None] >= op.delay) & (steps[:, None] - op.delay < ends) for op in plan.steps}
+    u = _tfb(x)
     for op in plan.steps:
         if isinstance(op, Conv):
             span, cin = op.span, op.in_channels
             if span:
-                buf = state[:, op.offset : op.offset + op.size].reshape(batch, span, cin)
-                ext = np.concatenate([buf, u], axis=1)
-                cols = _conv_columns(ext, op, time)
-                kept = ext[:, time:] if full else ext[rows, lengths[:, None] + np.arange(span)]
+                ext = np.empty((span + time, cin, batch), np.float32)
+                ext[:span] = state[:, op.offset : op.offset + op.size].reshape(batch, span, cin).transpose(1, 2, 0)
+                ext[span:] = u
+                out = _conv(ext, op, time)
+                # The buffer: each row's last span inputs.
+                kept = ext[time:].transpose(2, 0, 1) if full else ext[lengths + np.arange(span)[:, None], :, np.arange(batch)].transpose(1, 0, 2)
                 new_state[:, op.offset : op.offset + op.size] = kept.reshape(batch, -1)
             else:
-                cols = u
-            y = _dense(cols, op.kernel, op.bias, op.activation)
+                out = _linear(u, op.kernel, op.bias, op.activation)
         elif isinstance(op, LSTM):
             n = op.units
-            # The LSTM steps only on valid samples of the stream: not on padding, not on
-            # the look-ahead outputs that precede the stream's first sample.
-            active = None
-            if not full or (edge and op.delay > 0):
-                active = ((steps < lengths[:, None]) & (seen[:, None] + steps >= op.delay))[:, :, None]
-            y, h, c = lstm(op, u, state[:, op.offset : op.offset + n], state[:, op.offset + n : op.offset + 2 * n],
-                           active)
-            new_state[:, op.offset : op.offset + n] = h
-            new_state[:, op.offset + n : op.offset + 2 * n] = c
+            # The LSTM steps only on valid samples of the stream: not on padding (rows past
+            # their length do not step), not on the look-ahead outputs that precede the
+            # stream's first sample (held).
+            hold = None
+            if edge and op.delay > 0:
+                hold = seen + steps[: min(time, op.delay), None] < op.delay
+            h = np.ascontiguousarray(state[:, op.offset : op.offset + n].T)
+            c = np.ascontiguousarray(state[:, op.offset + n : op.offset + 2 * n].T)
+            out = lstm(op, u, h, c, stepping, hold if hold is not None and hold.any() else None)
+            new_state[:, op.offset : op.offset + n] = out[lengths - 1, :, np.arange(batch)]
+            new_state[:, op.offset + n : op.offset + 2 * n] = c.T
+        elif op.kernel is not None:
+            out = _linear(u, op.kernel, op.bias, op.activation)
         else:
-            y = ACTIVATIONS[op.activation](u) if op.kernel is None else _dense(u, op.kernel, op.bias, op.activation)
+            out = _activate(u.copy(), op.activation, 1)
         if op.mask_output and edge:
-            inside = (seen[:, None] + steps >= op.delay) & (steps - op.delay < ends[:, None])
-            y = y * inside[:, :, None]
-        u = y
+            out *= inside[op.delay][:, None, :]
+        u = out
     return u, new_state

@@ -96,8 +96,9 @@ class StatefulEngine:
         return np.zeros(self.state_size, np.float32)
 
     def run(self, x: np.ndarray, lengths: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        xn = (np.asarray(x, np.float32) - self._mean) / self._std
-        return self._run_normalised(xn, np.asarray(lengths, np.int64), None, np.asarray(state, np.float32))
+        # The kernel normalises the rows' valid samples only: a long row pads all the others.
+        return self._run(np.asarray(x, np.float32), np.asarray(lengths, np.int64), None, np.asarray(state, np.float32),
+                         (self._mean, self._std))
 
     def flush(self, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """End streams: the labels of each row's last ``lookahead`` samples, ``[batch, lookahead, n_classes]``.
@@ -111,12 +112,13 @@ class StatefulEngine:
         batch = state.shape[0]
         k = self.lookahead
         xn = np.zeros((batch, k, self.plan.channels), np.float32)
-        return self._run_normalised(xn, np.full(batch, k, np.int64), np.zeros(batch, np.int64), state)
+        return self._run(xn, np.full(batch, k, np.int64), np.zeros(batch, np.int64), state, None)
 
-    def _run_normalised(
-        self, xn: np.ndarray, lengths: np.ndarray, ends: np.ndarray | None, state: np.ndarray
+    def _run(
+        self, x: np.ndarray, lengths: np.ndarray, ends: np.ndarray | None, state: np.ndarray,
+        norm: tuple[np.ndarray, np.ndarray] | None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        batch, time, _ = xn.shape
+        batch, time, _ = x.shape
         probs = np.empty((batch, time, self._n_classes), np.float32)
         new_state = np.empty_like(state)
         for b0 in range(0, max(batch, 1), self.max_batch):
@@ -126,7 +128,7 @@ class StatefulEngine:
                 t1 = min(time, t0 + self.max_chunk)
                 rows_len = np.clip(lengths[b0:b1] - t0, 0, t1 - t0)
                 rows_end = np.full(b1 - b0, t1 - t0) if ends is None else ends[b0:b1] - t0
-                y, s = kernels.step(self.plan, xn[b0:b1, t0:t1], rows_len, rows_end, s)
+                y, s = kernels.step(self.plan, x[b0:b1, t0:t1], rows_len, rows_end, s, norm)
                 probs[b0:b1, t0:t1] = to_probabilities(y)
             new_state[b0:b1] = s
         return probs, new_state
