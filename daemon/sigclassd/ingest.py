@@ -41,6 +41,7 @@ class Ingest:
         self.topic_rules = topic_rules
         self.unauthorised = 0
         self.set_shard(settings.shard)
+        self.backlog = False  # the last drain left messages queued (it ran out of time or count)
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, settings.rcvhwm)
         # Bounds the memory one message can take: larger ones are dropped by libzmq
@@ -69,6 +70,7 @@ class Ingest:
         """
         limit = self.settings.drain_max_messages if limit is None else limit
         messages: list[list[bytes]] = []
+        self.backlog = False
         if not self.poller.poll(max(0, int(timeout_s * 1000))):
             return messages, 0.0
         now = time.time()
@@ -82,6 +84,7 @@ class Ingest:
                 take(messages, min(_CHECK_EVERY, limit - len(messages)))
                 if time.perf_counter() > deadline:
                     break
+            self.backlog = True
         except zmq.Again:
             pass
         return self._mine(messages), now

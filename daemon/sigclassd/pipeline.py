@@ -87,9 +87,12 @@ class Pipeline:
         self.take(timeout_s)
         table = self.table
         model = self.settings.model
-        if model.max_wait_ms and table.ready and not table.retired and len(table.ready) < model.batch_target_streams:
+        if (model.max_wait_ms and table.ready and not table.retired and not table.demoted
+                and not self.ingest.backlog and len(table.ready) < model.batch_target_streams):
             # One sleep and one drain, rather than a poll per message arriving meanwhile.
-            # Under load batches fill by themselves while the model runs: no waiting then.
+            # Under load batches fill by themselves while the model runs: no waiting then,
+            # nor while messages are left queued or demoted streams wait (a flood): the
+            # other streams' labels would wait with them.
             time.sleep(model.max_wait_ms / 1000)
             self.take(0.0)
         return self.run_batch()

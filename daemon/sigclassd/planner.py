@@ -65,20 +65,44 @@ class Planner:
         self.demoted_samples = demoted_samples  # per call, for streams over their declared rate
 
     def collect(self) -> Batch | None:
-        """Gather the next batch, or None when no stream has work."""
+        """Gather the next batch, or None when no stream has work.
+
+        Retired and ready streams come first. Demoted streams (over their declared rate
+        lately) follow, in turn, while ``demoted_samples`` model input samples remain: each
+        gets a short share (``_demoted_share``), so a flood can neither lengthen the call
+        much nor take more than the budget; what it does not get waits, or is shed at the
+        pending cap.
+        """
         empty: list[Stream] = []
         plans: list[tuple[Stream, list[tuple[int, int, int]]]] = []
-        for stream in self.table.take_ready(self.max_streams, self.demoted_samples):
+        for stream in self.table.take_ready(self.max_streams):
             plan = self._plan(stream)
             if plan:
                 plans.append((stream, plan))
             elif stream.final:
                 empty.append(stream)
+        budget = self.demoted_samples
+        while budget > 0 and len(plans) < self.max_streams:
+            stream = self.table.take_demoted()
+            if stream is None:
+                break
+            plan = self._demoted_share(stream, budget)
+            if plan:
+                plans.append((stream, plan))
+                budget -= self._cost(plan)
         if not plans:
             return Batch(*_EMPTY_ARRAYS, [], empty, 0.0, 0, _NO_ROWS) if empty else None
         return self._gather(plans, empty)
 
     def _plan(self, stream: Stream) -> list[tuple[int, int, int]]:
+        raise NotImplementedError
+
+    def _demoted_share(self, stream: Stream, budget: int) -> list[tuple[int, int, int]]:
+        """A demoted stream's plan, cut to about ``budget`` model input samples (at least one unit of work)."""
+        raise NotImplementedError
+
+    def _cost(self, plan: list[tuple[int, int, int]]) -> int:
+        """Model input samples of a plan."""
         raise NotImplementedError
 
     def _gather(self, plans: list[tuple[Stream, list[tuple[int, int, int]]]], empty: list[Stream]) -> Batch:
@@ -190,6 +214,12 @@ class WindowedPlanner(Planner):
             return []
         return plan_windows(s.n, s.labelled, self.window, self.lag, final=s.final)
 
+    def _demoted_share(self, s: Stream, budget: int) -> list[tuple[int, int, int]]:
+        return self._plan(s)[: max(1, budget // self.window)]
+
+    def _cost(self, plan: list[tuple[int, int, int]]) -> int:
+        return len(plan) * self.window
+
     def _gather(self, plans: list[tuple[Stream, list[tuple[int, int, int]]]], empty: list[Stream]) -> Batch:
         rows = sum(len(p) for _, p in plans)
         x = self._new_input(rows, self.window)
@@ -217,6 +247,9 @@ class WindowedPlanner(Planner):
         return Batch(x, lengths, state, slots, work, empty, _seconds(oldest), samples, _NO_ROWS)
 
 
+DEMOTED_CHUNK = 32  # samples of a demoted stream per stateful call
+
+
 class StatefulPlanner(Planner):
     """Feeds each stream's new samples to the model with its carried state."""
 
@@ -230,7 +263,16 @@ class StatefulPlanner(Planner):
         A retired stream is flushed: after its last rows, the engine's ``flush``
         produces the labels of the ``lookahead`` samples still held back.
         """
-        take = s.pending if s.final else min(s.pending, self.max_chunk)
+        return self._plan_take(s, s.pending if s.final else min(s.pending, self.max_chunk))
+
+    def _demoted_share(self, s: Stream, budget: int) -> list[tuple[int, int, int]]:
+        # A share no longer than a well-behaved stream's usual take keeps the call as short as without the flood.
+        return self._plan_take(s, min(s.pending, DEMOTED_CHUNK, budget))
+
+    def _cost(self, plan: list[tuple[int, int, int]]) -> int:
+        return plan[0][0]
+
+    def _plan_take(self, s: Stream, take: int) -> list[tuple[int, int, int]]:
         consumed = s.consumed + take
         flushed = self.lookahead if s.final and consumed > s.done else 0
         labelled_through = consumed if s.final else max(s.done, consumed - self.lookahead)

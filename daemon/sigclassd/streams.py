@@ -393,16 +393,23 @@ class StreamTable:
         now = self.clock()
         if stream.within_rate(seq, k, rate_hz * s.rate_limit, now, s.rate_burst_s):
             return True
-        self._rate_limited(stream, seq, k, rate_hz, now)
+        self._rate_limited(stream, seq, k, now)
+        self._refuse_rated(k, 1, stream.name, rate_hz)
         self.metrics.samples_received.inc(k)
         return False
 
-    def _rate_limited(self, stream: Stream, seq: int, k: int, rate_hz: float, now: float) -> None:
-        s = self.settings
-        stream.demote(now + s.demote_s)
+    def _rate_limited(self, stream: Stream, seq: int, k: int, now: float) -> None:
+        stream.demote(now + self.settings.demote_s)
         stream.skip(seq, k)
         stream.touch(now)
-        self._refuse("rate_limited", k, stream.name, f"more than {s.rate_limit:g} x the declared {rate_hz:g} Hz")
+
+    def _refuse_rated(self, samples: int, frames: int, stream: str, rate_hz: float) -> None:
+        """Count refused over-rate frames; one call per drain, since a flood brings thousands of them."""
+        s = self.settings
+        self.metrics.samples_rejected.labels("rate_limited").inc(samples)
+        detail = f"more than {s.rate_limit:g} x the declared {rate_hz:g} Hz"
+        count = self.notices.get("rate_limited", (0, detail, stream))[0]
+        self.notices["rate_limited"] = (count + frames, detail, stream)
 
     def accept(self, frame: SampleFrame, wall: float | None = None, *, admitted: bool = False) -> None:
         """Apply the rate limit (unless ``admitted`` already) and the seq policy to a decoded frame; buffer what is new."""
@@ -427,7 +434,8 @@ class StreamTable:
         get = self.streams.get
         x, meta = batch.samples, batch.meta
         meta[:, ARRIVAL] = int(wall * 1e9)
-        received = 0
+        received = refused = refused_frames = 0
+        refused_example: tuple[str, float] = ("", 0.0)
         for sid, seq, k, rate, flags, a in zip(batch.streams, batch.seq, batch.n_samples, batch.rate, batch.flags,
                                                batch.offset, strict=True):
             received += k
@@ -436,7 +444,10 @@ class StreamTable:
                 self._accept(sid, seq, k, rate, flags, x[a : a + k], meta[a : a + k], now)
                 continue
             if rate_limit and rate and not stream.within_rate(seq, k, rate * rate_limit, now, burst_s):
-                self._rate_limited(stream, seq, k, rate, now)
+                self._rate_limited(stream, seq, k, now)
+                refused += k
+                refused_frames += 1
+                refused_example = (sid, rate)
                 continue
             if flags or seq != stream.next_seq or stream.last_seq is None or stream.n - stream.fed + k > limit:
                 self._accept(sid, seq, k, rate, flags, x[a : a + k], meta[a : a + k], now)
@@ -452,6 +463,8 @@ class StreamTable:
             self.buffered += k
             if stream.n - stream.fed >= ready_after:
                 self._queue(stream, now)
+        if refused:
+            self._refuse_rated(refused, refused_frames, *refused_example)
         self.metrics.samples_received.inc(received)
 
     def _accept(self, stream_id: str, seq: int, k: int, rate: float, flags: int, samples: np.ndarray,
@@ -602,9 +615,8 @@ class StreamTable:
             self.retire(stream)
         self.streams.clear()
 
-    def take_ready(self, limit: int, demoted_samples: int) -> Iterator[Stream]:
-        """Yield up to ``limit`` streams with work: retired ones first, then ready ones, oldest first, then
-        demoted ones (over their declared rate lately) while their pending samples fit in ``demoted_samples``."""
+    def take_ready(self, limit: int) -> Iterator[Stream]:
+        """Yield up to ``limit`` streams with work: retired ones first, then ready ones, oldest first."""
         count = 0
         while self.retired and count < limit:
             yield self.retired.pop(0)
@@ -614,12 +626,14 @@ class StreamTable:
             del self.ready[stream]
             yield stream
             count += 1
-        while self.demoted and count < limit and demoted_samples > 0:
-            stream = next(iter(self.demoted))
-            del self.demoted[stream]
-            demoted_samples -= stream.pending
-            yield stream
-            count += 1
+
+    def take_demoted(self) -> Stream | None:
+        """The demoted stream (over its declared rate lately) that has waited longest, or None."""
+        if not self.demoted:
+            return None
+        stream = next(iter(self.demoted))
+        del self.demoted[stream]
+        return stream
 
     @property
     def has_work(self) -> bool:

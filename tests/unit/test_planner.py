@@ -308,3 +308,49 @@ def test_shedding_before_the_first_labels_reports_the_hole():
     p.send("a", 0, 25)
     runs = p.run_all()
     assert spans(runs) == [("a", 15, 10, START | SHED | GAP | WARMUP)] and runs[0].gap == 15
+
+
+def _demote(pipe: Pipe, *names: str) -> None:
+    """Mark streams over their rate (as StreamTable.admit does) and queue them as demoted."""
+    for name in names:
+        stream = pipe.table.streams[name]
+        pipe.table.ready.pop(stream, None)
+        stream.demote(pipe.now + 10.0)
+        pipe.table.requeue(stream)
+    assert len(pipe.table.demoted) == len(names)
+
+
+def test_stateful_demoted_streams_get_short_shares_within_the_budget():
+    """Ready streams are fed whole; each demoted one at most DEMOTED_CHUNK samples, in turn, until the budget is
+    spent, so the flood neither lengthens the call nor takes more than its budget; the rest waits, in order."""
+    from sigclassd.planner import DEMOTED_CHUNK
+
+    p = Pipe("stateful", lookahead=2, batch_streams=64, limit=5000)
+    p.planner.demoted_samples = 100
+    p.send("good", 0, 12)
+    for i in range(6):
+        p.send(f"flood{i}", 0, 500)
+    _demote(p, *(f"flood{i}" for i in range(6)))
+    batch = p.planner.collect()
+    takes = {stream.name: fed for stream, fed, _, _ in batch.work}
+    # 100 samples of budget: 32 + 32 + 32 + the last share cut to the 4 samples left.
+    assert takes == {"good": 12, "flood0": DEMOTED_CHUNK, "flood1": DEMOTED_CHUNK, "flood2": DEMOTED_CHUNK,
+                     "flood3": 4}
+    assert batch.x.shape[1] == DEMOTED_CHUNK  # not 500: the call is as long as a share
+    assert [s.name for s in p.table.demoted] == ["flood4", "flood5"]  # next in line
+
+
+def test_windowed_demoted_streams_get_whole_windows_within_the_budget():
+    """A demoted stream is served budget // window windows per call (at least one), the rest next time."""
+    p = Pipe("windowed", window=16, hop=8, batch_streams=64, limit=5000)
+    p.planner.demoted_samples = 40  # two windows of 16
+    p.send("good", 0, 16)
+    p.send("flood", 0, 160)
+    _demote(p, "flood")
+    batch = p.planner.collect()
+    rows = {stream.name: len(spans) for stream, _, _, spans in batch.work}
+    assert rows == {"good": 1, "flood": 2}
+    labelled = p.planner.complete(batch, batch.x, batch.state)
+    assert [(r.topic, r.seq, len(r.labels)) for r in labelled] == [(b"good", 0, 16), (b"flood", 0, 16),
+                                                                    (b"flood", 16, 16)]
+    assert list(p.table.demoted) == [p.table.streams["flood"]]  # requeued with the rest of its work

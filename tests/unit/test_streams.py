@@ -255,7 +255,7 @@ def rated(stream: str, seq: int, n: int, rate: float = 100.0, *, restart: bool =
 
 def test_a_stream_over_its_declared_rate_is_refused_and_served_last():
     """At 10x its declared 100 Hz, a stream's excess frames are rejected (rate_limited), not 'missing', and it is
-    demoted: well-behaved streams are taken first, the demoted one within the per-turn sample budget."""
+    demoted: well-behaved streams are the ready ones, the demoted one waits in a queue of its own."""
     t, reg, clock = make_table(rate_limit=1.5, rate_burst_s=1.0, demote_s=10.0)
     t.accept(rated("good", 0, 10))
     for i in range(40):  # 400 samples in 0.4 s of a 100 Hz stream
@@ -269,10 +269,13 @@ def test_a_stream_over_its_declared_rate_is_refused_and_served_last():
     assert flood.flags & protocol.LABEL_SHED and flood.next_seq == 400
     clock.now = 0.5
     t.accept(rated("good", 10, 10))
-    taken = list(t.take_ready(8, demoted_samples=1000))
-    assert [s.name for s in taken] == ["good", "flood"]
+    # Queued before it went over its rate, the flood is served once more as a ready stream...
+    assert [s.name for s in t.take_ready(8)] == ["good", "flood"]
+    # ...and from then on waits in the demoted queue, which the planner serves within its budget.
     t.requeue(flood)
-    assert list(t.take_ready(8, demoted_samples=0)) == []  # no budget: the flood waits
+    t.accept(rated("good", 20, 10))
+    assert [s.name for s in t.take_ready(8)] == ["good"]
+    assert t.take_demoted() is flood and t.take_demoted() is None
 
 
 def test_a_reset_storm_costs_its_own_id_only():
