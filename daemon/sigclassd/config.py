@@ -33,8 +33,9 @@ class InputSettings:
     # Messages taken from the socket per main-loop turn before the model runs:
     # bounds the time between model calls under a flood.
     drain_max_messages: int = 20_000
-    # ...and at most this long receiving them (about 1,000 messages a millisecond).
-    drain_max_ms: float = 5.0
+    # ...and at most this long receiving them (about 300 messages a millisecond). Short, so that
+    # under a flood the other streams' labels wait for no more than this much reading.
+    drain_max_ms: float = 1.0
     # "K/N": label only the streams that rendezvous hashing of their id gives to shard K of N
     # (sigclassd/shard.py); the others are dropped before decoding. Empty: every stream subscribed to.
     shard: str = ""
@@ -79,7 +80,8 @@ class StreamSettings:
     rate_limit: float = 1.5
     rate_burst_s: float = 2.0
     demote_s: float = 10.0
-    # Samples of demoted streams fed to the model per turn: what a flood can cost the others.
+    # Model input samples per model call for demoted streams (a window counts its length; a
+    # stateful share is at most 32 samples): what a flood can add to the others' latency.
     demoted_samples_per_turn: int = 2048
     # Resets (restart flag, seq jumps) one stream id may cause per second, with a burst of
     # reset_burst; further resetting frames are rejected (reset_storm).
