@@ -60,7 +60,7 @@ def test_a_busy_address_fails_naming_the_setting_and_address():
 
 
 def test_the_drain_takes_at_most_its_cap_and_leaves_the_rest_queued():
-    """drain_max_messages bounds one turn's take; what is left comes in the next."""
+    """drain_max_messages bounds one turn's take; what is left comes in the next, and the drain says it left some."""
     ctx = zmq.Context()
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     ingest = Ingest(ctx, InputSettings(bind=(endpoint,), drain_max_messages=100, drain_max_ms=1000.0))
@@ -75,8 +75,12 @@ def test_the_drain_takes_at_most_its_cap_and_leaves_the_rest_queued():
         pub.send_multipart(parts)
     time.sleep(0.3)
     try:
-        counts = [len(ingest.drain(1.0)[0]) for _ in range(3)]
+        counts, backlog = [], []
+        for _ in range(3):
+            counts.append(len(ingest.drain(1.0)[0]))
+            backlog.append(ingest.backlog)
         assert counts == [100, 100, 50]
+        assert backlog == [True, True, False]  # the turn does not wait for a batch to fill while messages queue
         assert ingest.drain(0.05) == ([], 0.0)
     finally:
         pub.close(linger=0)
