@@ -18,6 +18,8 @@ LSTM, and rows of very different lengths run in separate boxes (``_runs``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from sigclassd.engine.activations import ACTIVATIONS
@@ -84,12 +86,35 @@ def _linear(u: np.ndarray, kernel: np.ndarray, bias: np.ndarray, activation: str
     return _activate(y, activation, 1)
 
 
-def _conv(ext: np.ndarray, op: Conv, time: int) -> np.ndarray:
-    """The conv's ``time`` outputs from its contiguous input ``ext`` ``[time + span, in, batch]`` (padding or buffer included)."""
+# A layer's outputs as a function of the steps ``t0:t1`` and the first ``rows`` rows wanted,
+# ``[t1 - t0, features, rows]``: what an LSTM reads its input from.
+Source = Callable[[int, int, int], np.ndarray]
+
+
+def _conv(ext: np.ndarray, op: Conv, time: int) -> Source:
+    """The conv's ``time`` outputs from its input ``ext`` ``[time + span, in, batch]`` (padding or buffer included).
+
+    ``ext`` is contiguous, or the ``[time, features, batch]`` view of a contiguous batch-major array.
+    """
     taps = np.lib.stride_tricks.sliding_window_view(ext, op.span + 1, axis=0)
     taps = taps.transpose(0, 3, 1, 2)[:time, :: op.dilation]
-    # [time, taps * in, batch]: a view of ext when the taps are adjacent, else a copy.
-    return _linear(taps.reshape(time, -1, ext.shape[2]), op.kernel, op.bias, op.activation)
+
+    def outputs(t0: int, t1: int, rows: int) -> np.ndarray:
+        # [steps, taps * in, rows]: a view of ext when the taps are adjacent, else a copy.
+        return _linear(taps[t0:t1, :, :, :rows].reshape(t1 - t0, -1, rows), op.kernel, op.bias, op.activation)
+
+    return outputs
+
+
+def _fill(dst: np.ndarray, u: np.ndarray, norm: tuple[np.ndarray, np.ndarray] | None, axis: int = 1) -> None:
+    """``dst[:] = u``, normalised as ``(u - mean) / std`` if ``norm`` is ``(mean, std)``, features on ``axis``."""
+    if norm is None:
+        dst[...] = u
+    else:
+        shape = [1] * u.ndim
+        shape[axis] = -1
+        np.subtract(u, norm[0].reshape(shape), out=dst)
+        dst /= norm[1].reshape(shape)
 
 
 # Input projections are made a block of steps at a time, just before the steps use them, so
@@ -97,9 +122,12 @@ def _conv(ext: np.ndarray, op: Conv, time: int) -> np.ndarray:
 _BLOCK_BYTES = 1 << 20
 
 
-def lstm(step: LSTM, u: np.ndarray, h: np.ndarray, c: np.ndarray, counts: list[int] | None = None,
+def lstm(step: LSTM, u: np.ndarray | Source, time: int, h: np.ndarray, c: np.ndarray, counts: list[int] | None = None,
          hold: np.ndarray | None = None) -> np.ndarray:
-    """Run ``step`` over ``u`` ``[time, in, batch]`` from ``h``, ``c`` ``[units, batch]``; returns the outputs ``[time, units, batch]``.
+    """Run ``step`` over ``time`` steps of ``u`` from ``h``, ``c`` ``[units, batch]``; returns the outputs ``[time, units, batch]``.
+
+    ``u`` is the input ``[time, in, batch]`` or the layer that makes it (a ``Source``,
+    asked for a block of steps at a time: its outputs then stay in cache until read).
 
     ``c`` is updated in place; the last ``h`` of each row is its last output.
     Only the first ``counts[t]`` rows step at ``t`` (non-increasing; default all):
@@ -107,7 +135,7 @@ def lstm(step: LSTM, u: np.ndarray, h: np.ndarray, c: np.ndarray, counts: list[i
     may cover the first few steps only) row ``b`` does not step at ``t``: its h
     and c carry over and its output is its h.
     """
-    time, _, batch = u.shape
+    batch = h.shape[1]
     n = step.units
     standard = step.activation == "tanh" and step.recurrent_activation == "sigmoid"
     kernel, recurrent, bias = step.fused if standard else (step.kernel, step.recurrent, step.bias)
@@ -132,7 +160,8 @@ def lstm(step: LSTM, u: np.ndarray, h: np.ndarray, c: np.ndarray, counts: list[i
         k0 = counts[t0]
         if k0 == 0:
             break
-        xp = np.matmul(kernel.T, u[t0:t1, :, :k0], out=xp_buf[: t1 - t0, :, :k0])
+        block_in = u[t0:t1, :, :k0] if isinstance(u, np.ndarray) else u(t0, t1, k0)
+        xp = np.matmul(kernel.T, block_in, out=xp_buf[: t1 - t0, :, :k0])
         for t in range(t0, t1):
             k = counts[t]
             if k == 0:
@@ -169,25 +198,43 @@ def _tfb(u: np.ndarray) -> np.ndarray:
     return u.transpose(1, 2, 0)
 
 
-def forward(plan: WindowPlan, x: np.ndarray) -> np.ndarray:
-    """The model over whole windows: normalised float32 ``[batch, window, channels]`` -> its raw output."""
+def forward(plan: WindowPlan, x: np.ndarray, norm: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """The model over whole windows: float32 ``[batch, window, channels]`` -> its raw output.
+
+    ``x`` is normalised as ``(x - mean) / std`` here if ``norm`` is ``(mean, std)``.
+    """
     batch = len(x)
     u, timed = _tfb(x), True  # timed: u is [time, features, batch]; else batch-major, after a Reshape or last state
-    for op in plan.ops:
+    if norm is not None and not isinstance(plan.ops[0], Conv):
+        u, norm = _normalised(u, norm), None
+    for index, op in enumerate(plan.ops):
         if not timed and u.ndim == 3 and isinstance(op, Conv | LSTM | Pool):
             u, timed = _tfb(u), True
         if isinstance(op, Conv):
             time = len(u)
             left = {"same": op.span // 2, "causal": op.span, "valid": 0}[op.padding]
             right = op.span - left if op.padding == "same" else 0
-            ext = np.empty((left + time + right, *u.shape[1:]), np.float32)
-            ext[:left] = 0
-            ext[left : left + time] = u
-            ext[left + time :] = 0
-            u = _conv(ext, op, time if op.padding != "valid" else time - op.span)
+            # The padded input in the layout u has: a copy across layouts is a strided one,
+            # slow, and the conv's matmuls read either. (The windows come batch-major.)
+            if u.transpose(2, 0, 1).flags.c_contiguous:
+                ext = np.empty((batch, left + time + right, u.shape[1]), np.float32)
+                ext[:, :left] = 0
+                _fill(ext[:, left : left + time], u.transpose(2, 0, 1), norm, 2)
+                ext[:, left + time :] = 0
+                ext = _tfb(ext)
+            else:
+                ext = np.empty((left + time + right, *u.shape[1:]), np.float32)
+                ext[:left] = 0
+                _fill(ext[left : left + time], u, norm)
+                ext[left + time :] = 0
+            norm = None
+            time = time if op.padding != "valid" else time - op.span
+            u = _conv(ext, op, time)
+            if not _feeds_lstm(plan.ops, index):
+                u = u(0, time, batch)
         elif isinstance(op, LSTM):
             zeros = np.zeros((op.units, batch), np.float32)
-            out = lstm(op, u, zeros, zeros.copy())
+            out = lstm(op, u, len(u) if isinstance(u, np.ndarray) else time, zeros, zeros.copy())
             u, timed = (out, True) if op.sequences else (np.ascontiguousarray(out[-1].T), False)
         elif isinstance(op, Pool):
             time, width, _ = u.shape
@@ -200,6 +247,17 @@ def forward(plan: WindowPlan, x: np.ndarray) -> np.ndarray:
         else:
             u = _dense(u, op.kernel, op.bias, op.activation) if op.kernel is not None else ACTIVATIONS[op.activation](u)
     return np.ascontiguousarray(u.transpose(2, 0, 1)) if timed else u
+
+
+def _feeds_lstm(ops: tuple, index: int) -> bool:
+    """Whether the layer after ``ops[index]`` is an LSTM, which then computes it a block at a time."""
+    return index + 1 < len(ops) and isinstance(ops[index + 1], LSTM)
+
+
+def _normalised(u: np.ndarray, norm: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    out = np.empty(u.shape, np.float32)
+    _fill(out, u, norm)
+    return out
 
 
 # How the stateful step splits rows into runs (see ``_runs``), in multiply-adds: a step of
@@ -261,9 +319,6 @@ def _step_rows(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``step`` on rows sorted longest first, the first as long as ``x``: outputs ``[time, units_out, batch]`` and states."""
     batch, time, _ = x.shape
-    if norm is not None:
-        x -= norm[0]  # x is step's copy of these rows
-        x /= norm[1]
     new_state = np.empty_like(state)
     full = int(lengths[-1]) == time
     stepping = (batch - np.cumsum(np.bincount(lengths, minlength=time + 1))[:time]).tolist()
@@ -274,23 +329,20 @@ def _step_rows(
         edge = bool(seen.min() < plan.lookahead) or bool((ends < time).any())
     else:
         edge = False
-    if edge:
-        # [time, batch]: where a layer's output belongs to the stream (after its start, before its end).
-        inside = {op.delay: (seen + steps[:, None] >= op.delay) & (steps[:, None] - op.delay < ends) for op in plan.steps}
     u = _tfb(x)
-    for op in plan.steps:
-        if isinstance(op, Conv):
+    if norm is not None and not (isinstance(plan.steps[0], Conv) and plan.steps[0].span):
+        u, norm = _normalised(u, norm), None
+    for index, op in enumerate(plan.steps):
+        if isinstance(op, Conv) and op.span:
             span, cin = op.span, op.in_channels
-            if span:
-                ext = np.empty((span + time, cin, batch), np.float32)
-                ext[:span] = state[:, op.offset : op.offset + op.size].reshape(batch, span, cin).transpose(1, 2, 0)
-                ext[span:] = u
-                out = _conv(ext, op, time)
-                # The buffer: each row's last span inputs.
-                kept = ext[time:].transpose(2, 0, 1) if full else ext[lengths + np.arange(span)[:, None], :, np.arange(batch)].transpose(1, 0, 2)
-                new_state[:, op.offset : op.offset + op.size] = kept.reshape(batch, -1)
-            else:
-                out = _linear(u, op.kernel, op.bias, op.activation)
+            ext = np.empty((span + time, cin, batch), np.float32)
+            ext[:span] = state[:, op.offset : op.offset + op.size].reshape(batch, span, cin).transpose(1, 2, 0)
+            _fill(ext[span:], u, norm)
+            norm = None
+            out = _conv(ext, op, time)
+            # The buffer: each row's last span inputs.
+            kept = ext[time:].transpose(2, 0, 1) if full else ext[lengths + np.arange(span)[:, None], :, np.arange(batch)].transpose(1, 0, 2)
+            new_state[:, op.offset : op.offset + op.size] = kept.reshape(batch, -1)
         elif isinstance(op, LSTM):
             n = op.units
             # The LSTM steps only on valid samples of the stream: not on padding (rows past
@@ -301,7 +353,7 @@ def _step_rows(
                 hold = seen + steps[: min(time, op.delay), None] < op.delay
             h = np.ascontiguousarray(state[:, op.offset : op.offset + n].T)
             c = np.ascontiguousarray(state[:, op.offset + n : op.offset + 2 * n].T)
-            out = lstm(op, u, h, c, stepping, hold if hold is not None and hold.any() else None)
+            out = lstm(op, u, time, h, c, stepping, hold if hold is not None and hold.any() else None)
             new_state[:, op.offset : op.offset + n] = out[lengths - 1, :, np.arange(batch)]
             new_state[:, op.offset + n : op.offset + 2 * n] = c.T
         elif op.kernel is not None:
@@ -309,6 +361,21 @@ def _step_rows(
         else:
             out = _activate(u.copy(), op.activation, 1)
         if op.mask_output and edge:
-            out *= inside[op.delay][:, None, :]
+            # Where the layer's output belongs to the stream: after its start, before its end.
+            inside = ((seen + steps[:, None] >= op.delay) & (steps[:, None] - op.delay < ends))[:, None, :]
+            out = _masked(out, inside) if callable(out) else np.multiply(out, inside, out=out)
+        if callable(out) and not _feeds_lstm(plan.steps, index):
+            out = out(0, time, batch)
         u = out
     return u, new_state
+
+
+def _masked(source: Source, inside: np.ndarray) -> Source:
+    """``source``'s outputs times ``inside`` ``[time, 1, batch]``."""
+
+    def outputs(t0: int, t1: int, rows: int) -> np.ndarray:
+        y = source(t0, t1, rows)
+        y *= inside[t0:t1, :, :rows]
+        return y
+
+    return outputs

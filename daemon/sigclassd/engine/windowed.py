@@ -4,7 +4,8 @@ Every architecture ``sigclassd train`` writes runs here, including the pooled
 one that cannot be streamed. A batch of windows is one forward pass
 (``sigclassd.engine.kernels.forward``); large batches run in slices of
 ``CALL_BATCH`` windows, where the per-window cost has flattened out and the
-intermediate arrays still fit in cache.
+intermediate arrays still fit in cache (bundled model, 2026-11: 4,400 windows
+per CPU-second in slices of 32, 5,900 of 64, 6,700 of 128 and 192, 5,200 of 256).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from sigclassd.engine.plan import WindowPlan, check_outputs, window_plan
 from sigclassd.errors import ModelError
 from sigclassd.artifact import ModelArtifact
 
-CALL_BATCH = 64
+CALL_BATCH = 128
 
 
 class WindowedEngine:
@@ -39,8 +40,7 @@ class WindowedEngine:
         self.plan = plan
         self.lookahead = meta.lookahead
         self.window = meta.window
-        self.mean = np.asarray(meta.norm_mean, np.float32)
-        self.inv_std = (1.0 / np.asarray(meta.norm_std, np.float64)).astype(np.float32)
+        self.norm = (np.asarray(meta.norm_mean, np.float32), np.asarray(meta.norm_std, np.float32))
         self.max_batch = min(max_batch, CALL_BATCH)
         y = self._forward(np.zeros((1, meta.window, plan.channels), np.float32))
         if y.shape[1] != meta.window:
@@ -53,16 +53,16 @@ class WindowedEngine:
         """Read ``artifact``'s Keras file as operations over whole windows."""
         return cls(artifact, window_plan(read_chain(artifact.keras_path)), max_batch=max_batch)
 
-    def _forward(self, xn: np.ndarray) -> np.ndarray:
-        y = kernels.forward(self.plan, xn)
+    def _forward(self, x: np.ndarray, norm: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        y = kernels.forward(self.plan, x, norm)
         return y[..., None] if y.ndim == 2 else y  # a Dense(window) output with no Reshape after it
 
     def initial_state(self) -> np.ndarray:
         return np.zeros(0, np.float32)
 
     def run(self, x: np.ndarray, lengths: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        xn = (np.asarray(x, np.float32) - self.mean) * self.inv_std
-        parts = [self._forward(xn[a : a + self.max_batch]) for a in range(0, max(len(xn), 1), self.max_batch)]
+        x = np.asarray(x, np.float32)
+        parts = [self._forward(x[a : a + self.max_batch], self.norm) for a in range(0, max(len(x), 1), self.max_batch)]
         return to_probabilities(np.concatenate(parts) if len(parts) != 1 else parts[0]), state
 
     def flush(self, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
