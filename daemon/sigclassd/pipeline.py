@@ -20,7 +20,7 @@ import structlog
 from sigclassd import protocol
 from sigclassd.config import Settings
 from sigclassd.engine.base import Engine
-from sigclassd.errors import SigclassdError
+from sigclassd.errors import FrameError, SigclassdError
 from sigclassd.ingest import Ingest
 from sigclassd.logs import Summary
 from sigclassd.metrics import Metrics
@@ -115,9 +115,13 @@ class Pipeline:
         m = self.metrics
         m.frames_received.inc(len(messages))
         batch = protocol.decode_batch(messages, n_channels=self.artifact.meta.channels, max_abs=self.max_abs)
-        for error, topic in batch.errors:
-            m.frames_rejected.labels(error.reason).inc()
-            self.rejects.add(error.reason, detail=str(error), topic=topic.decode("utf-8", "replace"))
+        if batch.errors:  # counted by reason, once per drain: a garbage flood brings thousands
+            by_reason: dict[str, tuple[int, FrameError, bytes]] = {}
+            for error, topic in batch.errors:
+                by_reason[error.reason] = (by_reason.get(error.reason, (0,))[0] + 1, error, topic)
+            for reason, (count, error, topic) in by_reason.items():
+                m.frames_rejected.labels(reason).inc(count)
+                self.rejects.add(reason, count, detail=str(error), topic=topic.decode("utf-8", "replace"))
         self.table.accept_batch(batch, wall)
         for reason, (count, detail, stream) in self.table.take_notices().items():
             self.rejects.add(reason, count, detail=detail, topic=stream)
