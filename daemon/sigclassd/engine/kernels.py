@@ -107,14 +107,21 @@ def _conv(ext: np.ndarray, op: Conv, time: int) -> Source:
 
 
 def _fill(dst: np.ndarray, u: np.ndarray, norm: tuple[np.ndarray, np.ndarray] | None, axis: int = 1) -> None:
-    """``dst[:] = u``, normalised as ``(u - mean) / std`` if ``norm`` is ``(mean, std)``, features on ``axis``."""
+    """``dst[:] = u``, normalised as ``(u - mean) * scale`` if ``norm`` is ``(mean, scale)``, features on ``axis``."""
     if norm is None:
         dst[...] = u
     else:
         shape = [1] * u.ndim
         shape[axis] = -1
         np.subtract(u, norm[0].reshape(shape), out=dst)
-        dst /= norm[1].reshape(shape)
+        dst *= norm[1].reshape(shape)
+
+
+def _copy_blocked(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[:] = src`` in slices of 64 along the last axis (the rows): a transposing copy
+    that reads its source in cache-sized pieces takes half the time (1,000 rows x 10 steps)."""
+    for a in range(0, dst.shape[-1], 64):
+        dst[..., a : a + 64] = src[..., a : a + 64]
 
 
 # Input projections are made a block of steps at a time, just before the steps use them, so
@@ -201,7 +208,7 @@ def _tfb(u: np.ndarray) -> np.ndarray:
 def forward(plan: WindowPlan, x: np.ndarray, norm: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """The model over whole windows: float32 ``[batch, window, channels]`` -> its raw output.
 
-    ``x`` is normalised as ``(x - mean) / std`` here if ``norm`` is ``(mean, std)``.
+    ``x`` is normalised as ``(x - mean) * scale`` here if ``norm`` is ``(mean, scale)``.
     """
     batch = len(x)
     u, timed = _tfb(x), True  # timed: u is [time, features, batch]; else batch-major, after a Reshape or last state
@@ -291,8 +298,8 @@ def step(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One call of the stateful step.
 
-    ``x`` is float32 ``[batch, time, channels]``, normalised as ``(x - mean) / std``
-    here if ``norm`` is ``(mean, std)``; ``lengths[b]`` valid steps per row
+    ``x`` is float32 ``[batch, time, channels]``, normalised as ``(x - mean) * scale``
+    here if ``norm`` is ``(mean, scale)``; ``lengths[b]`` valid steps per row
     (steps past it leave the row's state unchanged); ``ends[b]`` is where the
     stream's real input ends within this call (``time`` or more for a normal
     call, 0 for a flush), past which every layer's input is Keras' zero
@@ -301,23 +308,29 @@ def step(
     """
     batch, time, _ = x.shape
     y = np.zeros((batch, time, plan.units_out), np.float32)
-    new_state = state.copy()  # rows of length 0 keep theirs
+    new_state = np.empty_like(state)
     order = np.argsort(-lengths, kind="stable")
     ordered = lengths[order]
+    active = int(np.count_nonzero(ordered))
+    idle = order[active:]
+    new_state[idle] = state[idle]  # rows of length 0 keep theirs
     position_cost = sum(op.kernel.size for op in plan.steps if op.kernel is not None)
-    for a, b in _runs(ordered[ordered > 0], position_cost):
+    for a, b in _runs(ordered[:active], position_cost):
         rows = order[a:b]
         longest = int(ordered[a])
-        y_run, new_state[rows] = _step_rows(plan, x[rows, :longest], ordered[a:b], ends[rows], state[rows], norm)
+        rows_x = x[rows, :longest]
+        if norm is not None:
+            rows_x -= norm[0]
+            rows_x *= norm[1]
+        y_run, new_state[rows] = _step_rows(plan, rows_x, ordered[a:b], ends[rows], state[rows])
         y[rows, :longest] = y_run.transpose(2, 0, 1)
     return y, new_state
 
 
 def _step_rows(
     plan: StepPlan, x: np.ndarray, lengths: np.ndarray, ends: np.ndarray, state: np.ndarray,
-    norm: tuple[np.ndarray, np.ndarray] | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``step`` on rows sorted longest first, the first as long as ``x``: outputs ``[time, units_out, batch]`` and states."""
+    """``step`` on normalised rows sorted longest first, the first as long as ``x``: outputs ``[time, units_out, batch]`` and states."""
     batch, time, _ = x.shape
     new_state = np.empty_like(state)
     full = int(lengths[-1]) == time
@@ -330,19 +343,20 @@ def _step_rows(
     else:
         edge = False
     u = _tfb(x)
-    if norm is not None and not (isinstance(plan.steps[0], Conv) and plan.steps[0].span):
-        u, norm = _normalised(u, norm), None
     for index, op in enumerate(plan.steps):
         if isinstance(op, Conv) and op.span:
             span, cin = op.span, op.in_channels
             ext = np.empty((span + time, cin, batch), np.float32)
-            ext[:span] = state[:, op.offset : op.offset + op.size].reshape(batch, span, cin).transpose(1, 2, 0)
-            _fill(ext[span:], u, norm)
-            norm = None
+            buffer = state[:, op.offset : op.offset + op.size].reshape(batch, span, cin)
+            _copy_blocked(ext[:span], buffer.transpose(1, 2, 0))
+            _copy_blocked(ext[span:], u)
             out = _conv(ext, op, time)
-            # The buffer: each row's last span inputs.
-            kept = ext[time:].transpose(2, 0, 1) if full else ext[lengths + np.arange(span)[:, None], :, np.arange(batch)].transpose(1, 0, 2)
-            new_state[:, op.offset : op.offset + op.size] = kept.reshape(batch, -1)
+            # The new buffer: each row's last span inputs.
+            buffer = new_state[:, op.offset : op.offset + op.size].reshape(batch, span, cin)
+            if full:
+                _copy_blocked(buffer.transpose(1, 2, 0), ext[time:])
+            else:
+                buffer[:] = ext[lengths + np.arange(span)[:, None], :, np.arange(batch)].transpose(1, 0, 2)
         elif isinstance(op, LSTM):
             n = op.units
             # The LSTM steps only on valid samples of the stream: not on padding (rows past

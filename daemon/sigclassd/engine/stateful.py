@@ -70,8 +70,7 @@ class StatefulEngine:
         self.lookahead = plan.lookahead
         self.max_batch = max_batch
         self.max_chunk = max_chunk
-        self._mean = np.asarray(meta.norm_mean, np.float32)
-        self._std = np.asarray(meta.norm_std, np.float32)
+        self._norm = (np.asarray(meta.norm_mean, np.float32), (1 / np.asarray(meta.norm_std, np.float64)).astype(np.float32))
         self._n_classes = meta.n_classes
 
     @classmethod
@@ -98,7 +97,7 @@ class StatefulEngine:
     def run(self, x: np.ndarray, lengths: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # The kernel normalises the rows' valid samples only: a long row pads all the others.
         return self._run(np.asarray(x, np.float32), np.asarray(lengths, np.int64), None, np.asarray(state, np.float32),
-                         (self._mean, self._std))
+                         self._norm)
 
     def flush(self, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """End streams: the labels of each row's last ``lookahead`` samples, ``[batch, lookahead, n_classes]``.
@@ -119,6 +118,10 @@ class StatefulEngine:
         norm: tuple[np.ndarray, np.ndarray] | None,
     ) -> tuple[np.ndarray, np.ndarray]:
         batch, time, _ = x.shape
+        if batch <= self.max_batch and time <= self.max_chunk:  # one call: no copies into the whole
+            rows_end = np.full(batch, time) if ends is None else ends
+            y, s = kernels.step(self.plan, x, np.clip(lengths, 0, time), rows_end, state, norm)
+            return to_probabilities(y), s
         probs = np.empty((batch, time, self._n_classes), np.float32)
         new_state = np.empty_like(state)
         for b0 in range(0, max(batch, 1), self.max_batch):

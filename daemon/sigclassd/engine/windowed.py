@@ -40,7 +40,7 @@ class WindowedEngine:
         self.plan = plan
         self.lookahead = meta.lookahead
         self.window = meta.window
-        self.norm = (np.asarray(meta.norm_mean, np.float32), np.asarray(meta.norm_std, np.float32))
+        self.norm = (np.asarray(meta.norm_mean, np.float32), (1 / np.asarray(meta.norm_std, np.float64)).astype(np.float32))
         self.max_batch = min(max_batch, CALL_BATCH)
         y = self._forward(np.zeros((1, meta.window, plan.channels), np.float32))
         if y.shape[1] != meta.window:
