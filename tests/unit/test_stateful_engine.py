@@ -137,6 +137,7 @@ LENGTHS = [900, 1200, 3, 1, 700, 450, 1100, 60, 820, 17, 980, 869]
 
 CASES = {
     "causal-sigmoid": dict(padding="causal"),
+    "lstm-only-softmax": dict(padding="causal", conv_depth=0, n_classes=3),
     "causal-2conv-dilated-2lstm-softmax": dict(padding="causal", conv_depth=2, dilation=2, lstm_depth=2, n_classes=4),
     "same-sigmoid": dict(padding="same", kernel=8),
     "same-softmax-odd-kernel": dict(padding="same", kernel=5, n_classes=3),

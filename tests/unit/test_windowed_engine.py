@@ -90,6 +90,22 @@ def test_plain_keras_sequential_model_is_served(tmp_path: Path) -> None:
     assert np.abs(probs - keras_probabilities(model, artifact, x)).max() <= TOLERANCE
 
 
+@pytest.mark.parametrize("first", ["lstm", "dense"])
+def test_model_without_a_conv_is_served(first: str, tmp_path: Path) -> None:
+    """The input is normalised when the first layer is not a conv (an LSTM, or a Dense before the LSTM) too."""
+    import keras
+    from keras import layers
+
+    head = [layers.Dense(4, activation="tanh")] if first == "dense" else []
+    model = keras.Sequential([keras.Input((None, CHANNELS)), *head, layers.LSTM(5, return_sequences=True),
+                              layers.Dense(3, activation="softmax")])
+    randomise(model, seed=3)
+    artifact = save(model, tmp_path / first, architecture="causal", n_classes=3)
+    x = (np.random.default_rng(4).normal(size=(6, WINDOW, CHANNELS)) * 2 + [0.5, -1.0, 2.0]).astype(np.float32)
+    probs, _ = WindowedEngine.load(artifact).run(x, np.full(6, WINDOW), np.zeros((6, 0), np.float32))
+    assert np.abs(probs - keras_probabilities(model, artifact, x)).max() <= TOLERANCE
+
+
 def test_unsupported_models_are_refused_naming_the_layer(tmp_path: Path) -> None:
     """An unsupported layer, a branch and a metadata mismatch each give a ModelError saying what and where."""
     import keras
