@@ -54,7 +54,7 @@ def step_cases(rng: np.random.Generator) -> dict[str, np.ndarray]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="model directory (default: the bundled model)")
-    parser.add_argument("--repeat", type=int, default=7, help="timings per figure, the least is kept (default: %(default)s)")
+    parser.add_argument("--repeat", type=int, default=7, help="timings per figure, least kept (default: %(default)s)")
     parser.add_argument("--save", type=Path, help="write every case's outputs and states to this .npz")
     parser.add_argument("--compare", type=Path, help="print the max abs difference from outputs saved with --save")
     parser.add_argument("--only", choices=("stateful", "windowed"), help="run one engine's cases only")
@@ -78,7 +78,8 @@ def main() -> int:
         # Streams past their start: a few calls from zero states leave realistic states with the counter saturated.
         warm = (mean + std * rng.normal(size=(ROWS, 40, meta.channels))).astype(np.float32)
         _, state = engine.run(warm, np.full(ROWS, 40), np.zeros((ROWS, engine.state_size), np.float32))
-        print("\nStateful, one call on 1,000 rows:\n\n| lengths | ms per call (CPU) | samples per CPU-s |\n|---|---:|---:|")
+        print("\nStateful, one call on 1,000 rows:\n")
+        print("| lengths | ms per call (CPU) | samples per CPU-s |\n|---|---:|---:|")
         for name, lengths in step_cases(rng).items():
             x = (mean + std * rng.normal(size=(ROWS, lengths.max(), meta.channels))).astype(np.float32)
             y, s = engine.run(x, lengths, state)

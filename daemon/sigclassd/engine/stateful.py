@@ -70,7 +70,7 @@ class StatefulEngine:
         self.lookahead = plan.lookahead
         self.max_batch = max_batch
         self.max_chunk = max_chunk
-        self._norm = (np.asarray(meta.norm_mean, np.float32), (1 / np.asarray(meta.norm_std, np.float64)).astype(np.float32))
+        self._norm = kernels.normaliser(meta.norm_mean, meta.norm_std)
         self._n_classes = meta.n_classes
 
     @classmethod

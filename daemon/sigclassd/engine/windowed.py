@@ -40,7 +40,7 @@ class WindowedEngine:
         self.plan = plan
         self.lookahead = meta.lookahead
         self.window = meta.window
-        self.norm = (np.asarray(meta.norm_mean, np.float32), (1 / np.asarray(meta.norm_std, np.float64)).astype(np.float32))
+        self._norm = kernels.normaliser(meta.norm_mean, meta.norm_std)
         self.max_batch = min(max_batch, CALL_BATCH)
         y = self._forward(np.zeros((1, meta.window, plan.channels), np.float32))
         if y.shape[1] != meta.window:
@@ -62,7 +62,7 @@ class WindowedEngine:
 
     def run(self, x: np.ndarray, lengths: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = np.asarray(x, np.float32)
-        parts = [self._forward(x[a : a + self.max_batch], self.norm) for a in range(0, max(len(x), 1), self.max_batch)]
+        parts = [self._forward(x[a : a + self.max_batch], self._norm) for a in range(0, max(len(x), 1), self.max_batch)]
         return to_probabilities(np.concatenate(parts) if len(parts) != 1 else parts[0]), state
 
     def flush(self, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
