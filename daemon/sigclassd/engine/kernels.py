@@ -96,8 +96,9 @@ def _conv(ext: np.ndarray, op: Conv, time: int) -> Source:
 
     ``ext`` is contiguous, or the ``[time, features, batch]`` view of a contiguous batch-major array.
     """
-    taps = np.lib.stride_tricks.sliding_window_view(ext, op.span + 1, axis=0)
-    taps = taps.transpose(0, 3, 1, 2)[:time, :: op.dilation]
+    # [time, taps, in, batch] (sliding_window_view made the same view 4x slower: 22 us).
+    s0, s1, s2 = ext.strides
+    taps = np.lib.stride_tricks.as_strided(ext, (time, op.taps, *ext.shape[1:]), (s0, op.dilation * s0, s1, s2))
 
     def outputs(t0: int, t1: int, rows: int) -> np.ndarray:
         # [steps, taps * in, rows]: a view of ext when the taps are adjacent, else a copy.

@@ -120,7 +120,7 @@ class StatefulEngine:
         batch, time, _ = x.shape
         if batch <= self.max_batch and time <= self.max_chunk:  # one call: no copies into the whole
             rows_end = np.full(batch, time) if ends is None else ends
-            y, s = kernels.step(self.plan, x, np.clip(lengths, 0, time), rows_end, state, norm)
+            y, s = kernels.step(self.plan, x, np.minimum(lengths, time), rows_end, state, norm)
             return to_probabilities(y), s
         probs = np.empty((batch, time, self._n_classes), np.float32)
         new_state = np.empty_like(state)
