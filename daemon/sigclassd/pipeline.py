@@ -169,31 +169,22 @@ class Pipeline:
     # ------------------------------------------------------------ encode -> publish
 
     def publish(self, runs: list[LabelRun]) -> None:
+        if not runs:
+            return
         model_id = self.artifact.model_id
-        send = self.publisher.send
-        encode = protocol.encode_labels
-        labelled = 0
-        sent_bytes = 0
-        arrivals = []
-        sensor = []
-        for r in runs:
-            n = len(r.labels)
-            parts = encode(r.topic, r.probabilities, r.labels, r.seq, t0_ns=r.t0_ns, model_id=model_id,
-                           flags=r.flags, gap=r.gap, ingress_ns=int(r.arrival[-1]) if n else 0)
-            send(parts)
-            sent_bytes += len(parts[1])
-            labelled += n
-            if n:
-                arrivals.append(r.arrival)
-            if r.sensor_ns:
-                sensor.append(r.sensor_ns)
+        body = protocol.label_body
+        bodies = [body(r.probabilities, r.labels, r.seq, r.t0_ns, model_id, r.flags, r.gap, r.ingress_ns) for r in runs]
+        self.publisher.send_many([r.topic for r in runs], bodies)
         now = time.time()
         m = self.metrics
         m.label_messages.inc(len(runs))
-        m.label_bytes.inc(sent_bytes)
-        if labelled:
-            m.samples_labelled.inc(labelled)
-            m.latency.observe_many(now - np.concatenate(arrivals) * 1e-9)
+        m.label_bytes.inc(sum(map(len, bodies)))
+        arrivals = [r.arrival for r in runs if len(r.arrival)]
+        if arrivals:
+            arrival_ns = np.concatenate(arrivals)
+            m.samples_labelled.inc(len(arrival_ns))
+            m.latency.observe_many(now - arrival_ns * 1e-9)
+        sensor = [r.sensor_ns for r in runs if r.sensor_ns]
         if sensor:
             m.sensor_age.observe_many(now - np.asarray(sensor, np.float64) * 1e-9)
 

@@ -439,9 +439,17 @@ def encode_labels(
     ingress_ns: int = 0,
 ) -> list[bytes]:
     """Encode a label message. ``probabilities`` is float32 ``[n, k]``, ``labels`` uint8 ``[n]``."""
+    return [stream, label_body(probabilities.astype("<f4", copy=False), labels.astype(np.uint8, copy=False), seq,
+                               t0_ns, model_id, flags, gap, ingress_ns)]
+
+
+def label_body(probabilities: np.ndarray, labels: np.ndarray, seq: int, t0_ns: int, model_id: int, flags: int,
+               gap: int, ingress_ns: int) -> bytes:
+    """A label message's body, from float32 ``probabilities`` ``[n, k]`` and uint8 ``labels`` already in those
+    types (the daemon's hot path: one call per message published)."""
     n, k = probabilities.shape
     header = LABEL_HEADER.pack(VERSION, k, flags, n, seq, t0_ns, model_id, min(gap, 0xFFFFFFFF), ingress_ns)
-    return [stream, b"".join((header, probabilities.astype("<f4", copy=False).tobytes(), labels.astype(np.uint8, copy=False).tobytes()))]
+    return header + probabilities.tobytes() + labels.tobytes()
 
 
 def decode_labels(parts: list[bytes]) -> LabelFrame:

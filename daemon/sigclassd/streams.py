@@ -48,12 +48,13 @@ class LabelRun:
     gap: int
     arrival: np.ndarray  # [n] int64 wall-clock ns each sample reached the daemon
     sensor_ns: int  # sensor time of the newest sample, 0 if unknown
+    ingress_ns: int  # when the newest sample reached the daemon (ns), 0 if the run is empty
 
 
 # Appending runs for every message received: these keep it to a few NumPy calls.
 _RAMP = np.arange(1 << 12, dtype=np.int64)
 _NO_LABELS = np.zeros(0, np.uint8)
-_NO_ARRIVAL = np.zeros(0, np.float64)
+_NO_ARRIVAL = np.zeros(0, np.int64)
 
 
 class Stream:
@@ -117,7 +118,7 @@ class Stream:
         """The label runs of rows ``first .. first+n-1``, split where the seqs jump, with their flags."""
         meta = self.meta[first : first + n]
         seq0, _, sensor0 = meta[0].tolist()
-        seq1, _, sensor1 = meta[-1].tolist()
+        seq1, ingress1, sensor1 = meta[-1].tolist()
         if seq1 - seq0 == n - 1:  # one seq-contiguous run: the common case, without the general loop
             flags, gap = self.flags, self.gap
             if self.last_seq is not None and seq0 != self.last_seq:
@@ -129,7 +130,7 @@ class Stream:
             self.done += n
             self.last_seq = seq1 + 1
             self.labelled = first + n
-            return [LabelRun(self.topic, seq0, probs, labels, sensor0, flags, gap, meta[:, ARRIVAL], sensor1)]
+            return [LabelRun(self.topic, seq0, probs, labels, sensor0, flags, gap, meta[:, ARRIVAL], sensor1, ingress1)]
         seq = meta[:, SEQ]
         # A gap that did not reset the stream sits inside the rows: split so every run is seq-contiguous.
         cuts = [0, *(np.flatnonzero(np.diff(seq) != 1) + 1).tolist(), n]
@@ -144,7 +145,7 @@ class Stream:
                 flags |= protocol.LABEL_WARMUP
             runs.append(LabelRun(
                 self.topic, start, probs[a:b], labels[a:b], int(meta[a, SENSOR]), flags, gap,
-                meta[a:b, ARRIVAL], int(meta[b - 1, SENSOR]),
+                meta[a:b, ARRIVAL], int(meta[b - 1, SENSOR]), int(meta[b - 1, ARRIVAL]),
             ))
             self.flags = 0
             self.gap = 0
@@ -178,7 +179,7 @@ class Stream:
             own[-1].flags |= protocol.LABEL_FINAL | protocol.LABEL_FLUSHED
             return []
         return [LabelRun(self.topic, self.next_seq or 0, no_probs, _NO_LABELS, 0,
-                         self.flags | protocol.LABEL_FINAL, self.gap, _NO_ARRIVAL, 0)]
+                         self.flags | protocol.LABEL_FINAL, self.gap, _NO_ARRIVAL, 0, 0)]
 
     def mark_gap(self, missing: int) -> None:
         self.flags |= protocol.LABEL_GAP
