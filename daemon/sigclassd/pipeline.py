@@ -1,7 +1,7 @@
 """One turn of the main loop, top to bottom:
 
     ingest.drain -> protocol.decode_batch -> StreamTable.accept_batch -> Planner.collect
-        -> Engine.run -> Planner.complete -> protocol.encode -> Publisher.send
+        -> Engine.run -> Planner.complete -> protocol.label_body -> Publisher.send_many
 
 A :class:`Pipeline` owns the model-dependent stages (the stream table, the
 planner for its mode, the engine) for one model; a reload that changes the
