@@ -4,9 +4,9 @@ Every architecture ``sigclassd train`` writes runs here, including the pooled
 one that cannot be streamed. A batch of windows is one forward pass
 (``sigclassd.engine.kernels.forward``); large batches run in slices of
 ``CALL_BATCH`` windows, where the per-window cost has flattened out and the
-intermediate arrays still fit in cache (bundled model, bench/kernels_bench.py's
-machine: 4,400 windows per CPU-second in slices of 32, 5,900 of 64, 6,700 of 128
-and 192, 5,200 of 256).
+intermediate arrays still fit in cache. Bundled model, bench/kernels_bench.py's
+machine, windows per CPU-second in slices of 64: 6,500; 96 to 224: 6,700-7,300,
+112 best in two scans of three; 256: 5,900.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from sigclassd.engine.plan import WindowPlan, check_outputs, window_plan
 from sigclassd.errors import ModelError
 from sigclassd.artifact import ModelArtifact
 
-CALL_BATCH = 128
+CALL_BATCH = 112
 
 
 class WindowedEngine:
