@@ -211,7 +211,8 @@ def test_ragged_batch_equals_rows_one_at_a_time(runs: str, lstm_activation: str,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows of lengths in random order (0, shorter and longer than the look-ahead), streams that have seen nothing,
     fewer samples than the look-ahead, or many, in one call: each row's outputs and state equal those of a call on
-    that row alone, and so do a flush's. The kernel computes rows longest first, as one box or split into runs."""
+    that row alone, and so do a flush's; no call changes its inputs. The kernel computes rows longest first, as one
+    box or split into runs."""
     from sigclassd.engine import kernels
 
     if runs == "a run per length":
@@ -227,6 +228,7 @@ def test_ragged_batch_equals_rows_one_at_a_time(runs: str, lstm_activation: str,
         if n:
             _, state[row : row + 1] = engine.run(make_streams(rng, [n])[0][None], np.array([n]), state[row : row + 1])
     x = np.stack([np.pad(s, ((0, 40 - len(s)), (0, 0)), constant_values=1e3) for s in make_streams(rng, list(lengths))])
+    x_before, state_before = x.copy(), state.copy()
     y, after = engine.run(x, lengths, state)
     flushed, _ = engine.flush(after)
     for row, n in enumerate(lengths):
@@ -237,6 +239,9 @@ def test_ragged_batch_equals_rows_one_at_a_time(runs: str, lstm_activation: str,
         if n == 0:
             np.testing.assert_array_equal(after[row], state[row])
     assert np.isfinite(y).all()
+    # The calls read their inputs only (a row alone is already in order: the kernel slices, not copies, it).
+    np.testing.assert_array_equal(x, x_before)
+    np.testing.assert_array_equal(state, state_before)
 
 
 def test_flush_equals_feeding_mean_rows_for_one_same_conv(tmp_path: Path) -> None:

@@ -342,28 +342,33 @@ def step(
     new_state = np.empty_like(state)
     order = np.argsort(-lengths, kind="stable")
     ordered = lengths[order]
+    # Rows already longest first (all of one length, say) are taken as slices: no gathers.
+    in_order = bool((ordered == lengths).all())
     active = int(np.count_nonzero(ordered))
     idle = order[active:]
     new_state[idle] = state[idle]  # rows of length 0 keep theirs
     position_cost = sum(op.kernel.size for op in plan.steps if op.kernel is not None)
     for a, b in _runs(ordered[:active], position_cost):
-        rows = order[a:b]
+        rows = slice(a, b) if in_order else order[a:b]
         longest = int(ordered[a])
         rows_x = x[rows, :longest]
         if norm is not None:
-            rows_x -= norm[0]
+            rows_x = np.subtract(rows_x, norm[0], out=None if in_order else rows_x)  # a gather is a copy
             rows_x *= norm[1]
-        y_run, new_state[rows] = _step_rows(plan, rows_x, ordered[a:b], ends[rows], state[rows])
+        rows_state = new_state[rows] if in_order else np.empty((b - a, state.shape[1]), np.float32)
+        y_run = _step_rows(plan, rows_x, ordered[a:b], ends[rows], state[rows], rows_state)
+        if not in_order:
+            new_state[rows] = rows_state
         y[rows, :longest] = y_run.transpose(2, 0, 1)
     return y, new_state
 
 
 def _step_rows(
-    plan: StepPlan, x: np.ndarray, lengths: np.ndarray, ends: np.ndarray, state: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """``step`` on normalised rows, longest first (the first as long as ``x``): outputs ``[time, units_out, batch]``."""
+    plan: StepPlan, x: np.ndarray, lengths: np.ndarray, ends: np.ndarray, state: np.ndarray, new_state: np.ndarray,
+) -> np.ndarray:
+    """``step`` on normalised rows, longest first (the first as long as ``x``), their new states written to
+    ``new_state``: their outputs ``[time, units_out, batch]``."""
     batch, time, _ = x.shape
-    new_state = np.empty_like(state)
     # Rows of one length are adjacent: [(first row, end row, length)], so that what is read at
     # each row's end is a slice per length, not a gather per row.
     starts = [0, *(np.flatnonzero(lengths[1:] != lengths[:-1]) + 1).tolist()]
@@ -397,8 +402,8 @@ def _step_rows(
             hold = None
             if edge and op.delay > 0:
                 hold = seen + steps[: min(time, op.delay), None] < op.delay
-            h = np.ascontiguousarray(state[:, op.offset : op.offset + n].T)
-            c = np.ascontiguousarray(state[:, op.offset + n : op.offset + 2 * n].T)
+            h = state[:, op.offset : op.offset + n].T
+            c = state[:, op.offset + n : op.offset + 2 * n].T.copy()  # lstm updates c in place
             out = lstm(op, u, time, h, c, stepping, hold if hold is not None and hold.any() else None)
             for a, b, length in groups:
                 new_state[a:b, op.offset : op.offset + n] = out[length - 1, :, a:b].T
@@ -414,7 +419,7 @@ def _step_rows(
         if callable(out) and not _feeds_lstm(plan.steps, index):
             out = out(0, time, batch, None)
         u = out
-    return u, new_state
+    return u
 
 
 def _masked(source: Source, inside: np.ndarray) -> Source:
