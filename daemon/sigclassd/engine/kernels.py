@@ -139,8 +139,9 @@ def _copy_blocked(dst: np.ndarray, src: np.ndarray) -> None:
         dst[..., a : a + 64] = src[..., a : a + 64]
 
 
-# An LSTM's input is made a block of steps at a time, just before the steps use it, so that
-# it is still in cache (all at once, its projections were ~50 MB for 256 windows): this many bytes.
+# An LSTM's input is made a block of steps at a time, just before the steps read it, so that
+# it is still in cache (made all at once, the old input projections were ~50 MB for 256
+# windows): blocks of this many bytes of the LSTM's [h; input; 1] slabs.
 _BLOCK_BYTES = 1 << 20
 
 
