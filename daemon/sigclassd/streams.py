@@ -403,6 +403,9 @@ class StreamTable:
         stream.demote(now + self.settings.demote_s)
         stream.skip(seq, k)
         stream.touch(now)
+        if stream in self.ready:  # queued before it went over its rate: what it holds waits with the demoted
+            del self.ready[stream]
+            self.demoted[stream] = None
 
     def _refuse_rated(self, samples: int, frames: int, stream: str, rate_hz: float) -> None:
         """Count refused over-rate frames; one call per drain, since a flood brings thousands of them."""
