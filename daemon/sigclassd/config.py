@@ -75,8 +75,9 @@ class StreamSettings:
     # seq moving backwards by more than this is taken as an unflagged restart.
     backwards_reset_samples: int = 4000
     # A stream may send up to rate_limit times the sample_rate_hz its frames declare, with
-    # rate_burst_s seconds of catch-up; frames beyond that are rejected (rate_limited), and the
-    # stream is served after the well-behaved ones for demote_s seconds. 0 turns the limit off.
+    # rate_burst_s seconds of catch-up; frames beyond that are rejected (rate_limited). A stream
+    # that spent a tenth of its catch-up, or more, is served after the well-behaved ones for
+    # demote_s seconds. 0 turns the limit off.
     rate_limit: float = 1.5
     rate_burst_s: float = 2.0
     demote_s: float = 10.0

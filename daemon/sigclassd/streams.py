@@ -51,6 +51,10 @@ class LabelRun:
     ingress_ns: int  # when the newest sample reached the daemon (ns), 0 if the run is empty
 
 
+# A stream whose rate bucket falls below this fraction of its burst is sending faster than it may
+# (catching up, or flooding): it is served after the punctual streams, in shares, for demote_s.
+DEMOTE_BELOW = 0.9
+
 # Appending runs for every message received: these keep it to a few NumPy calls.
 _RAMP = np.arange(1 << 12, dtype=np.int64)
 _NO_LABELS = np.zeros(0, np.uint8)
@@ -392,7 +396,10 @@ class StreamTable:
         if stream is None:
             return True
         now = self.clock()
-        if stream.within_rate(seq, k, rate_hz * s.rate_limit, now, s.rate_burst_s):
+        limit = rate_hz * s.rate_limit
+        if stream.within_rate(seq, k, limit, now, s.rate_burst_s):
+            if stream.allowance < limit * s.rate_burst_s * DEMOTE_BELOW:
+                self._demote(stream, now)
             return True
         self._rate_limited(stream, seq, k, now)
         self._refuse_rated(k, 1, stream.name, rate_hz)
@@ -400,10 +407,18 @@ class StreamTable:
         return False
 
     def _rate_limited(self, stream: Stream, seq: int, k: int, now: float) -> None:
-        stream.demote(now + self.settings.demote_s)
+        self._demote(stream, now)
         stream.skip(seq, k)
         stream.touch(now)
-        if stream in self.ready:  # queued before it went over its rate: what it holds waits with the demoted
+
+    def _demote(self, stream: Stream, now: float) -> None:
+        """Serve ``stream`` after the well-behaved ones for ``demote_s``: it sent faster than it declared.
+
+        That is, it spent a tenth of its burst (catching up, or flooding) or all of it (its frames
+        are refused). The demoted are served in short shares within a budget per model call.
+        """
+        stream.demote(now + self.settings.demote_s)
+        if stream in self.ready:  # queued before: what it holds waits with the demoted
             del self.ready[stream]
             self.demoted[stream] = None
 
@@ -447,12 +462,15 @@ class StreamTable:
             if stream is None:
                 self._accept(sid, seq, k, rate, flags, x[a : a + k], meta[a : a + k], now)
                 continue
-            if rate_limit and rate and not stream.within_rate(seq, k, rate * rate_limit, now, burst_s):
-                self._rate_limited(stream, seq, k, now)
-                refused += k
-                refused_frames += 1
-                refused_example = (sid, rate)
-                continue
+            if rate_limit and rate:
+                if not stream.within_rate(seq, k, rate * rate_limit, now, burst_s):
+                    self._rate_limited(stream, seq, k, now)
+                    refused += k
+                    refused_frames += 1
+                    refused_example = (sid, rate)
+                    continue
+                if stream.allowance < rate * rate_limit * burst_s * DEMOTE_BELOW:  # spending its burst
+                    self._demote(stream, now)
             if flags or seq != stream.next_seq or stream.last_seq is None or stream.n - stream.fed + k > limit:
                 self._accept(sid, seq, k, rate, flags, x[a : a + k], meta[a : a + k], now)
                 continue

@@ -380,3 +380,22 @@ def test_a_batch_is_accepted_exactly_as_its_frames_one_by_one():
             one.accept(f, wall=1.0)
         many.accept_batch(protocol.SampleBatch.of(frames), 1.0)
         assert _table_state(many, reg_many) == _table_state(one, reg_one)
+
+
+def test_a_stream_spending_its_burst_is_served_after_the_others_but_loses_nothing():
+    """Catching up faster than its declared rate (within the burst) costs a stream its place, not its samples:
+    once it has spent a tenth of its burst it waits in the demoted queue; nothing is refused."""
+    t, reg, clock = make_table(rate_limit=1.5, rate_burst_s=2.0, demote_s=10.0)  # burst: 300 samples at 100 Hz
+    t.accept(rated("punctual", 0, 10))
+    t.accept(rated("catching_up", 0, 10))
+    t.accept(rated("catching_up", 10, 10))  # 20 of the 300 at once: within a tenth
+    for i in range(1, 40):  # the punctual one: 10 samples every 0.1 s, its declared 100 Hz
+        clock.now = 0.1 * i
+        t.accept(rated("punctual", 10 * i, 10))
+    assert not t.demoted
+    for i in range(2, 20):  # 200 in all, without time passing: past a tenth of the burst
+        t.accept(rated("catching_up", 10 * i, 10))
+    assert counter(reg, "samples_rejected", reason="rate_limited") == 0
+    assert [s.name for s in t.take_ready(8)] == ["punctual"]
+    assert t.take_demoted() is t.streams["catching_up"] and t.streams["catching_up"].n == 200
+    assert t.take_demoted() is None  # the punctual stream was never demoted
