@@ -269,7 +269,7 @@ def test_cli_scenarios_default_to_the_daemon_modes_and_100_valid_streams() -> No
     assert (args.modes, args.streams, args.flood_streams, args.flood_speed) == (["stateful", "windowed"], [100],
                                                                                 1000, 10.0)
     load = parser.parse_args(["bench"])
-    assert resolve_defaults(load) == "" and load.streams == [100, 250, 500, 750, 1000, 1250, 1500, 1750]
+    assert resolve_defaults(load) == "" and load.streams == [100, 250, 500, 750, 1000, 1250, 1500, 1750, 2000]
     assert "daemon modes only" in resolve_defaults(parser.parse_args(["bench", "--scenario", "storms",
                                                                       "--modes", "relay"]))
     assert "one count" in resolve_defaults(parser.parse_args(["bench", "--scenario", "flood", "--streams", "1,2"]))

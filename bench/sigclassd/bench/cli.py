@@ -60,7 +60,7 @@ def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         f"{','.join(DAEMON_MODES)})")
     p.add_argument("--streams", type=_ints, default=None,
                    help="stream counts for every mode but naive, the relay first at each count "
-                        "(default 100,250,500,750,1000,1250,1500,1750); flood and storms: the valid streams (default 100)")
+                        "(default 100,250,500,750,1000,1250,1500,1750,2000); flood and storms: the valid streams (default 100)")
     p.add_argument("--seconds", type=float, default=10.0, help="load duration per run (default 10)")
     p.add_argument("--naive-streams", type=_ints, default=[1, 2, 5, 10],
                    help="stream counts for the naive loop, which saturates early (default 1,2,5,10)")
@@ -116,7 +116,7 @@ def resolve_defaults(args: argparse.Namespace) -> str:
     if args.modes is None:
         args.modes = list(MODES) if loads else list(DAEMON_MODES)
     if args.streams is None:
-        args.streams = [100, 250, 500, 750, 1000, 1250, 1500, 1750] if loads else [100]
+        args.streams = [100, 250, 500, 750, 1000, 1250, 1500, 1750, 2000] if loads else [100]
     if not loads and not set(args.modes) <= set(DAEMON_MODES):
         return f"--scenario {args.scenario} runs the daemon modes only ({','.join(DAEMON_MODES)})"
     if not loads and len(args.streams) > 1:
