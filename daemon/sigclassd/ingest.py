@@ -109,10 +109,12 @@ class Ingest:
     def _take_checked(self, messages: list[list[bytes]], count: int) -> None:
         """The take with topic rules: the sender's name is a property of the received frame."""
         recv = self.socket.recv_multipart
+        rules = self.topic_rules
+        assert rules is not None  # drain takes this path only with rules
         for _ in range(count):
             frames = recv(_NOBLOCK, copy=False)
             topic = frames[0].bytes
-            if not self.topic_rules.allows(frames[0].get("User-Id"), topic):
+            if not rules.allows(frames[0].get("User-Id"), topic):
                 self.unauthorised += 1
                 continue
             messages.append([topic, *(f.bytes for f in frames[1:])])

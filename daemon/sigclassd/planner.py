@@ -83,12 +83,12 @@ class Planner:
                 empty.append(stream)
         budget = self.demoted_samples
         while budget > 0 and len(plans) < self.max_streams:
-            stream = self.table.take_demoted()
-            if stream is None:
+            demoted = self.table.take_demoted()
+            if demoted is None:
                 break
-            plan = self._demoted_share(stream, budget)
+            plan = self._demoted_share(demoted, budget)
             if plan:
-                plans.append((stream, plan))
+                plans.append((demoted, plan))
                 budget -= self._cost(plan)
         if not plans:
             return Batch(*_EMPTY_ARRAYS, [], empty, 0.0, 0, _NO_ROWS) if empty else None

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from sigclassd.errors import FrameError
 
@@ -327,7 +328,7 @@ def decode_batch(messages: list[list[bytes]], *, n_channels: int, max_abs: float
 SEQ, ARRIVAL, SENSOR = 0, 1, 2  # the columns of per-sample metadata
 
 
-def sample_meta(seq: np.ndarray, counts: np.ndarray, t0_ns: np.ndarray, rate: np.ndarray) -> np.ndarray:
+def sample_meta(seq: ArrayLike, counts: ArrayLike, t0_ns: ArrayLike, rate: ArrayLike) -> np.ndarray:
     """Per-sample metadata ``[sum(counts), 3]`` int64 of messages laid end to end: each sample's seq, a zero
     arrival time (the receiver's to fill), and its sensor time.
 

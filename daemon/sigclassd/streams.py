@@ -231,6 +231,11 @@ class Stream:
         self.allowance -= k
         return True
 
+    def bursting(self, rate_hz: float, burst_s: float) -> bool:
+        """True once the stream has spent more than ``1 - DEMOTE_BELOW`` of its rate burst: it is sending
+        faster than it declared (catching up, or flooding)."""
+        return self.allowance is not None and self.allowance < rate_hz * burst_s * DEMOTE_BELOW
+
     def may_reset(self, now: float, per_s: float, burst: int) -> bool:
         """Take one reset from the id's reset budget; False if it is spent."""
         if self.reset_allowance is None:
@@ -398,7 +403,7 @@ class StreamTable:
         now = self.clock()
         limit = rate_hz * s.rate_limit
         if stream.within_rate(seq, k, limit, now, s.rate_burst_s):
-            if stream.allowance < limit * s.rate_burst_s * DEMOTE_BELOW:
+            if stream.bursting(limit, s.rate_burst_s):
                 self._demote(stream, now)
             return True
         self._rate_limited(stream, seq, k, now)
@@ -469,7 +474,7 @@ class StreamTable:
                     refused_frames += 1
                     refused_example = (sid, rate)
                     continue
-                if stream.allowance < rate * rate_limit * burst_s * DEMOTE_BELOW:  # spending its burst
+                if stream.bursting(rate * rate_limit, burst_s):
                     self._demote(stream, now)
             if flags or seq != stream.next_seq or stream.last_seq is None or stream.n - stream.fed + k > limit:
                 self._accept(sid, seq, k, rate, flags, x[a : a + k], meta[a : a + k], now)
