@@ -402,3 +402,45 @@ def test_pending_limit_below_the_window_is_a_model_error(same_model):
 
     with pytest.raises(ModelError, match="max_pending_samples"):
         load_model(service_settings(same_model, max_pending_samples=100))
+
+
+def test_a_gateway_over_its_declared_rate_pays_alone(daemon, ctx):
+    """A second gateway sends its streams at 10x the rate its frames declare: its excess is refused and counted
+    (rate_limited), its labels tell its consumers (shed + gap), and the punctual streams beside it are labelled
+    exactly, in order, with no flag but START/FINAL."""
+    consumer = Consumer(ctx, daemon.output)
+    gw, flooder = Gateway(ctx, daemon.input), Gateway(ctx, daemon.input)
+    time.sleep(0.5)
+    rejected_before = daemon.metric("sigclassd_samples_rejected_total", {"reason": "rate_limited"})
+    valid = {f"punctual/{i}": data(500, 40 + i) for i in range(3)}
+    flood = {f"flooding/{i}": data(5000, 60 + i) for i in range(3)}
+    chunk = 10
+    # 3 s: the punctual streams send 10 samples every 40 ms (their declared 250 Hz), the flooding ones
+    # 100 samples (10x the 250 Hz they declare).
+    for step in range(75):
+        a = step * chunk
+        for name, x in valid.items():
+            if a < len(x):
+                gw.send(name, x[a : a + chunk], a, sample_rate_hz=250.0, flags=protocol.FLAG_RESTART if a == 0 else 0)
+        for name, x in flood.items():
+            for b in range(10 * a, min(10 * a + 10 * chunk, len(x)), chunk):
+                flooder.send(name, x[b : b + chunk], b, sample_rate_hz=250.0,
+                             flags=protocol.FLAG_RESTART if b == 0 else 0)
+        time.sleep(0.04)
+    frames = consumer.collect(30, until=finals(set(valid) | set(flood)))
+    for g in (gw, flooder, consumer):
+        g.close()
+    got = by_stream(frames)
+    for name, x in valid.items():
+        assert labelled_seqs(got[name]) == list(range(len(x))), name
+        middle = got[name][1:-1]  # between START and FINAL
+        assert not any(f.flags & (protocol.LABEL_SHED | protocol.LABEL_GAP) for f in got[name]), name
+        assert all(f.flags in (0, protocol.LABEL_WARMUP) for f in middle), name
+    refused = daemon.metric("sigclassd_samples_rejected_total", {"reason": "rate_limited"}) - rejected_before
+    assert refused > 3 * 1000  # most of the 3 x 5,000 samples beyond 1.5 x the declared rate
+    for name in flood:
+        labelled = labelled_seqs(got[name])
+        assert labelled == sorted(set(labelled)) and len(labelled) < 5000, name
+        assert any(f.flags & protocol.LABEL_SHED and f.flags & protocol.LABEL_GAP for f in got[name]), name
+    a = settle(daemon)
+    assert identity_holds(a), a
