@@ -379,11 +379,13 @@ def _columns(messages: list[list[bytes]], kept: list[tuple[np.ndarray, np.ndarra
     else:
         samples = np.concatenate(pieces) if len(pieces) > 1 else np.ascontiguousarray(pieces[0])
     h = h[order]
+    topics = [messages[i][0] for i in index[order].tolist()]
     try:
-        streams = [messages[i][0].decode("utf-8") for i in index[order].tolist()]
+        streams = [t.decode("utf-8") for t in topics]
     except UnicodeDecodeError:
         streams = []
-    if len(streams) != len(h) or any(not 1 <= len(t) <= MAX_TOPIC_BYTES for t in streams):
+    # The limit is on the topic's bytes, not its characters.
+    if len(streams) != len(h) or any(not 1 <= len(t) <= MAX_TOPIC_BYTES for t in topics):
         return _checked_topics(messages, index[order], h, starts[order], samples, meta, errors)
     return SampleBatch(streams, h["seq"].tolist(), h["n_samples"].tolist(), h["rate"].astype(np.float64).tolist(),
                        h["flags"].tolist(), h["t0_ns"].tolist(), starts[order].tolist(), samples, meta, errors)

@@ -262,6 +262,8 @@ def _mixed_drain(rng: np.random.Generator, count: int) -> list[list[bytes]]:
         lambda: [b"\xff", good(10)],
         lambda: [b"", good(10)],
         lambda: [b"x" * 129, good(10)],
+        lambda: [("\u00e9" * 100).encode(), good(10)],  # 100 characters, 200 bytes: too long
+        lambda: [("\u00e9" * 64).encode(), good(10)],  # 128 bytes: the longest allowed
         lambda: [b"t", good(10), b"extra"],
         lambda: [b"t"],
         lambda: [b"t", sample_body(channels=3, n=10, payload=bytes(120))],
