@@ -314,3 +314,12 @@ def test_sample_meta_gives_each_sample_its_seq_and_sensor_time():
             want.append([s + i, 0, sensor])
     assert meta.tolist() == want
     assert protocol.sample_meta([], [], [], []).shape == (0, 3)
+
+
+def test_batch_decoding_limits_topics_by_bytes():
+    """A topic of 100 two-byte characters is 200 bytes: refused, as decode_samples refuses it; 64 of them pass."""
+    body = sample_body(n=1)
+    messages = [[b"ok", body], [("\u00e9" * 100).encode(), body], [("\u00e9" * 64).encode(), body]]
+    batch = protocol.decode_batch(messages, n_channels=2, max_abs=1e6)
+    assert batch.streams == ["ok", "\u00e9" * 64]
+    assert [e.reason for e, _ in batch.errors] == ["bad_topic"]
