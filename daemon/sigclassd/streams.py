@@ -51,9 +51,11 @@ class LabelRun:
     ingress_ns: int  # when the newest sample reached the daemon (ns), 0 if the run is empty
 
 
-# A stream whose rate bucket falls below this fraction of its burst is sending faster than it may
-# (catching up, or flooding): it is served after the punctual streams, in shares, for demote_s.
-DEMOTE_BELOW = 0.9
+# A stream whose data runs this many seconds ahead of real time at its declared rate is sending
+# faster than it declares: it is served after the punctual streams, in shares, for demote_s. A
+# message's own samples do not count (it may hold seconds of them), and data that was behind (an
+# outage's backlog, frames read late after a stall of the daemon's) may catch up by rate_burst_s.
+AHEAD_S = 1.0
 
 # Appending runs for every message received: these keep it to a few NumPy calls.
 _RAMP = np.arange(1 << 12, dtype=np.int64)
@@ -75,7 +77,7 @@ class Stream:
     __slots__ = (
         "name", "topic", "data", "meta", "n", "fed", "labelled",
         "next_seq", "last_seq", "slot", "consumed", "done", "flags", "gap", "last_seen", "final",
-        "allowance", "refilled_at", "rate_seq", "demoted_until", "reset_allowance", "reset_refilled_at", "previous_next_seq",
+        "allowance", "refilled_at", "rate_seq", "demoted_until", "pace_seq", "pace_at", "reset_allowance", "reset_refilled_at", "previous_next_seq",
     )
 
     def __init__(self, name: str, channels: int, capacity: int, slot: int, flags: int) -> None:
@@ -101,6 +103,8 @@ class Stream:
         self.allowance: float | None = None
         self.refilled_at = 0.0
         self.rate_seq: int | None = None  # seq after the last frame charged to the rate bucket
+        self.pace_seq: int | None = None  # a seq the stream sent on time, or late, at pace_at
+        self.pace_at = 0.0
         self.demoted_until = 0.0
         self.reset_allowance: float | None = None
         self.reset_refilled_at = 0.0
@@ -231,10 +235,19 @@ class Stream:
         self.allowance -= k
         return True
 
-    def bursting(self, rate_hz: float, burst_s: float) -> bool:
-        """True once the stream has spent more than ``1 - DEMOTE_BELOW`` of its rate burst: it is sending
-        faster than it declared (catching up, or flooding)."""
-        return self.allowance is not None and self.allowance < rate_hz * burst_s * DEMOTE_BELOW
+    def ahead(self, seq: int, rate_hz: float, now: float, catch_up_s: float) -> float:
+        """Seconds by which the stream's data before ``seq`` runs ahead of real time at ``rate_hz``.
+
+        Data behind real time (an outage's backlog, or frames the daemon reads late) is credit, up to
+        ``catch_up_s``, that catching up spends first.
+        """
+        if self.pace_seq is None:
+            self.pace_seq, self.pace_at = seq, now
+            return 0.0
+        lead = (seq - self.pace_seq) / rate_hz - (now - self.pace_at)
+        if lead < -catch_up_s:  # further behind than a catch-up may make up: forget the rest
+            self.pace_seq, self.pace_at = seq, now - catch_up_s
+        return lead
 
     def may_reset(self, now: float, per_s: float, burst: int) -> bool:
         """Take one reset from the id's reset budget; False if it is spent."""
@@ -252,6 +265,7 @@ class Stream:
         """Carry the budgets of the id's previous incarnation over a reset: restarting must not refill them."""
         self.allowance, self.refilled_at, self.demoted_until = old.allowance, old.refilled_at, old.demoted_until
         self.rate_seq = old.rate_seq
+        self.pace_seq, self.pace_at = old.pace_seq, old.pace_at
         self.reset_allowance, self.reset_refilled_at = old.reset_allowance, old.reset_refilled_at
         self.previous_next_seq = old.next_seq
         self.last_seen = old.last_seen
@@ -403,7 +417,7 @@ class StreamTable:
         now = self.clock()
         limit = rate_hz * s.rate_limit
         if stream.within_rate(seq, k, limit, now, s.rate_burst_s):
-            if stream.bursting(limit, s.rate_burst_s):
+            if stream.ahead(seq, rate_hz, now, s.rate_burst_s) > AHEAD_S:
                 self._demote(stream, now)
             return True
         self._rate_limited(stream, seq, k, now)
@@ -419,8 +433,8 @@ class StreamTable:
     def _demote(self, stream: Stream, now: float) -> None:
         """Serve ``stream`` after the well-behaved ones for ``demote_s``: it sent faster than it declared.
 
-        That is, it spent a tenth of its burst (catching up, or flooding) or all of it (its frames
-        are refused). The demoted are served in short shares within a budget per model call.
+        That is, its data runs more than ``AHEAD_S`` ahead of real time, or it spent its whole burst
+        (its frames are refused). The demoted are served in short shares within a budget per model call.
         """
         stream.demote(now + self.settings.demote_s)
         if stream in self.ready:  # queued before: what it holds waits with the demoted
@@ -474,7 +488,7 @@ class StreamTable:
                     refused_frames += 1
                     refused_example = (sid, rate)
                     continue
-                if stream.bursting(rate * rate_limit, burst_s):
+                if stream.ahead(seq, rate, now, burst_s) > AHEAD_S:
                     self._demote(stream, now)
             if flags or seq != stream.next_seq or stream.last_seq is None or stream.n - stream.fed + k > limit:
                 self._accept(sid, seq, k, rate, flags, x[a : a + k], meta[a : a + k], now)
@@ -507,8 +521,9 @@ class StreamTable:
             stream = self._new_stream(stream_id, self.next_flags)
             self.streams[stream_id] = stream
             m.streams_opened.inc()
-            if s.rate_limit and rate:  # the first frame opens the rate bucket (full, so it passes)
+            if s.rate_limit and rate:  # the first frame opens the rate bucket (full, so it passes) and sets the pace
                 stream.within_rate(seq, k, rate * s.rate_limit, now, s.rate_burst_s)
+                stream.ahead(seq, rate, now, s.rate_burst_s)
         expected = stream.next_seq
         start = 0
         if flags & protocol.FLAG_RESTART and expected is not None:

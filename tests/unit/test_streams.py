@@ -382,20 +382,36 @@ def test_a_batch_is_accepted_exactly_as_its_frames_one_by_one():
         assert _table_state(many, reg_many) == _table_state(one, reg_one)
 
 
-def test_a_stream_spending_its_burst_is_served_after_the_others_but_loses_nothing():
-    """Catching up faster than its declared rate (within the burst) costs a stream its place, not its samples:
-    once it has spent a tenth of its burst it waits in the demoted queue; nothing is refused."""
-    t, reg, clock = make_table(rate_limit=1.5, rate_burst_s=2.0, demote_s=10.0)  # burst: 300 samples at 100 Hz
-    t.accept(rated("punctual", 0, 10))
-    t.accept(rated("catching_up", 0, 10))
-    t.accept(rated("catching_up", 10, 10))  # 20 of the 300 at once: within a tenth
-    for i in range(1, 40):  # the punctual one: 10 samples every 0.1 s, its declared 100 Hz
-        clock.now = 0.1 * i
-        t.accept(rated("punctual", 10 * i, 10))
-    assert not t.demoted
-    for i in range(2, 20):  # 200 in all, without time passing: past a tenth of the burst
-        t.accept(rated("catching_up", 10 * i, 10))
-    assert counter(reg, "samples_rejected", reason="rate_limited") == 0
-    assert [s.name for s in t.take_ready(8)] == ["punctual"]
-    assert t.take_demoted() is t.streams["catching_up"] and t.streams["catching_up"].n == 200
-    assert t.take_demoted() is None  # the punctual stream was never demoted
+def test_a_stream_running_ahead_of_real_time_is_served_after_the_others_but_loses_nothing():
+    """A stream whose data runs more than AHEAD_S ahead of real time at its declared rate waits in the demoted
+    queue, losing nothing. Punctual streams are never demoted: not for large messages, not for a backlog the
+    daemon reads late after a stall, not for an outage's catch-up."""
+    from sigclassd.streams import AHEAD_S
+
+    t, reg, clock = make_table(rate_limit=1.5, rate_burst_s=2.0, demote_s=10.0)
+    rate = 100.0
+    # Large messages: 2 s of samples every 2 s.
+    for i in range(5):
+        clock.now = 2.0 * i
+        t.accept(rated("large", 200 * i, 200, rate))
+    # A stall: 10 ms messages, then 1 s in which the daemon read nothing, then that second's 100 messages at once.
+    for i in range(20):
+        clock.now = 0.01 * i
+        t.accept(rated("stalled", i, 1, rate))
+    clock.now = 1.2
+    for i in range(20, 120):
+        t.accept(rated("stalled", i, 1, rate))
+    # An outage's catch-up: 3 s with nothing, then 3 s of samples sent at 3x.
+    t.accept(rated("outage", 0, 10, rate))
+    for i in range(30):
+        clock.now = 4.2 + i * 0.033
+        t.accept(rated("outage", 10 + 10 * i, 10, rate))
+    assert not t.demoted and not any(s.demoted_until for s in t.streams.values())
+    # Faster than declared: 2x its rate for 3 s, within the rate limit's burst.
+    for i in range(60):
+        clock.now = 10.0 + 0.05 * i
+        t.accept(rated("ahead", 10 * i, 10, rate))
+    ahead = t.streams["ahead"]
+    assert ahead.demoted_until > clock.now and ahead in t.demoted and ahead not in t.ready
+    assert counter(reg, "samples_rejected", reason="rate_limited") == 0 and ahead.n == 600
+    assert ahead.ahead(600, rate, clock.now, 10.0) > AHEAD_S  # 3 s of sending at 2x: 3 s ahead
