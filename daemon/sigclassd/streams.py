@@ -32,7 +32,7 @@ import numpy as np
 from sigclassd import protocol
 from sigclassd.config import StreamSettings
 from sigclassd.metrics import Metrics
-from sigclassd.protocol import ARRIVAL, SENSOR, SEQ, SampleBatch, SampleFrame, sample_meta
+from sigclassd.protocol import ARRIVAL, SENSOR, SEQ, SampleBatch, SampleFrame
 
 
 @dataclass(slots=True)
@@ -57,8 +57,6 @@ class LabelRun:
 # outage's backlog, frames read late after a stall of the daemon's) may catch up by rate_burst_s.
 AHEAD_S = 1.0
 
-# Appending runs for every message received: these keep it to a few NumPy calls.
-_RAMP = np.arange(1 << 12, dtype=np.int64)
 _NO_LABELS = np.zeros(0, np.uint8)
 _NO_ARRIVAL = np.zeros(0, np.int64)
 
@@ -404,27 +402,6 @@ class StreamTable:
         """Give a finished (retired and fully labelled) stream's state slot back."""
         self.free_slots.append(stream.release())
 
-    def admit(self, stream_id: str, seq: int, k: int, rate_hz: float) -> bool:
-        """The rate limit: False (counted) if the stream is over its rate.
-
-        A stream over its own declared rate pays, not the others: its frames are refused and for
-        ``demote_s`` it is served after the well-behaved streams. A new stream is admitted.
-        """
-        s = self.settings
-        stream = self.streams.get(stream_id) if s.rate_limit and rate_hz else None
-        if stream is None:
-            return True
-        now = self.clock()
-        limit = rate_hz * s.rate_limit
-        if stream.within_rate(seq, k, limit, now, s.rate_burst_s):
-            if stream.ahead(seq, rate_hz, now, s.rate_burst_s) > AHEAD_S:
-                self._demote(stream, now)
-            return True
-        self._rate_limited(stream, seq, k, now)
-        self._refuse_rated(k, 1, stream.name, rate_hz)
-        self.metrics.samples_received.inc(k)
-        return False
-
     def _rate_limited(self, stream: Stream, seq: int, k: int, now: float) -> None:
         self._demote(stream, now)
         stream.skip(seq, k)
@@ -449,18 +426,13 @@ class StreamTable:
         count = self.notices.get("rate_limited", (0, detail, stream))[0]
         self.notices["rate_limited"] = (count + frames, detail, stream)
 
-    def accept(self, frame: SampleFrame, wall: float | None = None, *, admitted: bool = False) -> None:
-        """Apply the rate limit (unless ``admitted`` already) and the seq policy to a decoded frame; buffer what is new."""
-        k = len(frame.samples)
-        if not admitted and not self.admit(frame.stream, frame.seq, k, frame.sample_rate_hz):
-            return
-        self.metrics.samples_received.inc(k)
-        meta = sample_meta([frame.seq], [k], [frame.t0_ns], [frame.sample_rate_hz])
-        meta[:, ARRIVAL] = int((time.time() if wall is None else wall) * 1e9)
-        self._accept(frame.stream, frame.seq, k, frame.sample_rate_hz, frame.flags, frame.samples, meta, self.clock())
+    def accept(self, frame: SampleFrame, wall: float | None = None) -> None:
+        """:meth:`accept_batch` for one decoded frame (tools and tests; the daemon accepts whole drains)."""
+        self.accept_batch(SampleBatch.of([frame]), time.time() if wall is None else wall)
 
     def accept_batch(self, batch: SampleBatch, wall: float) -> None:
-        """:meth:`accept` for every message of a decoded drain, in order, with one clock read and one count.
+        """Apply the rate limit and the seq policy to every message of a decoded drain, in order, and buffer
+        what is new: one clock read and one received count per drain.
 
         A message that continues its stream (the common case) takes a short path: its rate
         check, then its rows appended; anything else takes the general one.
