@@ -1,8 +1,10 @@
-"""The model artifact: one directory holding ``model.keras`` and ``metadata.json``.
+"""The model artifact: one directory holding ``metadata.json`` and one model file.
 
-The daemon checks a model's metadata against its configuration (and reports a
-clear error) before it builds the model from the weights. Neither needs
-TensorFlow: ``sigclassd.engine.archive`` reads ``model.keras`` with h5py.
+The model file is ``model.keras`` (Keras 3), ``model.h5`` (Keras 2) or
+``model.onnx``. ``metadata.json`` is validated against the JSON Schema shipped
+beside this module (``metadata.schema.json``), every problem listed at once;
+``sigclassd.engine.load_model`` then checks it against the model file itself.
+Neither needs TensorFlow.
 """
 
 from __future__ import annotations
@@ -10,20 +12,30 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from sigclassd.errors import ModelError
 
-FORMAT = 1
-MODEL_FILE = "model.keras"
+# Format 2 adds ``logits``: a daemon that reads format 1 only would publish a logits model's raw
+# outputs as probabilities, so it must refuse the file. Format 1 files are read as ``logits`` false.
+FORMAT = 2
+FORMATS = (1, 2)
+MODEL_FILE = "model.keras"  # what ``sigclassd train`` writes
+MODEL_FILES = ("model.keras", "model.h5", "model.onnx")
 METADATA_FILE = "metadata.json"
+SCHEMA_FILE = "metadata.schema.json"
 
 # Architectures whose every layer is causal or 'same' padded and that keep the
 # time axis: they label any number of timesteps and can be streamed.
 SEQUENCE_ARCHITECTURES = ("seq2seq", "causal")
+# ``sigclassd train``'s window-only architecture.
 WINDOW_ONLY_ARCHITECTURES = ("pooled",)
+# Every architecture metadata.json may name: ``windowed`` is what ``sigclassd import`` writes for a
+# model that runs on whole windows only (e.g. a Bidirectional LSTM).
+ARCHITECTURES = (*SEQUENCE_ARCHITECTURES, *WINDOW_ONLY_ARCHITECTURES, "windowed")
 
 
 @dataclass(frozen=True)
@@ -32,8 +44,9 @@ class ModelMeta:
 
     ``lookahead`` is how many future samples the model uses to label a sample
     (0 for causal models); ``output`` is ``"sigmoid"`` (one unit, binary) or
-    ``"softmax"`` (one unit per class). ``norm_mean``/``norm_std`` are
-    per-channel and applied by the daemon before the model.
+    ``"softmax"`` (one unit per class); ``logits`` says the model's last layer
+    has no squashing activation, so the engine applies ``output`` itself.
+    ``norm_mean``/``norm_std`` are per-channel and applied by the daemon before the model.
     """
 
     name: str
@@ -46,11 +59,13 @@ class ModelMeta:
     lookahead: int
     norm_mean: tuple[float, ...]
     norm_std: tuple[float, ...]
+    logits: bool = False
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     channel_names: tuple[str, ...] = ()
     sample_rate_hz: float | None = None
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    imported: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
     format: int = FORMAT
 
@@ -62,74 +77,89 @@ class ModelMeta:
     def streamable(self) -> bool:
         return self.architecture in SEQUENCE_ARCHITECTURES
 
+    @property
+    def units(self) -> int:
+        """The model's output units this metadata describes: 1 for a sigmoid, one per class for a softmax."""
+        return 1 if self.output == "sigmoid" else self.n_classes
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         for key in ("classes", "norm_mean", "norm_std", "channel_names"):
             d[key] = list(d[key])
+        if not d["imported"]:
+            del d["imported"]
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> ModelMeta:
-        try:
-            meta = cls(
-                name=str(d["name"]),
-                version=str(d["version"]),
-                architecture=str(d["architecture"]),
-                channels=int(d["channels"]),
-                window=int(d["window"]),
-                classes=tuple(str(c) for c in d["classes"]),
-                output=str(d["output"]),
-                lookahead=int(d.get("lookahead", 0)),
-                norm_mean=tuple(float(v) for v in d["norm_mean"]),
-                norm_std=tuple(float(v) for v in d["norm_std"]),
-                hyperparameters=dict(d.get("hyperparameters", {})),
-                channel_names=tuple(str(c) for c in d.get("channel_names", ())),
-                sample_rate_hz=None if d.get("sample_rate_hz") is None else float(d["sample_rate_hz"]),
-                training=dict(d.get("training", {})),
-                metrics=dict(d.get("metrics", {})),
-                created_at=str(d.get("created_at", "")),
-                format=int(d.get("format", FORMAT)),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            msg = f"metadata.json is malformed: {e!r}"
-            raise ModelError(msg) from e
-        meta.validate()
+    def from_json(cls, d: Any, where: str = METADATA_FILE) -> ModelMeta:
+        """Validate ``d`` against the schema (every problem at once), then build and cross-check it."""
+        problems = schema_problems(d, metadata_schema())
+        if problems:
+            raise ModelError(_listed(f"{where} is invalid", problems))
+        meta = cls(
+            name=d["name"],
+            version=d["version"],
+            architecture=d["architecture"],
+            channels=d["channels"],
+            window=d["window"],
+            classes=tuple(d["classes"]),
+            output=d["output"],
+            lookahead=d.get("lookahead", 0),
+            norm_mean=tuple(float(v) for v in d["norm_mean"]),
+            norm_std=tuple(float(v) for v in d["norm_std"]),
+            logits=d.get("logits", False),
+            hyperparameters=dict(d.get("hyperparameters", {})),
+            channel_names=tuple(d.get("channel_names", ())),
+            sample_rate_hz=None if d.get("sample_rate_hz") is None else float(d["sample_rate_hz"]),
+            training=dict(d.get("training", {})),
+            metrics=dict(d.get("metrics", {})),
+            imported=dict(d.get("imported", {})),
+            created_at=d.get("created_at", ""),
+            format=d.get("format", FORMAT),
+        )
+        meta.validate(where)
         return meta
 
-    def validate(self) -> None:
-        problems = []
-        if self.format != FORMAT:
-            problems.append(f"format {self.format} (this daemon reads {FORMAT})")
-        if self.channels < 1 or self.window < 1:
-            problems.append("channels and window must be >= 1")
-        if len(self.classes) < 2 or len(self.classes) > 255:
-            problems.append("classes must list 2 to 255 names")
-        if self.output not in ("sigmoid", "softmax"):
-            problems.append(f"output {self.output!r} is neither 'sigmoid' nor 'softmax'")
+    def validate(self, where: str = METADATA_FILE) -> None:
+        """The checks that span several keys (the schema checks each key alone); all problems at once."""
+        problems = schema_problems(self.to_json(), metadata_schema())
         if self.output == "sigmoid" and len(self.classes) != 2:
-            problems.append("a sigmoid output needs exactly 2 classes")
-        if len(self.norm_mean) != self.channels or len(self.norm_std) != self.channels:
-            problems.append("norm_mean and norm_std need one value per channel")
-        if any(s <= 0 for s in self.norm_std):
-            problems.append("norm_std values must be > 0")
-        if not 0 <= self.lookahead < self.window:
-            problems.append("lookahead must be in [0, window)")
+            problems.append(f"output is 'sigmoid' (one unit) but classes lists {len(self.classes)} names; "
+                            "a sigmoid output has exactly 2 classes, use 'softmax' for more")
+        for key in ("norm_mean", "norm_std"):
+            if len(getattr(self, key)) != self.channels:
+                problems.append(f"{key} has {len(getattr(self, key))} values; give one per channel ({self.channels})")
+        if self.channel_names and len(self.channel_names) != self.channels:
+            problems.append(f"channel_names has {len(self.channel_names)} names; give one per channel ({self.channels})")
+        if len(set(self.classes)) != len(self.classes):
+            problems.append("classes has repeated names; give each class its own name")
+        if self.lookahead >= self.window:
+            problems.append(f"lookahead ({self.lookahead}) must be smaller than window ({self.window})")
         if problems:
-            msg = "invalid model metadata: " + "; ".join(problems)
-            raise ModelError(msg)
+            raise ModelError(_listed(f"{where} is invalid", problems))
+
+
+def _listed(what: str, problems: list[str]) -> str:
+    """One message with every problem on its own line."""
+    return f"{what} ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n" + "\n".join(f"  - {p}" for p in problems)
 
 
 @dataclass(frozen=True)
 class ModelArtifact:
-    """A model directory on disk, its metadata and the hash of its weights file."""
+    """A model directory on disk, its metadata and the hash of its model file."""
 
     path: Path
     meta: ModelMeta
     sha256: str
 
     @property
+    def model_path(self) -> Path:
+        """The directory's one model file (``model.keras``, ``model.h5`` or ``model.onnx``)."""
+        return model_file(self.path)
+
+    @property
     def keras_path(self) -> Path:
-        return self.path / MODEL_FILE
+        return self.model_path
 
     @property
     def model_id(self) -> int:
@@ -155,25 +185,102 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def model_file(path: Path) -> Path:
+    """The one model file in the model directory ``path``; ModelError if there is none or several."""
+    found = [path / name for name in MODEL_FILES if (path / name).is_file()]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        msg = f"model directory {path} has no model file; put exactly one of {', '.join(MODEL_FILES)} in it"
+    else:
+        msg = (f"model directory {path} holds {' and '.join(p.name for p in found)}; keep exactly one model file "
+               "there, so that what is served is never ambiguous")
+    raise ModelError(msg)
+
+
 def read_artifact(path: str | Path) -> ModelArtifact:
     """Read and validate a model directory's metadata (no TensorFlow)."""
     path = Path(path)
     if not path.is_dir():
-        msg = f"model path {path} is not a directory (expected {MODEL_FILE} and {METADATA_FILE} inside)"
+        msg = f"model path {path} is not a directory (expected {METADATA_FILE} and one of {', '.join(MODEL_FILES)} inside)"
         raise ModelError(msg)
-    for name in (MODEL_FILE, METADATA_FILE):
-        if not (path / name).is_file():
-            msg = f"model directory {path} has no {name}"
-            raise ModelError(msg)
+    model = model_file(path)
+    if not (path / METADATA_FILE).is_file():
+        msg = (f"model directory {path} has no {METADATA_FILE}; make one with `sigclassd import {model} --out DIR` "
+               "or write it (see docs/models.md)")
+        raise ModelError(msg)
     try:
         raw = json.loads((path / METADATA_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         msg = f"cannot read {path / METADATA_FILE}: {e}"
         raise ModelError(msg) from e
-    return ModelArtifact(path, ModelMeta.from_json(raw), file_sha256(path / MODEL_FILE))
+    return ModelArtifact(path, ModelMeta.from_json(raw, str(path / METADATA_FILE)), file_sha256(model))
 
 
 def write_metadata(path: str | Path, meta: ModelMeta) -> None:
     meta.validate()
     Path(path).mkdir(parents=True, exist_ok=True)
     (Path(path) / METADATA_FILE).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
+
+
+@cache
+def metadata_schema() -> dict[str, Any]:
+    """The JSON Schema of ``metadata.json``, shipped in the package."""
+    return json.loads(Path(__file__).with_name(SCHEMA_FILE).read_text())
+
+
+# The part of JSON Schema that metadata.schema.json uses, so that the base install needs no
+# `jsonschema` package: type, enum, required, properties, additionalProperties (false),
+# items, minItems, maxItems, minLength, minimum, exclusiveMinimum. Unlike jsonschema's first
+# error, every problem is returned.
+_TYPES: dict[str, Any] = {
+    "object": dict, "array": list, "string": str, "boolean": bool, "null": type(None),
+    "number": (int, float), "integer": int,
+}
+
+
+def _is(value: Any, kind: str) -> bool:
+    if isinstance(value, bool) and kind in ("number", "integer"):
+        return False
+    if kind == "integer" and isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, _TYPES[kind])
+
+
+def schema_problems(value: Any, schema: dict[str, Any], where: str = "") -> list[str]:
+    """Every way ``value`` breaks ``schema``, each naming the key (``where``) and what is expected."""
+    name = where or "the document"
+    kinds = schema.get("type")
+    if kinds is not None:
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        if not any(_is(value, k) for k in kinds):
+            return [f"{name} is {json.dumps(value)[:60]}; expected {' or '.join(kinds)}"]
+    if "enum" in schema and not any(value == v and type(value) is type(v) for v in schema["enum"]):
+        return [f"{name} is {json.dumps(value)[:60]}; expected one of {', '.join(json.dumps(v) for v in schema['enum'])}"]
+    problems = []
+    if isinstance(value, dict):
+        missing = [k for k in schema.get("required", ()) if k not in value]
+        if missing:
+            problems.append(f"missing key{'s' if len(missing) > 1 else ''}: {', '.join(missing)}")
+        properties = schema.get("properties", {})
+        for key, item in value.items():
+            sub = f"{where}.{key}" if where else key
+            if key in properties:
+                problems += schema_problems(item, properties[key], sub)
+            elif schema.get("additionalProperties") is False:
+                problems.append(f"unknown key {sub!r} (known: {', '.join(properties)})")
+    if isinstance(value, list):
+        if len(value) < schema.get("minItems", 0) or len(value) > schema.get("maxItems", len(value)):
+            problems.append(f"{name} has {len(value)} items; expected {schema.get('minItems', 0)} to "
+                            f"{schema.get('maxItems', 'any number of')}")
+        if "items" in schema:
+            bad = [p for i, item in enumerate(value) for p in schema_problems(item, schema["items"], f"{name}[{i}]")]
+            problems += bad[:3] + ([f"... and {len(bad) - 3} more in {name}"] if len(bad) > 3 else [])
+    if isinstance(value, str) and len(value) < schema.get("minLength", 0):
+        problems.append(f"{name} is empty")
+    if _is(value, "number"):
+        if "minimum" in schema and value < schema["minimum"]:
+            problems.append(f"{name} is {value}; expected >= {schema['minimum']}")
+        if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+            problems.append(f"{name} is {value}; expected > {schema['exclusiveMinimum']}")
+    return problems
