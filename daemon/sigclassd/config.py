@@ -98,6 +98,9 @@ class MetricsSettings:
     # Connections served at once; never more than an eighth of the fd limit (RLIMIT_NOFILE),
     # so a flood of HTTP clients cannot take the descriptors the ZeroMQ sockets need.
     max_connections: int = 32
+    # Export a `_created` series (the counter's creation time) beside every counter and histogram:
+    # off by default, as they double the exposition and few dashboards read them.
+    created_series: bool = False
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,11 @@ RUNTIMES = ("auto", "numpy")
 
 
 def _coerce(where: str, value: Any, kind: Any) -> Any:
+    if kind is bool:
+        if not isinstance(value, bool):
+            msg = f"{where} must be true or false, got {value!r}"
+            raise ConfigError(msg)
+        return value
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             msg = f"{where} must be an integer, got {value!r}"
@@ -170,13 +178,16 @@ def _coerce(where: str, value: Any, kind: Any) -> Any:
     raise ConfigError(msg)
 
 
-def _build(raw: dict[str, Any], source: str) -> Settings:
+def _build(raw: dict[str, Any], source: str, origins: dict[tuple[str, str], str] | None = None) -> Settings:
+    """``origins`` names where a (section, key) came from when it was not ``source``: a ``--set`` option."""
+    origins = origins or {}
     sections = {}
     hints = typing.get_type_hints(Settings)
     for name, section in raw.items():
         if name not in hints or name == "source":
             known = ", ".join(f"[{f.name}]" for f in dataclasses.fields(Settings) if f.name != "source")
-            msg = f"{source}: unknown section [{name}]; known sections: {known}"
+            where = next((o for (sec, _), o in origins.items() if sec == name), source)
+            msg = f"{where}: unknown section [{name}]; known sections: {known}"
             raise ConfigError(msg)
         if not isinstance(section, dict):
             msg = f"{source}: [{name}] must be a table"
@@ -185,10 +196,11 @@ def _build(raw: dict[str, Any], source: str) -> Settings:
         field_types = typing.get_type_hints(cls)
         values = {}
         for key, value in section.items():
+            where = origins.get((name, key), source)
             if key not in field_types:
-                msg = f"{source}: unknown key {name}.{key}; known keys: {', '.join(field_types)}"
+                msg = f"{where}: unknown key {name}.{key}; known keys: {', '.join(field_types)}"
                 raise ConfigError(msg)
-            values[key] = _coerce(f"{source}: {name}.{key}", value, field_types[key])
+            values[key] = _coerce(f"{where}: {name}.{key}", value, field_types[key])
         sections[name] = cls(**values)
     settings = Settings(**sections, source=source)
     validate(settings)
@@ -267,6 +279,12 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         parsed = tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
         parsed = value.strip()
+        # A bare word is a string; a list, table or quoted value that is not valid TOML is a mistake
+        # (e.g. [a/] for ["a/"]) that would otherwise surface later as a wrong topic or a libzmq error.
+        if parsed.startswith(("[", "{", '"', "'")):
+            msg = (f"--set {text}: {name.strip()} is not a valid TOML value; "
+                   'strings inside a list need quotes, e.g. --set \'input.subscribe=["site-a/"]\'')
+            raise ConfigError(msg) from None
     return section, key, parsed
 
 
@@ -284,14 +302,16 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         except (OSError, tomllib.TOMLDecodeError) as e:
             msg = f"cannot read config {path}: {e}"
             raise ConfigError(msg) from e
+    origins: dict[tuple[str, str], str] = {}
     for text in overrides:
         section, key, value = parse_override(text)
+        origins[(section, key)] = f"--set {text}"
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             msg = f"[{section}] must be a table"
             raise ConfigError(msg)
         raw[section][key] = value
-    return _build(raw, source)
+    return _build(raw, source, origins)
 
 
 def replace(settings: Settings, **sections: Any) -> Settings:

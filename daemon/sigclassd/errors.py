@@ -27,8 +27,11 @@ class BindError(SigclassdError):
     """A socket or listener could not be bound; the message names the setting and the address."""
 
 
-class FrameError(SigclassdError):
-    """A gateway message was rejected; ``reason`` is the metric label for the rejection."""
+class FrameError(SigclassdError, ValueError):
+    """A gateway message was rejected; ``reason`` is the metric label for the rejection.
+
+    Also a ``ValueError``: it is bad input, so code that decodes with ``sigclassd.client``
+    and catches ``ValueError`` catches it too."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)

@@ -26,6 +26,8 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
+    enable_created_metrics,
 )
 
 # From 50 us (one small stateful step) to 10 s (a stalled pipeline).
@@ -90,7 +92,13 @@ class BulkHistogram:
 class Metrics:
     """The daemon's metrics, registered on ``registry``."""
 
-    def __init__(self, registry: CollectorRegistry, *, process: bool = True) -> None:
+    def __init__(self, registry: CollectorRegistry, *, process: bool = True, created: bool = False) -> None:
+        """``created``: export each counter's and histogram's ``_created`` series (metrics.created_series).
+        prometheus_client's switch is process-wide, so the Metrics built last decides; a daemon builds one."""
+        if created:
+            enable_created_metrics()
+        else:
+            disable_created_metrics()
         self.registry = registry
         r = registry
         p = "sigclassd"

@@ -58,7 +58,7 @@ class Service:
         self.overrides = overrides
         self.load = load
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.metrics = Metrics(self.registry)
+        self.metrics = Metrics(self.registry, created=settings.metrics.created_series)
         self.health = Health(stall_after_s=max(5.0, 20 * settings.service.tick_s))
         self.notifier = Notifier()
         self.stopping = False

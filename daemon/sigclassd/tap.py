@@ -34,14 +34,22 @@ def _runs(labels: np.ndarray) -> list[list[int]]:
     return [[int(labels[a]), int(b - a)] for a, b in zip(starts, ends, strict=True)]
 
 
-def to_json(m: LabelMessage, probs: bool) -> dict:
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def to_json(m: LabelMessage, probs: bool, decimals: int | None = None) -> dict:
     d = {
         "stream": m.stream, "seq": m.seq, "n": m.n, "labels": _runs(m.labels), "flags": list(m.flags),
         "gap": m.gap, "lost": m.lost, "model_id": m.model_id, "t0_ns": m.t0_ns,
         "latency_ms": round(m.latency_s * 1e3, 3) if m.latency_s is not None else None,
     }
     if probs:
-        d["probabilities"] = np.round(m.probabilities, 4).tolist()
+        if decimals is None:  # the shortest decimal that reads back as the same float32: nothing is lost
+            d["probabilities"] = [[float(np.format_float_positional(v, unique=True)) for v in row]
+                                  for row in m.probabilities]
+        else:
+            d["probabilities"] = np.round(m.probabilities.astype(np.float64), decimals).tolist()
     return d
 
 
@@ -81,7 +89,7 @@ def tap(args: argparse.Namespace) -> int:
             continue
         last_message, next_waiting = now, now + args.idle if args.idle > 0 else float("inf")
         if not args.summary:
-            out.write(json.dumps(to_json(m, args.probs)) + "\n")
+            out.write(json.dumps(to_json(m, args.probs, args.decimals)) + "\n")
             out.flush()
             continue
         streams.add(m.stream)
@@ -92,14 +100,14 @@ def tap(args: argparse.Namespace) -> int:
         if now >= next_summary:
             secs = now - window_start
             flags = {k: v for k, v in counts.items() if k not in ("messages", "samples")}
-            print(f"{len(streams)} streams  {counts['messages'] / secs:8.1f} msg/s  "
+            print(f"{plural(len(streams), 'stream')}  {counts['messages'] / secs:8.1f} msg/s  "
                   f"{counts['samples'] / secs:10.1f} samples/s  flags {flags}  lost {sub.lost}", file=out, flush=True)
             counts.clear()
             streams.clear()
             window_start, next_summary = now, now + 1.0
     sub.close()
     if sub.lost:
-        print(f"tap: {sub.lost} samples missing from the label sequence", file=sys.stderr)
+        print(f"tap: {plural(sub.lost, 'sample')} missing from the label sequence", file=sys.stderr)
     return 0
 
 
@@ -115,7 +123,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--subscribe", action="append", default=None, metavar="PREFIX",
                    help="only streams whose id starts with PREFIX (repeatable; default all)")
     p.add_argument("--summary", action="store_true", help="print a live once-a-second summary instead")
-    p.add_argument("--probs", action="store_true", help="include the class probabilities")
+    p.add_argument("--probs", action="store_true",
+                   help="include the class probabilities, in full float32 precision (see --decimals)")
+    p.add_argument("--decimals", type=int, default=None, metavar="N",
+                   help="round the --probs probabilities to N decimals (default: not rounded)")
     p.add_argument("--count", type=int, default=0, help="exit after this many messages")
     p.add_argument("--seconds", type=float, default=0.0, help="exit after this long")
     p.add_argument("--idle", type=float, default=3.0,

@@ -96,3 +96,41 @@ def test_bad_overrides_raise_config_error_naming_the_key(override, named):
     """A malformed or invalid --set override raises ConfigError that names the setting."""
     with pytest.raises(ConfigError, match=named.replace("(", r"\(").replace(")", r"\)")):
         config.load(None, [override])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("model.hopp=3", "--set model.hopp=3: unknown key model.hopp; known keys: path, channels"),
+    ("modle.hop=3", "--set modle.hop=3: unknown section [modle]"),
+    ("streams.max_streams=many", "--set streams.max_streams=many: streams.max_streams must be an integer, got 'many'"),
+    ("metrics.created_series=yes", "--set metrics.created_series=yes: metrics.created_series must be true or false"),
+])
+def test_override_errors_name_the_option_not_the_defaults(tmp_path, override, message):
+    """A mistake given with --set is reported as that option, also when a config file is loaded beside it."""
+    path = tmp_path / "ok.toml"
+    path.write_text("[model]\nhop = 10\n")
+    for source in (None, path):
+        with pytest.raises(ConfigError) as e:
+            config.load(source, [override])
+        assert str(e.value).startswith(message), str(e.value)
+
+
+@pytest.mark.parametrize("override", ["input.subscribe=[a/]", "input.subscribe=[a/, b/]", "input.bind={x}",
+                                      'output.bind="tcp://x'])
+def test_an_unparsable_list_or_quoted_value_is_a_config_error_naming_the_key(override):
+    """[a/] is not taken as the one-topic string '[a/]' (which fails later inside libzmq): it names key and fix."""
+    key = override.split("=", 1)[0]
+    with pytest.raises(ConfigError, match=rf"^--set .*: {key} is not a valid TOML value; strings inside a list need "
+                                          r"quotes, e\.g\. --set 'input\.subscribe=\[\"site-a/\"\]'"):
+        config.load(None, [override])
+
+
+def test_a_bare_word_is_still_a_string_and_one_topic_a_list():
+    """The shorthands that do parse keep working: a bare word is a string, and a string is a one-item list."""
+    s = config.load(None, ["input.subscribe=site-a/", 'input.connect=["tcp://127.0.0.1:1"]', "model.mode=stateful"])
+    assert s.input.subscribe == ("site-a/",) and s.input.connect == ("tcp://127.0.0.1:1",)
+    assert s.model.mode == "stateful"
+
+
+def test_created_series_is_a_boolean_key_off_by_default():
+    assert config.load(None).metrics.created_series is False
+    assert config.load(None, ["metrics.created_series=true"]).metrics.created_series is True

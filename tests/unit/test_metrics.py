@@ -104,3 +104,15 @@ def test_metrics_on_two_registries_are_independent():
     assert b.get_sample_value("sigclassd_samples_received_total") == 0
     assert a.get_sample_value("process_cpu_seconds_total") is not None
     assert b.get_sample_value("process_cpu_seconds_total") is None
+
+
+def test_created_series_only_when_asked():
+    """No counter or histogram has a `_created` series unless metrics.created_series asks for them."""
+    registry = CollectorRegistry()
+    Metrics(registry, process=False)
+    assert not [name for name, _ in exposed(registry) if name.endswith("_created")]
+    registry = CollectorRegistry()
+    Metrics(registry, process=False, created=True)
+    created = {name for name, _ in exposed(registry) if name.endswith("_created")}
+    assert {"sigclassd_samples_received_created", "sigclassd_batch_wait_seconds_created"} <= created
+    Metrics(CollectorRegistry(), process=False)  # back to the default for the tests that follow

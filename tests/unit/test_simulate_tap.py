@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -123,3 +124,39 @@ def test_tap_prints_label_messages_with_lost_samples(ctx):
     assert len(lines) == 3
     assert '"seq": 20, "n": 5, "labels": [[1, 5]], "flags": [], "gap": 0, "lost": 10, "model_id": "21d07e70"' in lines[2]
     assert "tap: 10 samples missing from the label sequence" in err
+
+
+def send_labels_to_tap(ctx, *tap_args: str, probs: np.ndarray, messages: int = 3) -> tuple[int, str, str]:
+    """Run tap against a bound XPUB that sends ``messages`` label messages of one stream once tap subscribes."""
+    sock, ep = bound(ctx, zmq.XPUB)
+    proc = sigclassd("tap", "--connect", ep, "--seconds", "20", *tap_args)
+    assert sock.poll(10_000) and sock.recv() == b"\x01"
+    n = len(probs)
+    for i in range(messages):
+        sock.send_multipart(protocol.encode_labels(b"s/1", probs, np.ones(n, np.uint8), i * n,
+                                                   flags=protocol.LABEL_START if i == 0 else 0))
+        time.sleep(0.4)
+    result = finish(proc)
+    sock.close()
+    return result
+
+
+def test_tap_probs_are_full_precision_unless_decimals_asked(ctx):
+    """--probs prints each float32 probability so that it reads back exactly; --decimals N rounds on request."""
+    probs = np.array([[0.123456789, 0.876543211], [1e-7, 1 - 1e-7]], np.float32)
+    rc, out, _ = send_labels_to_tap(ctx, "--count", "1", "--probs", probs=probs, messages=1)
+    assert rc == 0
+    printed = np.array(json.loads(out)["probabilities"])
+    assert np.array_equal(printed.astype(np.float32), probs)  # nothing lost
+    assert printed[1][0] != 0.0
+    rc, out, _ = send_labels_to_tap(ctx, "--count", "1", "--probs", "--decimals", "2", probs=probs, messages=1)
+    assert rc == 0 and json.loads(out)["probabilities"] == [[0.12, 0.88], [0.0, 1.0]]
+
+
+def test_tap_summary_says_1_stream(ctx):
+    """The once-a-second summary counts streams in words that fit the count."""
+    rc, out, err = send_labels_to_tap(ctx, "--summary", "--count", "6", probs=np.full((5, 2), 0.5, np.float32),
+                                      messages=6)
+    assert rc == 0, err
+    assert re.search(r"^1 stream +\d", out, re.M), out
+    assert "1 streams" not in out
