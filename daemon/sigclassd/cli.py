@@ -41,12 +41,21 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", metavar="DIR", help="model directory (same as --set model.path=DIR)")
     p.add_argument("--mode", choices=("windowed", "stateful"), help="same as --set model.mode=...")
     p.add_argument("--check", action="store_true",
-                   help="validate the config and load and warm the model, then exit (0 if all is well)")
+                   help="validate the config, load and warm the model, and say whether each address it binds is "
+                        "free or held by a running sigclassd, without binding it (safe beside the running daemon), "
+                        "then exit: 0 all is well, 1 an address is held by another process, 2 config error, "
+                        "3 model error")
+    p.add_argument("--strict", action="store_true",
+                   help="with --check: also exit 1 if a running sigclassd holds an address (a pre-start check)")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from sigclassd import config, logs
+
+    if args.strict and not args.check:
+        print("sigclassd run: --strict goes with --check", file=sys.stderr)
+        return EXIT_CONFIG
     overrides = list(args.overrides)
     if args.model:
         overrides.append(f"model.path={_toml_string(args.model)}")
@@ -61,7 +70,7 @@ def _run(args: argparse.Namespace) -> int:
     from sigclassd import service
 
     if args.check:
-        return service.check(settings)
+        return service.check(settings, strict=args.strict)
     return service.Service(settings, config_path=args.config, overrides=tuple(overrides)).run()
 
 

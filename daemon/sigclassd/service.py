@@ -367,20 +367,32 @@ def _loopback(endpoint: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
-def check(settings: Settings, load: ModelLoader = load_model) -> int:
-    """``run --check``: validate the config, bind every address, load and warm the model, then exit."""
-    service = Service(settings, load=load)
+def check(settings: Settings, load: ModelLoader = load_model, strict: bool = False) -> int:
+    """``run --check``: validate the config (CURVE files included), load and warm the model, and report the
+    addresses it binds without binding them, so that it works beside the running daemon before a reload.
+    Exit 1 if an address is held by something that is not a sigclassd or, with ``strict``, held at all."""
+    from sigclassd import auth, portcheck
+
     try:
-        service.bind()
+        if settings.security.curve_secret_key_file:
+            auth.load_server_secret(settings.security.curve_secret_key_file)
+            allowed = auth.allowed_keys(settings.security.curve_allowed_keys_dir)
+            auth.topic_prefixes(settings.security.curve_allowed_keys_dir, list(allowed.values()))
         artifact, engine = load(settings)
+    except ConfigError as e:
+        log.error("config_error", error=str(e))
+        return EXIT_CONFIG
     except ModelError as e:
         log.error("model_error", error=str(e))
         return EXIT_MODEL
-    except (BindError, zmq.ZMQError, OSError) as e:
-        log.error("check_failed", error=str(e))
+    ports = portcheck.survey(settings)
+    report = {f"{p.setting} {p.address}": p.describe() for p in ports}
+    blocked = [p for p in ports if p.state == portcheck.OTHER or (strict and p.busy)]
+    if blocked:
+        why = "held (--strict wants every address free)" if strict else "held by something that is not a sigclassd"
+        log.error("check_failed", ports=report,
+                  error=f"cannot start: {', '.join(p.address for p in blocked)} {why}")
         return EXIT_FAILURE
-    finally:
-        service.close()
     log.info("check_ok", config=settings.source, model=str(artifact.path), version=artifact.meta.version,
-             model_id=artifact.model_hex, mode=settings.model.mode, runtime=engine.runtime)
+             model_id=artifact.model_hex, mode=settings.model.mode, runtime=engine.runtime, ports=report)
     return EXIT_OK
