@@ -13,9 +13,11 @@ import os
 import socket
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
+import zmq
 
 from sigclassd.client import Publisher, Stream
 from sigclassd.errors import EXIT_CONFIG
@@ -84,6 +86,88 @@ def subscription_note(pub: Publisher, streams: list[Stream], endpoints: str) -> 
             f"{endpoints}: {heard_by}; their messages are dropped")
 
 
+def rejections(metrics_url: str) -> dict[str, float] | None:
+    """The daemon's message and sample counters by reason (``frames_received``, ``frames_rejected:REASON``,
+    ``samples_rejected:REASON``, ``samples_labelled``), or None if its metrics cannot be read."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=2) as r:
+            text = r.read().decode()
+        counts = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                name = sample.name.removeprefix("sigclassd_").removesuffix("_total")
+                if name in ("frames_received", "samples_labelled"):
+                    counts[name] = sample.value
+                elif name in ("frames_rejected", "samples_rejected"):
+                    counts[f"{name}:{sample.labels.get('reason', '')}"] = sample.value
+    except (OSError, ValueError):
+        return None
+    return counts
+
+
+class LabelWatch:
+    """Whether labels for this run's streams come back from the daemon, and if not, the likely reason.
+
+    It listens on the daemon's label output for its own stream prefix until the first label arrives,
+    and reads the daemon's metrics at the start and when it gives up waiting."""
+
+    def __init__(self, output: str, metrics_url: str, prefix: str, timeout_s: float, channels: int) -> None:
+        self.output, self.metrics_url, self.timeout_s, self.channels = output, metrics_url, timeout_s, channels
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+        self.sock.connect(output)
+        self.before = rejections(metrics_url) if metrics_url else None
+        self.deadline = time.monotonic() + timeout_s
+        self.done = False
+
+    def poll(self) -> str | None:
+        """Once: a line saying that no labels came within the timeout and why; None meanwhile or once they come."""
+        if self.done:
+            return None
+        if self.sock.poll(0):
+            self.close()
+            return None
+        if time.monotonic() < self.deadline:
+            return None
+        self.close()
+        return self.diagnosis()
+
+    def diagnosis(self) -> str:
+        head = f"simulate: no labels for these streams after {self.timeout_s:g} s on {self.output}"
+        after = rejections(self.metrics_url) if self.metrics_url else None
+        if after is None:
+            return (f"{head}, and no daemon metrics at {self.metrics_url or '(--metrics not given)'}: is a daemon "
+                    "running, with its input.bind where simulate sends and its output.bind where it listens?")
+        before = self.before or {}
+        delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+        refused = {k: int(v) for k, v in delta.items() if v > 0 and ":" in k}
+        if refused:
+            reasons = ", ".join(f"{k.split(':', 1)[1]} {v:,} {'messages' if k.startswith('frames') else 'samples'}"
+                                for k, v in sorted(refused.items(), key=lambda kv: -kv[1]))
+            hint = ""
+            if "frames_rejected:channel_mismatch" in refused:
+                hint = f" (simulate sends {self.channels} channels: --channels to send as many as the model takes)"
+            return f"{head}; the daemon at {self.metrics_url} rejected since simulate started: {reasons}{hint}"
+        if delta.get("frames_received", 0) <= 0:
+            return (f"{head}; the daemon at {self.metrics_url} received no messages since simulate started: "
+                    "is its input.bind where simulate sends, and its input.subscribe taking these stream ids?")
+        if delta.get("samples_labelled", 0) > 0:
+            return (f"{head}; the daemon at {self.metrics_url} labels samples, so its labels go elsewhere: "
+                    "is its output.bind where simulate listens (--output)?")
+        return (f"{head}; the daemon at {self.metrics_url} received messages, rejected none and labelled none "
+                "yet: in windowed mode a stream's first labels wait for a full window (see --label-timeout)")
+
+    def close(self) -> None:
+        if not self.done:
+            self.done = True
+            self.sock.close()
+            self.ctx.term()
+
+
 def simulate(args: argparse.Namespace) -> int:
     recs = load_source(args.source, args.channels, args.rate, args.seed)
     channels = recs[0].shape[1]
@@ -107,6 +191,7 @@ def simulate(args: argparse.Namespace) -> int:
     note = subscription_note(pub, streams, endpoints)
     if note:
         print(note, file=sys.stderr)
+    watch = LabelWatch(args.output, args.metrics, args.prefix, args.label_timeout, channels) if args.output else None
     period = args.chunk / args.rate
     start = time.time()
     sent_msgs = sent_samples = 0
@@ -126,6 +211,10 @@ def simulate(args: argparse.Namespace) -> int:
             sent_msgs += 1
             sent_samples += args.chunk
         tick += 1
+        if watch is not None:
+            silence = watch.poll()
+            if silence:
+                print(("\n" if not args.quiet else "") + silence, file=sys.stderr, flush=True)
         if time.monotonic() >= next_report:
             next_report = time.monotonic() + 1.0
             new_note = subscription_note(pub, streams, endpoints)
@@ -140,6 +229,8 @@ def simulate(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"\nsent {sent_msgs} messages, {sent_samples} samples", file=sys.stderr)
     pub.close()
+    if watch is not None:
+        watch.close()
     return 0
 
 
@@ -149,7 +240,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="act as sensor gateways: publish protocol-v1 samples for N streams",
         description="Publish protocol-v1 sample messages for N simulated streams at R Hz, K samples per message, "
                     "from the synthetic generator or an .npz recording, through sigclassd.client. Warns when no "
-                    "daemon subscribes to the streams. Stops after --seconds or on Ctrl-C.",
+                    "daemon subscribes to the streams, and when no labels come back (with the daemon's rejections "
+                    "by reason, from its metrics). Stops after --seconds or on Ctrl-C.",
     )
     p.add_argument("--connect", action="append", default=None, metavar="ENDPOINT",
                    help="daemon input endpoint to connect to (repeatable; default tcp://127.0.0.1:5555)")
@@ -169,6 +261,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--settle", type=float, default=2.0,
                    help="seconds to wait at most for a daemon to subscribe before sending; it warns if none does "
                         "(default 2)")
+    p.add_argument("--output", default="tcp://127.0.0.1:5556", metavar="ENDPOINT",
+                   help="the daemon's label output (output.bind), watched until the first label of these streams "
+                        "comes back; '' not to watch (default tcp://127.0.0.1:5556)")
+    p.add_argument("--metrics", default="http://127.0.0.1:5557/metrics", metavar="URL",
+                   help="the daemon's metrics, read to say why no labels come back: rejected messages by reason, "
+                        "or nothing received (default http://127.0.0.1:5557/metrics; '' not to read)")
+    p.add_argument("--label-timeout", type=float, default=None, metavar="SECONDS",
+                   help="say why if no label of these streams has come back after this long (default: 5 s, or "
+                        "the time 1,000 samples take at --rate if longer: a windowed stream's first labels "
+                        "wait for its window)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=_main)
 
@@ -184,4 +286,6 @@ def _main(args: argparse.Namespace) -> int:
     if args.streams < 1 or args.rate <= 0 or args.chunk < 1:
         print("error: --streams, --rate and --chunk must be positive", file=sys.stderr)
         return 2
+    if args.label_timeout is None:
+        args.label_timeout = max(5.0, 1000 / args.rate)
     return simulate(args)

@@ -9,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import zmq
 from harness import free_port
 
@@ -160,3 +161,10 @@ def test_tap_summary_says_1_stream(ctx):
     assert rc == 0, err
     assert re.search(r"^1 stream +\d", out, re.M), out
     assert "1 streams" not in out
+
+
+def test_frame_error_is_a_value_error():
+    """Code that catches ValueError around decoding with sigclassd.client catches a malformed message too."""
+    with pytest.raises(ValueError, match="frames") as e:
+        protocol.decode_labels([b"only one frame"])
+    assert isinstance(e.value, protocol.FrameError)
