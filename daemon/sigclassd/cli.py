@@ -87,6 +87,7 @@ COMMANDS = {
     "tap": ("sigclassd.tap", "add_parser", "subscribe to the daemon's labels and print them or a summary"),
     "train": ("sigclassd.models.cli", "add_parsers", "train a model on recordings or synthetic data"),
     "eval": ("sigclassd.models.cli", "add_parsers", "score a model on recordings as the daemon serves it"),
+    "import": ("sigclassd.importer", "add_parser", "make a model directory from a Keras (.keras/.h5) or ONNX file"),
     "forward": ("sigclassd.forwarder", "add_parser", "run an XSUB/XPUB forwarder between gateways and daemon shards"),
     "keygen": ("sigclassd.keygen", "add_parser", "write a CURVE key pair for encrypted, authenticated input"),
     "bench": ("sigclassd.bench", "add_parser", "measure throughput and latency of the daemon under load"),
