@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test venv os-deps bench clean
+.PHONY: run test venv os-deps bench clean dist
 
 # The venv's own pip (23.0 on Debian 12) installs pyproject projects and editables; upgrading it first
 # cost make run 6 s and a download.
@@ -31,6 +31,14 @@ venv: $(VENV)/.installed-all
 
 run: $(VENV)/.installed-base
 	$(BIN)/sigclassd run $(ARGS)
+
+# A wheel of sigclassd to install anywhere with pip (the README's Install section):
+#   pip install dist/sigclassd-VERSION-py3-none-any.whl           serving only
+#   pip install 'dist/sigclassd-VERSION-py3-none-any.whl[train]'  with TensorFlow for train and eval
+dist: $(BIN)/python
+	rm -rf dist
+	$(BIN)/pip wheel --disable-pip-version-check --no-deps --wheel-dir dist .
+	@ls dist/*.whl
 
 # Debian packages the tests use: a real Prometheus and promtool, systemd-analyze for the unit
 # checks, a C compiler with libzmq for the C gateway example, and for the real-systemd test
@@ -57,4 +65,4 @@ bench: venv os-deps
 	$(BIN)/sigclassd bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

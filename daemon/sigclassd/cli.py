@@ -85,8 +85,8 @@ COMMANDS = {
     "run": ("sigclassd.cli", "_add_run", "run the daemon (foreground; systemd-aware)"),
     "simulate": ("sigclassd.simulate", "add_parser", "act as sensor gateways: publish samples for N streams"),
     "tap": ("sigclassd.tap", "add_parser", "subscribe to the daemon's labels and print them or a summary"),
-    "train": ("sigclassd.models.cli", "add_parsers", "train a model on recordings or synthetic data"),
-    "eval": ("sigclassd.models.cli", "add_parsers", "score a model on recordings as the daemon serves it"),
+    "train": ("sigclassd.models.cli", "add_parsers", "train a model on recordings or synthetic data (needs the train extra)"),
+    "eval": ("sigclassd.models.cli", "add_parsers", "score a model on recordings as the daemon serves it (needs the train extra)"),
     "import": ("sigclassd.importer", "add_parser", "make a model directory from a Keras (.keras/.h5) or ONNX file"),
     "forward": ("sigclassd.forwarder", "add_parser", "run an XSUB/XPUB forwarder between gateways and daemon shards"),
     "keygen": ("sigclassd.keygen", "add_parser", "write a CURVE key pair for encrypted, authenticated input"),
@@ -95,6 +95,29 @@ COMMANDS = {
 
 # Commands that build, train or evaluate models with Keras: only the `train` extra installs TensorFlow.
 NEED_TRAIN_EXTRA = ("train", "eval")
+
+
+def install_line(extra: str) -> str:
+    """A pip command that adds ``extra`` to this installation, from where it was installed (pip records that
+    in direct_url.json): the checkout (editable or not) or the wheel file; else the package index."""
+    import importlib.metadata
+    import json
+    import shlex
+    import urllib.parse
+
+    pip = f"{shlex.quote(sys.executable)} -m pip install"
+    # The first installed copy that recorded its origin (a build's leftover sigclassd.egg-info in the
+    # current directory may come first and records none).
+    recorded = (d.read_text("direct_url.json") for d in importlib.metadata.distributions(name="sigclassd"))
+    try:
+        direct = json.loads(next((text for text in recorded if text), "{}"))
+    except ValueError:
+        direct = {}
+    url = direct.get("url", "")
+    if not url.startswith("file://"):
+        return f"{pip} 'sigclassd[{extra}]'"
+    where = shlex.quote(f"{urllib.parse.unquote(url.removeprefix('file://'))}[{extra}]")
+    return f"{pip} -e {where}" if direct.get("dir_info", {}).get("editable") else f"{pip} {where}"
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -132,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_CONFIG
     if args.command in NEED_TRAIN_EXTRA and importlib.util.find_spec("tensorflow") is None:
-        print(f"sigclassd {args.command} needs TensorFlow, which serving leaves out: pip install 'sigclassd[train]'",
+        print(f"sigclassd {args.command} needs TensorFlow, which serving leaves out: {install_line('train')}",
               file=sys.stderr)
         return EXIT_CONFIG
     try:

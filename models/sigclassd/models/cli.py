@@ -90,10 +90,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Register ``train`` and ``eval`` on the main parser's subcommands."""
     p = subparsers.add_parser(
         "train",
-        help="train a model from labelled recordings (.npz, CSV, EDF) or synthetic data",
+        help="train a model from labelled recordings (.npz, CSV, EDF) or synthetic data (needs the train extra)",
         description="Train a Conv1D-LSTM that labels every timestep, and write a model directory "
         "(model.keras + metadata.json) that `sigclassd run` can serve. After every epoch the validation "
-        "part is scored as the daemon serves it; the best epoch is kept.",
+        "part is scored as the daemon serves it; the best epoch is kept. Needs TensorFlow, from the train "
+        "extra (pip install '.[train]' in the checkout, or 'sigclassd-VERSION-py3-none-any.whl[train]').",
         epilog=DATA_HELP,
     )
     _add_data_args(p, default_seed=0)
@@ -175,12 +176,15 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "eval",
-        help="score a model on labelled data as the daemon serves it, against a majority-class baseline",
+        help="score a model on labelled data as the daemon serves it, against a majority-class baseline "
+        "(needs the train extra)",
         description="Per-timestep accuracy, balanced accuracy, macro-F1, per-class recall and F1 and confusion "
         "matrices of what the daemon publishes in each mode: windowed (a window every --hop samples, the "
         "newest labelled, --lag held back) and stateful (state carried from the first sample), next to a "
         "majority-class baseline. The model's label remapping is applied to the data. Recordings the model "
-        "was trained on are recognised by fingerprint: only their held-out part is scored unless --part all.",
+        "was trained on are recognised by fingerprint: only their held-out part is scored unless --part all. "
+        "Needs TensorFlow, from the train extra (pip install '.[train]' in the checkout, or "
+        "'sigclassd-VERSION-py3-none-any.whl[train]').",
         epilog=DATA_HELP,
     )
     p.add_argument("model", type=Path, help="model directory (model.keras + metadata.json)")
