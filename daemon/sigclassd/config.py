@@ -90,6 +90,15 @@ class StreamSettings:
     reset_burst: int = 10
     # Retired incarnations awaiting their last labels, across all ids; beyond it resets are refused.
     max_retired: int = 1024
+    # Frames declaring a sample rate above this are refused (implausible_rate): no real sensor stream
+    # is that fast, and a huge declared rate would switch the rate limit off for its stream.
+    max_declared_rate_hz: float = 100_000.0
+    # A frame that would end or jump a live stream's incarnation (restart flag, a seq jump) waits
+    # until the stream's publisher has been silent this long (or twice its usual interval between
+    # frames): one stray frame cannot take a live stream, and a reconnecting gateway's backlog is
+    # labelled before its newer frames. If the publisher goes on, the frame is refused
+    # (conflicting_publishers).
+    publisher_silence_s: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -250,6 +259,8 @@ def validate(s: Settings) -> None:
     need(s.streams.max_resets_per_s > 0, "streams.max_resets_per_s must be > 0")
     need(s.streams.reset_burst >= 1, "streams.reset_burst must be >= 1")
     need(s.streams.max_retired >= 1, "streams.max_retired must be >= 1")
+    need(0 < s.streams.max_declared_rate_hz <= 1e7, "streams.max_declared_rate_hz must be in (0, 1e7]")
+    need(0 < s.streams.publisher_silence_s <= 60, "streams.publisher_silence_s must be in (0, 60]")
     if s.metrics.listen:
         host, sep, port = s.metrics.listen.rpartition(":")
         need(bool(sep) and port.isdigit() and 0 <= int(port) < 65536,
