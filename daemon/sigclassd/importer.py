@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     if problems:
         return _refuse(problems, EXIT_CONFIG)
     framework = FRAMEWORK[src.suffix.lower()]
-    have_framework = importlib.util.find_spec(framework) is not None
+    have_framework = _installed(framework)
     if not have_framework and not args.unverified:
         return _refuse([f"cannot check the import: {framework} is not installed; {INSTALL[framework]}, "
                         "or pass --unverified to write it unchecked"], EXIT_CONFIG)
@@ -150,6 +150,13 @@ def run(args: argparse.Namespace) -> int:
     say(f"wrote {out} ({out / SUFFIXES[src.suffix.lower()]}, {out / METADATA_FILE})")
     say(f"serve it: sigclassd run --model {out} {modes}")
     return EXIT_OK
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken or blocked install
+        return False
 
 
 def _refuse(problems: list[str], code: int) -> int:

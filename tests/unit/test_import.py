@@ -1,0 +1,164 @@
+"""sigclassd import: what it infers, what it refuses (one line per problem), and its check against Keras."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sigclassd.artifact import read_artifact
+from sigclassd.cli import main
+from sigclassd.errors import EXIT_CONFIG, EXIT_MODEL, EXIT_OK
+from sigclassd.importer import TOLERANCE, check_import, reference
+
+pytestmark = pytest.mark.tf
+
+CHANNELS = 3
+
+
+def keras_model(path: Path, *, units: int = 3, activation: str | None = "softmax", padding: str = "same",
+                length: int | None = None, seed: int = 0) -> Path:
+    """A small Conv1D + LSTM + Dense model with seeded random weights, saved to ``path``."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((length, CHANNELS))
+    h = layers.Conv1D(6, 5, padding=padding, activation="relu")(inputs)
+    if padding == "valid":  # a window-only model: pooled, last LSTM output, one Dense per window
+        h = layers.LSTM(6)(layers.MaxPooling1D(4)(h))
+        h = layers.Reshape((length, 1))(layers.Dense(length, activation=activation)(h))
+    else:
+        h = layers.LSTM(6, return_sequences=True)(h)
+        h = layers.Dense(units, activation=activation, name="out")(h)
+    keras.Model(inputs, h).save(path)
+    return path
+
+
+def test_import_infers_the_model_and_records_the_check(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """A 'same'-padded softmax model: channels, classes, look-ahead 2, seq2seq, both modes checked within 1e-5."""
+    src = keras_model(tmp_path / "net.keras")
+    out = tmp_path / "dir"
+    code = main(["import", str(src), "--out", str(out), "--classes", "rest,walk,run", "--channel-names", "x,y,z",
+                 "--norm-mean", "0.5", "--norm-std", "1,2,3", "--sample-rate", "50", "--name", "gait"])
+    printed = capsys.readouterr().out
+    assert code == EXIT_OK, printed
+    meta = read_artifact(out).meta
+    assert (meta.name, meta.channels, meta.window, meta.classes, meta.output, meta.logits, meta.lookahead,
+            meta.architecture) == ("gait", 3, 400, ("rest", "walk", "run"), "softmax", False, 2, "seq2seq")
+    assert (meta.norm_mean, meta.norm_std, meta.channel_names, meta.sample_rate_hz) == (
+        (0.5, 0.5, 0.5), (1.0, 2.0, 3.0), ("x", "y", "z"), 50.0)
+    assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "model.keras"]
+    assert meta.imported["checked_against"].startswith("keras ")
+    assert set(meta.imported["max_abs_diff"]) == {"windowed", "stateful"}
+    assert max(meta.imported["max_abs_diff"].values()) <= TOLERANCE
+    assert "any length (windowed mode will use 400-sample windows" in printed
+    assert "look-ahead 2 samples" in printed and "stateful:" in printed
+
+
+def test_window_only_model_is_imported_for_windowed_mode_with_the_reason(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """A fixed-length pooled model: its own window, architecture 'windowed', why it cannot stream recorded."""
+    src = keras_model(tmp_path / "pooled.keras", padding="valid", activation="sigmoid", length=120)
+    out = tmp_path / "dir"
+    assert main(["import", str(src), "--out", str(out)]) == EXIT_OK
+    meta = read_artifact(out).meta
+    assert (meta.window, meta.architecture, meta.output, meta.classes) == (120, "windowed", "sigmoid", ("c0", "c1"))
+    assert "Conv1D padding 'valid'" in meta.imported["not_streamable"]
+    assert set(meta.imported["max_abs_diff"]) == {"windowed"}
+    assert "streams: no, windowed mode only" in capsys.readouterr().out
+
+
+def test_every_problem_with_the_options_is_one_line_and_nothing_is_written(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """Wrong class count, channel names, normalisation lengths and a bad std: four lines, exit 2, no directory."""
+    src = keras_model(tmp_path / "net.keras")
+    out = tmp_path / "dir"
+    code = main(["import", str(src), "--out", str(out), "--classes", "a,b", "--channel-names", "x,y",
+                 "--norm-mean", "1,2", "--norm-std", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_CONFIG
+    assert err == [
+        "sigclassd import: --classes names 2 classes but the model outputs 3 units (3 classes); name 3",
+        "sigclassd import: --channel-names names 2 channels but the model takes 3",
+        "sigclassd import: --norm-mean has 2 values; the model takes 3 channels: give one value or one per channel",
+        "sigclassd import: --norm-std values must be > 0",
+    ]
+    assert not out.exists() and not list(tmp_path.glob(".dir*"))
+
+
+def test_an_output_neither_probabilities_nor_logits_is_refused_naming_the_layer(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """A last layer ending in relu gives neither probabilities nor logits: refused, naming the layer."""
+    src = keras_model(tmp_path / "relu.keras", activation="relu")
+    assert main(["import", str(src), "--out", str(tmp_path / "dir")]) == EXIT_MODEL
+    err = capsys.readouterr().err
+    assert "the last layer 'out' ends in 'relu', which gives neither probabilities nor logits" in err
+    assert not (tmp_path / "dir").exists()
+
+
+def test_normalisation_is_fitted_on_recordings(tmp_path: Path) -> None:
+    """--norm-from: per-channel mean and std of every sample of an .npz's recordings, and of a CSV folder."""
+    src = keras_model(tmp_path / "net.keras", units=1, activation="sigmoid", padding="causal")
+    rng = np.random.default_rng(0)
+    a, b = rng.normal([1, 2, 3], [1, 2, 4], (500, 3)), rng.normal([1, 2, 3], [1, 2, 4], (300, 3))
+    np.savez(tmp_path / "rec.npz", a_X=a, a_y=np.zeros(500), b_X=b, b_y=np.zeros(300))
+    assert main(["import", str(src), "--out", str(tmp_path / "n"), "--norm-from", str(tmp_path / "rec.npz")]) == 0
+    meta = read_artifact(tmp_path / "n").meta
+    both = np.concatenate([a, b])
+    np.testing.assert_allclose(meta.norm_mean, both.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(meta.norm_std, both.std(0), rtol=1e-6)
+    assert (meta.architecture, meta.lookahead) == ("causal", 0)
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    for name, x in (("a", a), ("b", b)):
+        rows = ["ax,ay,az,label", *(f"{r[0]},{r[1]},{r[2]},walk" for r in x)]
+        (folder / f"{name}.csv").write_text("\n".join(rows) + "\n")
+    assert main(["import", str(src), "--out", str(tmp_path / "c"), "--norm-from", str(folder)]) == 0
+    np.testing.assert_allclose(read_artifact(tmp_path / "c").meta.norm_std, both.std(0), rtol=1e-5)
+
+
+def test_check_refuses_a_model_served_differently_from_its_source(tmp_path: Path) -> None:
+    """The check compares the served probabilities with the source framework's: another model's differ and fail."""
+    out = tmp_path / "dir"
+    assert main(["import", str(keras_model(tmp_path / "a.keras", seed=0)), "--out", str(out)]) == EXIT_OK
+    same = check_import(out, reference(tmp_path / "a.keras"))
+    assert same.passed and max(same.max_abs_diff.values()) <= TOLERANCE
+    other = check_import(out, reference(keras_model(tmp_path / "b.keras", seed=1)))
+    assert not other.passed
+    assert set(other.max_abs_diff) == {"windowed", "stateful"}
+    assert min(other.max_abs_diff.values()) > 100 * TOLERANCE
+
+
+BLOCKER = '''
+import sys
+
+class NoKeras:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("tensorflow", "keras"):
+            raise ImportError(f"{name} is not installed (blocked by the test)")
+        return None
+
+sys.meta_path.insert(0, NoKeras())
+'''
+
+
+def test_without_keras_the_import_is_refused_unless_unverified(tmp_path: Path) -> None:
+    """Keras missing: exit 2 with how to install it; --unverified writes the directory, recorded as unchecked."""
+    src = keras_model(tmp_path / "net.keras")
+    (tmp_path / "blocker").mkdir()
+    (tmp_path / "blocker" / "sitecustomize.py").write_text(BLOCKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "blocker"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "sigclassd", "import", str(src), "--out", str(tmp_path / "dir")]
+    refused = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == EXIT_CONFIG
+    assert refused.stderr.strip() == ("sigclassd import: cannot check the import: keras is not installed; pip install "
+                                      "'sigclassd[train]' (TensorFlow and Keras), or pass --unverified to write it "
+                                      "unchecked")
+    accepted = subprocess.run([*cmd, "--unverified"], env=env, capture_output=True, text=True, timeout=120)
+    assert accepted.returncode == EXIT_OK, accepted.stderr
+    assert "warning: not checked against keras" in accepted.stdout
+    record = json.loads((tmp_path / "dir" / "metadata.json").read_text())["imported"]
+    assert record["checked_against"] is None
