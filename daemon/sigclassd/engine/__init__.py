@@ -89,7 +89,9 @@ def read_model(path: Path):  # noqa: ANN201 - a KerasChain
 def _output_activation(plan: WindowPlan) -> tuple[str, str]:
     """The model's last squashing activation and the layer that applies it (skipping pure reshapes)."""
     activation, name = "linear", ""
-    for op in reversed(plan.ops):
+    # A logits model's plan ends with the softmax/sigmoid the engine adds: the model's own last layer is before it.
+    ops = plan.ops[:-1] if getattr(plan, "applies_output_activation", False) else plan.ops
+    for op in reversed(ops):
         found = getattr(op, "activation", None)
         if found is None:  # pooling or reshaping: the values are unchanged
             continue
