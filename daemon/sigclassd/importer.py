@@ -240,7 +240,7 @@ def _metadata(args: argparse.Namespace, src: Path, facts) -> tuple[list[str], Mo
             "source": src.name,
             "source_sha256": file_sha256(src),
             "command": "sigclassd " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["import"] else "",
-            **({"not_streamable": facts.not_streamable} if facts.step_plan is None else {}),
+            **({"not_streamable": _reason(facts)} if facts.step_plan is None else {}),
             **({"window_chosen": True} if facts.window is None else {}),
             **({"norm_from": str(args.norm_from)} if args.norm_from else {}),
         },
@@ -262,10 +262,15 @@ def _describe(facts, meta: ModelMeta, args: argparse.Namespace) -> None:  # noqa
         say(f"  streams: yes (stateful and windowed mode), look-ahead {facts.lookahead} samples "
             f"(architecture {meta.architecture})")
     else:
-        say(f"  streams: no, windowed mode only (architecture windowed): {facts.not_streamable}")
+        say(f"  streams: no, windowed mode only (architecture windowed): {_reason(facts)}")
     if not args.norm_mean and not args.norm_std and not args.norm_from:
         say("  normalisation: none (the model gets raw samples); if it was trained on standardised data give "
             "--norm-mean/--norm-std or --norm-from RECORDINGS")
+
+
+def _reason(facts) -> str:  # noqa: ANN001
+    """Why the model cannot stream, without the list of every layer that can."""
+    return facts.not_streamable.split("; the stateful engine supports")[0]
 
 
 def fit_normalisation(path: Path, channels: int, names: tuple[str, ...] = ()) -> tuple[list[float], list[float]]:
@@ -333,21 +338,25 @@ def reference(src: Path) -> tuple[str, Reference]:
 
 
 def _onnx_reference(src: Path) -> tuple[str, Reference]:
-    """onnxruntime over the ONNX graph; a channels-first graph ([batch, channels, time]) is fed transposed."""
+    """onnxruntime over the ONNX graph, fed and read in the axis orders the graph uses (e.g. PyTorch's
+    Conv1d input ``[batch, channels, time]``), as ``read_onnx_model`` found them."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
-    (inp,) = session.get_inputs()
-    out = session.get_outputs()[0].name
+    from sigclassd.engine.onnx_reader import read_onnx_model
+
+    graph = read_onnx_model(src)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: a dynamo export's fixed example shape warns on every other length
+    session = ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+    into = ["BTC".index(a) for a in graph.input_axes]
+    if sorted(graph.output_axes) != ["B", "T", "U"]:
+        msg = f"{src}: its output has axes {graph.output_axes!r}; the check compares [batch, time, units] outputs"
+        raise ModelError(msg)
+    back = [graph.output_axes.index(a) for a in "BTU"]
 
     def run(x: np.ndarray) -> np.ndarray:
-        batch, time_, channels = x.shape
-        dims = inp.shape
-        first = len(dims) == 3 and dims[1] == channels and dims[2] != channels
-        y = session.run([out], {inp.name: np.ascontiguousarray(x.transpose(0, 2, 1) if first else x)})[0]
-        if y.ndim == 3 and y.shape[1] != time_ and y.shape[2] == time_:
-            y = y.transpose(0, 2, 1)  # [batch, classes, time]
-        return np.asarray(y, np.float32)
+        (y,) = session.run([graph.output_name], {graph.input_name: np.ascontiguousarray(x.transpose(into))})
+        return np.asarray(y, np.float32).transpose(back)
 
     return f"onnxruntime {ort.__version__}", run
 
