@@ -43,7 +43,6 @@ import numpy as np
 from sigclassd.engine.archive import KerasChain, Layer
 from sigclassd.errors import ModelError
 
-INSTALL_HINT = "pip install 'sigclassd[onnx]' (the onnx package)"
 MIN_OPSET = 14  # LSTM/GRU 'layout' and Softmax over one axis
 
 # Ops that only move or relabel the signal's axes.
@@ -259,7 +258,9 @@ def read_onnx_model(path: Path) -> OnnxModel:
     try:
         import onnx
     except ImportError as e:
-        msg = f"{path} is an ONNX model; reading it needs the onnx package: {INSTALL_HINT}"
+        from sigclassd.cli import install_line
+
+        msg = f"{path} is an ONNX model; reading it needs the onnx package (the onnx extra): {install_line('onnx')}"
         raise ModelError(msg) from e
     path = Path(path)
     try:
