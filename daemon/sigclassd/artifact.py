@@ -125,12 +125,12 @@ class ModelMeta:
         problems = schema_problems(self.to_json(), metadata_schema())
         if self.output == "sigmoid" and len(self.classes) != 2:
             problems.append(f"output is 'sigmoid' (one unit) but classes lists {len(self.classes)} names; "
-                            "a sigmoid output has exactly 2 classes, use 'softmax' for more")
+                            "a sigmoid output needs exactly 2 classes, use 'softmax' for more")
         for key in ("norm_mean", "norm_std"):
             if len(getattr(self, key)) != self.channels:
-                problems.append(f"{key} has {len(getattr(self, key))} values; give one per channel ({self.channels})")
+                problems.append(f"{key} has {len(getattr(self, key))} values; it needs one value per channel ({self.channels})")
         if self.channel_names and len(self.channel_names) != self.channels:
-            problems.append(f"channel_names has {len(self.channel_names)} names; give one per channel ({self.channels})")
+            problems.append(f"channel_names has {len(self.channel_names)} names; it needs one per channel ({self.channels})")
         if len(set(self.classes)) != len(self.classes):
             problems.append("classes has repeated names; give each class its own name")
         if self.lookahead >= self.window:
@@ -280,7 +280,7 @@ def schema_problems(value: Any, schema: dict[str, Any], where: str = "") -> list
         problems.append(f"{name} is empty")
     if _is(value, "number"):
         if "minimum" in schema and value < schema["minimum"]:
-            problems.append(f"{name} is {value}; expected >= {schema['minimum']}")
+            problems.append(f"{name} is {value}; it must be >= {schema['minimum']}")
         if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
-            problems.append(f"{name} is {value}; expected > {schema['exclusiveMinimum']}")
+            problems.append(f"{name} is {value}; it must be > {schema['exclusiveMinimum']}")
     return problems

@@ -65,7 +65,7 @@ def test_every_bad_value_is_listed_at_once(tmp_path: Path) -> None:
     assert "(5 problems)" in text
     assert 'architecture is "lstm"; expected one of "seq2seq", "causal", "pooled", "windowed"' in text
     assert 'output is "probabilities"; expected one of "sigmoid", "softmax"' in text
-    assert "norm_std[15] is 0.0; expected > 0" in text
+    assert "norm_std[15] is 0.0; it must be > 0" in text
     assert "unknown key 'lookahed'" in text
     assert 'window is "400"; expected integer' in text
 
@@ -77,8 +77,8 @@ def test_problems_spanning_keys_are_listed_at_once(tmp_path: Path) -> None:
         read_artifact(path)
     text = str(e.value)
     assert "(3 problems)" in text
-    assert "a sigmoid output has exactly 2 classes" in text
-    assert "norm_mean has 3 values; give one per channel (16)" in text
+    assert "a sigmoid output needs exactly 2 classes" in text
+    assert "norm_mean has 3 values; it needs one value per channel (16)" in text
     assert "lookahead (400) must be smaller than window (400)" in text
 
 
