@@ -61,6 +61,8 @@ _UNARY: dict[str, Callable[..., np.ndarray]] = {
     "Reciprocal": np.reciprocal,
     "Softplus": lambda x: np.logaddexp(0, x),
     "Softsign": lambda x: x / (1 + np.abs(x)),
+    "HardSwish": lambda x: x * np.clip(x + 3, 0, 6) / 6,
+    "Mish": lambda x: x * np.tanh(np.logaddexp(0, x)),
 }
 _BINARY: dict[str, Callable[[Any, Any], Any]] = {
     "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide, "Pow": np.power,
@@ -98,7 +100,7 @@ _NAMED: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 SUPPORTED_OPS = (
     "Conv (1-D, stride 1, ungrouped), LSTM, GRU (forward; bidirectional for windowed mode), MatMul, Gemm, "
     "Add (a bias), BatchNormalization (after a Conv or MatMul), Relu, LeakyRelu, Elu, Selu, Tanh, Sigmoid, "
-    "Softmax (over the features), Gelu, Softplus, Softsign, element-wise Mul/Div/Add/Sub/Erf/Pow of the signal with "
+    "Softmax (over the features), Gelu, Softplus, Softsign, HardSigmoid, HardSwish, Mish, element-wise Mul/Div/Add/Sub/Erf/Pow of the signal with "
     "itself or a scalar (GELU, SiLU), Pad (zeros on the time axis, before a Conv), Slice (a causal conv's tail), "
     "Transpose, Squeeze, Unsqueeze, Reshape, Flatten, Identity, Dropout, Cast, and the Shape/Gather/Concat/"
     "ConstantOfShape/Expand/Slice arithmetic around recurrent layers")
@@ -347,7 +349,8 @@ class _Reader:
             try:
                 outputs = self._node(node)
             except _Refused as e:
-                raise self._fail(f"node {node.name or '(unnamed)'!r} ({node.op_type}): {e}") from None
+                where = repr(node.name) if node.name else f"(unnamed, making {list(node.output)[:1]})"
+                raise self._fail(f"node {where} ({node.op_type}): {e}") from None
             for out_name, value in zip(node.output, outputs, strict=False):
                 if out_name:
                     self.values[out_name] = value
