@@ -16,9 +16,8 @@ from sigclassd.cli import main
 from sigclassd.errors import EXIT_CONFIG, EXIT_MODEL, EXIT_OK
 from sigclassd.importer import TOLERANCE, check_import, reference
 
-pytestmark = pytest.mark.tf
-
 CHANNELS = 3
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "onnx"
 
 
 def keras_model(path: Path, *, units: int = 3, activation: str | None = "softmax", padding: str = "same",
@@ -40,6 +39,7 @@ def keras_model(path: Path, *, units: int = 3, activation: str | None = "softmax
     return path
 
 
+@pytest.mark.tf
 def test_import_infers_the_model_and_records_the_check(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     """A 'same'-padded softmax model: channels, classes, look-ahead 2, seq2seq, both modes checked within 1e-5."""
     src = keras_model(tmp_path / "net.keras")
@@ -61,6 +61,7 @@ def test_import_infers_the_model_and_records_the_check(tmp_path: Path, capsys) -
     assert "look-ahead 2 samples" in printed and "stateful:" in printed
 
 
+@pytest.mark.tf
 def test_window_only_model_is_imported_for_windowed_mode_with_the_reason(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     """A fixed-length pooled model: its own window, architecture 'windowed', why it cannot stream recorded."""
     src = keras_model(tmp_path / "pooled.keras", padding="valid", activation="sigmoid", length=120)
@@ -73,6 +74,7 @@ def test_window_only_model_is_imported_for_windowed_mode_with_the_reason(tmp_pat
     assert "streams: no, windowed mode only" in capsys.readouterr().out
 
 
+@pytest.mark.tf
 def test_every_problem_with_the_options_is_one_line_and_nothing_is_written(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     """Wrong class count, channel names, normalisation lengths and a bad std: four lines, exit 2, no directory."""
     src = keras_model(tmp_path / "net.keras")
@@ -90,15 +92,20 @@ def test_every_problem_with_the_options_is_one_line_and_nothing_is_written(tmp_p
     assert not out.exists() and not list(tmp_path.glob(".dir*"))
 
 
+@pytest.mark.tf
 def test_an_output_neither_probabilities_nor_logits_is_refused_naming_the_layer(tmp_path: Path, capsys) -> None:  # noqa: ANN001
-    """A last layer ending in relu gives neither probabilities nor logits: refused, naming the layer."""
+    """A last layer ending in relu, or in 3 independent sigmoids, is not one probability per class: refused, naming it."""
     src = keras_model(tmp_path / "relu.keras", activation="relu")
     assert main(["import", str(src), "--out", str(tmp_path / "dir")]) == EXIT_MODEL
     err = capsys.readouterr().err
-    assert "the last layer 'out' ends in 'relu', which gives neither probabilities nor logits" in err
+    assert "last layer 'out' ends in 'relu', which gives neither probabilities nor logits" in err
     assert not (tmp_path / "dir").exists()
+    src = keras_model(tmp_path / "multi.keras", units=3, activation="sigmoid")
+    assert main(["import", str(src), "--out", str(tmp_path / "dir")]) == EXIT_MODEL
+    assert "the last layer 'out' has 3 sigmoid units (independent, multi-label)" in capsys.readouterr().err
 
 
+@pytest.mark.tf
 def test_normalisation_is_fitted_on_recordings(tmp_path: Path) -> None:
     """--norm-from: per-channel mean and std of every sample of an .npz's recordings, and of a CSV folder."""
     src = keras_model(tmp_path / "net.keras", units=1, activation="sigmoid", padding="causal")
@@ -120,6 +127,7 @@ def test_normalisation_is_fitted_on_recordings(tmp_path: Path) -> None:
     np.testing.assert_allclose(read_artifact(tmp_path / "c").meta.norm_std, both.std(0), rtol=1e-5)
 
 
+@pytest.mark.tf
 def test_check_refuses_a_model_served_differently_from_its_source(tmp_path: Path) -> None:
     """The check compares the served probabilities with the source framework's: another model's differ and fail."""
     out = tmp_path / "dir"
@@ -145,6 +153,7 @@ sys.meta_path.insert(0, NoKeras())
 '''
 
 
+@pytest.mark.tf
 def test_without_keras_the_import_is_refused_unless_unverified(tmp_path: Path) -> None:
     """Keras missing: exit 2 with how to install it; --unverified writes the directory, recorded as unchecked."""
     src = keras_model(tmp_path / "net.keras")
@@ -162,3 +171,41 @@ def test_without_keras_the_import_is_refused_unless_unverified(tmp_path: Path) -
     assert "warning: not checked against keras" in accepted.stdout
     record = json.loads((tmp_path / "dir" / "metadata.json").read_text())["imported"]
     assert record["checked_against"] is None
+
+
+@pytest.mark.parametrize(("name", "want"), [
+    ("conv_lstm", (3, 3, "softmax", False, "seq2seq", 2)),
+    ("conv_gru_logits", (3, 4, "softmax", True, "causal", 0)),
+    ("conv_lstm_dynamo", (2, 2, "sigmoid", False, "causal", 0)),
+    ("conv_bilstm", (3, 3, "softmax", False, "windowed", 0)),
+])
+def test_pytorch_export_is_imported_and_checked_against_onnxruntime(tmp_path: Path, name: str, want: tuple) -> None:
+    """The PyTorch fixtures: inferred as exported (a GRU logits head, a dynamo export, a windowed-only BiLSTM) and
+    checked by onnxruntime within 1e-5 in every mode they allow."""
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "dir"
+    assert main(["import", str(FIXTURES / f"{name}.onnx"), "--out", str(out)]) == EXIT_OK
+    meta = read_artifact(out).meta
+    assert (meta.channels, meta.n_classes, meta.output, meta.logits, meta.architecture, meta.lookahead) == want
+    assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "model.onnx"]
+    assert meta.imported["checked_against"].startswith("onnxruntime ")
+    modes = {"windowed"} if meta.architecture == "windowed" else {"windowed", "stateful"}
+    assert set(meta.imported["max_abs_diff"]) == modes
+    assert max(meta.imported["max_abs_diff"].values()) <= TOLERANCE
+
+
+@pytest.mark.tf
+def test_keras_2_h5_file_is_imported(tmp_path: Path) -> None:
+    """A Keras 2 .h5 file (GRU with a logits head) is imported as model.h5, logits, checked against Keras."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((None, CHANNELS))
+    h = layers.GRU(6, return_sequences=True)(layers.Conv1D(6, 3, padding="causal", activation="relu")(inputs))
+    keras.Model(inputs, layers.Dense(4, name="out")(h)).save(tmp_path / "old.h5")
+    out = tmp_path / "dir"
+    assert main(["import", str(tmp_path / "old.h5"), "--out", str(out)]) == EXIT_OK
+    meta = read_artifact(out).meta
+    assert (meta.output, meta.logits, meta.n_classes, meta.architecture) == ("softmax", True, 4, "causal")
+    assert (out / "model.h5").is_file() and max(meta.imported["max_abs_diff"].values()) <= TOLERANCE

@@ -128,11 +128,11 @@ def inspect_model(path: Path) -> ModelFacts:
 
 
 def _output_problem(f: ModelFacts) -> str:
-    """Why the model's output cannot be served as class probabilities ('' if it can)."""
+    """Why squashed outputs still are not one probability per class ('' if they are).
+
+    (An output that is neither squashed nor logits is refused by the plan.)
+    """
     where = f"the last layer {f.output_layer!r}"
-    if f.output_activation not in ("sigmoid", "softmax", "linear"):
-        return (f"{where} ends in {f.output_activation!r}, which gives neither probabilities nor logits; end the "
-                "model with a Dense layer with activation 'sigmoid' (1 unit), 'softmax' (1 per class) or none (logits)")
     if f.output_activation == "softmax" and f.units == 1:
         return f"{where} is a softmax over 1 unit (always 1); use a sigmoid for two classes"
     if f.output_activation == "sigmoid" and f.units > 1:
