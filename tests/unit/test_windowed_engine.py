@@ -107,19 +107,23 @@ def test_model_without_a_conv_is_served(first: str, tmp_path: Path) -> None:
 
 
 def test_unsupported_models_are_refused_naming_the_layer(tmp_path: Path) -> None:
-    """An unsupported layer, a branch and a metadata mismatch each give a ModelError saying what and where."""
+    """An unsupported layer (with what to use instead), a shared layer, a last layer that gives neither
+    probabilities nor logits, and a metadata mismatch each give a ModelError saying what and where."""
     import keras
     from keras import layers
 
     inputs = keras.Input((None, CHANNELS))
-    gru = keras.Model(inputs, layers.Dense(1, activation="sigmoid")(layers.GRU(4, return_sequences=True, name="my_gru")(inputs)))
-    a = layers.Conv1D(4, 3, padding="same", name="left")(inputs)
-    b = layers.Conv1D(4, 3, padding="same", name="right")(inputs)
-    branched = keras.Model(inputs, layers.Dense(1, activation="sigmoid", name="out")(layers.Add(name="sum")([a, b])))
+    rnn = keras.Model(inputs, layers.Dense(1, activation="sigmoid")(layers.SimpleRNN(4, return_sequences=True, name="my_rnn")(inputs)))
+    norm = keras.Model(inputs, layers.Dense(1, activation="sigmoid")(layers.LayerNormalization(name="ln")(inputs)))
+    shared_conv = layers.Conv1D(CHANNELS, 3, padding="same", name="twice")
+    shared = keras.Model(inputs, layers.Dense(1, activation="sigmoid")(shared_conv(shared_conv(inputs))))
+    relu_out = keras.Model(inputs, layers.Dense(1, activation="relu", name="out")(layers.LSTM(4, return_sequences=True)(inputs)))
     wrong_units = keras.Model(inputs, layers.Dense(3, activation="softmax")(layers.LSTM(4, return_sequences=True)(inputs)))
     cases = {
-        "gru": (gru, r"layer 'my_gru' \(GRU\) is not supported"),
-        "branched": (branched, "layer 'right' does not take the previous layer's output"),
+        "rnn": (rnn, r"layer 'my_rnn' \(SimpleRNN\) is not supported; use an LSTM or GRU instead"),
+        "norm": (norm, r"layer 'ln' \(LayerNormalization\) is not supported; use BatchNormalization"),
+        "shared": (shared, "layer 'twice' is called 2 times \\(a shared layer\\)"),
+        "relu": (relu_out, "last layer 'out' ends in 'relu', which gives neither probabilities nor logits"),
         "units": (wrong_units, "outputs 3 units but a sigmoid output over 2 classes"),
     }
     for name, (model, message) in cases.items():
@@ -128,6 +132,6 @@ def test_unsupported_models_are_refused_naming_the_layer(tmp_path: Path) -> None
             WindowedEngine.load(artifact)
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "model.keras").write_bytes(b"not a zip")
-    write_metadata(tmp_path / "broken", read_artifact(tmp_path / "gru").meta)
+    write_metadata(tmp_path / "broken", read_artifact(tmp_path / "rnn").meta)
     with pytest.raises(ModelError, match=r"cannot read .*model.keras as a Keras 3 model file"):
         WindowedEngine.load(read_artifact(tmp_path / "broken"))

@@ -24,8 +24,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from sigclassd.engine.activations import ACTIVATIONS
-from sigclassd.engine.plan import LSTM, Conv, Pool, Reshape, StepPlan, WindowPlan
+from sigclassd.engine.activations import ACTIVATIONS, Parametric
+from sigclassd.engine.plan import GRU, INPUT, LSTM, Affine, Conv, Merge, Pool, Reshape, StepPlan, WindowPlan
 
 
 def single_blas_thread() -> None:
@@ -62,8 +62,10 @@ _IN_PLACE = {
 }
 
 
-def _activate(y: np.ndarray, activation: str, axis: int) -> np.ndarray:
+def _activate(y: np.ndarray, activation: str | Parametric, axis: int) -> np.ndarray:
     """``activation(y)``, in place where possible; a softmax is over ``axis`` (the features)."""
+    if isinstance(activation, Parametric):
+        return activation(y, axis)
     if activation in _IN_PLACE:
         return _IN_PLACE[activation](y)
     if activation == "softmax":
@@ -73,7 +75,7 @@ def _activate(y: np.ndarray, activation: str, axis: int) -> np.ndarray:
     return ACTIVATIONS[activation](y)
 
 
-def _dense(u: np.ndarray, kernel: np.ndarray, bias: np.ndarray, activation: str = "linear") -> np.ndarray:
+def _dense(u: np.ndarray, kernel: np.ndarray, bias: np.ndarray, activation: str | Parametric = "linear") -> np.ndarray:
     """``activation(u @ kernel + bias)`` over the last axis of a batch-major ``u`` (after a Reshape or last state)."""
     y = u.reshape(-1, u.shape[-1]) @ kernel
     y += bias
@@ -81,7 +83,7 @@ def _dense(u: np.ndarray, kernel: np.ndarray, bias: np.ndarray, activation: str 
     return _activate(y, activation, -1)
 
 
-def _linear(u: np.ndarray, kernel: np.ndarray, bias: np.ndarray, activation: str,
+def _linear(u: np.ndarray, kernel: np.ndarray, bias: np.ndarray, activation: str | Parametric,
             out: np.ndarray | None = None) -> np.ndarray:
     """``activation(kernel.T @ u[t] + bias)`` for every step of ``u`` ``[time, in, batch]``: ``[time, out, batch]``,
     written to ``out`` if given."""
@@ -228,6 +230,110 @@ def lstm(step: LSTM, u: np.ndarray | Source, time: int, h: np.ndarray, c: np.nda
     return hu[1:, :n]
 
 
+def _gru_weights(step: GRU, standard: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The GRU's one matmul a step against ``[h; u[t]; 1]`` and, without ``reset_after``, its recurrent h kernel.
+
+    Rows: z and r (halved when ``standard``, see ``LSTM.fused``), the input's part of the
+    candidate and, with ``reset_after``, the recurrent part (both with their biases).
+    """
+    n, width_in = step.units, step.kernel.shape[0]
+    kernel, recurrent = step.kernel.astype(np.float64), step.recurrent.astype(np.float64)
+    b_in, b_rec = step.bias.astype(np.float64), step.recurrent_bias.astype(np.float64)
+    rows = 4 * n if step.reset_after else 3 * n
+    w = np.zeros((rows, n + width_in + 1))
+    w[: 2 * n, :n] = recurrent[:, : 2 * n].T
+    w[: 2 * n, n : n + width_in] = kernel[:, : 2 * n].T
+    w[: 2 * n, -1] = b_in[: 2 * n] + b_rec[: 2 * n]
+    if standard:
+        w[: 2 * n] *= 0.5
+    w[2 * n : 3 * n, n : n + width_in] = kernel[:, 2 * n :].T
+    w[2 * n : 3 * n, -1] = b_in[2 * n :]
+    if step.reset_after:
+        w[3 * n :, :n] = recurrent[:, 2 * n :].T
+        w[3 * n :, -1] = b_rec[2 * n :]
+        return w.astype(np.float32), None
+    return w.astype(np.float32), np.ascontiguousarray(recurrent[:, 2 * n :].T, np.float32)
+
+
+def gru(step: GRU, u: np.ndarray | Source, time: int, h: np.ndarray,
+        counts: list[int] | None = None, hold: np.ndarray | None = None) -> np.ndarray:
+    """Run ``step`` over ``time`` steps of ``u`` from ``h`` ``[units, batch]``: outputs ``[time, units, batch]``.
+
+    As ``lstm`` (same ``u``, ``counts`` and ``hold``), with Keras' GRU step:
+    ``h = z * h + (1 - z) * act(x_h + r * (h @ R_h + b_rh))`` (``reset_after``) or
+    ``act(x_h + (r * h) @ R_h)``.
+    """
+    batch = h.shape[1]
+    n, width_in = step.units, step.kernel.shape[0]
+    standard = step.recurrent_activation == "sigmoid"
+    weights, rec_h = _gru_weights(step, standard)
+    hu = np.empty((time + 1, n + width_in + 1, batch), np.float32)
+    hu[0, :n] = h
+    hu[:, n + width_in] = 1
+    counts = [batch] * time if counts is None else counts
+    act, rec = ACTIVATIONS[step.activation], ACTIVATIONS[step.recurrent_activation]
+    z_buf = np.empty((len(weights), batch), np.float32)
+    block = max(1, _BLOCK_BYTES // (4 * (n + width_in + 1) * batch))
+    held = 0 if hold is None else len(hold)
+    width = -1
+    for t0 in range(0, time, block):
+        t1 = min(time, t0 + block)
+        k0 = counts[t0]
+        if k0 == 0:
+            break
+        block_in = hu[t0:t1, n : n + width_in, :k0]
+        if isinstance(u, np.ndarray):
+            block_in[...] = u[t0:t1, :, :k0]
+        else:
+            u(t0, t1, k0, block_in)
+        for t in range(t0, t1):
+            k = counts[t]
+            if k != width:
+                if k == 0:
+                    hu[t + 1 :, :n] = 0
+                    break
+                width = k
+                zr = z_buf[: 2 * n, :k]
+                z, r = zr[:n], zr[n:]
+                x_h = z_buf[2 * n : 3 * n, :k]
+                r_h = z_buf[3 * n :, :k]
+            hp, y = hu[t, :, :k], hu[t + 1, :n, :k]
+            if t < held:
+                rows = np.flatnonzero(hold[t, :k])
+            np.matmul(weights, hp, out=z_buf[:, :k])
+            if standard:
+                np.tanh(zr, out=zr)
+                zr *= _HALF
+                zr += _HALF
+            else:
+                zr[...] = rec(zr)
+            if rec_h is None:
+                r_h *= r
+                x_h += r_h
+            else:
+                x_h += rec_h @ (r * hp[:n])
+            candidate = act(x_h)
+            # z * h + (1 - z) * candidate
+            np.subtract(hp[:n], candidate, out=y)
+            y *= z
+            y += candidate
+            if t < held and len(rows):
+                y[:, rows] = hp[:n, rows]
+            if k < batch:
+                hu[t + 1, :n, k:] = 0
+    return hu[1:, :n]
+
+
+def _recur(op: LSTM | GRU, u: np.ndarray | Source, time: int, batch: int) -> np.ndarray:
+    """A recurrent layer over whole windows from zero state: outputs ``[time, units, batch]`` in time order
+    (a backward layer's in its own order unless ``flip``, as Keras returns them)."""
+    if op.backwards:
+        u = u[::-1]
+    zeros = np.zeros((op.units, batch), np.float32)
+    out = lstm(op, u, time, zeros, zeros.copy()) if isinstance(op, LSTM) else gru(op, u, time, zeros)
+    return out[::-1] if op.flip else out
+
+
 def _tfb(u: np.ndarray) -> np.ndarray:
     """A batch-major ``[batch, time, features]`` array as the kernels' ``[time, features, batch]`` (a view)."""
     return u.transpose(1, 2, 0)
@@ -239,11 +345,17 @@ def forward(plan: WindowPlan, x: np.ndarray, norm: tuple[np.ndarray, np.ndarray]
     ``x`` is normalised as ``(x - mean) * scale`` here if ``norm`` is ``(mean, scale)``.
     """
     batch = len(x)
-    u, timed = _tfb(x), True  # timed: u is [time, features, batch]; else batch-major, after a Reshape or last state
-    if norm is not None and not isinstance(plan.ops[0], Conv):
-        u, norm = _normalised(u, norm), None
-    for index, op in enumerate(plan.ops):
-        if not timed and u.ndim == 3 and isinstance(op, Conv | LSTM | Pool):
+    ops = plan.ops
+    # Each value is (array or Source, timed): timed is [time, features, batch]; else batch-major,
+    # after a Reshape or a recurrent layer's last state.
+    if norm is not None and not (isinstance(ops[0], Conv) and [op for op in ops if INPUT in op.inputs] == [ops[0]]):
+        values = {INPUT: (_normalised(_tfb(x), norm), True)}
+        norm = None
+    else:
+        values = {INPUT: (_tfb(x), True)}
+    for index, op in enumerate(ops):
+        u, timed = values[op.inputs[0]]
+        if not timed and u.ndim == 3 and isinstance(op, Conv | LSTM | GRU | Pool):
             u, timed = _tfb(u), True
         if isinstance(op, Conv):
             time = len(u)
@@ -265,11 +377,10 @@ def forward(plan: WindowPlan, x: np.ndarray, norm: tuple[np.ndarray, np.ndarray]
             norm = None
             time = time if op.padding != "valid" else time - op.span
             u = _conv(ext, op, time)
-            if not _feeds_lstm(plan.ops, index):
+            if index not in plan.lazy:
                 u = u(0, time, batch, None)
-        elif isinstance(op, LSTM):
-            zeros = np.zeros((op.units, batch), np.float32)
-            out = lstm(op, u, len(u) if isinstance(u, np.ndarray) else time, zeros, zeros.copy())
+        elif isinstance(op, LSTM | GRU):
+            out = _recur(op, u, len(u) if isinstance(u, np.ndarray) else time, batch)
             u, timed = (out, True) if op.sequences else (np.ascontiguousarray(out[-1].T), False)
         elif isinstance(op, Pool):
             time, width, _ = u.shape
@@ -277,18 +388,48 @@ def forward(plan: WindowPlan, x: np.ndarray, norm: tuple[np.ndarray, np.ndarray]
             u = u[:kept].reshape(time // op.size, op.size, width, batch).max(axis=1)
         elif isinstance(op, Reshape):
             u, timed = (u.transpose(2, 0, 1) if timed else u).reshape(batch, *op.shape), False
+        elif isinstance(op, Affine):
+            u = _affine(u, op, 1 if timed else -1)
+        elif isinstance(op, Merge):
+            u = _merge(op, [values[n][0] for n in op.inputs], 1 if timed else -1)
         elif timed and op.kernel is not None:
             u = _linear(u, op.kernel, op.bias, op.activation)
         elif timed:
             u = _activate(u.copy(), op.activation, 1)
         else:
-            u = _dense(u, op.kernel, op.bias, op.activation) if op.kernel is not None else ACTIVATIONS[op.activation](u)
+            u = _dense(u, op.kernel, op.bias, op.activation) if op.kernel is not None else _activate(u.copy(), op.activation, -1)
+        values[op.name] = (u, timed)
+        for name in plan.last_reads[index]:
+            del values[name]
+    u, timed = values[ops[-1].name]
     return np.ascontiguousarray(u.transpose(2, 0, 1)) if timed else u
 
 
-def _feeds_lstm(ops: tuple, index: int) -> bool:
-    """Whether the layer after ``ops[index]`` is an LSTM, which then computes it a block at a time."""
-    return index + 1 < len(ops) and isinstance(ops[index + 1], LSTM)
+def _affine(u: np.ndarray, op: Affine, axis: int) -> np.ndarray:
+    shape = [1] * u.ndim
+    shape[axis] = -1
+    y = u * op.scale.reshape(shape)
+    y += op.shift.reshape(shape)
+    return y
+
+
+_MERGES = {"add": np.add, "subtract": np.subtract, "multiply": np.multiply, "maximum": np.maximum,
+           "minimum": np.minimum}
+
+
+def _merge(op: Merge, parts: list[np.ndarray], axis: int) -> np.ndarray:
+    """Keras' merge of ``parts``: features on ``axis``, left to right as Keras combines them."""
+    if op.mode == "concatenate":
+        return np.concatenate(parts, axis=axis)
+    if op.mode == "average":
+        y = parts[0].copy()
+        for p in parts[1:]:
+            y += p
+        return y / np.float32(len(parts))
+    y = _MERGES[op.mode](parts[0], parts[1])
+    for p in parts[2:]:
+        y = _MERGES[op.mode](y, p, out=y)
+    return y
 
 
 def _normalised(u: np.ndarray, norm: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
@@ -348,7 +489,7 @@ def step(
     active = int(np.count_nonzero(ordered))
     idle = order[active:]
     new_state[idle] = state[idle]  # rows of length 0 keep theirs
-    position_cost = sum(op.kernel.size for op in plan.steps if op.kernel is not None)
+    position_cost = sum(op.kernel.size for op in plan.steps if getattr(op, "kernel", None) is not None)
     for a, b in _runs(ordered[:active], position_cost):
         rows = slice(a, b) if in_order else order[a:b]
         longest = int(ordered[a])
@@ -382,8 +523,9 @@ def _step_rows(
         edge = bool(seen.min() < plan.lookahead) or bool((ends < time).any())
     else:
         edge = False
-    u = _tfb(x)
+    values = {INPUT: _tfb(x)}
     for index, op in enumerate(plan.steps):
+        u = values[op.inputs[0]]
         if isinstance(op, Conv) and op.span:
             span, cin = op.span, op.in_channels
             ext = np.empty((span + time, cin, batch), np.float32)
@@ -395,20 +537,28 @@ def _step_rows(
             buffer = new_state[:, op.offset : op.offset + op.size].reshape(batch, span, cin)
             for a, b, length in groups:
                 buffer[a:b] = ext[length : length + span, :, a:b].transpose(2, 0, 1)
-        elif isinstance(op, LSTM):
+        elif isinstance(op, LSTM | GRU):
             n = op.units
-            # The LSTM steps only on valid samples of the stream: not on padding (rows past
-            # their length do not step), not on the look-ahead outputs that precede the
+            # The recurrent layer steps only on valid samples of the stream: not on padding (rows
+            # past their length do not step), not on the look-ahead outputs that precede the
             # stream's first sample (held).
             hold = None
             if edge and op.delay > 0:
                 hold = seen + steps[: min(time, op.delay), None] < op.delay
+            hold = hold if hold is not None and hold.any() else None
             h = state[:, op.offset : op.offset + n].T
-            c = state[:, op.offset + n : op.offset + 2 * n].T.copy()  # lstm updates c in place
-            out = lstm(op, u, time, h, c, stepping, hold if hold is not None and hold.any() else None)
+            if isinstance(op, LSTM):
+                c = state[:, op.offset + n : op.offset + 2 * n].T.copy()  # lstm updates c in place
+                out = lstm(op, u, time, h, c, stepping, hold)
+                new_state[:, op.offset + n : op.offset + 2 * n] = c.T
+            else:
+                out = gru(op, u, time, h, stepping, hold)
             for a, b, length in groups:
                 new_state[a:b, op.offset : op.offset + n] = out[length - 1, :, a:b].T
-            new_state[:, op.offset + n : op.offset + 2 * n] = c.T
+        elif isinstance(op, Affine):
+            out = _affine(u, op, 1)
+        elif isinstance(op, Merge):
+            out = _merge(op, [values[n] for n in op.inputs], 1)
         elif op.kernel is not None:  # a Dense, or a conv of one tap
             out = _linear(u, op.kernel, op.bias, op.activation)
         else:
@@ -417,10 +567,12 @@ def _step_rows(
             # Where the layer's output belongs to the stream: after its start, before its end.
             inside = ((seen + steps[:, None] >= op.delay) & (steps[:, None] - op.delay < ends))[:, None, :]
             out = _masked(out, inside) if callable(out) else np.multiply(out, inside, out=out)
-        if callable(out) and not _feeds_lstm(plan.steps, index):
+        if callable(out) and index not in plan.lazy:
             out = out(0, time, batch, None)
-        u = out
-    return u
+        values[op.name] = out
+        for name in plan.last_reads[index]:
+            del values[name]
+    return values[plan.steps[-1].name]
 
 
 def _masked(source: Source, inside: np.ndarray) -> Source:

@@ -1,7 +1,8 @@
 """The stateful engine: labels every sample on arrival with one model step per sample.
 
 A trained sequence model (Conv1D stack with 'causal' or 'same' padding and any
-dilation, stacked ``LSTM(return_sequences=True)``, per-timestep ``Dense``) is
+dilation, stacked ``LSTM``/``GRU(return_sequences=True)``, per-timestep layers,
+residual branches; see ``sigclassd.engine.plan``) is
 converted into a step function with explicit state (``sigclassd.engine.plan.step_plan``):
 each stream's state is one flat float32 row, so the daemon gathers and scatters
 the states of all streams with new samples as rows of one ``[batch, state_size]``
@@ -11,7 +12,8 @@ State row layout, in layer order (see ``StatefulEngine.state_layout``):
 
 - each Conv1D: its last ``dilation * (kernel - 1)`` inputs, oldest first,
   ``[span, in_channels]`` flattened;
-- each LSTM: ``h`` (``units``) then ``c`` (``units``);
+- each LSTM: ``h`` (``units``) then ``c`` (``units``); each GRU: ``h``;
+- each delay that aligns a residual branch with a later one: its last inputs, as a conv's;
 - for models with look-ahead (``'same'`` padding) only: a samples-seen counter
   that saturates at the look-ahead ``k``.
 
@@ -21,9 +23,10 @@ buffers are Keras' left zero padding and the LSTMs start from zero, as in Keras.
 Why outputs equal ``model(whole_stream)``: in the step frame every layer is
 causal. A 'same' conv that pads ``right`` samples on the right emits, on input
 step ``s``, its output for time ``s - right``; the delays of stacked convs add up
-to ``k``. Outputs for times before the stream's start (the first ``k`` steps)
+to ``k``. Branches merged with different delays are aligned by delaying the
+earlier ones (buffers in the state, as a conv's). Outputs for times before the stream's start (the first ``k`` steps)
 belong to no sample: they are zeroed before they reach a later conv (Keras
-zero-pads each layer's input) and the LSTM does not step on them. ``flush``
+zero-pads each layer's input) and the recurrent layers do not step on them. ``flush``
 ends a stream by feeding ``k`` padding steps whose every layer's input is zero,
 which is Keras' right zero padding of each layer.
 
@@ -38,8 +41,8 @@ import numpy as np
 
 from sigclassd.engine import kernels
 from sigclassd.engine.activations import to_probabilities
-from sigclassd.engine.archive import read_chain
-from sigclassd.engine.plan import LSTM, Conv, StepPlan, check_outputs, step_plan
+from sigclassd.engine.archive import read_model
+from sigclassd.engine.plan import GRU, LSTM, Conv, StepPlan, check_outputs, fold_input_affine, step_plan
 from sigclassd.errors import ModelError
 from sigclassd.artifact import ModelArtifact
 
@@ -60,23 +63,26 @@ class StatefulEngine:
         meta = artifact.meta
         check_outputs(artifact, plan.channels, plan.units_out)
         if plan.lookahead != meta.lookahead:
-            msg = (f"{artifact.keras_path}: the conv padding gives a look-ahead of {plan.lookahead} samples but "
+            msg = (f"{artifact.model_path}: the conv padding gives a look-ahead of {plan.lookahead} samples but "
                    f"metadata.json says {meta.lookahead}")
             raise ModelError(msg)
         kernels.single_blas_thread()
         self.artifact = artifact
-        self.plan = plan
+        # A leading normalisation layer becomes part of the input normalisation.
+        self.plan, self._norm = fold_input_affine(plan, kernels.normaliser(meta.norm_mean, meta.norm_std))
         self.state_size = plan.state_size
         self.lookahead = plan.lookahead
         self.max_batch = max_batch
         self.max_chunk = max_chunk
-        self._norm = kernels.normaliser(meta.norm_mean, meta.norm_std)
         self._n_classes = meta.n_classes
+        # A logits model: the plan ends with the softmax or sigmoid that makes them probabilities.
+        self.output_activation = plan.output_activation
+        self.applies_output_activation = plan.applies_output_activation
 
     @classmethod
     def load(cls, artifact: ModelArtifact, *, max_batch: int = 1024, max_chunk: int = 256) -> StatefulEngine:
-        """Read ``artifact``'s Keras file and convert it to steps."""
-        return cls(artifact, step_plan(read_chain(artifact.keras_path)), max_batch=max_batch, max_chunk=max_chunk)
+        """Read ``artifact``'s model file and convert it to steps."""
+        return cls(artifact, step_plan(read_model(artifact.model_path)), max_batch=max_batch, max_chunk=max_chunk)
 
     def state_layout(self) -> list[tuple[str, str, int, int]]:
         """``(layer, part, offset, size)`` for every slice of a state row, in order."""
@@ -87,6 +93,8 @@ class StatefulEngine:
             elif isinstance(step, LSTM):
                 layout.append((step.name, "h", step.offset, step.units))
                 layout.append((step.name, "c", step.offset + step.units, step.units))
+            elif isinstance(step, GRU):
+                layout.append((step.name, "h", step.offset, step.units))
         if self.plan.counter_index is not None:
             layout.append(("stream", f"samples seen, saturating at {self.lookahead}", self.plan.counter_index, 1))
         return layout

@@ -15,8 +15,8 @@ import numpy as np
 
 from sigclassd.engine import kernels
 from sigclassd.engine.activations import to_probabilities
-from sigclassd.engine.archive import read_chain
-from sigclassd.engine.plan import WindowPlan, check_outputs, window_plan
+from sigclassd.engine.archive import read_model
+from sigclassd.engine.plan import WindowPlan, check_outputs, fold_input_affine, window_plan
 from sigclassd.errors import ModelError
 from sigclassd.artifact import ModelArtifact
 
@@ -33,26 +33,29 @@ class WindowedEngine:
     def __init__(self, artifact: ModelArtifact, plan: WindowPlan, *, max_batch: int = 1024) -> None:
         meta = artifact.meta
         if plan.input_shape[1] not in (None, meta.window):
-            msg = (f"{artifact.keras_path} takes windows of {plan.input_shape[1]} samples but metadata.json says "
+            msg = (f"{artifact.model_path} takes windows of {plan.input_shape[1]} samples but metadata.json says "
                    f"{meta.window}")
             raise ModelError(msg)
         kernels.single_blas_thread()
         self.artifact = artifact
-        self.plan = plan
+        # A leading normalisation layer becomes part of the input normalisation.
+        self.plan, self._norm = fold_input_affine(plan, kernels.normaliser(meta.norm_mean, meta.norm_std))
         self.lookahead = meta.lookahead
         self.window = meta.window
-        self._norm = kernels.normaliser(meta.norm_mean, meta.norm_std)
+        # A logits model: the plan ends with the softmax or sigmoid that makes them probabilities.
+        self.output_activation = plan.output_activation
+        self.applies_output_activation = plan.applies_output_activation
         self.max_batch = min(max_batch, CALL_BATCH)
         y = self._forward(np.zeros((1, meta.window, plan.channels), np.float32))
         if y.shape[1] != meta.window:
-            msg = f"{artifact.keras_path} labels {y.shape[1]} timesteps of a {meta.window}-sample window; it must label each"
+            msg = f"{artifact.model_path} labels {y.shape[1]} timesteps of a {meta.window}-sample window; it must label each"
             raise ModelError(msg)
         check_outputs(artifact, plan.channels, y.shape[-1])
 
     @classmethod
     def load(cls, artifact: ModelArtifact, *, max_batch: int = 1024) -> WindowedEngine:
-        """Read ``artifact``'s Keras file as operations over whole windows."""
-        return cls(artifact, window_plan(read_chain(artifact.keras_path)), max_batch=max_batch)
+        """Read ``artifact``'s model file as operations over whole windows."""
+        return cls(artifact, window_plan(read_model(artifact.model_path)), max_batch=max_batch)
 
     def _forward(self, x: np.ndarray, norm: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         y = kernels.forward(self.plan, x, norm)
