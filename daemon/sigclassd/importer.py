@@ -127,7 +127,12 @@ def run(args: argparse.Namespace) -> int:
             say(f"checking: the daemon's engines against {framework} on random input "
                 f"({'windowed and stateful' if facts.step_plan else 'windowed'} mode)")
             started = time.monotonic()
-            check = check_import(tmp, reference(src))
+            try:
+                source = reference(src)
+            except Exception as e:  # whatever the framework raises for a file it cannot load
+                return _refuse([f"{framework} cannot load {src} to check it: {e}; load it in {framework} yourself "
+                                "to see why, or pass --unverified"], EXIT_MODEL)
+            check = check_import(tmp, source)
             for mode, diff in check.max_abs_diff.items():
                 say(f"  {mode}: max abs probability difference {diff:.2e} (limit {TOLERANCE:g})")
             say(f"  took {time.monotonic() - started:.1f} s")
