@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import ast
+import json
+import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 from harness import ROOT, Daemon
@@ -65,6 +71,7 @@ def test_readme_gateway_and_consumer_against_the_daemon(tmp_path):
     in order, for the consumer, with nothing lost, and the consumer sums the incarnation up at its final."""
     gateway_code, consumer_code = readme_example("gateway"), readme_example("consumer")
     assert len(gateway_code.splitlines()) <= 14 and len(consumer_code.splitlines()) <= 10
+    assert "tcp://127.0.0.1:5555" in gateway_code and "tcp://127.0.0.1:5556" in consumer_code
     d = Daemon(tmp_path, {"model": {"mode": "stateful"}}).start()
     consumer = run_example(consumer_code.replace("tcp://127.0.0.1:5556", d.output), tmp_path, "consumer")
     gateway = None
@@ -75,11 +82,15 @@ def test_readme_gateway_and_consumer_against_the_daemon(tmp_path):
         labelled = lambda lines: sum(p[2] for p in map(parse, lines) if p)  # noqa: E731
         assert out.wait_for(lambda lines: labelled(lines) >= 500, 30), "\n".join(out.lines[-20:])
         gateway.send_signal(signal.SIGINT)
-        gateway.wait(10)
+        gateway_output = gateway.communicate(timeout=10)[0]
+        assert gateway.returncode == 0 and "Traceback" not in gateway_output, gateway_output  # Ctrl-C ends it quietly
         time.sleep(0.5)  # what it sent last reaches the daemon
         received = d.metric("sigclassd_samples_received_total")
         assert d.stop() == 0  # drains: the rest is labelled, the stream's last message is flagged final
         assert out.wait_for(lambda lines: any("ended:" in line for line in lines), 10), "\n".join(out.lines[-20:])
+        consumer.send_signal(signal.SIGINT)
+        assert consumer.wait(10) == 0
+        assert not any("Traceback" in line for line in out.lines), "\n".join(out.lines[-20:])
     finally:
         for proc in (gateway, consumer):
             if proc is not None and proc.poll() is None:
@@ -96,3 +107,151 @@ def test_readme_gateway_and_consumer_against_the_daemon(tmp_path):
     ended = next(line for line in out.lines if "ended:" in line)
     assert ended == (f"site-a/pump-1 ended: StreamReport(incarnations=1, finals=1, open=False, labelled={int(received)}, "
                      "gap=0, lost=0, repeated=0, next_seq=None)")
+
+
+# ---------------------------------------------------------------- the README's shell blocks, run as written
+
+def shell_block(name: str) -> list[str]:
+    """The commands of the ```sh block after ``<!-- readme-test: NAME -->``, one a line, comments dropped."""
+    text = (ROOT / "README.md").read_text()
+    found = re.search(rf"<!-- readme-test: {name} -->\n```sh\n(.*?)```", text, re.S)
+    assert found, f"README.md has no '<!-- readme-test: {name} -->' sh block"
+    return [re.sub(r"\s+#\s.*$", "", line).strip() for line in found.group(1).splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def fresh_checkout(tmp_path_factory) -> Path:
+    """The checkout as a new user clones it: no venv, no build leftovers."""
+    src = tmp_path_factory.mktemp("clone") / "sigclassd"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".mypy_cache", ".pytest_cache", ".hypothesis",
+        "tmp"))
+    return src
+
+
+def user_env(home: Path) -> dict[str, str]:
+    """A user's shell: their own HOME, no venv active, nothing of the test run's Python on the path."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not p.startswith(str(ROOT / ".venv")))
+    return {**env, "HOME": str(home)}
+
+
+def sh(line: str, cwd: Path, env: dict[str, str], timeout_s: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
+
+
+@pytest.mark.slow
+def test_readme_install_lines_work_as_written(fresh_checkout, tmp_path):
+    """The Install block, line by line, on a fresh clone and a fresh HOME: the wheel builds and installs,
+    `run --check` passes, and the train line resolves (with --dry-run: TensorFlow is resolved, not
+    installed). The base install has no TensorFlow, loads the model in both modes, and `train` prints a
+    pip line for the train extra that pip accepts as written."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = user_env(home)
+    lines = shell_block("install")
+    assert any(line.startswith("make dist") for line in lines)
+    for line in lines:
+        dry = "[train]" in line
+        r = sh(line + (" --dry-run" if dry else ""), fresh_checkout, env)
+        assert r.returncode == 0, f"{line}\n{r.stdout[-3000:]}{r.stderr[-3000:]}"
+        if dry:
+            assert re.search(r"^Would install .*tensorflow", r.stdout, re.M | re.I), r.stdout[-2000:]
+        if "--check" in line:
+            assert '"check_ok"' in r.stdout, r.stdout + r.stderr
+    venv = home / "sigclassd"
+    listed = sh(f"{venv}/bin/pip list --format=freeze", tmp_path, env).stdout.lower()
+    names = {line.split("==")[0] for line in listed.splitlines()}
+    assert names.isdisjoint({"tensorflow", "tensorflow-cpu", "keras", "tf-keras", "ai-edge-litert", "jax", "torch"})
+    assert {"sigclassd", "numpy", "pyzmq", "h5py"} <= names
+    both_modes = ("from sigclassd import config; from sigclassd.engine import load_model; import sys; "
+                  "load_model(config.load(None, ['model.mode=\"windowed\"'])); "
+                  "load_model(config.load(None, ['model.mode=\"stateful\"'])); print('tensorflow' in sys.modules)")
+    r = subprocess.run([str(venv / "bin" / "python"), "-c", both_modes], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.stdout.strip() == "False", r.stderr
+    train = sh(f"{venv}/bin/sigclassd train --synthetic --out {tmp_path / 'm'}", tmp_path, env)
+    assert train.returncode == 2
+    wheel = fresh_checkout / "dist" / "sigclassd-0.1.0-py3-none-any.whl"
+    prefix = "sigclassd train needs TensorFlow, which serving leaves out: "
+    assert train.stderr.strip() == f"{prefix}{venv}/bin/python3 -m pip install '{wheel}[train]'", train.stderr
+    r = sh(train.stderr.strip().removeprefix(prefix) + " --dry-run", tmp_path, env)
+    assert r.returncode == 0 and re.search(r"^Would install .*tensorflow", r.stdout, re.M | re.I), r.stderr[-2000:]
+
+
+def default_ports_busy() -> list[int]:
+    busy = []
+    for port in (5555, 5556, 5557):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                busy.append(port)
+    return busy
+
+
+def readyz() -> int:
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:5557/readyz", timeout=2) as r:
+            return r.status
+    except OSError:
+        return 0
+
+
+def ctrl_c(proc: subprocess.Popen, timeout_s: float = 60) -> str:
+    """Ctrl-C as a terminal sends it (SIGINT to the whole foreground group); the process's output."""
+    os.killpg(proc.pid, signal.SIGINT)
+    return proc.communicate(timeout=timeout_s)[0]
+
+
+@pytest.mark.slow
+def test_readme_first_minute_commands_work_as_written(fresh_checkout, tmp_path):
+    """The first-minute block, as written, on a fresh clone: `make run` creates the venv and serves; simulate
+    sends; `tap --count 3` prints three label messages of simulate's streams; `tap --summary` counts the 4
+    streams; the metrics show labelled samples; Ctrl-C stops each cleanly."""
+    busy = default_ports_busy()
+    if busy:
+        pytest.skip(f"the README's default ports {busy} are in use on this machine")
+    env = user_env(Path.home())
+    lines = shell_block("first-minute")
+    assert lines[0] == "make run" and len(lines) == 5, lines
+    started: list[subprocess.Popen] = []
+
+    def start(line: str) -> subprocess.Popen:
+        proc = subprocess.Popen(["bash", "-c", line], cwd=fresh_checkout, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        started.append(proc)
+        return proc
+
+    try:
+        daemon = start(lines[0])
+        deadline = time.monotonic() + 600  # the first make run creates the venv and installs
+        while readyz() != 200:
+            assert daemon.poll() is None, daemon.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "make run: not ready in 600 s"
+            time.sleep(0.5)
+        simulate = start(lines[1])
+        r = sh(lines[2], fresh_checkout, env, timeout_s=120)
+        messages = [json.loads(line) for line in r.stdout.splitlines()]
+        assert r.returncode == 0 and len(messages) == 3, r.stdout + r.stderr
+        assert all(m["stream"].startswith("sim-") and m["n"] > 0 and m["lost"] == 0 for m in messages), messages
+        summary = start(lines[3])
+        out = Lines(summary)
+        assert out.wait_for(lambda lines_: any(re.match(r"4 streams +\d", x) for x in lines_), 60), out.lines
+        r = sh(lines[4], fresh_checkout, env, timeout_s=60)
+        labelled = re.search(r"^sigclassd_samples_labelled_total (\S+)$", r.stdout, re.M)
+        assert r.returncode == 0 and labelled and float(labelled.group(1)) > 0, r.stdout
+        for proc in (summary, simulate):
+            os.killpg(proc.pid, signal.SIGINT)
+            assert proc.wait(30) == 0
+        sim_out = simulate.stdout.read()
+        assert "Traceback" not in sim_out and "no labels" not in sim_out, sim_out
+        daemon_out = ctrl_c(daemon)
+        assert '"stopped"' in daemon_out or "stopped" in daemon_out, daemon_out[-3000:]
+        assert "Traceback" not in daemon_out, daemon_out[-3000:]
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)

@@ -18,7 +18,6 @@ from sigclassd.errors import EXIT_CONFIG, EXIT_MODEL
 from sigclassd.metrics import Metrics
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-README = DEPLOY.parent / "README.md"
 UNITS = ("sigclassd.service", "sigclassd@.service", "sigclassd-forwarder.service")
 INSTALLED_BINARY = "/opt/sigclassd/venv/bin/sigclassd"
 
@@ -301,14 +300,64 @@ def selectors_lack(expr: str, matcher: str) -> list[str]:
             if matcher not in (match.group(1) or "")]
 
 
-def test_every_alert_has_a_runbook_section_in_the_readme() -> None:
-    """Each alert's runbook_url is the README's "## Runbook" section of that alert, and the section exists."""
-    runbook = README.read_text().split("\n## Runbook\n", 1)[1].split("\n## ", 1)[0]
-    sections = re.findall(r"^### (\w+)$", runbook, flags=re.MULTILINE)
+# Where the alerts' runbook_urls point by default: docs/runbook.md on the project's documentation.
+RUNBOOK_BASE = "https://github.com/sigclassd/sigclassd/blob/main/docs/runbook.md"
+RUNBOOK = DEPLOY.parent / "docs" / "runbook.md"
+
+
+def test_every_alert_has_an_absolute_runbook_url_to_its_section() -> None:
+    """Each alert's runbook_url is an absolute URL: the one shared base, then the anchor of that alert's
+    section of docs/runbook.md, and every section exists; alerts_test.yml expects the same URLs."""
+    sections = re.findall(r"^## (\w+)$", RUNBOOK.read_text(), flags=re.MULTILINE)
     rules = alert_rules((DEPLOY / "prometheus" / "alerts.yml").read_text())
     for rule in rules:
-        assert rule["runbook_url"] == f"README.md#{rule['alert'].lower()}"
+        assert rule["runbook_url"] == f"{RUNBOOK_BASE}#{rule['alert'].lower()}"
     assert sorted(sections) == sorted(rule["alert"] for rule in rules)
+    expected = re.findall(r"runbook_url: (\S+)", (DEPLOY / "prometheus" / "alerts_test.yml").read_text())
+    assert expected and all(url.startswith(RUNBOOK_BASE + "#") for url in expected)
+
+
+def test_the_documented_sed_sets_the_runbook_base_once(tmp_path: Path) -> None:
+    """The one sed line in alerts.yml's header moves every runbook_url, in both files, to another base."""
+    src = DEPLOY / "prometheus"
+    command = next(line.lstrip("# ").strip() for line in (src / "alerts.yml").read_text().splitlines()
+                   if line.lstrip("# ").startswith("sed -i"))
+    for name in ("alerts.yml", "alerts_test.yml"):
+        shutil.copy(src / name, tmp_path / name)
+    subprocess.run(["sh", "-c", command], cwd=tmp_path, check=True)
+    for name in ("alerts.yml", "alerts_test.yml"):
+        urls = re.findall(r"runbook_url: (\S+)", (tmp_path / name).read_text())
+        assert urls and all(u.startswith("https://git.example.org/sigclassd/docs/runbook.md#") for u in urls), urls
+
+
+def test_prometheus_example_scrapes_one_daemon_and_shards_only_on_request() -> None:
+    """By default the example scrapes the one daemon `make run` and sigclassd.service start, with no shard
+    label (no SigclassdShardDown for shards that do not exist); the shard targets are commented out."""
+    text = (DEPLOY / "prometheus" / "prometheus.yml").read_text().split("\nscrape_configs:\n", 1)[1]
+    active = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    assert [line.strip() for line in active if "targets:" in line] == [
+        '- targets: ["127.0.0.1:5557"]', '- targets: ["127.0.0.1:9090"]']
+    assert not any("shard" in line for line in active)
+
+
+@pytest.mark.prometheus
+@needs_promtool
+def test_prometheus_example_with_shards_enabled_is_valid(tmp_path: Path) -> None:
+    """Uncommenting the shard section (and dropping the single target) gives a config promtool accepts."""
+    src = DEPLOY / "prometheus"
+    lines = []
+    for line in (src / "prometheus.yml").read_text().splitlines():
+        if line.strip() == '- targets: ["127.0.0.1:5557"]':
+            continue
+        if re.match(r"^      # ( |-)", line):
+            line = "      " + line[len("      # "):]
+        lines.append(line)
+    (tmp_path / "prometheus.yml").write_text("\n".join(lines) + "\n")
+    shutil.copy(src / "alerts.yml", tmp_path / "alerts.yml")
+    assert '["127.0.0.1:5571"]' in (tmp_path / "prometheus.yml").read_text()
+    result = subprocess.run(["promtool", "check", "config", "prometheus.yml"], capture_output=True, text=True,
+                            timeout=60, check=False, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def dimension(expr: str) -> str:
