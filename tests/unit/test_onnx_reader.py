@@ -195,6 +195,20 @@ ACTIVATIONS = {
     "tanh then scale by 1": ([helper.make_node("Tanh", ["conv"], ["t"]), const("one", 1.0),
                               helper.make_node("Mul", ["t", "one"], ["act"])], ("Activation", "tanh")),
     "hardswish": ([helper.make_node("HardSwish", ["conv"], ["act"])], ("Activation", "hard_silu")),
+    "hardsigmoid 1/6": ([helper.make_node("HardSigmoid", ["conv"], ["act"], alpha=1 / 6)],
+                        ("Activation", "hard_sigmoid")),
+    "relu6 as Clip": ([const("lo", 0.0), const("hi", 6.0), helper.make_node("Clip", ["conv", "lo", "hi"], ["act"])],
+                      ("Activation", "relu6")),
+    "gelu tanh form decomposed": ([const("c3", 3.0), const("k", 0.044715), const("s", 0.7978845608028654),
+                                   const("half", 0.5), const("one1", 1.0),
+                                   helper.make_node("Pow", ["conv", "c3"], ["p3"]),
+                                   helper.make_node("Mul", ["p3", "k"], ["kp"]),
+                                   helper.make_node("Add", ["conv", "kp"], ["inner"]),
+                                   helper.make_node("Mul", ["inner", "s"], ["si"]),
+                                   helper.make_node("Tanh", ["si"], ["th"]),
+                                   helper.make_node("Add", ["th", "one1"], ["t1"]),
+                                   helper.make_node("Mul", ["conv", "t1"], ["xt1"]),
+                                   helper.make_node("Mul", ["xt1", "half"], ["act"])], ("Activation", "gelu_approximate")),
 }
 
 
@@ -298,3 +312,33 @@ def test_without_the_onnx_package_it_says_what_to_install(monkeypatch: pytest.Mo
     monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed: import raises ImportError
     with pytest.raises(ModelError, match=r"needs the onnx package.*pip install.*\[onnx\]"):
         read_onnx(FIXTURES / "conv_lstm.onnx")
+
+
+def test_gru_without_linear_before_reset_is_keras_reset_after_false(tmp_path: Path) -> None:
+    """ONNX's default GRU (reset before the recurrent product) is Keras' reset_after=False, its two biases summed."""
+    rng = np.random.default_rng(8)
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+             helper.make_node("GRU", ["xt", "W", "R", "B"], ["Y", "Yh"], hidden_size=4, name="gru"),
+             helper.make_node("Squeeze", ["Y", "one"], ["Ys"]), helper.make_node("Transpose", ["Ys"], ["Yb"], perm=[1, 0, 2]),
+             helper.make_node("MatMul", ["Yb", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["g"]),
+             helper.make_node("Softmax", ["g"], ["y"], axis=-1)]
+    inits = {"W": rng.normal(0, 0.5, (1, 12, 3)), "R": rng.normal(0, 0.5, (1, 12, 4)), "B": rng.normal(0, 0.5, (1, 24)),
+             "one": np.array([1], np.int64), "w": rng.normal(0, 0.5, (4, 2)), "b": rng.normal(0, 0.5, 2)}
+    path = save(tmp_path, nodes, inits, in_shape=["B", "T", 3], out_units=2)
+    chain = read_onnx(path)
+    assert chain.layers[0].kind == "GRU" and chain.layers[0].config["reset_after"] is False
+    assert chain.layers[0].weights[2].shape == (12,)
+    x = np.random.default_rng(9).normal(0, 1, (2, 30, 3)).astype(np.float32)
+    assert np.abs(forward(window_plan(chain), x) - onnxruntime_probabilities(path, x)).max() <= TOLERANCE
+    assert step_plan(chain).lookahead == 0  # and it streams
+
+
+def test_prelu_per_feature_slope(tmp_path: Path) -> None:
+    rng = np.random.default_rng(10)
+    nodes, inits = conv_graph([helper.make_node("PRelu", ["conv", "slope"], ["act"])], rng)
+    inits["slope"] = rng.uniform(0.05, 0.5, (5, 1))  # PyTorch's [channels, 1] for a [batch, channels, time] input
+    path = save(tmp_path, nodes, inits, in_shape=["B", "T", 3], out_units=4)
+    chain = read_onnx(path)
+    assert chain.layers[1].kind == "PReLU" and chain.layers[1].weights[0].shape == (1, 5)
+    x = np.random.default_rng(11).normal(0, 2, (2, 40, 3)).astype(np.float32)
+    assert np.abs(forward(window_plan(chain), x) - onnxruntime_probabilities(path, x)).max() <= TOLERANCE

@@ -70,7 +70,7 @@ _BINARY: dict[str, Callable[[Any, Any], Any]] = {
 }
 
 # What an element-wise function may be identified as: (Keras layer kind, config).
-_GRID = np.linspace(-6.0, 6.0, 241)
+_GRID = np.linspace(-10.0, 10.0, 401)  # wide enough to tell relu6 from relu, fine enough for gelu's two forms
 
 
 def _gelu(x: np.ndarray) -> np.ndarray:
