@@ -43,6 +43,7 @@ FRAME_REJECT_REASONS = (
 )
 SAMPLE_REJECT_REASONS = (
     "stream_limit", "inference_error", "non_finite_output", "rate_limited", "reset_storm", "conflicting_publishers",
+    "implausible_rate",
 )
 RESET_REASONS = ("restart", "seq_backwards", "gap", "model_changed", "non_finite_state")
 

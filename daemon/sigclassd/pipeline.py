@@ -101,8 +101,11 @@ class Pipeline:
 
     def take(self, timeout_s: float) -> bool:
         messages, wall = self.ingest.drain(timeout_s)
-        if messages:
-            with self.counting:
+        with self.counting:
+            # First the reading clock (a stall of the daemon's shows here, before its backlog is
+            # accepted), and the frames waiting for their stream's publisher to fall silent.
+            self.table.turned(timeout_s)
+            if messages:
                 self.accept(messages, wall)
         unauthorised = self.ingest.take_unauthorised()
         if unauthorised:

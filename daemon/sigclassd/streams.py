@@ -22,7 +22,6 @@ oldest first, and counted.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sigclassd import protocol
+from sigclassd.admission import DEMOTE, IMPLAUSIBLE, LOSE, WIN, Admission, Budget
 from sigclassd.config import StreamSettings
 from sigclassd.metrics import Metrics
 from sigclassd.protocol import ARRIVAL, SENSOR, SEQ, SampleBatch, SampleFrame
@@ -51,12 +51,6 @@ class LabelRun:
     ingress_ns: int  # when the newest sample reached the daemon (ns), 0 if the run is empty
 
 
-# A stream whose data runs this many seconds ahead of real time at its declared rate is sending
-# faster than it declares: it is served after the punctual streams, in shares, for demote_s. A
-# message's own samples do not count (it may hold seconds of them), and data that was behind (an
-# outage's backlog, frames read late after a stall of the daemon's) may catch up by rate_burst_s.
-AHEAD_S = 1.0
-
 _NO_LABELS = np.zeros(0, np.uint8)
 _NO_ARRIVAL = np.zeros(0, np.int64)
 
@@ -74,11 +68,10 @@ class Stream:
 
     __slots__ = (
         "name", "topic", "data", "meta", "n", "fed", "labelled",
-        "next_seq", "last_seq", "slot", "consumed", "done", "flags", "gap", "last_seen", "final",
-        "allowance", "refilled_at", "rate_seq", "demoted_until", "pace_seq", "pace_at", "reset_allowance", "reset_refilled_at", "previous_next_seq",
+        "next_seq", "last_seq", "slot", "consumed", "done", "flags", "gap", "final", "budget",
     )
 
-    def __init__(self, name: str, channels: int, capacity: int, slot: int, flags: int) -> None:
+    def __init__(self, name: str, channels: int, capacity: int, slot: int, flags: int, budget: Budget) -> None:
         self.name = name
         self.topic = name.encode("utf-8")
         self.data = np.empty((capacity, channels), np.float32)
@@ -94,19 +87,8 @@ class Stream:
         self.done = 0
         self.flags = flags
         self.gap = 0
-        self.last_seen = 0.0
         self.final = False
-        # Budgets that outlive a reset (see inherit): samples the stream may still send at its
-        # declared rate, resets it may still cause, and until when it is served last.
-        self.allowance: float | None = None
-        self.refilled_at = 0.0
-        self.rate_seq: int | None = None  # seq after the last frame charged to the rate bucket
-        self.pace_seq: int | None = None  # a seq the stream sent on time, or late, at pace_at
-        self.pace_at = 0.0
-        self.demoted_until = 0.0
-        self.reset_allowance: float | None = None
-        self.reset_refilled_at = 0.0
-        self.previous_next_seq: int | None = None  # where the incarnation before this one would have gone on
+        self.budget = budget  # the id's admission budget: every incarnation of the id shares it
 
     @property
     def seq(self) -> np.ndarray:
@@ -209,68 +191,6 @@ class Stream:
             # The incarnation's first seq: a hole before its first labels (shed, failed batch) is then a gap.
             self.last_seq = seq
 
-    def within_rate(self, seq: int, k: int, rate_hz: float, now: float, burst_s: float) -> bool:
-        """Charge a frame to a bucket refilled at ``rate_hz`` holding ``burst_s`` seconds; False if it is empty.
-
-        A frame costs its samples plus the seq hole before it: what the stream *sent*, not what
-        reached the daemon, so a flood whose excess libzmq dropped before the daemon saw it still
-        pays for all of it. The hole is paid from the time that passed since the previous frame
-        before the bucket's cap applies: a hole that an outage explains (seqs advancing at the rate
-        while nothing arrived) costs nothing. One wild forward seq is charged at most ten buckets.
-        The bucket may go into debt by one frame, so a frame larger than the bucket still passes
-        when the bucket is full, and the average stays at the rate.
-        """
-        full = rate_hz * burst_s
-        if self.allowance is None:
-            self.allowance = full
-        else:
-            hole = min(max(0, seq - self.rate_seq), 10 * full) if self.rate_seq is not None else 0
-            self.allowance = min(full, self.allowance + (now - self.refilled_at) * rate_hz - hole)
-        self.refilled_at = now
-        self.rate_seq = seq + k
-        if self.allowance <= 0:
-            return False
-        self.allowance -= k
-        return True
-
-    def ahead(self, seq: int, rate_hz: float, now: float, catch_up_s: float) -> float:
-        """Seconds by which the stream's data before ``seq`` runs ahead of real time at ``rate_hz``.
-
-        Data behind real time (an outage's backlog, or frames the daemon reads late) is credit, up to
-        ``catch_up_s``, that catching up spends first.
-        """
-        if self.pace_seq is None:
-            self.pace_seq, self.pace_at = seq, now
-            return 0.0
-        lead = (seq - self.pace_seq) / rate_hz - (now - self.pace_at)
-        if lead < -catch_up_s:  # further behind than a catch-up may make up: forget the rest
-            self.pace_seq, self.pace_at = seq, now - catch_up_s
-        return lead
-
-    def may_reset(self, now: float, per_s: float, burst: int) -> bool:
-        """Take one reset from the id's reset budget; False if it is spent."""
-        if self.reset_allowance is None:
-            self.reset_allowance = float(burst)
-        else:
-            self.reset_allowance = min(float(burst), self.reset_allowance + (now - self.reset_refilled_at) * per_s)
-        self.reset_refilled_at = now
-        if self.reset_allowance < 1:
-            return False
-        self.reset_allowance -= 1
-        return True
-
-    def inherit(self, old: Stream) -> None:
-        """Carry the budgets of the id's previous incarnation over a reset: restarting must not refill them."""
-        self.allowance, self.refilled_at, self.demoted_until = old.allowance, old.refilled_at, old.demoted_until
-        self.rate_seq = old.rate_seq
-        self.pace_seq, self.pace_at = old.pace_seq, old.pace_at
-        self.reset_allowance, self.reset_refilled_at = old.reset_allowance, old.reset_refilled_at
-        self.previous_next_seq = old.next_seq
-        self.last_seen = old.last_seen
-
-    def demote(self, until: float) -> None:
-        self.demoted_until = until
-
     def skip(self, seq: int, k: int) -> None:
         """A frame of ``k`` samples at ``seq`` was refused: expect what follows it, so the hole is no 'missing'.
 
@@ -279,19 +199,6 @@ class Stream:
         if self.next_seq is None or seq >= self.next_seq:
             self.next_seq = seq + k
         self.mark_shed()
-
-    def conflicting(self, seq: int, k: int) -> bool:
-        """True if a frame at ``seq`` continues the previous incarnation exactly: a second publisher on this id.
-
-        The other publisher is then followed, so its next frames are recognised too.
-        """
-        if self.previous_next_seq is None or seq != self.previous_next_seq:
-            return False
-        self.previous_next_seq = seq + k
-        return True
-
-    def touch(self, now: float) -> None:
-        self.last_seen = now
 
     def shed_pending(self, count: int) -> None:
         """Drop the oldest ``count`` pending rows: they are never fed nor labelled."""
@@ -320,14 +227,40 @@ class Stream:
             new[: self.n] = old[: self.n]
             setattr(self, name, new)
 
-    def append(self, samples: np.ndarray, meta: np.ndarray, next_seq: int, now: float) -> None:
+    def append(self, samples: np.ndarray, meta: np.ndarray, next_seq: int) -> None:
         """Append rows (samples and their seq, arrival and sensor time); capacity is ensured by the caller."""
         a, b = self.n, self.n + len(samples)
         self.data[a:b] = samples
         self.meta[a:b] = meta
         self.n = b
         self.next_seq = next_seq
-        self.last_seen = now
+
+
+class Parked:
+    """Frames that would end or jump a live stream's incarnation, waiting for its publisher to fall silent.
+
+    They are one line of seqs (each continues the one before, perhaps over a small hole): a
+    reconnecting gateway's newer frames while its backlog still arrives, a restarted gateway's,
+    or a second publisher's. Their samples count as buffered while they wait.
+    """
+
+    __slots__ = ("frames", "first_seq", "ahead", "next_seq", "heard_at", "held")
+
+    def __init__(self, seq: int, ahead: bool, heard_at: float) -> None:
+        self.frames: list[tuple[int, int, float, int, np.ndarray, np.ndarray]] = []
+        self.first_seq = seq
+        self.ahead = ahead  # an unflagged jump forward: the publisher's own seqs may yet reach it
+        self.next_seq = seq
+        self.heard_at = heard_at
+        self.held = 0
+
+    def add(self, seq: int, k: int, rate: float, flags: int, samples: np.ndarray, meta: np.ndarray,
+            heard_at: float) -> None:
+        # Copies: a view would keep the whole drain's arrays alive while the frame waits.
+        self.frames.append((seq, k, rate, flags, samples.copy(), meta.copy()))
+        self.next_seq = seq + k
+        self.heard_at = heard_at
+        self.held += k
 
 
 class StreamTable:
@@ -336,6 +269,7 @@ class StreamTable:
     ``history`` is how many already-fed rows a stream keeps as context (the
     window length in windowed mode, the model's lookahead in stateful mode).
     ``ready_after`` is how many pending rows make a stream ready for a batch.
+    What each id may send, and which publisher holds it, is :mod:`sigclassd.admission`'s.
     """
 
     def __init__(
@@ -351,7 +285,7 @@ class StreamTable:
         first_flags: int = protocol.LABEL_START,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.settings = settings
+        self.admission = Admission(settings, clock)
         self.metrics = metrics
         self.channels = channels
         self.history = history
@@ -367,9 +301,21 @@ class StreamTable:
         self.ready: dict[Stream, None] = {}
         # Streams over their declared rate recently: served after `ready`, within a sample budget.
         self.demoted: dict[Stream, None] = {}
+        self.parked: dict[str, Parked] = {}
+        # Idle streams a full table may evict, best last; rebuilt by a scan of every stream when empty.
+        self.evictable: list[Stream] = []
+        self.next_scan = float("-inf")
         self.buffered = 0
         self.notices: dict[str, tuple[int, str, str]] = {}  # reason -> (count, example detail, example stream)
         self.next_flags = first_flags  # the flags a new stream id's first labels carry
+
+    @property
+    def settings(self) -> StreamSettings:
+        return self.admission.settings
+
+    @settings.setter
+    def settings(self, settings: StreamSettings) -> None:
+        self.admission.settings = settings
 
     def take_notices(self) -> dict[str, tuple[int, str, str]]:
         """Frames refused since the last call, by reason: (count, an example's detail, its stream id)."""
@@ -388,7 +334,7 @@ class StreamTable:
     def __len__(self) -> int:
         return len(self.streams)
 
-    def _new_stream(self, name: str, flags: int) -> Stream:
+    def _new_stream(self, name: str, flags: int, budget: Budget) -> Stream:
         if not self.free_slots:
             old = len(self.states)
             self.states = np.concatenate([self.states, np.empty_like(self.states)])
@@ -396,24 +342,17 @@ class StreamTable:
         slot = self.free_slots.pop()
         self.states[slot] = self.initial_state
         # Small at first, grown on demand: a storm of one-sample incarnations must not cost a window each.
-        return Stream(name, self.channels, 32, slot, flags)
+        return Stream(name, self.channels, 32, slot, flags, budget)
 
     def release(self, stream: Stream) -> None:
         """Give a finished (retired and fully labelled) stream's state slot back."""
         self.free_slots.append(stream.release())
 
-    def _rate_limited(self, stream: Stream, seq: int, k: int, now: float) -> None:
-        self._demote(stream, now)
-        stream.skip(seq, k)
-        stream.touch(now)
+    def _demote(self, stream: Stream) -> None:
+        """Serve ``stream`` after the well-behaved ones (admission set until when): it sent faster than it declared.
 
-    def _demote(self, stream: Stream, now: float) -> None:
-        """Serve ``stream`` after the well-behaved ones for ``demote_s``: it sent faster than it declared.
-
-        That is, its data runs more than ``AHEAD_S`` ahead of real time, or it spent its whole burst
-        (its frames are refused). The demoted are served in short shares within a budget per model call.
+        The demoted are served in short shares within a budget per model call.
         """
-        stream.demote(now + self.settings.demote_s)
         if stream in self.ready:  # queued before: what it holds waits with the demoted
             del self.ready[stream]
             self.demoted[stream] = None
@@ -426,20 +365,34 @@ class StreamTable:
         count = self.notices.get("rate_limited", (0, detail, stream))[0]
         self.notices["rate_limited"] = (count + frames, detail, stream)
 
+    def _implausible(self, k: int, stream: str, rate_hz: float) -> None:
+        self._refuse("implausible_rate", k, stream, f"declares {rate_hz:g} Hz, above streams.max_declared_rate_hz = "
+                                                    f"{self.settings.max_declared_rate_hz:g}")
+
+    def turned(self, waited: float = 0.0) -> None:
+        """Once per turn of the main loop, after a drain that waited up to ``waited`` seconds for messages:
+        keeps the reading clock, and settles the frames that wait."""
+        now = self.clock()
+        self.admission.turned(now, waited)
+        if self.parked:
+            self.settle_parked(now)
+
     def accept(self, frame: SampleFrame, wall: float | None = None) -> None:
         """:meth:`accept_batch` for one decoded frame (tools and tests; the daemon accepts whole drains)."""
         self.accept_batch(SampleBatch.of([frame]), time.time() if wall is None else wall)
 
     def accept_batch(self, batch: SampleBatch, wall: float) -> None:
-        """Apply the rate limit and the seq policy to every message of a decoded drain, in order, and buffer
-        what is new: one clock read and one received count per drain.
+        """Admit every message of a decoded drain, apply the seq policy, in order, and buffer what is new:
+        one clock read and one received count per drain.
 
         A message that continues its stream (the common case) takes a short path: its rate
-        check, then its rows appended; anything else takes the general one.
+        charge, then its rows appended; anything else takes the general one.
         """
         now = self.clock()
-        s = self.settings
-        rate_limit, burst_s, limit = s.rate_limit, s.rate_burst_s, s.max_pending_samples
+        adm = self.admission
+        at = adm.reading(now)
+        charge = adm.charge
+        limit = self.settings.max_pending_samples
         ready_after, history = self.ready_after, self.history
         get = self.streams.get
         x, meta = batch.samples, batch.meta
@@ -450,29 +403,37 @@ class StreamTable:
                                                batch.offset, strict=True):
             received += k
             stream = get(sid)
-            if stream is None:
-                self._accept(sid, seq, k, rate, flags, x[a : a + k], meta[a : a + k], now)
+            if (stream is None or flags or seq != stream.next_seq or stream.last_seq is None
+                    or stream.n - stream.fed + k > limit):
+                self._accept(sid, seq, k, rate, flags, x[a : a + k], meta[a : a + k], now, at)
                 continue
-            if rate_limit and rate:
-                if not stream.within_rate(seq, k, rate * rate_limit, now, burst_s):
-                    self._rate_limited(stream, seq, k, now)
+            b = stream.budget
+            if rate:
+                verdict = charge(b, seq, k, rate, now)
+                if verdict == DEMOTE:
+                    self._demote(stream)
+                elif verdict:
+                    if verdict == IMPLAUSIBLE:
+                        self._implausible(k, sid, rate)
+                        continue
+                    stream.skip(seq, k)
+                    self._demote(stream)
                     refused += k
                     refused_frames += 1
                     refused_example = (sid, rate)
                     continue
-                if stream.ahead(seq, rate, now, burst_s) > AHEAD_S:
-                    self._demote(stream, now)
-            if flags or seq != stream.next_seq or stream.last_seq is None or stream.n - stream.fed + k > limit:
-                self._accept(sid, seq, k, rate, flags, x[a : a + k], meta[a : a + k], now)
-                continue
+            # The publisher is heard (inlined Admission.heard: this is the hot path).
+            b.interval += (at - b.heard_at - b.interval) * 0.125
+            b.heard_at = at
+            b.frames += 1
             if stream.n + k > len(stream.data):
                 # Rows labelled and outside the model's context make room (as in _append); growing is rare.
                 stream.drop_front(min(stream.labelled, max(0, stream.fed - history)))
                 if stream.n + k > len(stream.data):
-                    self._accept(sid, seq, k, rate, flags, x[a : a + k], meta[a : a + k], now)
+                    self._append(stream, x[a : a + k], meta[a : a + k], seq, 0)
                     continue
             # Continues its stream and fits: no reset, gap, shed or growth to decide.
-            stream.append(x[a : a + k], meta[a : a + k], seq + k, now)
+            stream.append(x[a : a + k], meta[a : a + k], seq + k)
             self.buffered += k
             if stream.n - stream.fed >= ready_after:
                 self._queue(stream, now)
@@ -481,75 +442,198 @@ class StreamTable:
         self.metrics.samples_received.inc(received)
 
     def _accept(self, stream_id: str, seq: int, k: int, rate: float, flags: int, samples: np.ndarray,
-                meta: np.ndarray, now: float) -> None:
-        """The seq policy for one admitted message (its samples already counted as received)."""
+                meta: np.ndarray, now: float, at: float) -> None:
+        """A message off the short path (its samples already counted as received): refused, made to wait
+        while the stream's publisher is live (it would end or jump the incarnation), or applied."""
+        s = self.settings
+        if rate > s.max_declared_rate_hz:
+            self._implausible(k, stream_id, rate)
+            return
+        stream = self.streams.get(stream_id)
+        waiting = self.parked.get(stream_id)
+        if waiting is not None:  # decide on what waits first: this frame may continue it, or the publisher
+            self._settle(stream_id, waiting, now, at)
+            stream = self.streams.get(stream_id)
+        if stream is not None and stream.next_seq is not None:
+            expected = stream.next_seq
+            breaking = flags & protocol.FLAG_RESTART or seq > expected or expected - seq > s.backwards_reset_samples
+            if breaking and not self.admission.silent(stream.budget, at):
+                self._contest(stream, seq, k, rate, flags, samples, meta, at)
+                return
+        self._apply(stream_id, seq, k, rate, flags, samples, meta, now, at)
+
+    def _contest(self, stream: Stream, seq: int, k: int, rate: float, flags: int, samples: np.ndarray,
+                 meta: np.ndarray, at: float) -> None:
+        """A frame that would end or jump ``stream``'s incarnation while its publisher is live: it waits
+        (with the frames that continue it) until the publisher falls silent; a refused line's next
+        frames are refused at once."""
+        s = self.settings
+        b = stream.budget
+        waiting = self.parked.get(stream.name)
+        if waiting is not None and not flags & protocol.FLAG_RESTART and 0 <= seq - waiting.next_seq <= s.gap_reset_samples:
+            if waiting.held + k > s.max_pending_samples:  # refused, but the line is still followed
+                waiting.next_seq, waiting.heard_at = seq + k, at
+                self._conflict(stream.name, k, 1)
+                return
+            waiting.add(seq, k, rate, flags, samples, meta, at)
+            self.buffered += k
+            return
+        if seq == b.intruder_next and not flags:
+            b.intruder_next = seq + k
+            self._conflict(stream.name, k, 1)
+            return
+        if waiting is not None:  # a third line: the one waiting before it goes
+            self._lose(stream.name, waiting)
+        if k > s.max_pending_samples:
+            self._conflict(stream.name, k, 1)
+            return
+        ahead = not flags & protocol.FLAG_RESTART and seq > (stream.next_seq or 0)
+        waiting = self.parked[stream.name] = Parked(seq, ahead, at)
+        waiting.add(seq, k, rate, flags, samples, meta, at)
+        self.buffered += k
+
+    def _conflict(self, stream_id: str, k: int, frames: int) -> None:
+        """Refuse ``frames`` frames (``k`` samples) of a second line of seqs on a live id: counted, and logged."""
+        self.metrics.samples_rejected.labels("conflicting_publishers").inc(k)
+        detail = ("frames that would end this stream's incarnation while its publisher goes on sending "
+                  "(a second publisher on the id, or a stray frame); the established publisher is kept")
+        count = self.notices.get("conflicting_publishers", (0, detail, stream_id))[0]
+        self.notices["conflicting_publishers"] = (count + frames, detail, stream_id)
+
+    def settle_parked(self, now: float) -> None:
+        """Let the waiting frames in once their stream's publisher is silent (or has caught up with them),
+        and refuse those whose own line went silent while the publisher went on."""
+        at = self.admission.reading(now)
+        for stream_id, waiting in list(self.parked.items()):
+            self._settle(stream_id, waiting, now, at)
+
+    def _settle(self, stream_id: str, waiting: Parked, now: float, at: float) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None or (waiting.ahead and (stream.next_seq or 0) >= waiting.first_seq):
+            verdict = WIN  # gone, or its publisher's seqs reached the waiting ones: they continue it
+        else:
+            verdict = self.admission.settle(stream.budget, waiting.heard_at, at)
+        if verdict == WIN:
+            self._let_in(stream_id, waiting, now, at)
+        elif verdict == LOSE:
+            self._lose(stream_id, waiting)
+
+    def _let_in(self, stream_id: str, waiting: Parked, now: float, at: float) -> None:
+        del self.parked[stream_id]
+        self.buffered -= waiting.held
+        for seq, k, rate, flags, samples, meta in waiting.frames:
+            self._apply(stream_id, seq, k, rate, flags, samples, meta, now, at)
+
+    def _lose(self, stream_id: str, waiting: Parked) -> None:
+        del self.parked[stream_id]
+        self.buffered -= waiting.held
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.budget.intruder_next = waiting.next_seq
+        self._conflict(stream_id, waiting.held, len(waiting.frames))
+
+    def _apply(self, stream_id: str, seq: int, k: int, rate: float, flags: int, samples: np.ndarray,
+               meta: np.ndarray, now: float, at: float) -> None:
+        """The seq policy and the rate charge for one admitted message."""
         m = self.metrics
         s = self.settings
+        adm = self.admission
         stream = self.streams.get(stream_id)
         if stream is None:
-            if len(self.streams) >= s.max_streams and not self._evict_least_recent(now):
+            if len(self.streams) >= s.max_streams and not self._make_room(now, at):
                 self._refuse("stream_limit", k, stream_id, "a new stream while streams.max_streams are held")
                 return
-            stream = self._new_stream(stream_id, self.next_flags)
+            stream = self._new_stream(stream_id, self.next_flags, adm.budget(stream_id, now))
             self.streams[stream_id] = stream
             m.streams_opened.inc()
-            if s.rate_limit and rate:  # the first frame opens the rate bucket (full, so it passes) and sets the pace
-                stream.within_rate(seq, k, rate * s.rate_limit, now, s.rate_burst_s)
-                stream.ahead(seq, rate, now, s.rate_burst_s)
         expected = stream.next_seq
         start = 0
-        if flags & protocol.FLAG_RESTART and expected is not None:
-            stream = self._reset_for(stream, stream_id, k, "restart", now)
-        elif expected is not None and seq != expected:
-            if stream.conflicting(seq, k):
-                stream.touch(now)
-                self._refuse("conflicting_publishers", k, stream_id,
-                             "two sources publish this stream id with interleaved seqs; the newer one is kept")
-                return
-            if seq > expected:
-                missing = seq - expected
-                if missing > s.gap_reset_samples:
-                    # A jump this far is a new incarnation, not lost samples: counted as a reset only,
-                    # so one wild seq cannot add 9e18 to samples_missing.
-                    stream = self._reset_for(stream, stream_id, k, "gap", now)
-                    if stream is not None:
-                        stream.mark_gap(missing)
-                else:
-                    m.samples_missing.inc(missing)
+        reset = ""
+        if expected is not None:
+            if flags & protocol.FLAG_RESTART:
+                reset = "restart"
+            elif seq - expected > s.gap_reset_samples:
+                # A jump this far is a new incarnation, not lost samples: counted as a reset only,
+                # so one wild seq cannot add 9e18 to samples_missing.
+                reset = "gap"
             elif expected - seq > s.backwards_reset_samples:
-                stream = self._reset_for(stream, stream_id, k, "seq_backwards", now)
-            else:
+                reset = "seq_backwards"
+        b = stream.budget
+        if reset:
+            fresh = self._reset_for(stream, k, reset, now)
+            if fresh is None:
+                return
+            if reset == "gap":
+                fresh.mark_gap(seq - expected)
+            stream = fresh
+            adm.restarted(b, seq, now)  # a new incarnation starts clean
+            adm.switched(b, at)
+        if rate:
+            verdict = adm.charge(b, seq, k, rate, now)
+            if verdict == DEMOTE:
+                self._demote(stream)
+            elif verdict:
+                stream.skip(seq, k)
+                self._demote(stream)
+                self._refuse_rated(k, 1, stream_id, rate)
+                return
+        if not reset:
+            adm.heard(b, at)
+            if expected is not None and seq > expected:
+                m.samples_missing.inc(seq - expected)
+            elif expected is not None and seq < expected:
                 start = min(expected - seq, k)
                 m.samples_duplicate.inc(start)
                 if start == k:
-                    stream.touch(now)
                     return
-        if stream is not None:
-            self._append(stream, samples, meta, seq, start, now)
+        self._append(stream, samples, meta, seq, start)
 
-    def _reset_for(self, stream: Stream, stream_id: str, k: int, reason: str, now: float) -> Stream | None:
+    def _reset_for(self, stream: Stream, k: int, reason: str, now: float) -> Stream | None:
         """Reset ``stream`` for a frame of ``k`` samples, or refuse the frame (None) if the id's reset budget is spent."""
         s = self.settings
-        if len(self.retired) >= s.max_retired or not stream.may_reset(now, s.max_resets_per_s, s.reset_burst):
-            stream.touch(now)
-            self._refuse("reset_storm", k, stream_id,
+        if len(self.retired) >= s.max_retired or not self.admission.may_reset(stream.budget, now):
+            self._refuse("reset_storm", k, stream.name,
                          f"{reason}: more than {s.max_resets_per_s:g} resets/s on this id, or "
                          f"{len(self.retired)} old incarnations still being labelled")
             return None
         return self.reset(stream, reason)
 
-    def _evict_least_recent(self, now: float) -> bool:
-        """Make room for a new stream: retire the least recently seen of the oldest few, if idle a second."""
-        oldest = min(itertools.islice(self.streams.values(), 64), key=lambda s: s.last_seen, default=None)
-        if oldest is None or oldest.last_seen > now - 1.0 or len(self.retired) >= self.settings.max_retired:
-            return False
-        del self.streams[oldest.name]
-        self.retire(oldest)
-        self.metrics.streams_evicted.inc()
-        return True
+    def _make_room(self, now: float, at: float) -> bool:
+        """Make room for a new stream id by retiring an idle one: fresh ids (a few frames) first, then the
+        longest silent; an established stream only once silent for three of its usual intervals.
 
-    def _append(self, stream: Stream, samples: np.ndarray, meta: np.ndarray, seq: int, start: int,
-                now: float) -> None:
+        Every stream is considered: a scan sorts the idle ones, and later new ids take from that list
+        while it lasts. A scan that finds none is not repeated for a tenth of a second, so a flood of
+        new ids at a full table of live streams costs one scan, not one per frame.
+        """
+        if len(self.retired) >= self.settings.max_retired:
+            return False
+        adm = self.admission
+        while True:
+            if not self.evictable:
+                if now < self.next_scan:
+                    return False
+                self.evictable = sorted(
+                    (s for s in self.streams.values() if adm.idle(s.budget, at, 1.0) and s.name not in self.parked),
+                    key=lambda s: adm.eviction_rank(s.budget))
+                self.evictable.reverse()  # taken from the end; ties keep the table's order (oldest first)
+                if not self.evictable:
+                    self.next_scan = now + 0.1
+                    return False
+            victim = self.evictable.pop()
+            if (self.streams.get(victim.name) is victim and adm.idle(victim.budget, at, 1.0)
+                    and victim.name not in self.parked):
+                self._remove(victim)
+                self.metrics.streams_evicted.inc()
+                return True
+
+    def _remove(self, stream: Stream) -> None:
+        """``stream`` leaves the table: retired, and its id's budget forgotten."""
+        del self.streams[stream.name]
+        self.admission.forget(stream.name)
+        self.retire(stream)
+
+    def _append(self, stream: Stream, samples: np.ndarray, meta: np.ndarray, seq: int, start: int) -> None:
         """Buffer rows ``start:`` of ``samples`` and their ``meta`` (the first has seq ``seq``), shedding to the
         pending cap."""
         stream.arriving(seq + start)
@@ -570,10 +654,10 @@ class StreamTable:
             stream.drop_front(keep_from)
             if stream.n + k > len(stream.data):
                 stream.grow(max(2 * len(stream.data), stream.n + k))
-        stream.append(samples[start:], meta[start:], seq + len(samples), now)
+        stream.append(samples[start:], meta[start:], seq + len(samples))
         self.buffered += k
         if stream.pending >= self.ready_after:
-            self._queue(stream, now)
+            self._queue(stream, self.clock())
 
     def _count_shed(self, stream: Stream, count: int) -> None:
         self.metrics.samples_shed.inc(count)
@@ -588,15 +672,14 @@ class StreamTable:
         """Retire ``stream`` (its unlabelled rows get labelled, flagged FINAL) and start a new incarnation."""
         self.metrics.stream_resets.labels(reason).inc()
         self.retire(stream)
-        fresh = self._new_stream(stream.name, protocol.LABEL_START)
-        fresh.inherit(stream)
+        fresh = self._new_stream(stream.name, protocol.LABEL_START, stream.budget)
         self.streams[stream.name] = fresh
         return fresh
 
     def _queue(self, stream: Stream, now: float) -> None:
         if stream in self.ready or stream in self.demoted:
             return
-        if stream.demoted_until > now:
+        if stream.budget.demoted_until > now:
             self.demoted[stream] = None
         else:
             self.ready[stream] = None
@@ -608,9 +691,13 @@ class StreamTable:
         self.retired.append(stream)
 
     def evict_idle(self) -> int:
-        """Retire streams idle for longer than the TTL; their last labels are flagged FINAL."""
-        deadline = self.clock() - self.settings.idle_ttl_s
-        idle = self.retire_if(lambda s: s.last_seen < deadline)
+        """Retire streams silent for longer than the TTL (in reading time: a stall of the daemon's does
+        not count); their last labels are flagged FINAL."""
+        now = self.clock()
+        if self.parked:
+            self.settle_parked(now)
+        deadline = self.admission.reading(now) - self.settings.idle_ttl_s
+        idle = self.retire_if(lambda s: s.budget.heard_at < deadline and s.name not in self.parked)
         if idle:
             self.metrics.streams_evicted.inc(idle)
         return idle
@@ -619,14 +706,22 @@ class StreamTable:
         """Retire the live streams for which ``leaving`` is true (idle, or moved to another shard); how many."""
         gone = [s for s in self.streams.values() if leaving(s)]
         for stream in gone:
-            del self.streams[stream.name]
-            self.retire(stream)
+            waiting = self.parked.get(stream.name)
+            if waiting is not None:  # what waits is labelled before the stream goes
+                now = self.clock()
+                self._let_in(stream.name, waiting, now, self.admission.reading(now))
+            self._remove(self.streams[stream.name])
         return len(gone)
 
     def retire_all(self) -> None:
-        """Retire every stream (drain, model swap); new frames open fresh incarnations."""
+        """Retire every stream (drain, model swap); new frames open fresh incarnations. Frames that wait
+        are let in first, so they are labelled too."""
+        now = self.clock()
+        for stream_id, waiting in list(self.parked.items()):
+            self._let_in(stream_id, waiting, now, self.admission.reading(now))
         for stream in self.streams.values():
             self.retire(stream)
+            self.admission.forget(stream.name)
         self.streams.clear()
 
     def take_ready(self, limit: int) -> Iterator[Stream]:

@@ -273,7 +273,7 @@ class Harness:
         accounted = self.labelled + self.count("samples_duplicate") + self.rejected() + self.count("samples_shed")
         assert received == accounted + t.buffered, "accounting identity broken"
         holders = [*t.streams.values(), *t.retired]
-        assert t.buffered == sum(s.n - s.labelled for s in holders)
+        assert t.buffered == sum(s.n - s.labelled for s in holders) + sum(w.held for w in t.parked.values())
         assert len(t.streams) <= t.settings.max_streams
         for s in t.streams.values():
             assert s.pending <= self.limit, "pending beyond max_pending_samples"

@@ -166,6 +166,7 @@ def test_restart_flushes_the_old_incarnation_final_before_the_new_start():
     p = Pipe("stateful", lookahead=4)
     p.send("a", 0, 10)
     p.run_all()
+    p.now += 1.0  # the publisher was silent a while: its restart is let in at once
     p.send("a", 0, 6, restart=True)
     assert spans(p.run_all()) == [("a", 6, 4, WARMUP | FINAL | FLUSHED), ("a", 0, 2, START | WARMUP)]
 
@@ -175,6 +176,7 @@ def test_restart_of_a_fully_labelled_stream_emits_final_before_start():
     p = Pipe("stateful", lookahead=0)
     p.send("a", 0, 4)
     p.run_all()
+    p.now += 1.0
     p.send("a", 0, 3, restart=True)
     assert spans(p.flush()) == [("a", 4, 0, FINAL), ("a", 0, 3, START | WARMUP | FINAL | FLUSHED)]
 
@@ -207,6 +209,7 @@ def test_a_carried_gap_splits_runs_and_flags_the_hole():
     """Samples on both sides of a small gap are labelled in separate runs; the second says GAP and its size."""
     p = Pipe("stateful", lookahead=0)
     p.send("a", 0, 5)
+    p.now += 1.0
     p.send("a", 8, 4)
     runs = p.run_all()
     assert spans(runs) == [("a", 0, 5, START | WARMUP), ("a", 8, 4, GAP | WARMUP)]
@@ -218,6 +221,7 @@ def test_a_gap_reset_carries_the_gap_size_on_the_new_start():
     p = Pipe("stateful", lookahead=0, gap_reset=2)
     p.send("a", 0, 5)
     p.run_all()
+    p.now += 1.0
     p.send("a", 10, 3)
     runs = [r for r in p.run_all() if len(r.labels)]
     assert spans(runs) == [("a", 10, 3, START | GAP | WARMUP)]
@@ -311,11 +315,11 @@ def test_shedding_before_the_first_labels_reports_the_hole():
 
 
 def _demote(pipe: Pipe, *names: str) -> None:
-    """Mark streams over their rate (as StreamTable.admit does) and queue them as demoted."""
+    """Mark streams over their rate (as Admission.charge does) and queue them as demoted."""
     for name in names:
         stream = pipe.table.streams[name]
         pipe.table.ready.pop(stream, None)
-        stream.demote(pipe.now + 10.0)
+        stream.budget.demoted_until = pipe.now + 10.0
         pipe.table.requeue(stream)
     assert len(pipe.table.demoted) == len(names)
 

@@ -1,0 +1,234 @@
+"""Admission: what each stream id may send, and who publishes it, kept per id across its incarnations.
+
+The stream table asks this module about every frame before its seq policy buffers it. Nothing
+here holds samples: a :class:`Budget` per stream id and a clock, so the policy is tested with a
+fake clock alone (tests/unit/test_admission.py).
+
+The principle (docs/guarantees.md): the defences never cost a well-behaved gateway its data.
+A well-behaved gateway, for each stream id, declares a plausible rate (at most
+``streams.max_declared_rate_hz``) and sends on average no faster than that rate over any
+``streams.rate_burst_s`` window; it is the only publisher of the id; its seqs run on, or it
+flags a restart. Its frames then always pass, whatever the daemon's own stalls.
+
+- **Rate** (``charge``): a frame passes while the stream is no further ahead than the
+  schedule of ``rate_limit`` x its declared rate allows. Holes in the seqs (what was sent but
+  dropped before the daemon read it) count as sent, but a hole costs at most ``rate_burst_s``.
+  The debt is bounded in time (``MAX_DEBT_S``), and a new incarnation starts without it.
+- **Daemon stalls**: a gap between the daemon's turns longer than ``STALL_S`` is time it was
+  not reading. Each id may catch up that much more than ``rate_burst_s``, once, until its data
+  is back to real time: the backlog queued in the sockets meanwhile passes, and is not demoted.
+  Silence and idle times are measured in reading time (``reading``), so a stall neither makes
+  publishers look gone nor evicts their streams.
+- **Pace** (demotion): a stream whose data runs more than ``AHEAD_S`` ahead of real time at
+  its declared rate is served after the punctual ones for ``demote_s``.
+- **Resets**: at most ``max_resets_per_s`` per id, with a burst of ``reset_burst``.
+- **Publishers**: the publisher that has been sending an id keeps it until it falls silent
+  (``quiet``); a frame that would end or jump its incarnation waits until then (the table parks
+  it), and is refused as a second publisher's if the first goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from sigclassd.config import StreamSettings
+
+# A gap between two turns of the main loop longer than this is a stall of the daemon's (SIGSTOP,
+# a VM pause, swap), not a turn: a turn is bounded far below it (drain_max_ms plus one model call).
+STALL_S = 0.25
+
+# A stream whose data runs this many seconds ahead of real time at its declared rate is sending
+# faster than it declares. A message's own samples do not count (it may hold seconds of them).
+AHEAD_S = 1.0
+
+# The most a stream's debt may reach, in seconds: what one frame of the largest size at the lowest
+# declared rate can cost its id. An honest stream repays a frame's cost before its next frame.
+MAX_DEBT_S = 30.0
+
+# An id with fewer frames than this on its current publisher is fresh: evicted first when the table is full.
+ESTABLISHED_FRAMES = 3
+
+# Verdicts of charge()
+ADMIT, DEMOTE, REFUSE, IMPLAUSIBLE = 0, 1, 2, 3
+# Verdicts of settle()
+WAIT, WIN, LOSE = 0, 1, 2
+
+
+class Budget:
+    """What one stream id may still send, and when its publisher was last heard. Outlives resets."""
+
+    __slots__ = (
+        "due", "rate_seq", "pace_seq", "pace_at", "credit", "stall_mark", "demoted_until",
+        "resets", "resets_at", "heard_at", "interval", "frames", "intruder_next",
+    )
+
+    def __init__(self, heard_at: float, stalled: float) -> None:
+        # Rate: when the data charged so far is due at rate_limit x the declared rate (clock seconds);
+        # a frame passes while that is not in the future. None before the first rated frame.
+        self.due: float | None = None
+        self.rate_seq: int | None = None  # seq after the last charged frame: a hole after it counts as sent
+        # Pace: a seq and the clock time it was on time (or late) at the declared rate.
+        self.pace_seq = 0
+        self.pace_at = 0.0
+        self.credit = 0.0  # seconds of the daemon's stalls this id may still catch up
+        self.stall_mark = stalled  # Admission.stalled when the credit was last brought up to date
+        self.demoted_until = 0.0
+        self.resets: float | None = None  # resets the id may still cause
+        self.resets_at = 0.0
+        # The current publisher: reading time of its last frame, the mean reading time between
+        # its frames, and how many it sent.
+        self.heard_at = heard_at
+        self.interval = 0.0
+        self.frames = 0
+        self.intruder_next: int | None = None  # where a refused second publisher's next frame would start
+
+
+class Admission:
+    """The per-id budgets of one stream table, and the daemon's reading clock."""
+
+    def __init__(self, settings: StreamSettings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.ids: dict[str, Budget] = {}
+        self.stalled = 0.0  # seconds, in all, the daemon was not reading (gaps between turns beyond STALL_S)
+        self.turn_at = clock()
+
+    # ------------------------------------------------------------ the reading clock
+
+    def turned(self, now: float, waited: float = 0.0) -> None:
+        """A turn of the main loop read its messages at ``now``, after waiting up to ``waited`` seconds for
+        them: the rest of the time since the last turn, beyond ``STALL_S``, was a stall."""
+        gap = now - self.turn_at - waited
+        if gap > STALL_S:
+            self.stalled += gap
+        self.turn_at = now
+
+    def reading(self, now: float) -> float:
+        """``now`` on a clock that stands still while the daemon does not read."""
+        return now - self.stalled
+
+    # ------------------------------------------------------------ budgets by id
+
+    def budget(self, stream_id: str, now: float) -> Budget:
+        """The id's budget, a fresh one if it has none."""
+        b = self.ids.get(stream_id)
+        if b is None:
+            b = self.ids[stream_id] = Budget(self.reading(now), self.stalled)
+        return b
+
+    def forget(self, stream_id: str) -> None:
+        """The id left the table (idle, evicted, moved): its next frame starts afresh."""
+        self.ids.pop(stream_id, None)
+
+    # ------------------------------------------------------------ rate and pace
+
+    def charge(self, b: Budget, seq: int, k: int, rate: float, now: float) -> int:
+        """Charge a frame of ``k`` samples at ``seq`` declaring ``rate`` Hz: ADMIT, DEMOTE (admit, serve it
+        last), REFUSE (over its rate) or IMPLAUSIBLE (a rate beyond ``max_declared_rate_hz``)."""
+        s = self.settings
+        if rate > s.max_declared_rate_hz:
+            return IMPLAUSIBLE
+        if not rate or not s.rate_limit:
+            return ADMIT
+        burst = s.rate_burst_s
+        if b.stall_mark != self.stalled:  # the daemon stalled since this id's last frame
+            b.credit += self.stalled - b.stall_mark
+            b.stall_mark = self.stalled
+        if b.due is None:
+            b.due, b.pace_seq, b.pace_at = now - burst, seq, now
+            lead = 0.0
+        else:
+            lead = (seq - b.pace_seq) / rate - (now - b.pace_at)
+            catch_up = burst + b.credit
+            if lead < -catch_up:  # further behind than it may make up: forget the rest
+                b.pace_seq, b.pace_at = seq, now - catch_up
+                lead = -catch_up
+            elif lead > AHEAD_S:
+                # Demoted for this frame, but remembered as half AHEAD_S ahead only: once the stream is
+                # punctual again it is served as such (one wild seq must not demote it for ever).
+                b.pace_seq, b.pace_at = seq, now + AHEAD_S / 2
+            # The stall credit lasts until the stream's data is back to real time.
+            if b.credit:
+                b.credit = min(b.credit, max(0.0, -lead - burst))
+        allowed = rate * s.rate_limit
+        due = max(b.due, now - burst - b.credit)
+        if b.rate_seq is not None and seq > b.rate_seq:
+            due += min((seq - b.rate_seq) / allowed, burst)  # a hole costs at most one burst
+        b.rate_seq = seq + k
+        if due > now:
+            b.due = min(due, now + MAX_DEBT_S)
+            b.demoted_until = now + s.demote_s
+            return REFUSE
+        b.due = min(due + k / allowed, now + MAX_DEBT_S)  # bounded in seconds, whatever the frame's size and rate
+        if lead > AHEAD_S:
+            b.demoted_until = now + s.demote_s
+            return DEMOTE
+        return ADMIT
+
+    def restarted(self, b: Budget, seq: int, now: float) -> None:
+        """A new incarnation starts at ``seq``: no debt, no hole charged before it, its pace from here."""
+        if b.due is not None:
+            b.due = min(b.due, now)
+            b.pace_seq, b.pace_at = seq, now
+        b.rate_seq = None
+
+    # ------------------------------------------------------------ resets
+
+    def may_reset(self, b: Budget, now: float) -> bool:
+        """Take one reset from the id's reset budget; False if it is spent."""
+        s = self.settings
+        if b.resets is None:
+            b.resets = float(s.reset_burst)
+        else:
+            b.resets = min(float(s.reset_burst), b.resets + (now - b.resets_at) * s.max_resets_per_s)
+        b.resets_at = now
+        if b.resets < 1:
+            return False
+        b.resets -= 1
+        return True
+
+    # ------------------------------------------------------------ publishers
+
+    def heard(self, b: Budget, at: float) -> None:
+        """The id's publisher sent a frame, read at reading time ``at``."""
+        if b.frames:
+            b.interval += (at - b.heard_at - b.interval) * 0.125
+        b.heard_at = at
+        b.frames += 1
+
+    def switched(self, b: Budget, at: float) -> None:
+        """Another publisher (or the same one after a restart or an outage) now holds the id."""
+        b.heard_at, b.interval, b.frames, b.intruder_next = at, 0.0, 1, None
+
+    def quiet(self, b: Budget) -> float:
+        """Reading seconds after which the id's publisher counts as gone: ``publisher_silence_s``, or twice
+        its usual interval between frames if that is longer (a slow publisher is not gone between frames)."""
+        return max(self.settings.publisher_silence_s, 2.0 * b.interval)
+
+    def silent(self, b: Budget, at: float) -> bool:
+        return at - b.heard_at >= self.quiet(b)
+
+    def settle(self, b: Budget, waiting_since: float, at: float) -> int:
+        """A frame that would end the id's incarnation waits, its line last heard at ``waiting_since``:
+        WIN if the publisher fell silent, LOSE if the waiting line did (a stray frame) while the
+        publisher went on, else WAIT."""
+        quiet = self.quiet(b)
+        if b.heard_at - waiting_since >= quiet:  # the publisher went on long after the waiting line stopped
+            return LOSE
+        if at - b.heard_at >= quiet:
+            return WIN
+        if at - waiting_since >= quiet:
+            return LOSE
+        return WAIT
+
+    # ------------------------------------------------------------ eviction
+
+    def idle(self, b: Budget, at: float, after: float) -> bool:
+        """Idle for eviction: silent ``after`` reading seconds and for three of its usual intervals."""
+        return at - b.heard_at >= max(after, 3.0 * b.interval)
+
+    @staticmethod
+    def eviction_rank(b: Budget) -> tuple[bool, float]:
+        """Sort key of the streams a full table may evict: fresh ids first, then the longest silent."""
+        return b.frames >= ESTABLISHED_FRAMES, b.heard_at
