@@ -22,6 +22,7 @@ import zmq
 from sigclassd.client import Publisher, Stream
 from sigclassd.errors import EXIT_CONFIG
 from sigclassd.stopflag import StopFlag
+from sigclassd.tap import plural
 
 # A few distinct recordings are enough to make streams differ; generating one
 # per stream would cost gigabytes at thousands of streams.
@@ -82,8 +83,9 @@ def subscription_note(pub: Publisher, streams: list[Stream], endpoints: str) -> 
     prefixes = pub.subscribed_prefixes()
     heard_by = (f"the subscribers there take only prefixes {prefixes}" if prefixes
                 else "nobody is subscribed there (is the daemon running, and its input bound there?)")
-    return (f"simulate: {len(unheard)} of {len(streams)} streams (e.g. {unheard[0]!r}) reach no daemon at "
-            f"{endpoints}: {heard_by}; their messages are dropped")
+    return (f"simulate: {len(unheard)} of {plural(len(streams), 'stream')} (e.g. {unheard[0]!r}) reach"
+            f"{'es' if len(unheard) == 1 else ''} no daemon at "
+            f"{endpoints}: {heard_by}; {'its' if len(unheard) == 1 else 'their'} messages are dropped")
 
 
 def rejections(metrics_url: str) -> dict[str, float] | None:
@@ -224,10 +226,11 @@ def simulate(args: argparse.Namespace) -> int:
                 note = new_note
             if not args.quiet:
                 elapsed = time.time() - start
-                print(f"\rsent {sent_msgs} messages, {sent_samples} samples ({sent_samples / elapsed:,.0f}/s) "
-                      f"to {args.streams} streams {args.prefix}0000...", end="", file=sys.stderr, flush=True)
+                print(f"\rsent {plural(sent_msgs, 'message')}, {plural(sent_samples, 'sample')} "
+                      f"({sent_samples / elapsed:,.0f}/s) to {plural(args.streams, 'stream')} {args.prefix}0000...",
+                      end="", file=sys.stderr, flush=True)
     if not args.quiet:
-        print(f"\nsent {sent_msgs} messages, {sent_samples} samples", file=sys.stderr)
+        print(f"\nsent {plural(sent_msgs, 'message')}, {plural(sent_samples, 'sample')}", file=sys.stderr)
     pub.close()
     if watch is not None:
         watch.close()

@@ -168,3 +168,14 @@ def test_frame_error_is_a_value_error():
     with pytest.raises(ValueError, match="frames") as e:
         protocol.decode_labels([b"only one frame"])
     assert isinstance(e.value, protocol.FrameError)
+
+
+def test_simulate_counts_in_words_that_fit_the_count():
+    """One stream is '1 stream', and it 'reaches' no daemon."""
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    rc, _, err = finish(sigclassd("simulate", "--connect", ep, "--streams", "1", "--seconds", "0.3", "--settle", "0.2",
+                                  "--output", ""))
+    assert rc == 0
+    assert "1 of 1 stream (e.g. 'sim-" in err and "reaches no daemon" in err and "its messages are dropped" in err
+    assert re.search(r"sent \d+ messages, \d+ samples$", err.strip()), err
+    assert "1 streams" not in err
