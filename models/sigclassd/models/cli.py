@@ -93,8 +93,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="train a model from labelled recordings (.npz, CSV, EDF) or synthetic data (needs the train extra)",
         description="Train a Conv1D-LSTM that labels every timestep, and write a model directory "
         "(model.keras + metadata.json) that `sigclassd run` can serve. After every epoch the validation "
-        "part is scored as the daemon serves it; the best epoch is kept. Needs TensorFlow, from the train "
-        "extra (pip install '.[train]' in the checkout, or 'sigclassd-VERSION-py3-none-any.whl[train]').",
+        "part is scored as the daemon serves it; the best epoch is kept. Needs TensorFlow: the train "
+        "extra (make test installs it; README, Install: the wheel's [train]). Without it this command prints "
+        "the pip line that adds it.",
         epilog=DATA_HELP,
     )
     _add_data_args(p, default_seed=0)
@@ -183,8 +184,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         "newest labelled, --lag held back) and stateful (state carried from the first sample), next to a "
         "majority-class baseline. The model's label remapping is applied to the data. Recordings the model "
         "was trained on are recognised by fingerprint: only their held-out part is scored unless --part all. "
-        "Needs TensorFlow, from the train extra (pip install '.[train]' in the checkout, or "
-        "'sigclassd-VERSION-py3-none-any.whl[train]').",
+        "Needs TensorFlow: the train extra (make test installs it; README, Install: the wheel's [train]). "
+        "Without it this command prints the pip line that adds it.",
         epilog=DATA_HELP,
     )
     p.add_argument("model", type=Path, help="model directory (model.keras + metadata.json)")
