@@ -106,7 +106,7 @@ def measure_xla(model: Path, seconds: float, scratch: Path) -> list[dict]:
 
     artifact = read_artifact(model)
     meta = artifact.meta
-    net = keras.saving.load_model(artifact.keras_path, compile=False)
+    net = keras.saving.load_model(artifact.model_path, compile=False)
     fn = tf.function(lambda x: net(x, training=False), jit_compile=True)
     mean, std = np.asarray(meta.norm_mean, np.float32), np.asarray(meta.norm_std, np.float32)
 
@@ -129,7 +129,7 @@ def measure_litert(model: Path, seconds: float, scratch: Path) -> list[dict]:
 
     artifact = read_artifact(model)
     meta = artifact.meta
-    net = keras.saving.load_model(artifact.keras_path, compile=False)
+    net = keras.saving.load_model(artifact.model_path, compile=False)
     mean, std = np.asarray(meta.norm_mean, np.float32), np.asarray(meta.norm_std, np.float32)
     rows = []
     for batch in WINDOW_BATCHES:

@@ -71,7 +71,7 @@ def main() -> int:
     rng = np.random.default_rng(0)
     outputs: dict[str, np.ndarray] = {}
     print(f"kernels: {kernels.__file__}")
-    print(f"model: {artifact.keras_path}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"model: {artifact.model_path}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
     if args.only != "windowed":
         engine = StatefulEngine.load(artifact)

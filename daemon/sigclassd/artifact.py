@@ -158,10 +158,6 @@ class ModelArtifact:
         return model_file(self.path)
 
     @property
-    def keras_path(self) -> Path:
-        return self.model_path
-
-    @property
     def model_id(self) -> int:
         """The 32-bit identifier carried in every label message: the first 4 bytes of the hash."""
         return int.from_bytes(bytes.fromhex(self.sha256[:8]), "little")

@@ -259,7 +259,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ValueError, ModelError) as e:
         return _fail("train", e)
     held = artifact.meta.metrics["held_out"]
-    print(f"\nwrote {artifact.path} ({artifact.keras_path.stat().st_size} bytes model, sha256 {artifact.sha256[:12]})")
+    print(f"\nwrote {artifact.path} ({artifact.model_path.stat().st_size} bytes model, sha256 {artifact.sha256[:12]})")
     print(f"validation ({held['part']}), kept epoch:")
     print(format_report(held, artifact.meta.classes))
     return 0

@@ -596,4 +596,4 @@ def train(
 def load_model(artifact: ModelArtifact) -> keras.Model:
     """Load the Keras model of a model directory (for evaluation; the daemon has its own engines)."""
     keras = quiet_tensorflow()
-    return keras.saving.load_model(artifact.keras_path, compile=False)
+    return keras.saving.load_model(artifact.model_path, compile=False)
