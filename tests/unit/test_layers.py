@@ -220,9 +220,9 @@ def residual():
     a = L.Conv1D(6, 5, padding="same", activation="relu")(inputs)
     b = L.Conv1D(6, 4, padding="same", dilation_rate=2)(a)
     b = L.BatchNormalization()(b)
-    s = L.Add()([a, b])
+    s = L.Add(name="skip")([a, b])
     lstm = L.LSTM(6, return_sequences=True)(s)
-    x = L.Concatenate()([lstm, a, inputs])
+    x = L.Concatenate(name="concat")([lstm, a, inputs])
     g = L.Dense(6)(x)
     x = L.Add()([g, L.GRU(6, return_sequences=True)(g)])
     return keras.Model(inputs, L.Dense(3, activation="softmax")(x))
@@ -272,3 +272,183 @@ def test_layers_equal_keras(case: str, suffix: str, tmp_path: Path) -> None:
     else:
         with pytest.raises(ModelError, match='cannot be streamed one sample at a time.*model.mode = "windowed"'):
             StatefulEngine.load(artifact)
+
+
+def test_plans_fold_normalisation_layers(tmp_path: Path) -> None:
+    """BatchNormalization after a linear conv or Dense is folded into its weights, a leading one into the
+    input normalisation; one after an activation stays an affine op. (The equality with Keras is above.)"""
+    from sigclassd.engine.plan import Affine, Conv, Dense
+
+    build, _ = _cases()["batch-normalization"]
+    model = build()
+    randomise(model, seed=4)
+    artifact = save(model, tmp_path / "bn")
+    plan = WindowedEngine.load(artifact).plan
+    kinds = [type(op).__name__ for op in plan.ops]
+    assert kinds == ["Conv", "Dense", "Conv", "Affine", "LSTM", "Affine", "Dense", "Dense"], kinds
+    assert isinstance(plan.ops[0], Conv) and plan.ops[0].inputs == ("<input>",)
+    assert not any(isinstance(op, Affine) and op.name.startswith("batch_normalization_1") for op in plan.ops)
+    assert isinstance(plan.ops[-2], Dense) and plan.ops[-2].kernel is not None  # TimeDistributed(BN) folded
+    assert StatefulEngine.load(artifact).plan.steps[0].inputs == ("<input>",)
+
+
+def test_logits_are_served_as_probabilities(tmp_path: Path) -> None:
+    """A last Dense without activation (logits) gets the engine's softmax or sigmoid, in both modes, and the
+    engines say so; a squashing last layer gets none."""
+    for case, head in (("logits-softmax", "softmax"), ("logits-sigmoid", "sigmoid"), ("gru-reset-after", None)):
+        build, _ = _cases()[case]
+        model = build()
+        artifact = save(model, tmp_path / case)
+        for engine in (WindowedEngine.load(artifact), StatefulEngine.load(artifact)):
+            assert engine.applies_output_activation is (head is not None)
+            assert engine.output_activation == ("linear" if head else "softmax")
+            assert artifact.meta.logits is (head is not None)
+
+
+def test_gelu_both_forms_equal_keras() -> None:
+    """GELU (erf form, Keras' "gelu") and its tanh approximation (ONNX Gelu approximate="tanh") match Keras."""
+    import keras
+
+    x = np.linspace(-12, 12, 200_001).astype(np.float32)
+    for name, approximate in (("gelu", False), ("gelu_approximate", True)):
+        want = np.asarray(keras.activations.gelu(x, approximate=approximate))
+        assert np.abs(ACTIVATIONS[name](x) - want).max() <= 1e-6, name
+
+
+def test_gelu_approximate_in_a_plan(tmp_path: Path) -> None:
+    """An op with the tanh GELU (as the ONNX reader emits it) runs through both engines' kernels exactly."""
+    import functools
+
+    import keras
+    from keras import layers as L
+
+    from sigclassd.engine import kernels
+    from sigclassd.engine.archive import Layer
+
+    inputs = keras.Input((None, CHANNELS))
+    dense, lstm, head = L.Dense(5, activation="gelu"), L.LSTM(4, return_sequences=True), L.Dense(2, activation="softmax")
+    model = keras.Model(inputs, head(lstm(dense(inputs))))
+    randomise(model, seed=9)
+    linear = L.Dense(5)
+    linear.build((None, None, CHANNELS))
+    linear.set_weights(dense.get_weights())
+    gelu_tanh = L.Activation(functools.partial(keras.activations.gelu, approximate=True))
+    reference = keras.Model(inputs, head(lstm(gelu_tanh(linear(inputs)))))
+    model.save(tmp_path / "m.keras")
+    chain = read_model(tmp_path / "m.keras")
+    layers = [Layer(la.name, la.kind, {**la.config, "activation": "gelu_approximate"} if la.kind == "Dense"
+                    and la.config["activation"] == "gelu" else la.config, la.weights) for la in chain.layers]
+    chain = type(chain)(chain.path, chain.input_shape, tuple(layers))
+    x = np.random.default_rng(0).normal(size=(4, WINDOW, CHANNELS)).astype(np.float32) * 3
+    want = np.asarray(reference(x))
+    assert np.abs(kernels.forward(window_plan(chain), x) - want).max() <= TOLERANCE
+    plan = step_plan(chain)
+    y, _ = kernels.step(plan, x, np.full(4, WINDOW), np.full(4, WINDOW), np.zeros((4, plan.state_size), np.float32))
+    assert np.abs(y - want).max() <= TOLERANCE
+
+
+def test_non_causal_layers_are_refused_in_stateful_mode_saying_why(tmp_path: Path) -> None:
+    """Bidirectional and go_backwards layers serve windowed only: the stateful refusal says they need the future."""
+    from keras import layers as L
+
+    for name, layer in (("bidi", L.Bidirectional(L.LSTM(4, return_sequences=True), name="bidi")),
+                        ("back", L.GRU(4, return_sequences=True, go_backwards=True, name="back"))):
+        model = _model(layer, L.Dense(1, activation="sigmoid"))
+        chain = read_model(save(model, tmp_path / name).model_path)
+        with pytest.raises(ModelError, match=rf"layer '{name}.*non-causal: each output needs the whole future"):
+            step_plan(chain)
+
+
+def test_state_layout_of_gru_and_aligned_branches(tmp_path: Path) -> None:
+    """A residual model's state row: conv buffers, the delays that align its branches, LSTM h and c, GRU h,
+    the counter; no gap, no overlap."""
+    model = residual()
+    engine = StatefulEngine.load(save(model, tmp_path / "r"))
+    layout = engine.state_layout()
+    names = [(layer, part) for layer, part, _, _ in layout]
+    parts = [(layer.split("_")[0], part) for layer, part in names]
+    assert ("gru", "h") in parts and ("lstm", "c") in parts
+    # The skip around b waits 3 samples; in the Concatenate, a waits 3 and the input 5 (the LSTM's look-ahead).
+    assert [(layer, part) for layer, part in names if "/delay" in layer] == [
+        ("skip/delay0", "last 3 inputs x 6 channels"), ("concat/delay1", "last 3 inputs x 6 channels"),
+        ("concat/delay2", "last 5 inputs x 3 channels")]
+    # a: 5-tap 'same' (look-ahead 2), b: 4 taps dilated 2 (3 more).
+    assert engine.lookahead == 5
+    offsets = [offset for _, _, offset, _ in layout]
+    assert offsets == list(np.cumsum([0] + [size for *_, size in layout])[:-1])
+    assert engine.state_size == sum(size for *_, size in layout)
+
+
+def _as_keras2_config(config: dict) -> dict:
+    """A Keras 3 legacy-HDF5 model_config rewritten as Keras 2 (tf.keras 2.x) writes it: inbound nodes as
+    [[layer, node, tensor, kwargs], ...], batch_input_shape, LeakyReLU's alpha, layer names beside configs."""
+    layers = []
+    for layer in config["config"]["layers"]:
+        cfg = dict(layer["config"])
+        cfg["dtype"] = "float32"
+        if "batch_shape" in cfg:
+            cfg["batch_input_shape"] = cfg.pop("batch_shape")
+        if layer["class_name"] == "LeakyReLU":
+            cfg["alpha"] = cfg.pop("negative_slope")
+        nodes = []
+        for node in layer.get("inbound_nodes", []):
+            args = node["args"][0]
+            tensors = args if isinstance(args, list) else [args]
+            nodes.append([[t["config"]["keras_history"][0], 0, 0, {}] for t in tensors])
+        layers.append({"class_name": layer["class_name"], "config": cfg, "name": cfg["name"], "inbound_nodes": nodes})
+    outputs = config["config"]["output_layers"]
+    return {"class_name": "Functional" if config["class_name"] == "Functional" else "Sequential",
+            "config": {"name": "model", "layers": layers,
+                       "input_layers": [config["config"].get("input_layers", [])],
+                       "output_layers": [outputs] if outputs and not isinstance(outputs[0], list) else outputs},
+            "keras_version": "2.15.0", "backend": "tensorflow"}
+
+
+def test_keras2_hdf5_config_is_read(tmp_path: Path) -> None:
+    """An .h5 file in Keras 2's own config dialect (no tf_keras here to write one: a Keras 3 legacy .h5 with
+    its model_config rewritten as Keras 2 writes it) is served within 1e-5 of Keras in both modes."""
+    import json
+
+    import h5py
+    import keras
+    from keras import layers as L
+
+    inputs = keras.Input((None, CHANNELS))
+    a = L.Conv1D(6, 3, padding="same")(inputs)
+    a = L.LeakyReLU(negative_slope=0.2)(L.BatchNormalization()(a))
+    b = L.Conv1D(6, 3, padding="causal", activation="relu")(a)
+    x = L.GRU(6, return_sequences=True)(L.Add()([a, b]))
+    model = keras.Model(inputs, L.Dense(3, activation="softmax")(x))
+    randomise(model, seed=21)
+    artifact = save(model, tmp_path / "k2", ".h5")
+    with h5py.File(artifact.model_path, "r+") as h5:
+        config = json.loads(h5.attrs["model_config"])
+        h5.attrs["model_config"] = json.dumps(_as_keras2_config(config))
+        h5.attrs["keras_version"] = "2.15.0"
+    assert read_model(artifact.model_path).layers[2].config["alpha"] == 0.2
+    artifact = read_artifact(artifact.path)
+    assert windowed_error(model, artifact) <= TOLERANCE
+    assert stateful_error(model, artifact) <= TOLERANCE
+
+
+def test_every_activation_equals_keras() -> None:
+    """Each named activation the engine runs equals Keras' own over a wide range (float32)."""
+    import keras
+
+    x = np.linspace(-10, 10, 100_001).astype(np.float32).reshape(1, -1, 1) * np.ones((1, 1, 3), np.float32)
+    for name, fn in ACTIVATIONS.items():
+        if name == "gelu_approximate":
+            continue  # not a Keras name: checked in test_gelu_both_forms_equal_keras
+        want = np.asarray(keras.activations.get(name)(x))
+        np.testing.assert_allclose(fn(x), want, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_supported_layers_doc_lists_every_layer() -> None:
+    """docs/supported-layers.md shows the engine's own table of layers and of what to use instead."""
+    from sigclassd.engine.plan import INSTEAD, LAYERS
+
+    doc = (Path(__file__).parents[2] / "docs" / "supported-layers.md").read_text()
+    for row in LAYERS:
+        assert f"| {' | '.join(row)} |" in doc, row[0]
+    for layer, instead in INSTEAD.items():
+        assert f"| {layer} | {instead} |" in doc, layer
