@@ -68,3 +68,25 @@ def test_check_exit_codes_for_config_and_model_errors(tmp_path):
     assert code == 3 and event["event"] == "model_error", out
     code, _, out = check(d.config, "--set", "model.hopp=1")
     assert code == 2 and "--set model.hopp=1: unknown key model.hopp" in out
+
+
+def test_check_beside_a_curve_daemon_and_its_key_files(tmp_path):
+    """With CURVE on, the input refuses the probe's plaintext handshake: still a ZeroMQ socket, so exit 0;
+    a secret key open to every user is a config error naming the file (exit 2), as at start-up."""
+    from sigclassd.keygen import keygen
+
+    keys = tmp_path / "keys"
+    _, secret = keygen(keys / "server", "server")
+    keygen(keys / "gateways", "gw-1")
+    d = Daemon(tmp_path, {"security": {"curve_secret_key_file": str(secret),
+                                       "curve_allowed_keys_dir": str(keys / "gateways")}}).start()
+    try:
+        code, event, out = check(d.config)
+        assert code == 0, out
+        assert event["ports"][f"input.bind {d.input}"] == "held by a ZeroMQ socket"
+    finally:
+        assert d.stop() == 0
+    secret.chmod(0o644)
+    code, event, out = check(d.config)
+    assert code == 2 and event["event"] == "config_error", out
+    assert str(secret) in event["error"] and "readable by every user" in event["error"]

@@ -51,3 +51,25 @@ def test_installed_copy_loads_bundled_model_from_another_directory(wheel, tmp_pa
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert '"check_ok"' in r.stdout and "sigclassd/models/default" in r.stdout
+
+
+def test_train_and_eval_help_say_they_need_the_train_extra():
+    """`sigclassd --help`, `train --help` and `eval --help` say so before anyone runs them without TensorFlow."""
+    def helptext(*args: str) -> str:
+        r = subprocess.run([sys.executable, "-m", "sigclassd", *args, "--help"], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        return " ".join(r.stdout.split())
+
+    listing = helptext()
+    assert "train a model on recordings or synthetic data (needs the train extra)" in listing
+    assert "score a model on recordings as the daemon serves it (needs the train extra)" in listing
+    for command in ("train", "eval"):
+        assert "Needs TensorFlow: the train extra" in helptext(command)
+
+
+def test_install_line_names_this_installation():
+    """For the checkout's editable install, the line that adds an extra is pip -e on the checkout."""
+    from sigclassd.cli import install_line
+
+    assert install_line("train") == f"{sys.executable} -m pip install -e '{ROOT}[train]'"
