@@ -342,3 +342,15 @@ def test_prelu_per_feature_slope(tmp_path: Path) -> None:
     assert chain.layers[1].kind == "PReLU" and chain.layers[1].weights[0].shape == (1, 5)
     x = np.random.default_rng(11).normal(0, 2, (2, 40, 3)).astype(np.float32)
     assert np.abs(forward(window_plan(chain), x) - onnxruntime_probabilities(path, x)).max() <= TOLERANCE
+
+
+def test_reading_does_not_import_the_whole_onnx_package() -> None:
+    """The daemon parses with onnx's protobuf schema only: `import onnx` would add ~1 s (ml_dtypes) to start-up."""
+    import subprocess
+
+    code = ("import sys; from pathlib import Path; from sigclassd.engine.onnx_reader import read_onnx; "
+            f"read_onnx(Path({str(FIXTURES / 'conv_gru_logits.onnx')!r})); "
+            "print(sorted(m for m in ('onnx', 'ml_dtypes', 'onnxruntime') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -6,8 +6,10 @@
 LSTM/GRU (Keras gate order and bias layout), a bidirectional one Bidirectional,
 ``MatMul`` (+ ``Add``) or ``Gemm`` Dense, and activations Activation/LeakyReLU/ELU.
 
-The graph is parsed with the ``onnx`` package and followed along its data edges,
-not by node names. Every tensor is one of:
+The file is parsed with the ``onnx`` package's protobuf schema (its generated
+``onnx_ml_pb2``, loaded on its own: ``import onnx`` spends ~1 s importing ml_dtypes,
+half the daemon's start-up budget, for number types a served model never has)
+and followed along its data edges, not by node names. Every tensor is one of:
 
 - a constant (initializers, ``Constant`` nodes, and what is computed from them);
 - a shape: what ``Shape`` of the signal gives, with the batch and time sizes
@@ -33,6 +35,7 @@ which, and the output's axis order, for whoever runs the graph beside the engine
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -257,20 +260,45 @@ def read_onnx(path: Path) -> KerasChain:
 
 def read_onnx_model(path: Path) -> OnnxModel:
     """``read_onnx`` with the graph's input and output axis orders; ModelError names what cannot be served."""
+    path = Path(path)
+    model = _model_proto(path)()
     try:
-        import onnx
-    except ImportError as e:
+        model.ParseFromString(path.read_bytes())
+    except Exception as e:  # protobuf's DecodeError, OSError...
+        msg = f"cannot read {path} as an ONNX model: {e}"
+        raise ModelError(msg) from e
+    if not model.HasField("graph"):
+        msg = f"cannot read {path} as an ONNX model: it holds no graph"
+        raise ModelError(msg)
+    return _Reader(path, model).read()
+
+
+def _model_proto(path: Path) -> Any:
+    """The onnx package's ``ModelProto`` class, without importing the whole package if it can."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("onnx")
+    except (ImportError, ValueError, AttributeError):  # a broken or blocked installation
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
         from sigclassd.cli import install_line
 
         msg = f"{path} is an ONNX model; reading it needs the onnx package (the onnx extra): {install_line('onnx')}"
-        raise ModelError(msg) from e
-    path = Path(path)
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # the parser raises DecodeError, OSError, ValueError...
-        msg = f"cannot read {path} as an ONNX model: {e}"
-        raise ModelError(msg) from e
-    return _Reader(path, model).read()
+        raise ModelError(msg)
+    name = "sigclassd.engine._onnx_ml_pb2"
+    if name not in sys.modules:
+        try:  # the generated module needs protobuf only
+            where = Path(next(iter(spec.submodule_search_locations))) / "onnx_ml_pb2.py"
+            module_spec = importlib.util.spec_from_file_location(name, where)
+            module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
+            module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+        except Exception:  # another layout of the package: take it whole
+            import onnx
+
+            return onnx.ModelProto
+        sys.modules[name] = module
+    return sys.modules[name].ModelProto
 
 
 class _Reader:
@@ -300,15 +328,13 @@ class _Reader:
         return int(versions[0])
 
     def _constants(self) -> None:
-        from onnx import numpy_helper
-
         for init in self.graph.initializer:
             if init.data_location == 1:  # TensorProto.EXTERNAL
                 raise self._fail(
                     f"the weights ({init.name!r}) are kept in a separate file; save them inside the model: "
                     "torch.onnx.export(..., external_data=False), or python -c \"import onnx; "
                     "onnx.save(onnx.load('in.onnx'), 'out.onnx')\"")
-            self.values[init.name] = numpy_helper.to_array(init)
+            self.values[init.name] = _array(init)
 
     def _input(self) -> tuple[str, tuple[Any, ...]]:
         inputs = [i for i in self.graph.input if i.name not in self.values]
@@ -336,6 +362,12 @@ class _Reader:
     # -- the walk
 
     def read(self) -> OnnxModel:
+        try:
+            return self._read()
+        except _Refused as e:
+            raise self._fail(str(e)) from None
+
+    def _read(self) -> OnnxModel:
         opset = self._opset()
         self._constants()
         name, dims = self._input()
@@ -821,19 +853,51 @@ class _Reader:
 # ---------------------------------------------------------------------------- helpers
 
 
-def _attrs(node: Any) -> dict[str, Any]:
-    from onnx import helper, numpy_helper
+# TensorProto.DataType: numpy type, and the repeated field holding the values when there is no raw_data.
+_DTYPES: dict[int, tuple[str, str]] = {
+    1: ("<f4", "float_data"), 2: ("u1", "int32_data"), 3: ("i1", "int32_data"), 4: ("<u2", "int32_data"),
+    5: ("<i2", "int32_data"), 6: ("<i4", "int32_data"), 7: ("<i8", "int64_data"), 9: ("?", "int32_data"),
+    10: ("<f2", "int32_data"), 11: ("<f8", "double_data"), 12: ("<u4", "uint64_data"), 13: ("<u8", "uint64_data"),
+}
 
+
+def _array(t: Any) -> np.ndarray:
+    """A TensorProto's values as a NumPy array."""
+    if t.data_type not in _DTYPES:
+        msg = f"tensor {t.name!r} has ONNX data type {t.data_type}, not one a served model uses (float, int, bool)"
+        raise _Refused(msg)
+    dtype, field_name = _DTYPES[t.data_type]
+    shape = tuple(int(d) for d in t.dims)
+    if t.raw_data:
+        return np.frombuffer(t.raw_data, dtype).astype(dtype[-2:] if dtype[0] == "<" else dtype).reshape(shape)
+    values = np.asarray(getattr(t, field_name))
+    if t.data_type == 10:  # float16 values are kept as their bits in int32_data
+        return values.astype(np.uint16).view(np.float16).reshape(shape)
+    return values.astype(dtype).reshape(shape)
+
+
+def _attrs(node: Any) -> dict[str, Any]:
+    """A node's attributes by name (AttributeProto.type: 1 float, 2 int, 3 string, 4 tensor, 6-8 lists of those)."""
     out: dict[str, Any] = {}
     for attr in node.attribute:
-        v = helper.get_attribute_value(attr)
-        if isinstance(v, bytes):
-            v = v.decode()
-        elif isinstance(v, list) and v and isinstance(v[0], bytes):
-            v = [s.decode() for s in v]
-        elif hasattr(v, "dims"):
-            v = numpy_helper.to_array(v)
-        out[attr.name] = v
+        kind = attr.type
+        if kind == 1:
+            out[attr.name] = float(attr.f)
+        elif kind == 2:
+            out[attr.name] = int(attr.i)
+        elif kind == 3:
+            out[attr.name] = attr.s.decode()
+        elif kind == 4:
+            out[attr.name] = _array(attr.t)
+        elif kind == 6:
+            out[attr.name] = [float(v) for v in attr.floats]
+        elif kind == 7:
+            out[attr.name] = [int(v) for v in attr.ints]
+        elif kind == 8:
+            out[attr.name] = [v.decode() for v in attr.strings]
+        else:
+            msg = f"attribute {attr.name!r} of a type (graph, sparse tensor...) no served op has"
+            raise _Refused(msg)
     return out
 
 
@@ -874,7 +938,7 @@ def _fold(op: str, a: dict[str, Any], ins: list[Value]) -> np.ndarray:
     if op in _IDENTITY_OPS:
         return x
     if op == "Cast":
-        return x if x.dtype == object else x.astype(_onnx_dtype(a["to"]))
+        return x if x.dtype == object else x.astype(_DTYPES[a["to"]][0] if a["to"] in _DTYPES else x.dtype)
     if op == "Shape":
         return np.array(x.shape[a.get("start", 0) : a.get("end", x.ndim)], np.int64)
     if op == "Gather":
@@ -934,12 +998,6 @@ def _fold(op: str, a: dict[str, Any], ins: list[Value]) -> np.ndarray:
 def _refuse_dynamic() -> None:
     msg = "a non-zero tensor of a run-time shape is not supported"
     raise _Refused(msg)
-
-
-def _onnx_dtype(code: int) -> Any:
-    from onnx import helper
-
-    return helper.tensor_dtype_to_np_dtype(code)
 
 
 def _reshape(x: Signal, target: list[Any], allowzero: bool) -> Signal:
