@@ -25,8 +25,9 @@ TOLERANCE = 1e-5
 
 
 def build(padding: str, *, conv_depth: int = 1, dilation: int = 1, kernel: int = 5, lstm_depth: int = 1,
-          n_classes: int = 2, seed: int = 0, lstm_activation: str = "tanh"):
-    """A small Conv1D-LSTM labelling every timestep, with random weights and biases.
+          n_classes: int = 2, seed: int = 0, lstm_activation: str = "tanh", cell: str = "LSTM"):
+    """A small Conv1D-LSTM (or ``cell`` "GRU", "GRU-reset-before") labelling every timestep, with random
+    weights and biases.
 
     Random biases matter: with Keras' zero biases an LSTM fed zeros stays at zero,
     which would hide an LSTM stepping on the look-ahead outputs before a stream's start.
@@ -41,7 +42,11 @@ def build(padding: str, *, conv_depth: int = 1, dilation: int = 1, kernel: int =
     for i in range(conv_depth):
         x = layers.Conv1D(6, kernel, padding=padding, dilation_rate=dilation**i, activation="relu", bias_initializer=bias)(x)
     for _ in range(lstm_depth):
-        x = layers.LSTM(8, return_sequences=True, activation=lstm_activation, bias_initializer=bias)(x)
+        if cell == "LSTM":
+            x = layers.LSTM(8, return_sequences=True, activation=lstm_activation, bias_initializer=bias)(x)
+        else:
+            x = layers.GRU(8, return_sequences=True, activation=lstm_activation, bias_initializer=bias,
+                           reset_after=cell == "GRU")(x)
     units, activation = (1, "sigmoid") if n_classes == 2 else (n_classes, "softmax")
     return keras.Model(inputs, layers.Dense(units, activation=activation, bias_initializer=bias)(x))
 
@@ -142,6 +147,9 @@ CASES = {
     "same-sigmoid": dict(padding="same", kernel=8),
     "same-softmax-odd-kernel": dict(padding="same", kernel=5, n_classes=3),
     "same-2conv-dilated-2lstm-softmax": dict(padding="same", conv_depth=2, dilation=3, kernel=4, lstm_depth=2, n_classes=3),
+    "same-2conv-dilated-2gru-softmax": dict(padding="same", conv_depth=2, dilation=3, kernel=4, lstm_depth=2, n_classes=3,
+                                            cell="GRU"),
+    "causal-gru-reset-before-sigmoid": dict(padding="causal", cell="GRU-reset-before"),
 }
 
 
@@ -206,8 +214,8 @@ def test_padding_and_empty_rows_leave_state_unchanged(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("runs", ["one run", "a run per length"])
-@pytest.mark.parametrize("lstm_activation", ["tanh", "softsign"])
-def test_ragged_batch_equals_rows_one_at_a_time(runs: str, lstm_activation: str, tmp_path: Path,
+@pytest.mark.parametrize(("cell", "lstm_activation"), [("LSTM", "tanh"), ("LSTM", "softsign"), ("GRU", "tanh")])
+def test_ragged_batch_equals_rows_one_at_a_time(runs: str, cell: str, lstm_activation: str, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows of lengths in random order (0, shorter and longer than the look-ahead), streams that have seen nothing,
     fewer samples than the look-ahead, or many, in one call: each row's outputs and state equal those of a call on
@@ -218,7 +226,8 @@ def test_ragged_batch_equals_rows_one_at_a_time(runs: str, lstm_activation: str,
     if runs == "a run per length":
         monkeypatch.setattr(kernels, "_STEP_COST", 0)
         monkeypatch.setattr(kernels, "_RUN_COST", 0)
-    model = build("same", conv_depth=2, dilation=2, kernel=4, lstm_depth=2, n_classes=3, lstm_activation=lstm_activation)
+    model = build("same", conv_depth=2, dilation=2, kernel=4, lstm_depth=2, n_classes=3, lstm_activation=lstm_activation,
+                  cell=cell)
     engine = StatefulEngine.load(save(model, tmp_path / "m", n_classes=3, lookahead=same_lookahead(2, 2, 4)))
     rng = np.random.default_rng(4)
     seen = np.array([0, 0, 1, 2, 3, 4, 30, 30, 30, 0, 2, 30, 30, 1])
