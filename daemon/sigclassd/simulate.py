@@ -156,7 +156,8 @@ class LabelWatch:
             return f"{head}; the daemon at {self.metrics_url} rejected since simulate started: {reasons}{hint}"
         if delta.get("frames_received", 0) <= 0:
             return (f"{head}; the daemon at {self.metrics_url} received no messages since simulate started: "
-                    "is its input.bind where simulate sends, and its input.subscribe taking these stream ids?")
+                    "is its input.bind where simulate sends, and its input.subscribe taking these stream ids? "
+                    "(or is it another daemon: --metrics and --output name the one simulate sends to)")
         if delta.get("samples_labelled", 0) > 0:
             return (f"{head}; the daemon at {self.metrics_url} labels samples, so its labels go elsewhere: "
                     "is its output.bind where simulate listens (--output)?")
