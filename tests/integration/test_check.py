@@ -38,6 +38,7 @@ def test_check_beside_the_running_daemon_exits_0_and_says_who_holds_each_address
         assert code == 1, out
         assert event["event"] == "check_failed" and "--strict wants every address free" in event["error"]
         assert d.http("/readyz")[0] == 200  # untouched by either check
+        assert "_created" not in d.http("/metrics")[1]  # metrics.created_series is off by default
     finally:
         assert d.stop() == 0
 
