@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -110,11 +111,11 @@ def _zmtp_answers(endpoint: str, probe_type: int) -> bool:
     sock.setsockopt(zmq.LINGER, 0)
     monitor = sock.get_monitor_socket()
     answers = {zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL}
+    deadline = time.monotonic() + PROBE_S  # a peer that is not ZeroMQ makes libzmq reconnect, event after event
     try:
         sock.connect(endpoint)
-        while monitor.poll(int(PROBE_S * 1000)):
-            event = recv_monitor_message(monitor)["event"]
-            if event in answers:
+        while monitor.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+            if recv_monitor_message(monitor)["event"] in answers:
                 return True
         return False
     except zmq.ZMQError:

@@ -91,3 +91,39 @@ def test_check_beside_a_curve_daemon_and_its_key_files(tmp_path):
     code, event, out = check(d.config)
     assert code == 2 and event["event"] == "config_error", out
     assert str(secret) in event["error"] and "readable by every user" in event["error"]
+
+
+def test_check_names_a_tcp_listener_that_is_not_zeromq_on_the_input(tmp_path):
+    """A plain TCP server on input.bind accepts and closes connections (libzmq keeps reconnecting): the
+    probe gives up after its time, and --check names the address as held by another process."""
+    import threading
+    import time
+
+    d = Daemon(tmp_path)
+    server = socket.socket()
+    server.bind(("127.0.0.1", d.in_port))
+    server.listen()
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def accept_and_close() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+                conn.close()
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept_and_close, daemon=True)
+    thread.start()
+    try:
+        started = time.monotonic()
+        code, event, out = check(d.config)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+    assert code == 1, out
+    assert event["ports"][f"input.bind {d.input}"] == "held by another process (no ZeroMQ handshake)"
+    assert took < 120
