@@ -35,7 +35,7 @@ DEFAULT_WINDOW = 400  # the window for models that take any length (the daemon's
 SUFFIXES = {".keras": "model.keras", ".h5": "model.h5", ".hdf5": "model.h5", ".onnx": "model.onnx"}
 FRAMEWORK = {".keras": "keras", ".h5": "keras", ".hdf5": "keras", ".onnx": "onnxruntime"}
 INSTALL = {"keras": "pip install 'sigclassd[train]' (TensorFlow and Keras)",
-           "onnxruntime": "pip install onnxruntime"}
+           "onnxruntime": "pip install 'sigclassd[onnx]' onnxruntime"}
 
 # A reference runs the source model on normalised input [batch, time, channels] and returns its raw output.
 Reference = Callable[[np.ndarray], np.ndarray]

@@ -182,6 +182,7 @@ def test_without_keras_the_import_is_refused_unless_unverified(tmp_path: Path) -
 def test_pytorch_export_is_imported_and_checked_against_onnxruntime(tmp_path: Path, name: str, want: tuple) -> None:
     """The PyTorch fixtures: inferred as exported (a GRU logits head, a dynamo export, a windowed-only BiLSTM) and
     checked by onnxruntime within 1e-5 in every mode they allow."""
+    pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     out = tmp_path / "dir"
     assert main(["import", str(FIXTURES / f"{name}.onnx"), "--out", str(out)]) == EXIT_OK
