@@ -27,6 +27,7 @@ SIGCLASSD = "sigclassd"  # the metrics address, answered by a running sigclassd
 ZEROMQ = "zeromq"  # a ZeroMQ socket answered the handshake: the running daemon's, as far as one can tell
 OTHER = "other"  # held by something that is not a sigclassd: start-up would fail
 UNCHECKED = "unchecked"  # a transport or host this check cannot try without binding it
+INVALID = "invalid"  # start-up could not bind it whoever holds what
 
 PROBE_S = 2.0
 
@@ -40,11 +41,12 @@ class Port:
 
     @property
     def busy(self) -> bool:
-        return self.state in (SIGCLASSD, ZEROMQ, OTHER)
+        return self.state in (SIGCLASSD, ZEROMQ, OTHER, INVALID)
 
     def describe(self) -> str:
         text = {FREE: "free", SIGCLASSD: "held by a running sigclassd", ZEROMQ: "held by a ZeroMQ socket",
-                OTHER: "held by another process", UNCHECKED: "not checked"}[self.state]
+                OTHER: "held by another process", UNCHECKED: "not checked",
+                INVALID: "not an address to bind"}[self.state]
         return f"{text} ({self.detail})" if self.detail else text
 
 
@@ -87,6 +89,8 @@ def _zmq_port(setting: str, endpoint: str, probe_type: int) -> Port:
     host, port = _host_port(address)
     if port == "*" or port == "0":
         return Port(setting, endpoint, FREE, "any free port")
+    if not port.isdigit() or int(port) > 65535:
+        return Port(setting, endpoint, INVALID, f"{port!r} is not a TCP port")
     host = "0.0.0.0" if host == "*" else host
     try:
         socket.getaddrinfo(host, None)
@@ -133,7 +137,7 @@ def _metrics_port(listen: str) -> Port:
     try:
         code = _bind_error(host, int(port))
     except (OSError, ValueError) as e:
-        return Port("metrics.listen", listen, UNCHECKED, str(e))
+        return Port("metrics.listen", listen, INVALID, str(e))
     if code == 0:
         return Port("metrics.listen", listen, FREE)
     if code != errno.EADDRINUSE:

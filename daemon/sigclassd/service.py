@@ -387,9 +387,10 @@ def check(settings: Settings, load: ModelLoader = load_model, strict: bool = Fal
         return EXIT_MODEL
     ports = portcheck.survey(settings)
     report = {f"{p.setting} {p.address}": p.describe() for p in ports}
-    blocked = [p for p in ports if p.state == portcheck.OTHER or (strict and p.busy)]
+    blocked = [p for p in ports if p.state in (portcheck.OTHER, portcheck.INVALID) or (strict and p.busy)]
     if blocked:
-        why = "held (--strict wants every address free)" if strict else "held by something that is not a sigclassd"
+        why = ("held or unusable (--strict wants every address free)" if strict
+               else "held by something that is not a sigclassd, or unusable")
         log.error("check_failed", ports=report,
                   error=f"cannot start: {', '.join(p.address for p in blocked)} {why}")
         return EXIT_FAILURE

@@ -127,3 +127,10 @@ def test_check_names_a_tcp_listener_that_is_not_zeromq_on_the_input(tmp_path):
     assert code == 1, out
     assert event["ports"][f"input.bind {d.input}"] == "held by another process (no ZeroMQ handshake)"
     assert took < 120
+
+
+def test_check_fails_on_an_address_start_up_could_not_bind(tmp_path):
+    d = Daemon(tmp_path, {"input": {"bind": ["tcp://127.0.0.1:notaport"]}})
+    code, event, out = check(d.config)
+    assert code == 1, out
+    assert event["ports"]["input.bind tcp://127.0.0.1:notaport"] == "not an address to bind ('notaport' is not a TCP port)"
