@@ -3,7 +3,7 @@
 When ``security.curve_secret_key_file`` is set, the input SUB socket is a CURVE
 server: traffic is encrypted, and a gateway may connect only if its public key is
 one of the ``*.key`` files in ``security.curve_allowed_keys_dir``. libzmq asks the
-ZAP handler (pyzmq's authenticator, in a thread of this process) about each new
+ZAP handler (:class:`Gatekeeper`, in a thread of this process) about each new
 connection; a gateway with an unknown key never completes the handshake, so none
 of its messages reach the decoder.
 
@@ -33,12 +33,14 @@ The allow-list is read at start-up; changing it needs a restart (the
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import zmq
 import zmq.auth
 import zmq.utils.z85
-from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import parse_monitor_message
 
 from sigclassd.config import SecuritySettings
 from sigclassd.errors import ConfigError
@@ -152,34 +154,167 @@ class TopicRules:
         return gateway not in self.restricted
 
 
-class _NamedAuthenticator(ThreadAuthenticator):
-    """Names each connection after its key file (``gw-17``), so messages carry it as their User-Id."""
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+# libzmq asks the ZAP handler about a NULL (unencrypted) connection only when the socket has a ZAP domain.
+ZAP_DOMAIN = "sigclassd"
+# A handshake not complete within this long ends the connection: a gateway refused at the
+# connection limit is cut after it, and retries.
+HANDSHAKE_S = 2.0
+# A connection libzmq dropped and did not start re-establishing within this long is re-connected here.
+RECONNECT_AFTER_S = 0.5
 
-    def __init__(self, ctx: zmq.Context, names: dict[bytes, str]) -> None:
-        super().__init__(ctx)
-        self.names = names
 
-    def curve_user_id(self, client_public_key: bytes) -> str:
-        return self.names.get(zmq.utils.z85.encode(client_public_key), "")
+class Gatekeeper:
+    """The ZAP handler of one socket (the daemon's input, the forwarder's XSUB), in a thread of its own.
 
+    libzmq asks it about every new connection, NULL and CURVE alike (the socket must have
+    ``zap_domain = ZAP_DOMAIN``). It refuses one when ``max_connections`` connections are already
+    open (as a temporary failure: the peer retries about every ``HANDSHAKE_S``), and with ``allowed`` (CURVE) a key not
+    in it; an admitted CURVE connection is named after its key file, which its messages carry as
+    their User-Id. It counts the open connections from the socket's events (a monitor), and
+    notices a connection of the socket's own (``connect``) that libzmq dropped and will not
+    re-establish: libzmq ends such a connection for good after a protocol error, e.g. a message
+    over ``MAXMSGSIZE``, so one oversized message would deafen a shard behind a forwarder for ever.
+    :meth:`severed` tells the socket's owner which endpoints to connect again.
 
-def start_authenticator(
-    ctx: zmq.Context, security: SecuritySettings
-) -> tuple[bytes, ThreadAuthenticator, TopicRules]:
-    """Start the ZAP handler with the allow-list; return the server secret key for the input socket and the handler.
-
-    Also returns the rules of who may publish which topic (see the module docstring).
-    The caller stops the handler (``authenticator.stop()``) before terminating the context.
+    Make it after the socket's options and before its ``bind``/``connect``, so it sees every connection.
     """
+
+    def __init__(self, ctx: zmq.Context, sock: zmq.Socket, *, max_connections: int,
+                 allowed: dict[bytes, str] | None = None) -> None:
+        self.max_connections = max_connections
+        self.allowed = allowed
+        # Admitted connections by file descriptor. libzmq's events name a connection by its fd, but a ZAP
+        # request does not: a request is taken to be the oldest accepted connection not yet answered
+        # (handshakes complete in about accept order; a mismatch swaps two fds, never the count).
+        self._admitted: set[int] = set()
+        self._awaiting: list[int] = []  # accepted, not yet admitted or refused
+        self.refused = 0  # connections refused for the limit (cumulative)
+        self.refused_keys = 0  # CURVE handshakes with a key not in the allow-list (cumulative)
+        self._accepted_on: set[str] = set()  # endpoints the socket accepts on (its binds)
+        self._upstream: dict[str, bool] = {}  # each connect endpoint: handshake done and not yet dropped
+        self._dropped: dict[str, float] = {}  # connect endpoints dropped, and when, until libzmq retries them
+        self._lock = threading.Lock()
+        sock.zap_domain = ZAP_DOMAIN.encode()
+        sock.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_S * 1000))
+        self._zap = ctx.socket(zmq.REP)
+        self._zap.setsockopt(zmq.LINGER, 0)
+        self._zap.bind(ZAP_ENDPOINT)
+        self._monitor = sock.get_monitor_socket()
+        self._stop_addr = f"inproc://sigclassd-gatekeeper-{id(self)}"
+        self._stop = ctx.socket(zmq.PAIR)
+        self._stop.bind(self._stop_addr)
+        stop_rx = ctx.socket(zmq.PAIR)
+        stop_rx.connect(self._stop_addr)
+        self._sock = sock
+        self._thread = threading.Thread(target=self._run, args=(stop_rx,), name="sigclassd-gatekeeper", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ read by the socket's owner
+
+    @property
+    def open(self) -> int:
+        """Connections admitted on the socket's bound endpoints and not yet closed."""
+        return len(self._admitted)
+
+    def upstream(self) -> tuple[int, int]:
+        """(connect endpoints with a live connection, connect endpoints seen)."""
+        with self._lock:
+            return sum(self._upstream.values()), len(self._upstream)
+
+    def severed(self) -> list[str]:
+        """Connect endpoints dropped more than RECONNECT_AFTER_S ago that libzmq is not re-establishing."""
+        now = time.monotonic()
+        with self._lock:
+            gone = [ep for ep, when in self._dropped.items() if now - when > RECONNECT_AFTER_S]
+            for ep in gone:
+                del self._dropped[ep]
+            return gone
+
+    # ------------------------------------------------------------ the thread
+
+    def _run(self, stop_rx: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        for s in (self._zap, self._monitor, stop_rx):
+            poller.register(s, zmq.POLLIN)
+        try:
+            while True:
+                ready = dict(poller.poll())
+                if stop_rx in ready:
+                    return
+                self._events()  # first: a request's own ACCEPTED event is already queued
+                if self._zap in ready:
+                    self._answer(self._zap.recv_multipart())
+        finally:
+            stop_rx.close(linger=0)
+            self._zap.close(linger=0)
+            self._monitor.close(linger=0)
+
+    def _events(self) -> None:
+        while True:
+            try:
+                frames = self._monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            event = parse_monitor_message(frames)
+            kind, endpoint = event["event"], event["endpoint"].decode("utf-8", "replace")
+            with self._lock:
+                if kind == zmq.EVENT_ACCEPTED:
+                    self._accepted_on.add(endpoint)
+                    self._awaiting.append(event["value"])
+                elif kind == zmq.EVENT_DISCONNECTED and endpoint in self._accepted_on:
+                    fd = event["value"]
+                    self._admitted.discard(fd)
+                    if fd in self._awaiting:
+                        self._awaiting.remove(fd)
+                elif kind == zmq.EVENT_DISCONNECTED:
+                    self._upstream[endpoint] = False
+                    self._dropped[endpoint] = time.monotonic()
+                elif kind in (zmq.EVENT_CONNECT_RETRIED, zmq.EVENT_CONNECT_DELAYED, zmq.EVENT_CONNECTED):
+                    self._upstream.setdefault(endpoint, False)
+                    self._dropped.pop(endpoint, None)  # libzmq is on it
+                elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED and endpoint not in self._accepted_on:
+                    self._upstream[endpoint] = True
+
+    def _answer(self, request: list[bytes]) -> None:
+        version, request_id, _domain, _address, _identity, mechanism, *credentials = request
+        status, text, user = b"200", b"OK", b""
+        with self._lock:
+            fd = self._awaiting.pop(0) if self._awaiting else None
+            over = len(self._admitted) >= self.max_connections
+            if over:
+                self.refused += 1
+            elif fd is not None:
+                self._admitted.add(fd)
+        if over:
+            # 300 (temporary): no ERROR command goes to the peer, whose connection then ends at the
+            # handshake deadline (HANDSHAKE_S), and it retries; after a 400 it would give up for good.
+            status, text = b"300", b"too many connections"
+        elif self.allowed is not None:
+            key = zmq.utils.z85.encode(credentials[0]) if mechanism == b"CURVE" and credentials else b""
+            name = self.allowed.get(key)
+            if name is None:
+                self.refused_keys += 1
+                status, text = b"400", b"unknown key"
+            else:
+                user = name.encode("utf-8")
+        elif mechanism != b"NULL":
+            status, text = b"400", b"unsupported mechanism"
+        self._zap.send_multipart([version, request_id, status, text, user, b""])
+
+    def stop(self) -> None:
+        """End the thread and close its sockets; the watched socket's monitor is turned off."""
+        if self._thread.is_alive():
+            self._stop.send(b"")
+            self._thread.join()
+        self._stop.close(linger=0)
+        if not self._sock.closed:
+            self._sock.disable_monitor()
+
+
+def load_curve(security: SecuritySettings) -> tuple[bytes, dict[bytes, str], TopicRules]:
+    """The server secret key, the allowed gateway keys (each with its name) and the topic rules, all checked."""
     secret = load_server_secret(security.curve_secret_key_file)
     allowed = allowed_keys(security.curve_allowed_keys_dir)
     rules = TopicRules(topic_prefixes(security.curve_allowed_keys_dir, list(allowed.values())))
-    authenticator = _NamedAuthenticator(ctx, allowed)
-    authenticator.start()
-    # configure_curve re-reads the directory itself; the check above already reported anything it would skip.
-    authenticator.configure_curve(domain="*", location=str(resolve(security.curve_allowed_keys_dir)))
-    if set(authenticator.certs.get("*", {})) != set(allowed):
-        authenticator.stop()
-        msg = f"security.curve_allowed_keys_dir: the authenticator loaded other keys than {sorted(allowed.values())}"
-        raise ConfigError(msg)
-    return secret, authenticator, rules
+    return secret, allowed, rules

@@ -8,6 +8,7 @@ that names the key, because a typo in a config file must not be silently ignored
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -25,11 +26,19 @@ class InputSettings:
     bind: tuple[str, ...] = ("tcp://127.0.0.1:5555",)
     connect: tuple[str, ...] = ()
     subscribe: tuple[str, ...] = ("",)
-    max_message_bytes: int = 1 << 20
+    # The largest frame a gateway may send (ZeroMQ MAXMSGSIZE): 1,000 samples of 16 float32 channels
+    # fit. A peer that sends a larger frame is disconnected (it reconnects) and its frame never held.
+    max_message_bytes: int = 64 << 10
     # Messages queued per gateway connection before libzmq drops (seen as seq gaps):
     # under overload this queue, not the stream table, is where latency builds up,
     # so it is kept to about a second of a busy gateway's traffic.
     rcvhwm: int = 20_000
+    # Bytes one gateway connection may have queued in libzmq: its queue is cut to
+    # max_connection_bytes // max_message_bytes messages when rcvhwm would allow more.
+    max_connection_bytes: int = 64 << 20
+    # Gateway connections served at once; a further one is refused at its handshake (and retries).
+    # With max_connection_bytes it bounds the input queues' memory (README, "Bounded memory").
+    max_connections: int = 256
     # Messages taken from the socket per main-loop turn before the model runs:
     # bounds the time between model calls under a flood.
     drain_max_messages: int = 20_000
@@ -153,6 +162,10 @@ LOG_FORMATS = ("auto", "json", "console", "journal")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Both modes run the NumPy engine; the TensorFlow runtimes (tf, xla, litert) were measured and removed.
 RUNTIMES = ("auto", "numpy")
+# Bounds that keep socket options within libzmq's C ints and the queues within a host's memory.
+_MAX_HWM = 10_000_000
+_MAX_MESSAGE_BYTES = 256 << 20
+_MAX_QUEUED_BYTES = 64 << 30
 
 
 def _coerce(where: str, value: Any, kind: Any) -> Any:
@@ -169,6 +182,9 @@ def _coerce(where: str, value: Any, kind: Any) -> Any:
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             msg = f"{where} must be a number, got {value!r}"
+            raise ConfigError(msg)
+        if not math.isfinite(value):  # inf would switch a limit off, nan would make every comparison false
+            msg = f"{where} must be a finite number, got {value!r}"
             raise ConfigError(msg)
         return float(value)
     if kind is str:
@@ -227,10 +243,16 @@ def validate(s: Settings) -> None:
     need(bool(s.input.bind or s.input.connect), "input.bind or input.connect must name at least one endpoint")
     for ep in (*s.input.bind, *s.input.connect, s.output.bind):
         need("://" in ep, f"endpoint {ep!r} needs a transport, e.g. 'tcp://127.0.0.1:5555' or 'ipc:///run/x.sock'")
-    need(s.input.max_message_bytes >= 64, "input.max_message_bytes must be >= 64")
-    need(s.input.rcvhwm >= 0 and s.output.sndhwm >= 0, "input.rcvhwm and output.sndhwm must be >= 0")
-    need(s.input.drain_max_messages >= 1, "input.drain_max_messages must be >= 1")
-    need(s.output.linger_ms >= 0, "output.linger_ms must be >= 0")
+    # Socket options are C ints in libzmq; 0 would mean "no limit" there, so it is refused here.
+    need(64 <= s.input.max_message_bytes <= _MAX_MESSAGE_BYTES,
+         f"input.max_message_bytes must be in [64, {_MAX_MESSAGE_BYTES}]")
+    need(1 <= s.input.rcvhwm <= _MAX_HWM, f"input.rcvhwm must be in [1, {_MAX_HWM}]")
+    need(1 <= s.output.sndhwm <= _MAX_HWM, f"output.sndhwm must be in [1, {_MAX_HWM}]")
+    need(s.input.max_message_bytes <= s.input.max_connection_bytes <= _MAX_QUEUED_BYTES,
+         f"input.max_connection_bytes must be in [input.max_message_bytes, {_MAX_QUEUED_BYTES}]")
+    need(1 <= s.input.max_connections <= 10_000, "input.max_connections must be in [1, 10000]")
+    need(1 <= s.input.drain_max_messages <= 1_000_000, "input.drain_max_messages must be in [1, 1000000]")
+    need(0 <= s.output.linger_ms <= 3_600_000, "output.linger_ms must be in [0, 3600000]")
     need(s.model.mode in MODES, f"model.mode is {s.model.mode!r}; use one of {', '.join(MODES)}")
     need(s.model.runtime in RUNTIMES, f"model.runtime is {s.model.runtime!r}; use one of {', '.join(RUNTIMES)}")
     need(s.model.channels >= 0, "model.channels must be >= 0 (0 = take the model's channel count)")

@@ -2,7 +2,8 @@
 
 ``/healthz`` answers 200 while the main loop has turned within the last few
 ticks (a stuck loop fails it), ``/readyz`` answers 200 once the model is loaded
-and warmed and the sockets are bound, and 503 otherwise (also while draining).
+and warmed and the sockets are bound, and 503 otherwise (also while draining, and while a
+daemon whose input only connects, e.g. a shard behind a forwarder, has none of those connections up).
 
 The listener is bounded, so no client can take what the ZeroMQ sockets need:
 at most ``max_connections`` connections are served at once, one thread each;
@@ -48,6 +49,9 @@ class Health:
         self.stall_after_s = stall_after_s
         self.last_turn = time.monotonic()
         self.ready = False
+        # False while the daemon only connects for its input (a shard behind a forwarder) and none of
+        # those connections is up: it would be receiving nothing.
+        self.input_ok = True
 
     def turned(self) -> None:
         self.last_turn = time.monotonic()
@@ -189,8 +193,9 @@ def start_http_server(
                 ok = health.alive()
                 self._reply(200 if ok else 503, b"ok\n" if ok else b"main loop stalled\n")
             elif path == "/readyz":
-                ok = health.ready and health.alive()
-                self._reply(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                ok = health.ready and health.alive() and health.input_ok
+                why = b"not ready\n" if health.input_ok else b"not ready: no input connection is up\n"
+                self._reply(200 if ok else 503, b"ready\n" if ok else why)
             else:
                 self._reply(404, b"not found: try /metrics, /healthz or /readyz\n")
 

@@ -129,6 +129,14 @@ class Metrics:
         self.label_bytes = Counter(f"{p}_label_published_bytes", "Bytes of label message bodies published.", registry=r)
         self.streams_active = Gauge(f"{p}_streams_active", "Streams currently held in the stream table.", registry=r)
         self.streams_limit = Gauge(f"{p}_streams_limit", "The configured streams.max_streams.", registry=r)
+        self.input_connections = Gauge(
+            f"{p}_input_connections", "Gateway connections open on the input's bound endpoints.", registry=r)
+        self.input_connections_refused = Counter(
+            f"{p}_input_connections_refused", "Gateway connections refused at their handshake because "
+            "input.max_connections were open (each retry of a refused gateway counts).", registry=r)
+        self.input_reconnects = Counter(
+            f"{p}_input_reconnects", "Input connect endpoints connected again after libzmq dropped them for good "
+            "(e.g. a message over input.max_message_bytes from a forwarder).", registry=r)
         self.streams_opened = Counter(f"{p}_streams_opened", "Streams opened (first message of a stream id).", registry=r)
         self.streams_evicted = Counter(
             f"{p}_streams_evicted", "Streams retired for idleness (after the TTL, or the least recently seen "

@@ -69,8 +69,8 @@ class Service:
         self.rejects = Summary("frames_rejected", settings.log.reject_summary_interval_s)
         self.ctx: zmq.Context | None = None
         self.http = None
-        self.authenticator = None
         self.ingest: Ingest | None = None
+        self.refused_counted = 0  # input connections refused at the limit, as last counted in the metric
         self.publisher: Publisher | None = None
         # Held while samples move between counters (accept, complete+publish, fail), and by
         # /metrics while it renders: every scrape sees counters that reconcile.
@@ -150,10 +150,10 @@ class Service:
         sec = self.settings.security
         if not sec.curve_secret_key_file:
             return {}
-        from sigclassd.auth import start_authenticator
+        from sigclassd.auth import load_curve
 
-        secret, self.authenticator, rules = start_authenticator(self.ctx, sec)
-        return {"curve_secret": secret, "topic_rules": rules}
+        secret, allowed, rules = load_curve(sec)
+        return {"curve_secret": secret, "curve_allowed": allowed, "topic_rules": rules}
 
     def _pipeline(self, s: Settings, artifact: ModelArtifact, engine: Engine,
                   first_flags: int = protocol.LABEL_START) -> Pipeline:
@@ -205,6 +205,7 @@ class Service:
                 next_watchdog = now + watchdog
             if now >= next_evict:
                 pipe.table.evict_idle()
+                self._watch_input()
                 next_evict = now + 1.0
             if now - last_stats >= self.settings.log.stats_interval_s:
                 stats_base = self._stats(stats_base, now - last_stats)
@@ -216,6 +217,30 @@ class Service:
                 self._start_reload()
             if self.reload_result is not None:
                 self._finish_reload()
+
+    def _watch_input(self) -> None:
+        """Once a second: connect again what libzmq gave up for good; readiness follows the input connections."""
+        ingest = self.ingest
+        again = ingest.reconnect_severed()
+        if again:
+            self.metrics.input_reconnects.inc(len(again))
+            log.warning("input_reconnected", endpoints=again,
+                        detail="libzmq dropped the connection for good (e.g. after a message over "
+                               "input.max_message_bytes); connected again")
+        gate = ingest.gatekeeper
+        self.metrics.input_connections.set(gate.open)
+        refused, self.refused_counted = gate.refused - self.refused_counted, gate.refused
+        if refused:
+            self.metrics.input_connections_refused.inc(refused)
+            self.rejects.add("connection_limit", refused,
+                             detail=f"gateway connections refused: input.max_connections = "
+                                    f"{self.settings.input.max_connections} are open")
+        upstream = ingest.upstream_ok()
+        if upstream != self.health.input_ok:
+            self.health.input_ok = upstream
+            if not upstream:
+                log.warning("input_disconnected", endpoints=list(self.settings.input.connect),
+                            detail="no input connection is up: not ready until one is")
 
     def _totals(self) -> dict[str, float]:
         g = self.registry.get_sample_value
@@ -347,8 +372,6 @@ class Service:
             for closing in (self.ingest, self.publisher):
                 if closing is not None:
                     closing.close()
-            if self.authenticator is not None:
-                self.authenticator.stop()
             # Sockets a failed start-up left open would make term() wait forever.
             self.ctx.destroy(linger=0)
             self.ctx = None

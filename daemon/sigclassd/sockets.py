@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+
 import zmq
 
 from sigclassd.errors import BindError
@@ -31,3 +34,23 @@ def bind(sock: zmq.Socket, endpoint: str, setting: str) -> str:
         msg = f"cannot bind {setting} = {endpoint!r}: {e.strerror}"
         raise BindError(msg) from e
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def _malloc_trim() -> ctypes._CFuncPtr | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to ask
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_memory() -> None:
+    """Give memory freed in the heaps back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    libzmq receives a message whole, so one huge multipart message is allocated in full before
+    it can be refused; once freed, glibc keeps those pages in its arenas, resident, for ever.
+    """
+    if _TRIM is not None:
+        _TRIM(0)
