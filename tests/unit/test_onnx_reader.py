@@ -354,3 +354,19 @@ def test_reading_does_not_import_the_whole_onnx_package() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_fixed_shape_export_with_its_sizes_in_the_reshapes() -> None:
+    """A dynamo export without dynamic axes writes batch 2 and time 50 into its reshapes: read, windowed only."""
+    path = FIXTURES / "bigru_fixed.onnx"
+    model = read_onnx_model(path)
+    assert model.chain.input_shape == (None, 50, 3)
+    assert [layer.kind for layer in model.chain.layers] == ["Bidirectional", "Bidirectional", "Dense"]
+    assert model.chain.layers[0].config["layer"]["class_name"] == "GRU"
+    ref = np.load(FIXTURES / "bigru_fixed.npz")
+    plan = window_plan(model.chain)
+    assert np.abs(forward(plan, ref["x"]) - softmax(ref["y"])).max() <= TOLERANCE
+    other = np.random.default_rng(12).normal(0, 2, ref["x"].shape).astype(np.float32)
+    assert np.abs(forward(plan, other) - onnxruntime_probabilities(path, other, logits=True)).max() <= TOLERANCE
+    # and one window at a time, as the engine may run it: the batch size is not baked into the layers
+    assert np.abs(forward(plan, other[:1]) - forward(plan, other)[:1]).max() <= TOLERANCE

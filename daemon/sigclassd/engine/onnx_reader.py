@@ -375,7 +375,9 @@ class _Reader:
         by_axis = dict(zip(axes, dims, strict=True))
         if by_axis["C"] is None:
             raise self._fail(f"the input {name!r} has no fixed number of channels; export it with a fixed channel axis")
-        sizes = {"B": Sym(1, ("B",)), "T": Sym(1, ("T",)) if by_axis["T"] is None else by_axis["T"], "F": by_axis["C"]}
+        # A fixed batch or time size stays a number: exporters then write it into reshape targets.
+        sizes = {"B": Sym(1, ("B",)) if by_axis["B"] is None else by_axis["B"],
+                 "T": Sym(1, ("T",)) if by_axis["T"] is None else by_axis["T"], "F": by_axis["C"]}
         self.values[name] = Signal(tuple({"C": "F"}.get(a, a) for a in axes), sizes, 0)
         for node in self.graph.node:
             try:
