@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,14 @@ _SNDMORE = int(zmq.SNDMORE)
 
 # A flood of malformed label messages is logged once, then at most once per this many seconds.
 MALFORMED_LOG_INTERVAL_S = 10.0
+# A Subscriber's defaults: the largest label frame taken (a message of 1,000 samples of 255 classes
+# is 1 MB), the streams followed (least recently heard of forgotten first), and the largest seq
+# jump counted as lost messages (a larger one is a jump: the stream was reset or the message is wrong).
+MAX_LABEL_BYTES = 16 << 20
+MAX_STREAMS = 100_000
+MAX_LOST_JUMP = 1 << 24
+# A dropped connection that libzmq has not started re-establishing within this long is renewed here.
+_RETRY_GRACE_S = 0.5
 
 
 def _endpoints(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -334,6 +343,8 @@ class StreamReport:
         lost: samples missing from the label sequence: messages lost between daemon and subscriber.
         repeated: samples labelled again (a message starting before the previous one ended: e.g. two
             daemons or shards labelling the same stream).
+        jumps: messages whose seq moved more than ``max_lost_jump`` from where the previous one ended, either
+            way: counted here, not in ``lost`` or ``repeated`` (one wrong seq must not report 1.8e19 lost samples).
         next_seq: the seq the next message must start at (plus its ``gap``), or None after a ``final``
             or before the first message.
     """
@@ -345,6 +356,7 @@ class StreamReport:
     gap: int = 0
     lost: int = 0
     repeated: int = 0
+    jumps: int = 0
     next_seq: int | None = None
 
 
@@ -357,6 +369,12 @@ class Subscriber:
         prefix: stream-id prefix(es) to receive; ``""`` (the default) receives every stream.
         receive_hwm: messages ZeroMQ queues for this subscriber before the daemon's side drops them
             (what is dropped shows as ``lost``).
+        max_message_bytes: the largest frame taken; a larger one ends its connection (ZeroMQ MAXMSGSIZE)
+            before it is held, and the subscriber connects again.
+        max_streams: streams followed in :attr:`streams`; past it the least recently heard of is forgotten
+            (its next message is followed afresh).
+        max_lost_jump: a seq moving further than this from where the stream's previous message ended is a
+            jump (:attr:`StreamReport.jumps`), not loss.
         context: the ``zmq.Context`` to use (default: pyzmq's process-wide instance).
 
     Per stream, each message must start where the previous one ended plus its ``gap``
@@ -366,20 +384,32 @@ class Subscriber:
     """
 
     def __init__(self, connect: str | Sequence[str], *, prefix: str | Sequence[str] = "",
-                 receive_hwm: int = 1_000_000, context: zmq.Context | None = None) -> None:
+                 receive_hwm: int = 1_000_000, max_message_bytes: int = MAX_LABEL_BYTES,
+                 max_streams: int = MAX_STREAMS, max_lost_jump: int = MAX_LOST_JUMP,
+                 context: zmq.Context | None = None) -> None:
         self.endpoints = _endpoints(connect)
         self.prefixes = _endpoints(prefix)
         if not self.endpoints:
             msg = "Subscriber needs the daemon's output endpoint, e.g. connect='tcp://127.0.0.1:5556'"
             raise ValueError(msg)
+        for name, value in (("max_message_bytes", max_message_bytes), ("max_streams", max_streams),
+                            ("max_lost_jump", max_lost_jump)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                msg = f"{name} must be a positive integer, got {value!r}"
+                raise ValueError(msg)
+        self.max_streams = max_streams
+        self.max_lost_jump = max_lost_jump
         self._sock = (context or zmq.Context.instance()).socket(zmq.SUB)
         self._sock.setsockopt(zmq.RCVHWM, receive_hwm)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self._sock.setsockopt(zmq.LINGER, 0)
         heartbeat(self._sock)  # reconnects to a daemon whose host died and came back
         for p in self.prefixes:
             self._sock.setsockopt(zmq.SUBSCRIBE, p.encode("utf-8"))
-        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self._monitor = self._sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
         self._connections = 0
+        self._dropped: dict[str, float] = {}  # endpoints libzmq dropped, until it retries them
         try:
             for ep in self.endpoints:
                 self._sock.connect(ep)
@@ -387,10 +417,13 @@ class Subscriber:
             self.close()
             msg = f"cannot connect to {ep!r}: {e}"
             raise ValueError(msg) from e
-        self.streams: dict[str, StreamReport] = {}
+        self.streams: OrderedDict[str, StreamReport] = OrderedDict()
         self.received = 0
         self.malformed = 0
+        self.forgotten = 0  # streams dropped from ``streams`` at max_streams
+        self.reconnects = 0  # endpoints connected again after libzmq dropped them for good
         self._next_malformed_log = 0.0
+        self._next_watch = 0.0
 
     @property
     def lost(self) -> int:
@@ -399,20 +432,58 @@ class Subscriber:
 
     def connections(self) -> int:
         """How many daemons this subscriber is connected to right now (ZeroMQ handshakes completed)."""
+        self._watch()
+        return self._connections
+
+    def _watch(self) -> None:
+        """Follow the connection events; connect again an endpoint libzmq dropped and does not retry.
+
+        libzmq ends a connecting socket's connection for good on a protocol error, such as a frame over
+        MAXMSGSIZE: without this, one oversized message would silence the subscriber for ever.
+        """
+        now = time.monotonic()
         while True:
             try:
-                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
             except zmq.Again:
-                return self._connections
-            self._connections += 1 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else -1
+                break
+            kind, endpoint = event["event"], event["endpoint"].decode("utf-8", "replace")
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._connections += 1
+            elif kind == zmq.EVENT_DISCONNECTED:
+                self._connections -= 1
+                self._dropped[endpoint] = now
+            else:  # CONNECT_RETRIED: libzmq is reconnecting by itself
+                self._dropped.pop(endpoint, None)
+        for endpoint, when in list(self._dropped.items()):
+            if now - when < _RETRY_GRACE_S:
+                continue
+            del self._dropped[endpoint]
+            again = [ep for ep in self.endpoints if ep == endpoint] or list(self.endpoints)
+            for ep in again:
+                try:
+                    self._sock.disconnect(ep)
+                except zmq.ZMQError:
+                    pass  # already forgotten by libzmq
+                self._sock.connect(ep)
+            self.reconnects += len(again)
+            log.warning("connection to %s dropped (e.g. a message over max_message_bytes); connected again",
+                        endpoint)
 
     def receive(self, timeout_s: float | None = None) -> LabelMessage | None:
         """The next label message, or None if none arrives within ``timeout_s`` seconds (None: wait for ever)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            wait_ms = None if deadline is None else max(0, round((deadline - time.monotonic()) * 1000))
-            if not self._sock.poll(wait_ms):
-                return None
+            now = time.monotonic()
+            if now >= self._next_watch:
+                self._watch()
+                self._next_watch = now + _RETRY_GRACE_S
+            # Waits at most that long at a time, so that a connection libzmq dropped is noticed and renewed.
+            left = _RETRY_GRACE_S if deadline is None else max(0.0, deadline - now)
+            if not self._sock.poll(round(min(_RETRY_GRACE_S, left) * 1000)):
+                if deadline is not None and left <= _RETRY_GRACE_S:
+                    return None
+                continue
             parts = self._sock.recv_multipart(zmq.NOBLOCK)
             received_ns = time.time_ns()
             try:
@@ -434,14 +505,22 @@ class Subscriber:
         report = self.streams.get(f.stream)
         if report is None:
             report = self.streams[f.stream] = StreamReport()
+            if len(self.streams) > self.max_streams:
+                self.streams.popitem(last=False)
+                self.forgotten += 1
+        else:
+            self.streams.move_to_end(f.stream)
         lost = 0
         if f.flags & protocol.LABEL_START:
             report.incarnations += 1
             report.open = True
         elif report.next_seq is not None:
             missing = f.seq - f.gap - report.next_seq
-            lost = max(0, missing)
-            report.repeated += max(0, -missing)
+            if abs(missing) > self.max_lost_jump:
+                report.jumps += 1
+            else:
+                lost = max(0, missing)
+                report.repeated += max(0, -missing)
         report.labelled += n
         report.gap += f.gap
         report.lost += lost

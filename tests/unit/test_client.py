@@ -345,3 +345,64 @@ def test_client_imports_no_tensorflow():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'h5py')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_subscriber_refuses_an_oversized_frame_and_connects_again(ctx):
+    """A label frame over max_message_bytes is never taken whole: libzmq drops the connection (for good, on its
+    own), the subscriber connects again and the next messages arrive."""
+    src, ep = label_source(ctx)
+    with Subscriber(ep, max_message_bytes=64 * 1024, context=ctx) as sub:
+        assert src.poll(5000) and src.recv() == b"\x01"
+        src.send_multipart([b"big", b"\x00" * (600 * 1024)])
+        src.send_multipart(labels("s", 0, 10, flags=protocol.LABEL_START))  # on the dropped connection: lost
+        got = None
+        deadline = time.monotonic() + 15
+        seq = 10
+        while got is None and time.monotonic() < deadline:  # until the renewed subscription reaches the source
+            src.send_multipart(labels("s", seq, 10))
+            seq += 10
+            got = sub.receive(timeout_s=0.3)
+        assert got is not None and got.stream == "s", "nothing arrived after the oversized frame"
+        assert sub.reconnects >= 1 and sub.malformed == 0
+    src.close()
+
+
+def test_subscriber_follows_at_most_max_streams_forgetting_the_least_recent(ctx):
+    """With max_streams = 10, 25 streams leave the 10 most recently heard of in ``streams``; hearing of an old
+    one again keeps it."""
+    src, ep = label_source(ctx)
+    with Subscriber(ep, max_streams=10, context=ctx) as sub:
+        assert src.poll(5000) and src.recv() == b"\x01"
+        for i in range(25):
+            src.send_multipart(labels(f"s/{i}", 0, 1, flags=protocol.LABEL_START))
+            if i >= 16:
+                src.send_multipart(labels("s/15", i, 1))  # s/15 stays recent
+        take(sub, 25 + 9)
+    src.close()
+    assert len(sub.streams) == 10 and sub.forgotten == 15
+    assert list(sub.streams)[-2:] == ["s/24", "s/15"]  # least recently heard of first
+    assert set(sub.streams) == {"s/15", *(f"s/{i}" for i in range(16, 25))}
+
+
+def test_one_wild_seq_is_a_jump_not_lost_samples(ctx):
+    """A message whose seq is 2**63 past the stream's is counted in ``jumps``; ``lost`` stays 0 and the stream is
+    followed from there."""
+    src, ep = label_source(ctx)
+    with Subscriber(ep, context=ctx) as sub:
+        assert src.poll(5000) and src.recv() == b"\x01"
+        far = 2**63
+        for parts in [labels("s", 0, 10, flags=protocol.LABEL_START), labels("s", far, 10), labels("s", far + 10, 10),
+                      labels("s", 0, 10), labels("s", 30, 10)]:
+            src.send_multipart(parts)
+        got = take(sub, 5)
+    src.close()
+    assert [m.lost for m in got] == [0, 0, 0, 0, 20]
+    report = sub.streams["s"]
+    assert (report.jumps, report.lost, report.repeated) == (2, 20, 0)
+    assert sub.lost == 20
+
+
+def test_frame_error_is_a_value_error():
+    """Code that catches ValueError around the client catches a malformed message too."""
+    with pytest.raises(ValueError, match="short"):
+        protocol.decode_labels([b"a", b"\x01garbage"])
