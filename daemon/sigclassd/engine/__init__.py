@@ -73,34 +73,12 @@ class ModelFacts:
         return "causal" if self.step_plan.lookahead == 0 else "seq2seq"
 
 
-def read_model(path: Path):  # noqa: ANN201 - a KerasChain
-    """The model file as a chain of layers (``.keras``, and with the newer readers ``.h5`` and ``.onnx``)."""
-    from sigclassd.engine import archive
-
-    reader = getattr(archive, "read_model", None)
-    if reader is None:
-        if path.suffix != ".keras":
-            msg = f"{path}: this daemon reads .keras model files only"
-            raise ModelError(msg)
-        reader = archive.read_chain
-    return reader(path)
-
-
-def _output_activation(plan: WindowPlan) -> tuple[str, str]:
-    """The model's last squashing activation and the layer that applies it (skipping pure reshapes)."""
-    activation, name = "linear", ""
-    # A logits model's plan ends with the softmax/sigmoid the engine adds: the model's own last layer is before it.
-    ops = plan.ops[:-1] if getattr(plan, "applies_output_activation", False) else plan.ops
-    for op in reversed(ops):
-        found = getattr(op, "activation", None)
-        if found is None:  # pooling or reshaping: the values are unchanged
-            continue
-        name = name or op.name
-        if found == "linear" and getattr(op, "kernel", True) is None:  # Activation('linear'): the identity
-            continue
-        activation = found
-        break
-    return getattr(plan, "output_activation", None) or activation, name
+def _output_layer(plan: WindowPlan) -> str:
+    """The name of the model's own last layer with an activation (pooling and reshapes skipped)."""
+    # A logits model's plan ends with the softmax/sigmoid the engine adds: the model's own layers are before it.
+    ops = plan.ops[:-1] if plan.applies_output_activation else plan.ops
+    named = [op.name for op in ops if getattr(op, "activation", None) is not None]
+    return named[-1] if named else ops[-1].name
 
 
 def inspect_model(path: Path) -> ModelFacts:
@@ -108,6 +86,7 @@ def inspect_model(path: Path) -> ModelFacts:
     import numpy as np
 
     from sigclassd.engine import kernels
+    from sigclassd.engine.archive import read_model
     from sigclassd.engine.plan import step_plan, window_plan
 
     chain = read_model(path)
@@ -119,8 +98,7 @@ def inspect_model(path: Path) -> ModelFacts:
     window = plan.input_shape[1]
     y = kernels.forward(plan, np.zeros((1, window or PROBE_LENGTH, plan.channels), np.float32))
     units = 1 if y.ndim == 2 else int(y.shape[-1])
-    activation, layer = _output_activation(plan)
-    facts = ModelFacts(path, plan.channels, window, units, activation, layer, plan, steps, why)
+    facts = ModelFacts(path, plan.channels, window, units, plan.output_activation, _output_layer(plan), plan, steps, why)
     problem = _output_problem(facts)
     if problem:
         raise ModelError(f"{path}: {problem}")
