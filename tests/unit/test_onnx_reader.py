@@ -186,7 +186,8 @@ def const(name: str, value: float) -> onnx.NodeProto:
 
 
 ACTIVATIONS = {
-    "silu (Sigmoid, Mul)": ([helper.make_node("Sigmoid", ["conv"], ["s"]), helper.make_node("Mul", ["conv", "s"], ["act"])],
+    "silu (Sigmoid, Mul)": ([helper.make_node("Sigmoid", ["conv"], ["s"]),
+                             helper.make_node("Mul", ["conv", "s"], ["act"])],
                             ("Activation", "silu")),
     "leaky relu": ([helper.make_node("LeakyRelu", ["conv"], ["act"], alpha=0.2)], ("LeakyReLU", 0.2)),
     "elu alpha 0.5": ([helper.make_node("Elu", ["conv"], ["act"], alpha=0.5)], ("ELU", 0.5)),
@@ -208,7 +209,8 @@ ACTIVATIONS = {
                                    helper.make_node("Tanh", ["si"], ["th"]),
                                    helper.make_node("Add", ["th", "one1"], ["t1"]),
                                    helper.make_node("Mul", ["conv", "t1"], ["xt1"]),
-                                   helper.make_node("Mul", ["xt1", "half"], ["act"])], ("Activation", "gelu_approximate")),
+                                   helper.make_node("Mul", ["xt1", "half"], ["act"])],
+                                  ("Activation", "gelu_approximate")),
 }
 
 
@@ -319,7 +321,8 @@ def test_gru_without_linear_before_reset_is_keras_reset_after_false(tmp_path: Pa
     rng = np.random.default_rng(8)
     nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
              helper.make_node("GRU", ["xt", "W", "R", "B"], ["Y", "Yh"], hidden_size=4, name="gru"),
-             helper.make_node("Squeeze", ["Y", "one"], ["Ys"]), helper.make_node("Transpose", ["Ys"], ["Yb"], perm=[1, 0, 2]),
+             helper.make_node("Squeeze", ["Y", "one"], ["Ys"]),
+             helper.make_node("Transpose", ["Ys"], ["Yb"], perm=[1, 0, 2]),
              helper.make_node("MatMul", ["Yb", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["g"]),
              helper.make_node("Softmax", ["g"], ["y"], axis=-1)]
     inits = {"W": rng.normal(0, 0.5, (1, 12, 3)), "R": rng.normal(0, 0.5, (1, 12, 4)), "B": rng.normal(0, 0.5, (1, 24)),

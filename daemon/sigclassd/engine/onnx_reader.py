@@ -37,9 +37,9 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 
@@ -103,8 +103,9 @@ _NAMED: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 SUPPORTED_OPS = (
     "Conv (1-D, stride 1, ungrouped), LSTM, GRU (forward; bidirectional for windowed mode), MatMul, Gemm, "
     "Add (a bias), BatchNormalization (after a Conv or MatMul), Relu, LeakyRelu, Elu, Selu, Tanh, Sigmoid, "
-    "Softmax (over the features), Gelu, Softplus, Softsign, HardSigmoid, HardSwish, Mish, element-wise Mul/Div/Add/Sub/Erf/Pow of the signal with "
-    "itself or a scalar (GELU, SiLU), Pad (zeros on the time axis, before a Conv), Slice (a causal conv's tail), "
+    "Softmax (over the features), Gelu, Softplus, Softsign, HardSigmoid, HardSwish, Mish, element-wise "
+    "Mul/Div/Add/Sub/Erf/Pow of the signal with itself or a scalar (GELU, SiLU), PRelu, Pad (zeros on the time "
+    "axis, before a Conv), Slice (a causal conv's tail), "
     "Transpose, Squeeze, Unsqueeze, Reshape, Flatten, Identity, Dropout, Cast, and the Shape/Gather/Concat/"
     "ConstantOfShape/Expand/Slice arithmetic around recurrent layers")
 
@@ -231,7 +232,7 @@ class Signal:
         return int(self.sizes["F"])
 
 
-Value = np.ndarray | Zeros | Refusal | Signal
+Value: TypeAlias = "np.ndarray | Zeros | Refusal | Signal"
 
 
 @dataclass(frozen=True)
@@ -430,7 +431,7 @@ class _Reader:
     def _node(self, node: Any) -> list[Value]:
         op = node.op_type
         a = _attrs(node)
-        ins = [self._get(n) for n in node.input]
+        ins: list[Any] = [self._get(n) for n in node.input]  # Values, or None for an absent input
         if op == "Constant":
             return [_constant(a)]
         if op in ("LSTM", "GRU"):
@@ -616,7 +617,7 @@ class _Reader:
         if len(sigs) == 2 and (sigs[0].axes != sigs[1].axes or sigs[0].at != sigs[1].at or sigs[0].raw != sigs[1].raw):
             msg = "it combines two different tensors of the signal (a residual or a merge); only chains are served"
             raise _Refused(msg)
-        funcs = []
+        funcs: list[Any] = []
         for v in ins[: 2 if op in _BINARY else len(ins)]:
             if isinstance(v, Signal):
                 funcs.append(v.fn or (lambda t: t))
@@ -762,7 +763,8 @@ class _Reader:
         return self._dense(node, x, w, bias)
 
     def _batch_norm(self, node: Any, a: dict[str, Any], x: Signal, ins: list[Value]) -> Signal:
-        scale, shift, mean, var = (self._const(n, w) for n, w in zip(node.input[1:5], ("scale", "B", "mean", "var"), strict=True))
+        scale, shift, mean, var = (self._const(n, what)
+                                   for n, what in zip(node.input[1:5], ("scale", "B", "mean", "var"), strict=True))
         if a.get("training_mode", 0):
             msg = "it is in training mode; export the model after model.eval()"
             raise _Refused(msg)
@@ -933,10 +935,10 @@ def _gru_weights(w: np.ndarray, r: np.ndarray, b: np.ndarray, units: int, reset_
     return [kernel, recurrent, (b[: 3 * units] + b[3 * units :]).astype(np.float32)]
 
 
-def _fold(op: str, a: dict[str, Any], ins: list[Value]) -> np.ndarray:
+def _fold(op: str, a: dict[str, Any], ins: list[Any]) -> Any:
     """An op over constants and shapes (object arrays of sizes), computed now."""
-    vals: list[Any] = [v for v in ins]
-    x = vals[0] if vals else None
+    vals = ins
+    x: Any = vals[0] if vals else None
     if op in _IDENTITY_OPS:
         return x
     if op == "Cast":
@@ -954,8 +956,8 @@ def _fold(op: str, a: dict[str, Any], ins: list[Value]) -> np.ndarray:
             out = np.expand_dims(out, ax)
         return out
     if op == "Squeeze":
-        axes = vals[1] if len(vals) > 1 and vals[1] is not None else a.get("axes")
-        return np.squeeze(x, axis=None if axes is None else tuple(int(i) for i in np.asarray(axes).ravel()))
+        given = vals[1] if len(vals) > 1 and vals[1] is not None else a.get("axes")
+        return np.squeeze(x, axis=None if given is None else tuple(int(i) for i in np.asarray(given).ravel()))
     if op == "Reshape":
         target = [int(v) for v in np.asarray(vals[1]).ravel()]
         target = [x.shape[i] if t == 0 and not a.get("allowzero") else t for i, t in enumerate(target)]
@@ -970,23 +972,15 @@ def _fold(op: str, a: dict[str, Any], ins: list[Value]) -> np.ndarray:
         return x[tuple(index)]
     if op == "Transpose":
         return np.transpose(x, a.get("perm"))
-    if op == "ConstantOfShape":
-        value = a.get("value", np.zeros(1, np.float32))
-        shape = [int(Sym.of(d).coef) if not Sym.of(d).names else None for d in np.asarray(x).ravel()]
-        if None in shape:
-            return Zeros() if not np.any(value) else _refuse_dynamic()  # type: ignore[return-value]
-        return np.full(shape, np.asarray(value).ravel()[0], np.asarray(value).dtype)
-    if op == "Expand":
-        shape = [Sym.of(d) for d in np.asarray(vals[1]).ravel()]
-        if any(s.names for s in shape):
-            return Zeros() if not np.any(x) else _refuse_dynamic()  # type: ignore[return-value]
-        return x * np.ones([s.coef for s in shape], x.dtype)
-    if op == "Range":
-        return np.arange(vals[0], vals[1], vals[2])
-    if op == "Equal":
-        return np.array([_same(p, q) for p, q in np.broadcast(vals[0], vals[1])]).reshape(np.broadcast(vals[0], vals[1]).shape)
-    if op == "Where":
-        return np.where(vals[0], vals[1], vals[2])
+    if op in ("ConstantOfShape", "Expand"):
+        value = np.asarray(a.get("value", np.zeros(1, np.float32)) if op == "ConstantOfShape" else x)
+        sizes = [Sym.of(d) for d in np.asarray(x if op == "ConstantOfShape" else vals[1]).ravel()]
+        if not any(size.names for size in sizes):
+            return value * np.ones([size.coef for size in sizes], value.dtype)
+        if np.any(value):
+            msg = "a non-zero tensor whose shape is known only at run time is not supported"
+            raise _Refused(msg)
+        return Zeros()
     if op == "Div" and (x.dtype == object or np.issubdtype(x.dtype, np.integer)):
         return np.floor_divide(x, vals[1])
     if op in _BINARY:
@@ -994,11 +988,6 @@ def _fold(op: str, a: dict[str, Any], ins: list[Value]) -> np.ndarray:
     if op in _UNARY:
         return _UNARY[op](x)
     msg = f"the op {op} over constants is not supported; the ONNX reader handles {SUPPORTED_OPS}"
-    raise _Refused(msg)
-
-
-def _refuse_dynamic() -> None:
-    msg = "a non-zero tensor of a run-time shape is not supported"
     raise _Refused(msg)
 
 
@@ -1070,7 +1059,8 @@ def _elementwise_fn(op: str, a: dict[str, Any], funcs: list[Any]) -> Callable[[n
         alpha = float(a.get("alpha", 1.0))
         return lambda t: np.where(f(t) > 0, f(t), alpha * np.expm1(np.minimum(f(t), 0)))
     if op == "Selu":
-        alpha, gamma = float(a.get("alpha", 1.67326319217681884765625)), float(a.get("gamma", 1.05070102214813232421875))
+        alpha = float(a.get("alpha", 1.67326319217681884765625))
+        gamma = float(a.get("gamma", 1.05070102214813232421875))
         return lambda t: gamma * np.where(f(t) > 0, f(t), alpha * np.expm1(np.minimum(f(t), 0)))
     if op == "Gelu":
         return (lambda t: _gelu_tanh(f(t))) if a.get("approximate", "none") == "tanh" else (lambda t: _gelu(f(t)))
