@@ -373,3 +373,20 @@ def test_fixed_shape_export_with_its_sizes_in_the_reshapes() -> None:
     assert np.abs(forward(plan, other) - onnxruntime_probabilities(path, other, logits=True)).max() <= TOLERANCE
     # and one window at a time, as the engine may run it: the batch size is not baked into the layers
     assert np.abs(forward(plan, other[:1]) - forward(plan, other)[:1]).max() <= TOLERANCE
+
+
+def test_log_softmax_and_input_normalisation_inside_the_graph_say_what_to_do(tmp_path: Path) -> None:
+    rng = np.random.default_rng(13)
+    nodes, inits = conv_graph([helper.make_node("Relu", ["conv"], ["act"])], rng)
+    nodes[-1] = helper.make_node("LogSoftmax", ["logits"], ["y"], axis=-1, name="logp")
+    msg = refusal(tmp_path, nodes, inits)
+    assert "node 'logp' (LogSoftmax)" in msg and "export the logits or a Softmax" in msg
+    nodes, inits = conv_graph([helper.make_node("Relu", ["conv"], ["act"])], rng)
+    nodes.insert(0, helper.make_node("Sub", ["x0", "mean"], ["x"], name="standardise"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x0", TensorProto.FLOAT, ["B", "T", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v.astype(np.float32), k)
+                               for k, v in {**inits, "mean": rng.normal(0, 1, 3)}.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "norm.onnx")
+    with pytest.raises(ModelError, match=r"node 'standardise' \(Sub\).*--norm-mean/--norm-std"):
+        read_onnx(tmp_path / "norm.onnx")

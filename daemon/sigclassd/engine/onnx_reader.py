@@ -110,6 +110,16 @@ SUPPORTED_OPS = (
     "ConstantOfShape/Expand/Slice arithmetic around recurrent layers")
 
 
+# What to do instead, for ops that classifiers often end or pool with.
+_HINTS = {
+    "LogSoftmax": " (log-probabilities): export the logits or a Softmax",
+    "MaxPool": " (pooling shortens the time axis): the daemon labels every timestep",
+    "AveragePool": " (pooling shortens the time axis): the daemon labels every timestep",
+    "GlobalAveragePool": " (one output per window): the daemon labels every timestep",
+    "ReduceMean": " (one output per window): the daemon labels every timestep",
+}
+
+
 class _Refused(Exception):
     """Raised while evaluating a node; becomes a ModelError naming the node."""
 
@@ -468,7 +478,7 @@ class _Reader:
             return [self._softmax(node, a, x)]
         if op == "PRelu":
             return [self._prelu(node, x, ins)]
-        msg = f"the op {op} is not supported; the ONNX reader handles {SUPPORTED_OPS}"
+        msg = f"the op {op} is not supported{_HINTS.get(op, '')}; the ONNX reader handles {SUPPORTED_OPS}"
         raise _Refused(msg)
 
     # -- emitting layers
@@ -628,7 +638,9 @@ class _Reader:
                 funcs.append(None)
             else:
                 msg = (f"it combines the signal with a constant of shape {getattr(v, 'shape', '?')}; only scalars "
-                       "(and a per-feature bias right after a Conv or MatMul) are supported")
+                       "(and a per-feature bias right after a Conv or MatMul) are supported"
+                       + ("; normalise the input with sigclassd import --norm-mean/--norm-std instead"
+                          if x.at == 0 and x.raw is None else ""))
                 raise _Refused(msg)
         f = _elementwise_fn(op, a, funcs)
         ops = tuple(o for s in sigs for o in s.fn_ops) + (op,)
