@@ -120,29 +120,40 @@ def test_windowed_engine_matches_pytorch(name: str, imported: dict[str, Path]) -
     assert np.abs(got - want).max() <= TOLERANCE
 
 
+def streamed(engine: StatefulEngine, raw: np.ndarray, chunks: tuple[int, ...]) -> np.ndarray:
+    """Rows fed in chunks of these sizes (repeated) with the state carried, then flushed: one label per sample."""
+    state = np.stack([engine.initial_state()] * len(raw))
+    outs = []
+    start = i = 0
+    while start < raw.shape[1]:
+        size = min(chunks[i % len(chunks)], raw.shape[1] - start)
+        y, state = engine.run(raw[:, start : start + size], np.full(len(raw), size), state)
+        outs.append(y)
+        start += size
+        i += 1
+    if engine.lookahead:
+        outs.append(engine.flush(state)[0])
+    return np.concatenate(outs, axis=1)[:, engine.lookahead :]
+
+
 @pytest.mark.parametrize("name", STREAMABLE)
 def test_stateful_engine_in_chunks_equals_the_whole_sequence(name: str, imported: dict[str, Path]) -> None:
-    """Streams fed in uneven chunks with carried state, then flushed, get onnxruntime's whole-sequence labels."""
+    """Streams fed in uneven chunks with carried state, then flushed, get onnxruntime's whole-sequence labels,
+    and PyTorch's on its committed input."""
     artifact = read_artifact(imported[name])
     engine = StatefulEngine.load(artifact)
+    assert engine.lookahead == {"conv_lstm": 2, "conv_gru_logits": 0, "conv_lstm_dynamo": 0}[name]
     x = np.random.default_rng(3).normal(0, 1, (2, 257, artifact.meta.channels)).astype(np.float32)
     want = onnxruntime_probabilities(artifact.model_path, x, name in LOGITS)
     want = np.concatenate([1 - want, want], axis=-1) if want.shape[-1] == 1 else want
-    raw = raw_input(artifact.meta, x)
-    state = np.stack([engine.initial_state()] * 2)
-    outs = []
-    start = 0
-    for size in (1, 2, 5, 31, 64, 100, 54):
-        y, state = engine.run(raw[:, start : start + size], np.full(2, size), state)
-        outs.append(y)
-        start += size
-    assert start == x.shape[1]
-    if engine.lookahead:
-        outs.append(engine.flush(state)[0])
-    got = np.concatenate(outs, axis=1)[:, engine.lookahead :]
+    got = streamed(engine, raw_input(artifact.meta, x), (1, 2, 5, 31, 64, 100, 54))
     assert got.shape == want.shape
     assert np.abs(got - want).max() <= TOLERANCE
-    assert engine.lookahead == {"conv_lstm": 2, "conv_gru_logits": 0, "conv_lstm_dynamo": 0}[name]
+    ref = np.load(FIXTURES / f"{name}.npz")
+    want = softmax(ref["y"]) if name in LOGITS else ref["y"]
+    want = np.concatenate([1 - want, want], axis=-1) if want.shape[-1] == 1 else want
+    x = to_btc(ref["x"], read_onnx_model(artifact.model_path).input_axes)
+    assert np.abs(streamed(engine, raw_input(artifact.meta, x), (7, 1, 13)) - want).max() <= TOLERANCE
 
 
 def test_bidirectional_is_refused_in_stateful_mode_with_the_reason() -> None:
