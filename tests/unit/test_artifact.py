@@ -164,3 +164,11 @@ def test_load_model_refuses_a_contradicting_directory_in_either_mode(tmp_path: P
         settings = config.load(None, [f'model.path="{path}"', f'model.mode="{mode}"'])
         with pytest.raises(ModelError, match='set "lookahead": 4'):
             load_model(settings)
+
+
+def test_a_window_only_claim_for_a_streaming_model_is_a_contradiction(tmp_path: Path) -> None:
+    """'windowed' for a model that streams would refuse stateful mode for a wrong reason: named, with the fix."""
+    artifact = read_artifact(copy_default(tmp_path, architecture="windowed"))
+    with pytest.raises(ModelError, match=r"architecture: metadata.json says 'windowed' \(whole windows only\), but "
+                                         r'model.keras streams; set "architecture": "seq2seq"'):
+        check_model(artifact, inspect_model(artifact.model_path))

@@ -148,6 +148,9 @@ def contradictions(meta: ModelMeta, facts: ModelFacts) -> list[str]:
             found.append(f"architecture: metadata.json says {meta.architecture!r} (streamable), but {name} cannot "
                          f"be streamed: {facts.not_streamable} Set \"architecture\": \"windowed\"")
     else:
+        if not meta.streamable:
+            found.append(f"architecture: metadata.json says {meta.architecture!r} (whole windows only), but {name} "
+                         f"streams; set \"architecture\": \"{facts.architecture}\" to serve it in stateful mode too")
         if meta.lookahead != facts.lookahead:
             found.append(f"lookahead: metadata.json says {meta.lookahead}, {name}'s layers look {facts.lookahead} "
                          f"samples ahead; set \"lookahead\": {facts.lookahead}")
