@@ -9,6 +9,7 @@ TensorFlow; onnxruntime only computes what to expect.
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from sigclassd import protocol
 from sigclassd.artifact import read_artifact
 from sigclassd.engine.activations import softmax, to_probabilities
 from sigclassd.engine.onnx_reader import read_onnx_model
+from sigclassd.errors import EXIT_MODEL
 
 pytestmark = pytest.mark.integration
 
@@ -116,3 +118,17 @@ def test_bidirectional_export_is_refused_in_stateful_mode_and_served_windowed(tm
     assert "windowed" in d.log_text()
     ok = Daemon(tmp_path, {"model": {"path": str(out), "mode": "windowed"}}, name="windowed").start(timeout=120)
     assert ok.stop() == 0
+
+
+def test_without_the_onnx_package_the_daemon_says_what_to_install(tmp_path, imported) -> None:  # noqa: ANN001
+    """Serving a model.onnx where `onnx` cannot be imported: exit 3 at start, the error giving the pip line."""
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "onnx.py").write_text("raise ImportError('onnx is not installed here')\n")  # shadows the package
+    d = Daemon(tmp_path, {"model": {"path": str(imported), "mode": "windowed"}},
+               env={"PYTHONPATH": os.pathsep.join([str(blocked), os.environ.get("PYTHONPATH", "")])}).start(wait=False)
+    assert d.proc.wait(120) == EXIT_MODEL
+    d.stop()
+    errors = [e["error"] for e in d.events() if e.get("event") == "model_error"]
+    assert len(errors) == 1, d.log_text()[-2000:]
+    assert "needs the onnx package" in errors[0] and "pip install" in errors[0] and "[onnx]" in errors[0]
