@@ -297,6 +297,9 @@ def _model_proto(path: Path) -> Any:
 
         msg = f"{path} is an ONNX model; reading it needs the onnx package (the onnx extra): {install_line('onnx')}"
         raise ModelError(msg)
+    loaded = sys.modules.get("onnx.onnx_ml_pb2")
+    if loaded is not None:  # the whole package is imported already (by import's check, say)
+        return loaded.ModelProto
     name = "sigclassd.engine._onnx_ml_pb2"
     if name not in sys.modules:
         try:  # the generated module needs protobuf only
