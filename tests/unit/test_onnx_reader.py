@@ -279,6 +279,9 @@ def test_refusals_name_the_op_the_node_and_what_to_do(tmp_path: Path) -> None:
     msg = refusal(tmp_path, [*lstm_nodes(1), helper.make_node("Squeeze", ["Yh", "zero"], ["h"]),
                              helper.make_node("MatMul", ["h", "w"], ["y"])], {**inits, "zero": np.array([0], np.int64)})
     assert "last hidden or cell state" in msg and "every timestep" in msg
+    last_state_out = helper.make_node("LSTM", ["x", "W", "R", "B"], ["Y", "y"], hidden_size=4, layout=1)
+    msg = refusal(tmp_path, [last_state_out], inits)  # the graph's output is h_n itself
+    assert "the output 'y'" in msg and "last hidden or cell state" in msg
     # A learned (non-zero) initial state.
     msg = refusal(tmp_path, [*lstm_nodes(1, h0="h0"), *head], {**inits, "h0": np.ones((1, 1, 4), np.float32)})
     assert "initial state is not zero" in msg

@@ -407,6 +407,8 @@ class _Reader:
                              "(return one tensor from forward)")
         out_name = self.graph.output[0].name
         out = self.values.get(out_name)
+        if isinstance(out, Refusal):
+            raise self._fail(f"the output {out_name!r}: {out.reason}")
         if not isinstance(out, Signal):
             raise self._fail(f"the output {out_name!r} does not depend on the input")
         try:
