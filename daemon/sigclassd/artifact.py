@@ -100,11 +100,11 @@ class ModelMeta:
             name=d["name"],
             version=d["version"],
             architecture=d["architecture"],
-            channels=d["channels"],
-            window=d["window"],
+            channels=int(d["channels"]),  # the schema lets 16.0 pass as an integer
+            window=int(d["window"]),
             classes=tuple(d["classes"]),
             output=d["output"],
-            lookahead=d.get("lookahead", 0),
+            lookahead=int(d.get("lookahead", 0)),
             norm_mean=tuple(float(v) for v in d["norm_mean"]),
             norm_std=tuple(float(v) for v in d["norm_std"]),
             logits=d.get("logits", False),
@@ -121,7 +121,7 @@ class ModelMeta:
         return meta
 
     def validate(self, where: str = METADATA_FILE) -> None:
-        """The checks that span several keys (the schema checks each key alone); all problems at once."""
+        """Every problem at once: the schema's (each key alone), then the checks that span several keys."""
         problems = schema_problems(self.to_json(), metadata_schema())
         if self.output == "sigmoid" and len(self.classes) != 2:
             problems.append(f"output is 'sigmoid' (one unit) but classes lists {len(self.classes)} names; "
