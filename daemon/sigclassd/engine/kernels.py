@@ -1,7 +1,10 @@
 """The NumPy kernels: a whole-window forward pass and the stateful step.
 
 Both run float32 with one BLAS thread (see ``single_blas_thread``) and share the
-LSTM loop, the costly part of either.
+recurrent loops (``lstm``, ``gru``), the costly part of either. They walk the
+plan's ops in order, each reading the values its ``inputs`` name (a straight
+chain reads the op before it; residual branches read earlier ones), and drop a
+value after its last reader.
 
 While a tensor has a time axis the kernels hold it time-major and feature-major,
 ``[time, features, batch]``. An LSTM step is then one matmul (see ``lstm``) and
@@ -9,9 +12,9 @@ eight elementwise ops on contiguous ``[features, batch]`` slabs, in which every
 gate is a contiguous block of rows (with ``[batch, features]`` each gate was a
 strided slice, and the ops took 1.5x as long). A per-timestep layer is one
 stacked matmul ``kernel.T @ u[t]``, which for a conv reads its taps straight
-from the padded input with no copy; a conv that feeds an LSTM is computed a
-block of steps at a time, as the LSTM reaches them, so that its outputs are
-still in cache when read.
+from the padded input with no copy; a conv that feeds an LSTM or GRU (and nothing
+else) is computed a block of steps at a time, as the recurrent layer reaches
+them, so that its outputs are still in cache when read.
 
 The stateful step sorts rows by length, longest first, so that the rows that
 step at time ``t`` are always a prefix: padding is never computed on in the

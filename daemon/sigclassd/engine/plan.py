@@ -21,9 +21,9 @@ probabilities (``output_activation`` is "linear", ``applies_output_activation`` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Any
+from typing import TypeVar
 
 import numpy as np
 
@@ -752,7 +752,10 @@ def step_plan(chain: KerasChain) -> StepPlan:
     return StepPlan(tuple(steps), channels, units, lookahead, offset + (1 if lookahead else 0), head)
 
 
-def fold_input_affine(plan: WindowPlan | StepPlan, norm: tuple[np.ndarray, np.ndarray]) -> tuple[Any, tuple[np.ndarray, np.ndarray]]:
+Plan = TypeVar("Plan", WindowPlan, StepPlan)
+
+
+def fold_input_affine(plan: Plan, norm: tuple[np.ndarray, np.ndarray]) -> tuple[Plan, tuple[np.ndarray, np.ndarray]]:
     """The plan without a leading normalisation layer that reads the input alone, and the input
     normalisation ``(mean, scale)`` that then includes it: ``((x - mean) * scale) * a + b`` is
     ``(x - (mean - b / (a * scale))) * (scale * a)``. A zero ``a`` cannot be folded."""
