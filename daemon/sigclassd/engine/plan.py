@@ -68,6 +68,13 @@ LAYERS: tuple[tuple[str, str, str, str], ...] = (
 # What to use instead of layers the engines do not run.
 INSTEAD = {
     "SimpleRNN": "an LSTM or GRU",
+    "RNN": "the LSTM or GRU layer of the cell",
+    "CuDNNLSTM": "an LSTM: rebuild the model with keras.layers.LSTM and load_weights this file (Keras 2 converts CuDNN weights)",
+    "CuDNNGRU": "a GRU(reset_after=True): rebuild the model with it and load_weights this file (Keras 2 converts CuDNN weights)",
+    "Conv2D": "a Conv1D: the engine's input is [batch, time, channels]",
+    "ZeroPadding1D": "Conv1D padding 'same' or 'causal'",
+    "Cropping1D": "a model that labels every timestep of its input",
+    "UpSampling1D": "a model that keeps the time axis (Conv1D with 'same' or 'causal' padding)",
     "ConvLSTM1D": "Conv1D layers followed by an LSTM",
     "Conv1DTranspose": "Conv1D layers with 'same' padding (and UpSampling1D is not supported either)",
     "SeparableConv1D": "a Conv1D",
