@@ -37,7 +37,7 @@ class InputSettings:
     # max_connection_bytes // max_message_bytes messages when rcvhwm would allow more.
     max_connection_bytes: int = 64 << 20
     # Gateway connections served at once; a further one is refused at its handshake (and retries).
-    # With max_connection_bytes it bounds the input queues' memory (README, "Bounded memory").
+    # With max_connection_bytes it bounds the input queues' memory (docs/design.md, "Bounded memory").
     max_connections: int = 256
     # Messages taken from the socket per main-loop turn before the model runs:
     # bounds the time between model calls under a flood.
