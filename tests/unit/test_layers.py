@@ -479,3 +479,13 @@ def test_unreadable_model_files_are_refused_saying_what_to_do(tmp_path: Path) ->
     (tmp_path / "model.pt").write_bytes(b"")
     with pytest.raises(ModelError, match=r"model.pt: unknown model file type '.pt'; the engines read .keras, .h5 and .onnx"):
         read_model(tmp_path / "model.pt")
+
+
+@pytest.mark.parametrize("max_chunk", [1, 3])
+def test_residual_streams_sample_by_sample(max_chunk: int, tmp_path: Path) -> None:
+    """Samples fed one at a time, or in chunks of 1 to 3, through a residual model whose branches are aligned
+    by delay buffers (carried across every call) and a GRU: the whole-stream model's probabilities."""
+    model = residual()
+    randomise(model, seed=31)
+    artifact = save(model, tmp_path / "r")
+    assert stateful_error(model, artifact, seed=max_chunk, max_chunk=max_chunk) <= TOLERANCE
