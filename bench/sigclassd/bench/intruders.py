@@ -1,5 +1,5 @@
-"""Misbehaving parties beside the valid load (issue 14): a flooding gateway, reset storms, one-message
-stream ids and consumers that never read.
+"""Misbehaving parties beside the valid load: a flooding gateway, many flooding connections, reset storms,
+one-message stream ids and consumers that never read.
 
 Each is given the running SUT, starts when the valid load starts (the flood) or just after the
 untimed warm-up (the storms, so the SUT's memory before them is measured), and reports what it
@@ -61,6 +61,46 @@ class Flood:
         return {"sent_messages": sent["messages"], "sent_samples": sent["samples"],
                 "sent_per_s": sent["samples"] / self.load.seconds, "late_p99_ms": sent["late_p99_ms"],
                 "cpu_s": sent["cpu_s"]}
+
+    def stop(self) -> None:
+        self.party.tell("stop")
+
+
+class FloodConnections:
+    """``connections`` gateways flooding at once: one compiled generator with that many sockets, stream i on
+    socket i mod ``connections``. Its frames declare ``declared`` Hz (0: unknown) whatever they are sent at.
+    One process rather than one each: 64 generators would take the CPU from the daemon they measure."""
+
+    def __init__(self, load: Load, connections: int, declared: float) -> None:
+        self.load = load
+        self.connections = connections
+        self.declared = declared
+        self.streams = load.streams
+        self.name = f"flood from {connections} connections, declared {declared:g} Hz"
+        self.party: Party | None = None
+        self.rss_before = 0.0
+
+    def describe(self) -> str:
+        sent = self.load.rate_hz * self.load.speed
+        return (f"{self.connections} gateways flood {self.load.streams:,} streams in all, declared at "
+                f"{self.declared:g} Hz and sent at {sent:g} samples/s each ({self.load.offered():,.0f} samples/s, "
+                f"{self.load.offered() / self.load.chunk:,.0f} messages/s)")
+
+    def prepare(self, sut: SUT, children: Children, loadgen: Path) -> None:
+        self.party = Party(children, loadgen, "send", sut.input, self.load,
+                           ["--connections", str(self.connections), "--declare", repr(self.declared)])
+        self.party.ready(60)
+        self.rss_before = sut.rss_mb()
+
+    def begin(self, start_ns: int, warmup_s: float) -> None:
+        self.party.begin(start_ns)
+
+    def report(self, sut: SUT, timeout: float) -> dict[str, Any]:
+        sent = self.party.report(timeout)
+        return {"sent_messages": sent["messages"], "sent_samples": sent["samples"],
+                "sent_per_s": sent["samples"] / self.load.seconds, "late_p99_ms": sent["late_p99_ms"],
+                "cpu_s": sent["cpu_s"], "rss_before_mb": self.rss_before, "connections": self.connections,
+                "streams": self.streams}
 
     def stop(self) -> None:
         self.party.tell("stop")

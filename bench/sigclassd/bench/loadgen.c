@@ -3,6 +3,7 @@
  * system under test (SUT) is measured with. One program, two roles sharing one schedule:
  *
  *   loadgen send    ENDPOINT --streams N --seconds S [--rate HZ --speed X --chunk C --channels K --prefix P]
+ *                   [--connections G --declare HZ]
  *   loadgen receive ENDPOINT[,ENDPOINT...] --streams N --seconds S [--rate HZ --chunk C --prefix P --lookahead L --warmup W]
  *
  * Both connect, print {"event": "ready"} on stdout, then read the start time (Unix ns) as one line
@@ -50,7 +51,8 @@ typedef struct {
     const char *endpoint, *prefix;
     long streams;
     double seconds, rate, speed, warmup;
-    int chunk, channels, lookahead;
+    double declare; /* the rate the frames declare, if not --rate (may be 0: unknown) */
+    int chunk, channels, lookahead, connections;
     int64_t start_ns;
 } Load;
 
@@ -153,11 +155,15 @@ static void sleep_until(int64_t t) {
 static int send_load(Load *l) {
     prctl(PR_SET_TIMERSLACK, 1UL); /* wake on time: a late send counts as the SUT's latency */
     void *ctx = zmq_ctx_new();
-    void *pub = zmq_socket(ctx, ZMQ_PUB);
-    int hwm = 100000, linger = 2000;
-    zmq_setsockopt(pub, ZMQ_SNDHWM, &hwm, sizeof hwm);
-    zmq_setsockopt(pub, ZMQ_LINGER, &linger, sizeof linger);
-    if (zmq_connect(pub, l->endpoint) != 0) die(l->endpoint);
+    /* --connections G: G sockets, stream i on socket i % G (many gateways from one process). */
+    void **pubs = malloc(l->connections * sizeof *pubs);
+    for (int c = 0; c < l->connections; c++) {
+        void *pub = pubs[c] = zmq_socket(ctx, ZMQ_PUB);
+        int hwm = 100000, linger = 2000;
+        zmq_setsockopt(pub, ZMQ_SNDHWM, &hwm, sizeof hwm);
+        zmq_setsockopt(pub, ZMQ_LINGER, &linger, sizeof linger);
+        if (zmq_connect(pub, l->endpoint) != 0) die(l->endpoint);
+    }
 
     size_t payload = (size_t)l->chunk * l->channels * 4;
     uint8_t *payloads = malloc(PAYLOADS * payload);
@@ -176,7 +182,7 @@ static int send_load(Load *l) {
     char topic[256];
     size_t prefix_len = strlen(l->prefix);
     memcpy(topic, l->prefix, prefix_len);
-    float rate = (float)l->rate;
+    float rate = (float)(l->declare >= 0 ? l->declare : l->rate);
     uint32_t rate_bits;
     memcpy(&rate_bits, &rate, 4);
     double sample_ns = 1e9 / (l->rate * l->speed); /* as sent, so sensor times do not overlap */
@@ -199,6 +205,7 @@ static int send_load(Load *l) {
             put_u32(body + 28, m == 0 ? 1 : 0); /* restart: each run is a new incarnation */
             memcpy(body + SAMPLE_HEADER, payloads + ((i + m) % PAYLOADS) * payload, payload);
             int n = snprintf(topic + prefix_len, sizeof topic - prefix_len, "%05ld", i);
+            void *pub = pubs[i % l->connections];
             if (zmq_send(pub, topic, prefix_len + n, ZMQ_SNDMORE) < 0 ||
                 zmq_send(pub, body, SAMPLE_HEADER + payload, 0) < 0)
                 die("send");
@@ -218,7 +225,7 @@ static int send_load(Load *l) {
      * waits in this socket's queue, which closing would drop (after the linger). */
     char line[64];
     while (fgets(line, sizeof line, stdin) && strncmp(line, "stop", 4) != 0) {}
-    zmq_close(pub);
+    for (int c = 0; c < l->connections; c++) zmq_close(pubs[c]);
     zmq_ctx_term(ctx);
     return 0;
 }
@@ -325,17 +332,19 @@ static int receive_labels(Load *l) {
 static void usage(const char *argv0) {
     fprintf(stderr,
             "usage: %s send|receive ENDPOINT --streams N --seconds S [--rate HZ] [--speed X] [--chunk C] [--channels K]\n"
-            "       [--prefix P] [--lookahead L] [--warmup W]\n", argv0);
+            "       [--prefix P] [--lookahead L] [--warmup W] [--connections G] [--declare HZ]\n", argv0);
     exit(2);
 }
 
 int main(int argc, char **argv) {
     if (argc < 3) usage(argv[0]);
     const char *role = argv[1];
-    Load l = {.endpoint = argv[2], .prefix = "bench-", .rate = 250, .speed = 1, .chunk = 10, .channels = 16};
+    Load l = {.endpoint = argv[2], .prefix = "bench-", .rate = 250, .speed = 1, .chunk = 10, .channels = 16,
+              .connections = 1, .declare = -1};
     static struct option opts[] = {
         {"streams", 1, 0, 'n'}, {"seconds", 1, 0, 's'}, {"rate", 1, 0, 'r'}, {"speed", 1, 0, 'x'}, {"chunk", 1, 0, 'c'},
-        {"channels", 1, 0, 'k'}, {"prefix", 1, 0, 'p'}, {"lookahead", 1, 0, 'l'}, {"warmup", 1, 0, 'w'}, {0}};
+        {"channels", 1, 0, 'k'}, {"prefix", 1, 0, 'p'}, {"lookahead", 1, 0, 'l'}, {"warmup", 1, 0, 'w'},
+        {"connections", 1, 0, 'g'}, {"declare", 1, 0, 'd'}, {0}};
     optind = 3;
     for (int c; (c = getopt_long(argc, argv, "", opts, NULL)) != -1;) {
         switch (c) {
@@ -348,11 +357,13 @@ int main(int argc, char **argv) {
         case 'p': l.prefix = optarg; break;
         case 'l': l.lookahead = atoi(optarg); break;
         case 'w': l.warmup = atof(optarg); break;
+        case 'g': l.connections = atoi(optarg); break;
+        case 'd': l.declare = atof(optarg); break;
         default: usage(argv[0]);
         }
     }
     if (l.streams < 1 || l.streams > 99999 || l.seconds <= 0 || l.rate <= 0 || l.speed <= 0 || l.chunk < 1 || l.channels < 1 ||
-        strlen(l.prefix) > 200) {
+        l.connections < 1 || l.connections > 4096 || strlen(l.prefix) > 200) {
         fprintf(stderr, "loadgen: need 1 <= --streams <= 99999, positive --seconds, --rate, --speed, --chunk, --channels "
                         "and a --prefix of at most 200 bytes\n");
         return 2;

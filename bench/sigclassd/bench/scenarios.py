@@ -1,7 +1,9 @@
-"""Issue 14's scenarios: the valid load alone, then beside a misbehaving party, in each daemon mode.
+"""The misbehaviour scenarios: the valid load alone, then beside a misbehaving party, in each daemon mode.
 
 - ``flood``: a second gateway sends ``--flood-streams`` streams at ``--flood-speed`` times the rate its
-  frames declare. Target: the valid streams lose nothing and their p99 stays within 2x of unflooded.
+  frames declare; then the same streams and samples/s from FLOOD_CONNECTIONS gateways at once, declaring
+  250 Hz, 0 (unknown) and MAX_RATE_HZ (1e7). Target: the valid streams lose nothing,
+  their p99 stays within 2x of unflooded, and the daemon's RSS stays under the README's memory formula.
 - ``storms``: a reset storm on one id, one-message stream ids, consumers that never read. Target: RSS
   grows by less than 100 MB, and the valid streams lose nothing and keep their p99 (within 2x).
 """
@@ -17,13 +19,17 @@ from dataclasses import asdict
 
 from sigclassd.bench import report
 from sigclassd.bench.cli import STORMS
-from sigclassd.bench.intruders import DeafConsumers, Flood, Intruder, ManyIds, ResetStorm
-from sigclassd.bench.load import FLOOD_PREFIX, Load
+from sigclassd.bench.intruders import DeafConsumers, Flood, FloodConnections, Intruder, ManyIds, ResetStorm
+from sigclassd.bench.load import CHANNELS, CHUNK, FLOOD_PREFIX, Load
+from sigclassd.config import InputSettings, StreamSettings
+from sigclassd.ingest import queue_limit
+from sigclassd.protocol import MAX_RATE_HZ, SAMPLE_HEADER_SIZE
 from sigclassd.bench.report import cell
 from sigclassd.bench.result import RunResult
 
 P99_FACTOR = 2.0
 STORM_RSS_MB = 100.0
+FLOOD_CONNECTIONS = 64
 
 
 def storm_intruders(args: argparse.Namespace) -> list[Callable[[], Intruder]]:
@@ -41,6 +47,9 @@ def plan(args: argparse.Namespace) -> list[tuple[str, Callable[[], Intruder | No
         if args.scenario == "flood":
             flood = Load(args.flood_streams, args.seconds, speed=args.flood_speed, prefix=FLOOD_PREFIX)
             out.append((mode, lambda flood=flood: Flood(flood)))
+            # The same samples/s from many connections, declaring the usual rate, none (0) and the highest.
+            for declared in (flood.rate_hz, 0.0, MAX_RATE_HZ):
+                out.append((mode, lambda flood=flood, d=declared: FloodConnections(flood, FLOOD_CONNECTIONS, d)))
         else:
             out += [(mode, make) for make in storm_intruders(args)]
     return out
@@ -49,6 +58,16 @@ def plan(args: argparse.Namespace) -> list[tuple[str, Callable[[], Intruder | No
 def _loss(r: RunResult) -> int:
     """Samples of the valid streams never labelled (seq holes, tails) or labelled after shedding."""
     return r.missing + int(r.extra.get("flagged_shed", 0))
+
+
+def memory_formula_mb(streams: int, connections: int) -> float:
+    """The README's RSS bound (defaults, 16 channels, history 400, no consumers but the bench's own) for a run."""
+    inputs, table = InputSettings(), StreamSettings()
+    message = SAMPLE_HEADER_SIZE + CHUNK * CHANNELS * 4 + 16  # the bench's messages, topic included
+    queues = connections * queue_limit(inputs) * min(message, inputs.max_message_bytes)
+    held = min(streams, table.max_streams) + table.max_retired
+    buffers = held * 2 * (400 + table.max_pending_samples) * (4 * CHANNELS + 24)
+    return 60 + (queues + buffers) / 1e6
 
 
 def _reasons(counts: dict[str, int]) -> str:
@@ -74,6 +93,12 @@ def verdicts(results: Sequence[RunResult], scenario: str) -> list[tuple[str, str
             ok = ok and grew < STORM_RSS_MB
             target += f", RSS +< {STORM_RSS_MB:.0f} MB"
             measured += f"; RSS {grew:+,.0f} MB"
+        elif "connections" in r.extra["intruder"]:
+            bound = memory_formula_mb(r.streams + r.extra["intruder"].get("streams", 0),
+                                      1 + r.extra["intruder"]["connections"])
+            ok = ok and r.rss_mb <= bound
+            target += f", peak RSS <= {bound:,.0f} MB (the README's formula)"
+            measured += f"; peak RSS {cell(r.rss_mb)} MB"
         out.append((target, measured, report._met(ok)))
     return out
 
