@@ -15,8 +15,8 @@ flags a restart. Its frames then always pass, whatever the daemon's own stalls.
   dropped before the daemon read it) count as sent, but a hole costs at most ``rate_burst_s``.
   The debt is bounded in time (``MAX_DEBT_S``), and a new incarnation starts without it.
 - **Daemon stalls**: a gap between the daemon's turns longer than ``STALL_S`` is time it was
-  not reading. Each id may catch up that much more than ``rate_burst_s``, once, until its data
-  is back to real time: the backlog queued in the sockets meanwhile passes, and is not demoted.
+  not reading. Each id may catch up that much more than ``rate_burst_s``, a credit that wanes
+  over twice the stall: the backlog queued in the sockets meanwhile passes, and is not demoted.
   Silence and idle times are measured in reading time (``reading``), so a stall neither makes
   publishers look gone nor evicts their streams.
 - **Pace** (demotion): a stream whose data runs more than ``AHEAD_S`` ahead of real time at
@@ -59,7 +59,7 @@ class Budget:
     """What one stream id may still send, and when its publisher was last heard. Outlives resets."""
 
     __slots__ = (
-        "due", "rate_seq", "pace_seq", "pace_at", "credit", "stall_mark", "demoted_until",
+        "due", "rate_seq", "pace_seq", "pace_at", "credit", "credit_at", "stall_mark", "demoted_until",
         "resets", "resets_at", "heard_at", "interval", "frames", "intruder_next",
     )
 
@@ -71,7 +71,8 @@ class Budget:
         # Pace: a seq and the clock time it was on time (or late) at the declared rate.
         self.pace_seq = 0
         self.pace_at = 0.0
-        self.credit = 0.0  # seconds of the daemon's stalls this id may still catch up
+        self.credit = 0.0  # seconds of the daemon's stalls this id may catch up, at credit_at (then it wanes)
+        self.credit_at = 0.0
         self.stall_mark = stalled  # Admission.stalled when the credit was last brought up to date
         self.demoted_until = 0.0
         self.resets: float | None = None  # resets the id may still cause
@@ -96,13 +97,15 @@ class Admission:
 
     # ------------------------------------------------------------ the reading clock
 
-    def turned(self, now: float, waited: float = 0.0) -> None:
+    def turned(self, now: float, waited: float = 0.0) -> float:
         """A turn of the main loop read its messages at ``now``, after waiting up to ``waited`` seconds for
-        them: the rest of the time since the last turn, beyond ``STALL_S``, was a stall."""
+        them: the rest of the time since the last turn, beyond ``STALL_S``, was a stall; its seconds, or 0."""
         gap = now - self.turn_at - waited
-        if gap > STALL_S:
-            self.stalled += gap
         self.turn_at = now
+        if gap <= STALL_S:
+            return 0.0
+        self.stalled += gap
+        return gap
 
     def reading(self, now: float) -> float:
         """``now`` on a clock that stands still while the daemon does not read."""
@@ -133,14 +136,15 @@ class Admission:
             return ADMIT
         burst = s.rate_burst_s
         if b.stall_mark != self.stalled:  # the daemon stalled since this id's last frame
-            b.credit += self.stalled - b.stall_mark
-            b.stall_mark = self.stalled
+            b.credit = self._credit(b, now) + self.stalled - b.stall_mark
+            b.credit_at, b.stall_mark = now, self.stalled
+        credit = self._credit(b, now) if b.credit else 0.0
         if b.due is None:
             b.due, b.pace_seq, b.pace_at = now - burst, seq, now
             lead = 0.0
         else:
             lead = (seq - b.pace_seq) / rate - (now - b.pace_at)
-            catch_up = burst + b.credit
+            catch_up = burst + credit
             if lead < -catch_up:  # further behind than it may make up: forget the rest
                 b.pace_seq, b.pace_at = seq, now - catch_up
                 lead = -catch_up
@@ -148,11 +152,8 @@ class Admission:
                 # Demoted for this frame, but remembered as half AHEAD_S ahead only: once the stream is
                 # punctual again it is served as such (one wild seq must not demote it for ever).
                 b.pace_seq, b.pace_at = seq, now + AHEAD_S / 2
-            # The stall credit lasts until the stream's data is back to real time.
-            if b.credit:
-                b.credit = min(b.credit, max(0.0, -lead - burst))
         allowed = rate * s.rate_limit
-        due = max(b.due, now - burst - b.credit)
+        due = max(b.due, now - burst - credit)
         if b.rate_seq is not None and seq > b.rate_seq:
             due += min((seq - b.rate_seq) / allowed, burst)  # a hole costs at most one burst
         b.rate_seq = seq + k
@@ -165,6 +166,13 @@ class Admission:
             b.demoted_until = now + s.demote_s
             return DEMOTE
         return ADMIT
+
+    @staticmethod
+    def _credit(b: Budget, now: float) -> float:
+        """The id's stall credit at ``now``: it wanes at half a second a second, so a stall of S seconds
+        leaves 2 S seconds to read its backlog, and gives a gateway that sent nothing meanwhile no
+        lasting allowance."""
+        return max(0.0, b.credit - (now - b.credit_at) * 0.5)
 
     def restarted(self, b: Budget, seq: int, now: float) -> None:
         """A new incarnation starts at ``seq``: no debt, no hole charged before it, its pace from here."""
@@ -192,8 +200,10 @@ class Admission:
 
     def heard(self, b: Budget, at: float) -> None:
         """The id's publisher sent a frame, read at reading time ``at``."""
-        if b.frames:
+        if b.frames > 1:
             b.interval += (at - b.heard_at - b.interval) * 0.125
+        elif b.frames:  # the first interval: taken as it is
+            b.interval = at - b.heard_at
         b.heard_at = at
         b.frames += 1
 

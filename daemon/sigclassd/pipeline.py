@@ -104,9 +104,12 @@ class Pipeline:
         with self.counting:
             # First the reading clock (a stall of the daemon's shows here, before its backlog is
             # accepted), and the frames waiting for their stream's publisher to fall silent.
-            self.table.turned(timeout_s)
+            stalled = self.table.turned(timeout_s)
             if messages:
                 self.accept(messages, wall)
+        if stalled:
+            # Not reading for this long (SIGSTOP, a VM pause, swap) is not charged to the gateways.
+            log.warning("stalled", seconds=round(stalled, 3), streams=len(self.table))
         unauthorised = self.ingest.take_unauthorised()
         if unauthorised:
             self.metrics.frames_received.inc(unauthorised)

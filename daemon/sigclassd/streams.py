@@ -68,7 +68,7 @@ class Stream:
 
     __slots__ = (
         "name", "topic", "data", "meta", "n", "fed", "labelled",
-        "next_seq", "last_seq", "slot", "consumed", "done", "flags", "gap", "final", "budget",
+        "next_seq", "last_seq", "slot", "consumed", "done", "flags", "gap", "final", "budget", "extra",
     )
 
     def __init__(self, name: str, channels: int, capacity: int, slot: int, flags: int, budget: Budget) -> None:
@@ -89,6 +89,7 @@ class Stream:
         self.gap = 0
         self.final = False
         self.budget = budget  # the id's admission budget: every incarnation of the id shares it
+        self.extra = 0  # pending samples allowed beyond max_pending_samples: let in after waiting, not yet fed
 
     @property
     def seq(self) -> np.ndarray:
@@ -146,6 +147,8 @@ class Stream:
         """``rows`` more rows went through the model, and ``flushed`` outputs of its end-of-stream flush."""
         self.fed += rows
         self.consumed += rows + flushed
+        if self.extra:
+            self.extra = max(0, self.extra - rows)
 
     def abandon(self) -> int:
         """Give up every held row after a failed model call; return how many were never labelled.
@@ -154,6 +157,7 @@ class Stream:
         """
         count = self.n - self.labelled
         self.labelled = self.fed = self.n
+        self.extra = 0
         self.done += count
         self.consumed = self.done
         return count
@@ -236,6 +240,12 @@ class Stream:
         self.next_seq = next_seq
 
 
+# Frames that wait for a stream's publisher to fall silent may hold this many times max_pending_samples:
+# after a stall, a reconnected gateway's new frames wait while its old connection's backlog (what the
+# kernel's socket buffers held, shared by its streams) is read, interleaved with them.
+WAITING_PENDING = 4
+
+
 class Parked:
     """Frames that would end or jump a live stream's incarnation, waiting for its publisher to fall silent.
 
@@ -305,6 +315,7 @@ class StreamTable:
         # Idle streams a full table may evict, best last; rebuilt by a scan of every stream when empty.
         self.evictable: list[Stream] = []
         self.next_scan = float("-inf")
+        self.letting_in = 0  # samples of waiting frames being let in: they were held already, so are not shed
         self.buffered = 0
         self.notices: dict[str, tuple[int, str, str]] = {}  # reason -> (count, example detail, example stream)
         self.next_flags = first_flags  # the flags a new stream id's first labels carry
@@ -369,13 +380,15 @@ class StreamTable:
         self._refuse("implausible_rate", k, stream, f"declares {rate_hz:g} Hz, above streams.max_declared_rate_hz = "
                                                     f"{self.settings.max_declared_rate_hz:g}")
 
-    def turned(self, waited: float = 0.0) -> None:
+    def turned(self, waited: float = 0.0) -> float:
         """Once per turn of the main loop, after a drain that waited up to ``waited`` seconds for messages:
-        keeps the reading clock, and settles the frames that wait."""
+        keeps the reading clock, and settles the frames that wait. Returns the seconds of a stall of the
+        daemon's since the last turn, or 0."""
         now = self.clock()
-        self.admission.turned(now, waited)
+        stalled = self.admission.turned(now, waited)
         if self.parked:
             self.settle_parked(now)
+        return stalled
 
     def accept(self, frame: SampleFrame, wall: float | None = None) -> None:
         """:meth:`accept_batch` for one decoded frame (tools and tests; the daemon accepts whole drains)."""
@@ -422,10 +435,12 @@ class StreamTable:
                     refused_frames += 1
                     refused_example = (sid, rate)
                     continue
-            # The publisher is heard (inlined Admission.heard: this is the hot path).
-            b.interval += (at - b.heard_at - b.interval) * 0.125
-            b.heard_at = at
-            b.frames += 1
+            if b.frames > 1:  # the publisher is heard: Admission.heard, inlined on the hot path
+                b.interval += (at - b.heard_at - b.interval) * 0.125
+                b.heard_at = at
+                b.frames += 1
+            else:
+                adm.heard(b, at)
             if stream.n + k > len(stream.data):
                 # Rows labelled and outside the model's context make room (as in _append); growing is rare.
                 stream.drop_front(min(stream.labelled, max(0, stream.fed - history)))
@@ -471,7 +486,7 @@ class StreamTable:
         b = stream.budget
         waiting = self.parked.get(stream.name)
         if waiting is not None and not flags & protocol.FLAG_RESTART and 0 <= seq - waiting.next_seq <= s.gap_reset_samples:
-            if waiting.held + k > s.max_pending_samples:  # refused, but the line is still followed
+            if waiting.held + k > WAITING_PENDING * s.max_pending_samples:  # refused; the line is still followed
                 waiting.next_seq, waiting.heard_at = seq + k, at
                 self._conflict(stream.name, k, 1)
                 return
@@ -484,7 +499,7 @@ class StreamTable:
             return
         if waiting is not None:  # a third line: the one waiting before it goes
             self._lose(stream.name, waiting)
-        if k > s.max_pending_samples:
+        if k > WAITING_PENDING * s.max_pending_samples:
             self._conflict(stream.name, k, 1)
             return
         ahead = not flags & protocol.FLAG_RESTART and seq > (stream.next_seq or 0)
@@ -521,8 +536,12 @@ class StreamTable:
     def _let_in(self, stream_id: str, waiting: Parked, now: float, at: float) -> None:
         del self.parked[stream_id]
         self.buffered -= waiting.held
-        for seq, k, rate, flags, samples, meta in waiting.frames:
-            self._apply(stream_id, seq, k, rate, flags, samples, meta, now, at)
+        self.letting_in = waiting.held
+        try:
+            for seq, k, rate, flags, samples, meta in waiting.frames:
+                self._apply(stream_id, seq, k, rate, flags, samples, meta, now, at)
+        finally:
+            self.letting_in = 0
 
     def _lose(self, stream_id: str, waiting: Parked) -> None:
         del self.parked[stream_id]
@@ -639,6 +658,9 @@ class StreamTable:
         stream.arriving(seq + start)
         k = len(samples) - start
         limit = self.settings.max_pending_samples
+        if self.letting_in > stream.extra:
+            stream.extra = self.letting_in
+        limit += stream.extra  # what was let in after waiting is not shed (Stream.advance works the allowance off)
         if k > limit:
             # Keep the freshest: shedding before buffering bounds memory for any frame size.
             shed = k - limit

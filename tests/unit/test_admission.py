@@ -121,7 +121,9 @@ def test_a_stall_of_the_daemon_is_never_charged_to_the_streams():
                 assert adm.charge(b, seq[i], 10, 250.0, t) == ADMIT, (stall, j)
                 seq[i] += 10
         assert adm.stalled >= stall
-        # Back to real time: a burst beyond the usual one is refused again (the credit was spent).
+        # The credit wanes over twice the stall: then a burst beyond the usual one is refused again.
+        t += 2 * stall
+        adm.turned(t, waited=2 * stall)
         b = streams[0]
         verdicts = [adm.charge(b, seq[0] + 10 * j, 10, 250.0, t) for j in range(300)]
         assert verdicts.count(REFUSE) > 200, stall

@@ -25,7 +25,7 @@ from sigclassd.config import StreamSettings
 from sigclassd.errors import FrameError
 from sigclassd.metrics import Metrics
 from sigclassd.protocol import SampleFrame
-from sigclassd.streams import StreamTable
+from sigclassd.streams import WAITING_PENDING, StreamTable
 
 # ------------------------------------------------------------------ the decoder
 
@@ -195,7 +195,7 @@ class Harness:
             pad_value=np.zeros(CHANNELS, np.float32), n_classes=CHANNELS, max_streams=batch_streams,
             **({"max_chunk": max_chunk} if stateful else {}),
         )
-        self.bound = 2 * (self.table.history + 2 * limit + lag + lookahead + 16)
+        self.bound = 2 * (self.table.history + (2 + WAITING_PENDING) * limit + lag + lookahead + 16)
         self.runs: list[LabelRun] = []
         self.labelled = 0
         self.failed = False
@@ -276,7 +276,8 @@ class Harness:
         assert t.buffered == sum(s.n - s.labelled for s in holders) + sum(w.held for w in t.parked.values())
         assert len(t.streams) <= t.settings.max_streams
         for s in t.streams.values():
-            assert s.pending <= self.limit, "pending beyond max_pending_samples"
+            assert s.pending <= self.limit + s.extra, "pending beyond max_pending_samples (and what waited)"
+            assert s.extra <= WAITING_PENDING * self.limit
             assert len(s.data) <= self.bound, f"buffer grew to {len(s.data)} rows (bound {self.bound})"
             assert 0 <= s.labelled <= s.n and 0 <= s.fed <= s.n
         slots = [s.slot for s in holders]

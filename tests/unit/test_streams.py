@@ -9,7 +9,7 @@ from sigclassd import protocol
 from sigclassd.config import StreamSettings
 from sigclassd.metrics import Metrics
 from sigclassd.protocol import SampleFrame
-from sigclassd.streams import StreamTable
+from sigclassd.streams import WAITING_PENDING, StreamTable
 
 
 class Clock:
@@ -303,23 +303,27 @@ def test_a_reset_storm_costs_its_own_id_only():
 
 
 def test_a_second_publisher_waits_and_is_refused_while_the_first_goes_on():
-    """Two sources on one id: the one that held it keeps it, every sample labelled in order; the newcomer's
-    frames wait (bounded by max_pending_samples), the rest are refused, and it takes over once the first stops."""
+    """Two sources on one id: the one that held it keeps it, every sample in order; the newcomer's frames wait
+    (up to WAITING_PENDING x max_pending_samples), the rest are refused and counted, and it takes over once
+    the first stops."""
     t, reg, clock = make_table(gap_reset_samples=10, backwards_reset_samples=10, max_pending_samples=250)
+    cap = WAITING_PENDING * 250
     for i in range(100):
         clock.now = 0.01 * i
         t.accept(frame("x", 1000 + 2 * i, 2))  # publisher A
         if i >= 50:
-            t.accept(frame("x", 10 * (i - 50), 10))  # B appears: seqs far behind A's
+            t.accept(frame("x", 100_000 + 40 * (i - 50), 40))  # B appears: seqs far ahead of A's
     assert held_seqs(t, "x") == list(range(1000, 1200)) and not t.retired
-    assert t.parked["x"].held == 250 and t.buffered == 200 + 250
-    assert counter(reg, "samples_rejected", reason="conflicting_publishers") == 250
+    assert t.parked["x"].held == cap and t.buffered == 200 + cap
+    assert counter(reg, "samples_rejected", reason="conflicting_publishers") == 2000 - cap
     count, detail, stream = t.take_notices()["conflicting_publishers"]
-    assert count == 25 and stream == "x" and "publisher" in detail
+    assert count == (2000 - cap) // 40 and stream == "x" and "publisher" in detail
     clock.now = 2.0  # A stopped: B's waiting frames go in as a new incarnation
     t.evict_idle()
-    assert counter(reg, "stream_resets", reason="seq_backwards") == 1 and not t.parked
-    assert held_seqs(t, "x") == list(range(250)) and t.buffered == 450
+    assert counter(reg, "stream_resets", reason="gap") == 1 and not t.parked
+    # What waited was held already: let in, it is not shed for being more than max_pending_samples.
+    assert held_seqs(t, "x") == list(range(100_000, 100_000 + cap)) and t.buffered == 200 + cap
+    assert counter(reg, "samples_shed") == 0
 
 
 def test_a_full_table_makes_room_by_retiring_the_least_recently_seen_idle_stream():

@@ -1,0 +1,268 @@
+"""The defences never cost a well-behaved gateway its data: drills against the real daemon process.
+
+Stalls of the daemon (SIGSTOP) under load, stray frames on live streams, a frame built to lock a stream
+out, and a full stream table, each with real ZeroMQ gateways; every drill ends by checking the
+accounting identity from /metrics. See docs/guarantees.md.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+from harness import Consumer, Daemon, Gateway, accounting, by_stream, identity_holds
+
+from sigclassd import protocol
+
+pytestmark = pytest.mark.integration
+
+CH = 16
+RATE = 250.0
+CHUNK = 10  # samples a message: one every 40 ms at 250 Hz
+
+
+def settle(d: Daemon, timeout: float = 30.0) -> dict[str, float]:
+    """Wait until nothing is buffered and the counters stop moving; return the accounting."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        a = accounting(d)
+        if a["buffered"] == 0 and a == last:
+            return a
+        last = a
+        time.sleep(0.5)
+    return accounting(d)
+
+
+def rejected(d: Daemon, reason: str) -> float:
+    return d.metric("sigclassd_samples_rejected_total", {"reason": reason})
+
+
+class PunctualGateway:
+    """Streams sent at exactly their declared 250 Hz, 10 samples a message, from a thread (own socket)."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, names: list[str]) -> None:
+        self.ctx, self.endpoint, self.names = ctx, endpoint, names
+        self.sent = 0  # messages per stream so far
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.x = np.random.default_rng(3).normal(size=(CHUNK, CH)).astype(np.float32)
+
+    def _run(self) -> None:
+        gw = Gateway(self.ctx, self.endpoint)
+        try:
+            time.sleep(0.5)  # until the daemon's subscription has reached this socket: PUB drops before it
+            self.ready.set()
+            start = time.monotonic()
+            while not self.stop.is_set():
+                seq = self.sent * CHUNK
+                for name in self.names:
+                    gw.send(name, self.x, seq, sample_rate_hz=RATE, flags=protocol.FLAG_RESTART if seq == 0 else 0)
+                self.sent += 1
+                delay = start + self.sent * CHUNK / RATE - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+        finally:
+            gw.close()
+
+    def __enter__(self) -> PunctualGateway:
+        self.thread.start()
+        self.ready.wait()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def labels_since(frames: list[protocol.LabelFrame], stream: str, at: float,
+                 times: dict[int, float]) -> float | None:
+    """When the first label message of ``stream`` received after ``at`` arrived."""
+    for i, f in enumerate(frames):
+        if f.stream == stream and len(f.labels) and times[i] >= at:
+            return times[i]
+    return None
+
+
+class TimedConsumer(Consumer):
+    """A Consumer that notes when each label message arrived."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
+        super().__init__(ctx, endpoint)
+        self.times: dict[int, float] = {}
+
+    def collect(self, seconds: float, until=None) -> list[protocol.LabelFrame]:  # noqa: ANN001
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.sock.poll(20):
+                while True:
+                    try:
+                        parts = self.sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.times[len(self.frames)] = time.monotonic()
+                    self.frames.append(protocol.decode_labels(parts))
+            if until is not None and until(self.frames):
+                break
+        return self.frames
+
+
+def check_nothing_lost_but_reported(frames: list[protocol.LabelFrame], name: str, sent: int) -> int:
+    """Every seq of ``name`` up to ``sent`` was labelled once, in order, or is inside a hole its labels report
+    as GAP; returns the samples reported lost."""
+    mine = [f for f in frames if f.stream == name]
+    expected = 0
+    lost = 0
+    for i, f in enumerate(mine):
+        if not len(f.labels):
+            continue
+        if f.seq != expected:
+            assert f.seq > expected and f.flags & protocol.LABEL_GAP and f.gap == f.seq - expected, \
+                (name, expected, [(g.seq, len(g.labels), g.flags, g.gap) for g in mine[max(0, i - 8) : i + 3]])
+            lost += f.seq - expected
+        expected = f.seq + len(f.labels)
+    assert expected == sent, (name, expected, sent)
+    return lost
+
+
+@pytest.mark.parametrize("stall_s", [
+    6.0,  # past the 5 s heartbeat: the gateway reconnects while its backlog is still queued
+    10.0,
+    pytest.param(60.0, marks=pytest.mark.slow),
+])
+def test_a_stall_of_the_daemon_under_load_loses_nothing_that_reached_its_sockets(tmp_path, ctx, causal_model,
+                                                                                  stall_s):
+    """50 punctual streams; the daemon is SIGSTOPped for 6, 10 and 60 s, then resumes. Nothing is refused,
+    shed or dropped: every sample that reached the daemon is labelled, what the heartbeat's drop lost is
+    reported as GAP, and the streams are labelled again soon after the daemon resumes."""
+    d = Daemon(tmp_path, {
+        "model": {"path": str(causal_model), "mode": "stateful", "max_batch_streams": 64},
+        "streams": {"idle_ttl_s": 120.0},
+    }).start()
+    names = [f"stall/{i}" for i in range(50)]
+    consumer = TimedConsumer(ctx, d.output)
+    try:
+        time.sleep(0.5)
+        with PunctualGateway(ctx, d.input, names) as gw:
+            consumer.collect(3.0)
+            d.send_signal(signal.SIGSTOP)
+            time.sleep(stall_s)
+            d.send_signal(signal.SIGCONT)
+            resumed = time.monotonic()
+            consumer.collect(5.0)
+        sent = gw.sent * CHUNK
+        frames = consumer.collect(20.0, until=lambda fs: all(
+            any(f.stream == n and f.seq + len(f.labels) >= sent for f in fs) for n in names))
+        a = settle(d)
+        reasons = {r: rejected(d, r) for r in ("rate_limited", "conflicting_publishers", "reset_storm", "stream_limit")}
+        print(f"stall {stall_s:g} s: refused {reasons}; resets", d.metrics_sum("sigclassd_stream_resets_total"))
+        lost = {n: check_nothing_lost_but_reported(frames, n, sent) for n in names}
+        back = [labels_since(frames, n, resumed, consumer.times) for n in names]
+        assert all(t is not None for t in back)
+        seconds_to_labels = max(back) - resumed  # type: ignore[operator]
+        print(f"stall {stall_s:g} s: {sum(lost.values())} samples lost to the heartbeat of "
+              f"{len(names) * sent} sent; all streams labelled again {seconds_to_labels:.2f} s after SIGCONT")
+        assert a["rejected"] == 0 and a["shed"] == 0 and a["duplicate"] == 0, a
+        assert a["received"] == a["labelled"] and identity_holds(a), a
+        assert a["received"] + sum(lost.values()) == len(names) * sent, (a, sum(lost.values()))
+        assert seconds_to_labels < 5.0  # the target is 1 s; this box may be loaded
+        assert d.metric("sigclassd_stream_resets_total", {"reason": "restart"}) == 0
+    finally:
+        consumer.close()
+        d.stop()
+
+
+def test_no_single_frame_takes_or_locks_out_a_live_stream(tmp_path, ctx, causal_model):
+    """While three punctual streams run, another socket sends one restart-flagged frame on the first, one wild
+    seq on the second, and one frame declaring 1e7 Hz at seq + 1e12 on the third. The streams are labelled
+    exactly, with no reset; the strays are refused and counted; the identity holds."""
+    d = Daemon(tmp_path, {"model": {"path": str(causal_model), "mode": "stateful"},
+                          "streams": {"idle_ttl_s": 1.5}}).start()
+    names = ["live/a", "live/b", "live/c"]
+    consumer = Consumer(ctx, d.output)
+    stray = Gateway(ctx, d.input)
+    try:
+        time.sleep(0.5)
+        x = np.ones((CHUNK, CH), np.float32)
+        with PunctualGateway(ctx, d.input, names) as gw:
+            time.sleep(1.5)
+            at = gw.sent * CHUNK
+            stray.send("live/a", x, 0, sample_rate_hz=RATE, flags=protocol.FLAG_RESTART)
+            stray.send("live/b", x, at + 10**12, sample_rate_hz=RATE)
+            stray.send("live/c", x, at + 10**12, sample_rate_hz=1e7)
+            time.sleep(2.0)
+        sent = gw.sent * CHUNK
+        frames = consumer.collect(15, until=lambda fs: {f.stream for f in fs if f.flags & protocol.LABEL_FINAL}
+                                  >= set(names))
+        got = by_stream(frames)
+        for name in names:
+            labelled = [s for f in got[name] for s in range(f.seq, f.seq + len(f.labels))]
+            assert labelled == list(range(sent)), name
+            starts = [f for f in got[name] if f.flags & protocol.LABEL_START]
+            assert len(starts) == 1 and got[name][0] is starts[0], name
+            assert not any(f.flags & (protocol.LABEL_GAP | protocol.LABEL_SHED) for f in got[name]), name
+        a = settle(d)
+        assert rejected(d, "conflicting_publishers") == 2 * CHUNK
+        assert rejected(d, "implausible_rate") == CHUNK
+        assert rejected(d, "rate_limited") == 0
+        assert identity_holds(a), a
+        assert any(e.get("reason") == "conflicting_publishers" for e in d.events())
+    finally:
+        stray.close()
+        consumer.close()
+        d.stop()
+
+
+def test_a_full_table_admits_new_streams_and_keeps_slow_established_ones(tmp_path, ctx, causal_model):
+    """max_streams = 100: 64 busy streams, 16 idle ones, 20 that send every 2 s. New honest ids get in by
+    evicting idle streams anywhere in the table; a flood of fresh ids evicts those and each other, never
+    the slow established streams, which are labelled throughout in one incarnation each."""
+    d = Daemon(tmp_path, {"model": {"path": str(causal_model), "mode": "stateful"},
+                          "streams": {"max_streams": 100, "idle_ttl_s": 600.0}}).start()
+    busy = [f"busy/{i}" for i in range(64)]
+    slow = [f"slow/{i}" for i in range(20)]
+    consumer = Consumer(ctx, d.output)
+    gw = Gateway(ctx, d.input)
+    x = np.ones((CHUNK, CH), np.float32)
+    try:
+        time.sleep(0.5)
+        with PunctualGateway(ctx, d.input, busy):
+            for i in range(16):
+                gw.send(f"idle/{i}", x, 0, sample_rate_hz=RATE, flags=protocol.FLAG_RESTART)
+            slow_sent = 0
+            for rnd in range(7):  # 14 s: the slow streams every 2 s; from the 4th round, fresh ids between
+                for name in slow:
+                    gw.send(name, x, slow_sent, sample_rate_hz=5.0, flags=protocol.FLAG_RESTART if rnd == 0 else 0)
+                slow_sent += CHUNK
+                if rnd == 3:  # the idle ones have been idle for seconds: new honest streams get in
+                    for i in range(10):
+                        gw.send(f"new/{i}", x, 0, sample_rate_hz=RATE, flags=protocol.FLAG_RESTART)
+                if rnd < 3:
+                    time.sleep(2.0)
+                    continue
+                for j in range(200):
+                    gw.send(f"fresh/{rnd}/{j}", x, 0, sample_rate_hz=RATE)
+                    time.sleep(0.005)
+                time.sleep(1.0)
+            assert d.metric("sigclassd_streams_active") == 100
+        frames = consumer.collect(10, until=lambda fs: all(
+            sum(len(f.labels) for f in fs if f.stream == n) >= slow_sent for n in slow))
+        got = by_stream(frames)
+        for name in slow:
+            assert [s for f in got[name] for s in range(f.seq, f.seq + len(f.labels))] == list(range(slow_sent)), name
+            assert sum(bool(f.flags & protocol.LABEL_START) for f in got[name]) == 1, name
+            assert not any(f.flags & protocol.LABEL_FINAL for f in got[name]), name
+        for i in range(10):
+            assert sum(len(f.labels) for f in got.get(f"new/{i}", [])) == CHUNK, i
+        assert d.metric("sigclassd_streams_evicted_total") >= 16 + 10
+        a = settle(d)
+        assert identity_holds(a), a
+    finally:
+        gw.close()
+        consumer.close()
+        d.stop()
