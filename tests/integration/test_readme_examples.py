@@ -105,8 +105,10 @@ def test_readme_gateway_and_consumer_against_the_daemon(tmp_path):
     assert "start" in messages[0][3] and "final" in messages[-1][3]
     assert all(lost == 0 for *_, lost in messages)
     ended = next(line for line in out.lines if "ended:" in line)
-    assert ended == (f"site-a/pump-1 ended: StreamReport(incarnations=1, finals=1, open=False, labelled={int(received)}, "
-                     "gap=0, lost=0, repeated=0, next_seq=None)")
+    assert ended.startswith("site-a/pump-1 ended: StreamReport(")
+    summed = dict(re.findall(r"(\w+)=(\w+)", ended))
+    assert summed | {"incarnations": "1", "finals": "1", "open": "False", "labelled": str(int(received)), "gap": "0",
+                     "lost": "0", "repeated": "0", "next_seq": "None"} == summed, ended
 
 
 # ---------------------------------------------------------------- the README's shell blocks, run as written
