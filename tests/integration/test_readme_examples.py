@@ -257,3 +257,29 @@ def test_readme_first_minute_commands_work_as_written(fresh_checkout, tmp_path):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+
+
+def test_readme_config_error_lines_are_what_the_command_prints():
+    """Each `sigclassd: config error:` line the README shows is what `run --set ...` prints, up to its `…`."""
+    shown = re.findall(r"^(sigclassd: config error: (--set \S+?): .*?)…$", (ROOT / "README.md").read_text(), re.M)
+    assert len(shown) >= 2
+    for line, option in shown:
+        r = subprocess.run([sys.executable, "-m", "sigclassd", "run", "--check", *option.split(" ", 1)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2
+        assert r.stderr.startswith(line.rstrip()), (line, r.stderr)
+
+
+def test_readme_tap_line_has_the_fields_tap_prints():
+    """The README's example tap line has exactly the keys tap writes for a label message."""
+    import numpy as np
+
+    from sigclassd.client import LabelMessage
+    from sigclassd.tap import to_json
+
+    example = re.search(r"```json\n(\{.*?\})\n```", (ROOT / "README.md").read_text(), re.S)
+    assert example
+    message = LabelMessage(stream="s", seq=0, n=2, probabilities=np.full((2, 2), 0.5, np.float32),
+                           labels=np.zeros(2, np.uint8), flags=("start",), gap=0, model_id="21d07e70", t0_ns=0,
+                           ingress_ns=1, received_ns=2, lost=0, incarnation=1)
+    assert list(json.loads(example.group(1))) == list(to_json(message, probs=False))
