@@ -61,10 +61,9 @@ def _stream_through_daemon(ctx, tmp: Path, model: Path, x: np.ndarray, mode: str
 
 @pytest.mark.parametrize("mode", ["windowed", "stateful"])
 def test_eval_labels_equal_the_daemons(tmp_path: Path, ctx, eeg_model: Path, mode: str) -> None:  # noqa: ANN001
-    """On 2,000 held-out EEG samples, eval's per-sample probabilities for a mode are the daemon's (<= 1e-4)."""
+    """On 2,000 held-out EEG samples, eval's per-sample probabilities for a mode are the daemon's (<= 1e-5)."""
     from sigclassd.artifact import read_artifact
-    from sigclassd.models.data import Recording, normalise
-    from sigclassd.models.train import load_model, predict_served, predict_stateful
+    from sigclassd.models.train import load_engines, predict_served, predict_stateful
 
     x = np.load(EEG)["X"][8000:10000].astype(np.float32)
     frames = _stream_through_daemon(ctx, tmp_path, eeg_model, x, mode)
@@ -72,12 +71,9 @@ def test_eval_labels_equal_the_daemons(tmp_path: Path, ctx, eeg_model: Path, mod
     got = np.concatenate([f.probabilities for f in frames])
     labels = np.concatenate([f.labels for f in frames])
 
-    meta = read_artifact(eeg_model).meta
-    xn = normalise([Recording("eeg", x, np.zeros(len(x), np.int64))], np.asarray(meta.norm_mean),
-                   np.asarray(meta.norm_std))[0].x
-    model = load_model(read_artifact(eeg_model))
-    want = predict_served(model, xn, meta.window, HOP, LAG) if mode == "windowed" else predict_stateful(model, xn)
-    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    engine = load_engines(read_artifact(eeg_model), (mode,))[mode]
+    want = predict_served(engine, x, HOP, LAG) if mode == "windowed" else predict_stateful(engine, x)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     clear = np.abs(want[:, 1] - want[:, 0]) > 1e-3  # where float rounding cannot flip the label
     np.testing.assert_array_equal(labels[clear], want.argmax(axis=1)[clear])
     assert clear.mean() > 0.9  # the label comparison covers nearly every sample

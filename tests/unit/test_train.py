@@ -113,25 +113,27 @@ def test_served_windows_label_every_sample_once_as_the_daemon_does(n: int, windo
             assert first == (0 if i == 0 else live[i - 1][2])
 
 
-@pytest.mark.tf
 def test_served_windowed_prediction_comes_from_the_labelling_window() -> None:
-    """Each sample's probabilities are its labelling window's output; a short recording is one zero-padded window."""
-    from sigclassd.models.architectures import HyperParams, build_model
-    from sigclassd.models.train import predict_served
+    """Each sample's probabilities are its labelling window's output; a short recording is one window padded
+    in front with the given value (the normalisation mean)."""
+    from sigclassd.models.train import windows_as_served
 
-    model = build_model("seq2seq", channels=2, n_classes=2, hp=HyperParams(filters=4, units=4))
+    def run(windows: np.ndarray) -> np.ndarray:
+        # Depends on every earlier sample of the window, so that a wrong window gives other values.
+        return np.stack([np.cumsum(windows[..., 0], axis=1), np.cumsum(windows[..., 1], axis=1)], axis=-1)
+
     x = np.random.default_rng(0).normal(size=(260, 2)).astype(np.float32)
-    probs = predict_served(model, x, 100, 50, 10)
+    probs = windows_as_served(run, x, 100, 50, 10, np.zeros(2))
 
     def window(end: int) -> np.ndarray:
-        return np.asarray(model(x[None, end - 100 : end]))[0, :, 0]
+        return run(x[None, end - 100 : end])[0, :, 1]
 
-    np.testing.assert_allclose(probs[0:90, 1], window(100)[:90], atol=1e-6)
-    np.testing.assert_allclose(probs[140:190, 1], window(200)[40:90], atol=1e-6)
-    np.testing.assert_allclose(probs[240:260, 1], window(260)[80:], atol=1e-6)  # the flush at the end
-    short = predict_served(model, x[:30], 100, 50, 10)
-    padded = np.concatenate([np.zeros((70, 2), np.float32), x[:30]])
-    np.testing.assert_allclose(short[:, 1], np.asarray(model(padded[None]))[0, 70:, 0], atol=1e-6)
+    np.testing.assert_allclose(probs[0:90, 1], window(100)[:90], rtol=1e-6)
+    np.testing.assert_allclose(probs[140:190, 1], window(200)[40:90], rtol=1e-6)
+    np.testing.assert_allclose(probs[240:260, 1], window(260)[80:], rtol=1e-6)  # the flush at the end
+    short = windows_as_served(run, x[:30], 100, 50, 10, np.array([0.5, 2.0]))
+    padded = np.concatenate([np.tile(np.array([0.5, 2.0], np.float32), (70, 1)), x[:30]])
+    np.testing.assert_allclose(short[:, 1], run(padded[None])[0, 70:, 1], rtol=1e-6)
 
 
 def _write_npz(path: Path, recs: dict[str, tuple[np.ndarray, np.ndarray]], classes: tuple[str, ...]) -> Path:
@@ -167,7 +169,9 @@ def test_train_keeps_the_best_epoch_and_eval_skips_the_training_part(tmp_path: P
     assert len(curve) == 5 and sel["kept_epoch"] == int(np.argmax(scores)) + 1
     assert f"kept epoch {sel['kept_epoch']} of 5" in printed.out
     held = meta.metrics["held_out"]
-    assert held["windowed"]["balanced_accuracy"] == pytest.approx(scores[sel["kept_epoch"] - 1], abs=1e-9)
+    # The curve is Keras' figure for the model in memory, held_out the engines' for the written directory:
+    # the same but where float rounding flips a label.
+    assert held["windowed"]["balanced_accuracy"] == pytest.approx(scores[sel["kept_epoch"] - 1], abs=0.01)
     assert (held["windowed"]["hop"], held["windowed"]["lag"]) == (50, 0) and "stateful" in held
     assert [r["held_out"] for r in meta.training["recordings"]] == [[[3200, 4000]], [[3200, 4000]]]
 
@@ -176,7 +180,8 @@ def test_train_keeps_the_best_epoch_and_eval_skips_the_training_part(tmp_path: P
     report = json.loads(printed.out)
     assert report["samples"] == 1600 and report["part"] == "all but what the model was trained on"
     assert "2 of 2 recording(s) hold samples this model was trained on; those 6400 samples are left out" in printed.err
-    assert report["windowed"]["balanced_accuracy"] == pytest.approx(held["windowed"]["balanced_accuracy"], abs=1e-9)
+    # Both are the engines' figures for the same directory and samples: equal, confusion matrices included.
+    assert (report["windowed"], report["stateful"]) == (held["windowed"], held["stateful"])
     assert main(["eval", str(out), str(data), "--part", "all", "--no-stateful", "--json"]) == 0
     printed = capsys.readouterr()
     assert json.loads(printed.out)["samples"] == 8000

@@ -268,7 +268,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from sigclassd.artifact import read_artifact
     from sigclassd.models.data import remap_labels, unseen_parts
-    from sigclassd.models.train import evaluate_recordings, format_report, load_model
+    from sigclassd.models.train import evaluate_recordings, format_report
 
     try:
         artifact = read_artifact(args.model)
@@ -291,11 +291,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 print(f"sigclassd eval: warning: {touched} of {len(ds.recordings)} recording(s) hold samples this "
                       f"model was trained on; those {left} samples are left out (--part all scores everything)",
                       file=sys.stderr, flush=True)
-        model = load_model(artifact)
         modes = "windowed" + ("" if args.no_stateful or not meta.streamable else " and stateful")
         print(f"scoring {sum(len(r) for r in recs)} samples in {len(recs)} recording(s), {modes} ...",
               file=sys.stderr, flush=True)
-        report = evaluate_recordings(model, meta, recs, hop=args.hop, lag=args.lag, stateful=not args.no_stateful)
+        report = evaluate_recordings(artifact, recs, hop=args.hop, lag=args.lag, stateful=not args.no_stateful)
     except (ValueError, ModelError) as e:
         return _fail("eval", e)
     report = {"model": str(artifact.path), "data": ds.source, "part": part, **report}

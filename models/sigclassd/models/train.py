@@ -18,7 +18,12 @@ reset at the start of every segment and segments never cross a recording
 boundary. A model trained this way has seen non-zero initial states, which is
 what it meets when the daemon streams it with carried state.
 
-Evaluation scores what the daemon publishes, in its two modes:
+Evaluation scores what the daemon publishes: a model directory runs through the
+daemon's own NumPy engines (``sigclassd.engine``), after the daemon's start-up
+checks, on raw samples that the engines normalise. So it scores any directory
+the daemon serves (``.keras``, ``.h5``, ``.onnx``, logits heads) and needs no
+TensorFlow. Only the epoch selection during training runs the in-memory model
+through Keras (:func:`score_keras`). The two modes:
 
 - ``windowed``: a window ends every ``hop`` samples (the first at sample
   ``window``); the first window labels all its samples but the newest ``lag``,
@@ -27,11 +32,12 @@ Evaluation scores what the daemon publishes, in its two modes:
   rest. This is ``sigclassd.planner.plan_windows`` for a stream whose messages divide
   ``hop`` and ``window``. A recording shorter than a window is one window,
   left-padded with the normalisation mean, as the daemon flushes it.
-- ``stateful``: the whole recording in one call, so the state runs on from the
-  first sample to the last (what the stateful engine computes); sequence
-  architectures only.
+- ``stateful``: the whole recording as one stream, so the state runs on from the
+  first sample to the last; the labels held back for the model's look-ahead come
+  from the engine's flush at the end, as when the daemon retires a stream.
+  Sequence architectures only.
 
-TensorFlow is imported inside the functions that need it, after
+TensorFlow is imported inside the functions that need it (training), after
 :func:`quiet_tensorflow`.
 """
 
@@ -42,6 +48,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
@@ -79,6 +86,8 @@ from sigclassd.models.data import (
 
 if TYPE_CHECKING:
     import keras
+
+    from sigclassd.engine.base import Engine
 
 MODES = ("windowed", "stateful")
 
@@ -207,15 +216,22 @@ def served_windows(n: int, window: int, hop: int, lag: int) -> list[tuple[int, i
     return plans + plan_windows(n, plans[-1][2] if plans else 0, window, lag, final=True)  # the flush at the end
 
 
-def predict_served(model: keras.Model, x: np.ndarray, window: int, hop: int, lag: int) -> np.ndarray:
-    """Probabilities ``[T, n_classes]`` as the daemon's windowed mode publishes them (``x`` normalised)."""
+def windows_as_served(
+    run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, window: int, hop: int, lag: int, pad: np.ndarray
+) -> np.ndarray:
+    """Probabilities ``[T, n_classes]`` as the daemon's windowed mode publishes them for the recording ``x``.
+
+    ``run`` maps windows ``[n, window, channels]`` cut from ``x`` to probabilities
+    ``[n, window, n_classes]``. A recording shorter than a window is left-padded
+    with ``pad``, the normalisation mean in ``x``'s units, as the daemon pads it.
+    """
     plans = served_windows(len(x), window, hop, lag)
-    padded = np.concatenate([np.zeros((window, x.shape[1]), np.float32), x])  # the mean, once normalised
+    padded = np.concatenate([np.broadcast_to(np.asarray(pad, np.float32), (window, x.shape[1])), x])
     probs = None
     for a in range(0, len(plans), 1024):  # bounds the memory of a long recording's windows
         part = plans[a : a + 1024]
         idx = np.array([end for end, _, _ in part])[:, None] + np.arange(window)  # rows of `padded`
-        out = to_probabilities(np.asarray(model.predict(padded[idx], batch_size=256, verbose=0)))
+        out = run(padded[idx])
         if probs is None:
             probs = np.empty((len(x), out.shape[-1]), np.float32)
         for (end, first, upto), p in zip(part, out, strict=True):
@@ -224,57 +240,124 @@ def predict_served(model: keras.Model, x: np.ndarray, window: int, hop: int, lag
     return probs
 
 
-def predict_stateful(model: keras.Model, x: np.ndarray) -> np.ndarray:
-    """Probabilities ``[T, n_classes]`` from one call over the whole recording: the state runs on throughout.
+def load_engines(artifact: ModelArtifact, modes: tuple[str, ...] = MODES) -> dict[str, Engine]:
+    """The daemon's own engines for ``modes``, after the checks the daemon makes at start-up.
 
-    Through ``predict`` (a compiled graph): an eager call steps the LSTM in
-    Python, about 4 ms per timestep.
+    ModelError if the daemon would refuse the directory (a metadata.json that
+    contradicts the model file, a layer it cannot run, stateful mode for a model
+    that does not stream), with the daemon's message.
     """
-    return to_probabilities(np.asarray(model.predict(x[None].astype(np.float32), batch_size=1, verbose=0))[0])
+    from sigclassd.engine import build_engine, check_model, inspect_model
+
+    facts = inspect_model(artifact.model_path)
+    check_model(artifact, facts)
+    return {mode: build_engine(artifact, facts, mode) for mode in modes}
 
 
-def score_served(
-    model: keras.Model, recs: list[Recording], n_classes: int, *, window: int, hop: int, lag: int,
-    modes: tuple[str, ...] = MODES,
+def predict_served(engine: Engine, x: np.ndarray, hop: int, lag: int) -> np.ndarray:
+    """Probabilities ``[T, n_classes]`` the windowed engine publishes for the raw (un-normalised) recording ``x``."""
+    window = engine.artifact.meta.window
+
+    def run(windows: np.ndarray) -> np.ndarray:
+        n = len(windows)
+        return engine.run(windows, np.full(n, window), np.zeros((n, engine.state_size), np.float32))[0]
+
+    return windows_as_served(run, x.astype(np.float32), window, hop, lag, np.asarray(engine.artifact.meta.norm_mean))
+
+
+def predict_stateful(engine: Engine, x: np.ndarray) -> np.ndarray:
+    """Probabilities ``[T, n_classes]`` the stateful engine publishes for the raw recording ``x`` as one stream.
+
+    The state runs on from the first sample to the last. Output ``t`` labels
+    sample ``t - lookahead``; the last ``lookahead`` labels come from the
+    engine's ``flush``, as when the daemon retires a stream.
+    """
+    probs, state = engine.run(x[None].astype(np.float32), np.array([len(x)]),
+                              np.zeros((1, engine.state_size), np.float32))
+    k = engine.lookahead
+    if k:
+        probs = np.concatenate([probs, engine.flush(state)[0]], axis=1)
+    return probs[0, k:]
+
+
+def _reports(
+    predict: Callable[[str, np.ndarray], np.ndarray], recs: list[Recording], n_classes: int,
+    modes: tuple[str, ...], hop: int, lag: int,
 ) -> dict[str, dict[str, Any]]:
-    """Reports of the served modes over normalised recordings, keyed by mode name."""
+    """Reports of ``modes``, keyed by mode name; ``predict(mode, x)`` gives a recording's probabilities."""
     y = np.concatenate([r.y for r in recs])
     out: dict[str, dict[str, Any]] = {}
-    if "windowed" in modes:
-        pred = np.concatenate([predict_served(model, r.x, window, hop, lag).argmax(axis=1) for r in recs])
-        out["windowed"] = {"hop": hop, "lag": lag, **classification_report(y, pred, n_classes)}
-    if "stateful" in modes:
-        pred = np.concatenate([predict_stateful(model, r.x).argmax(axis=1) for r in recs])
-        out["stateful"] = classification_report(y, pred, n_classes)
+    for mode in modes:
+        pred = np.concatenate([predict(mode, r.x).argmax(axis=1) for r in recs])
+        report = classification_report(y, pred, n_classes)
+        out[mode] = {"hop": hop, "lag": lag, **report} if mode == "windowed" else report
     return out
 
 
-def evaluate_recordings(
-    model: keras.Model, meta: ModelMeta, recs: list[Recording], *, hop: int, lag: int, stateful: bool = True
-) -> dict[str, Any]:
-    """Score raw (un-normalised) recordings in both served modes, with a majority baseline.
+def score_served(
+    engines: dict[str, Engine], recs: list[Recording], n_classes: int, *, hop: int, lag: int
+) -> dict[str, dict[str, Any]]:
+    """Reports of each engine's mode over raw (un-normalised) recordings, keyed by mode name."""
 
+    def predict(mode: str, x: np.ndarray) -> np.ndarray:
+        engine = engines[mode]
+        return predict_served(engine, x, hop, lag) if mode == "windowed" else predict_stateful(engine, x)
+
+    return _reports(predict, recs, n_classes, tuple(engines), hop, lag)
+
+
+def score_keras(
+    model: keras.Model, recs: list[Recording], n_classes: int, *, window: int, hop: int, lag: int, mode: str
+) -> dict[str, Any]:
+    """The report of one served mode for the Keras model being trained, over normalised recordings.
+
+    This picks the epoch to keep: the engines read model files, and the model
+    is in memory. A model ``train`` builds ends in its sigmoid or softmax and
+    runs through the engines within float rounding of Keras; the held-out
+    figures ``train`` records are the engines' own (scored on the written directory).
+    """
+
+    def predict(mode: str, x: np.ndarray) -> np.ndarray:
+        if mode == "windowed":
+            def run(windows: np.ndarray) -> np.ndarray:
+                return to_probabilities(np.asarray(model.predict(windows, batch_size=256, verbose=0)))
+
+            return windows_as_served(run, x, window, hop, lag, np.zeros(x.shape[1], np.float32))
+        # One call over the whole recording, through ``predict`` (a compiled graph): an eager
+        # call steps the LSTM in Python, about 4 ms per timestep.
+        return to_probabilities(np.asarray(model.predict(x[None].astype(np.float32), batch_size=1, verbose=0))[0])
+
+    return _reports(predict, recs, n_classes, (mode,), hop, lag)[mode]
+
+
+def evaluate_recordings(
+    artifact: ModelArtifact, recs: list[Recording], *, hop: int, lag: int, stateful: bool = True
+) -> dict[str, Any]:
+    """Score raw (un-normalised) recordings as the daemon serves ``artifact``, with a majority baseline.
+
+    Windowed mode always; stateful mode too if ``stateful`` and the model
+    streams. The engines normalise the samples themselves, as in the daemon.
     The baseline always predicts the most frequent class of these labels: the
     best any constant answer can do on accuracy, and chance on balanced accuracy.
     """
+    meta = artifact.meta
     recs = [r for r in recs if len(r)]
     if not recs:
         msg = "nothing to score: no samples"
         raise ValueError(msg)
     k = meta.n_classes
-    recs_n = normalise(recs, np.asarray(meta.norm_mean), np.asarray(meta.norm_std))
-    y = np.concatenate([r.y for r in recs_n])
+    y = np.concatenate([r.y for r in recs])
     counts = np.bincount(y[y != IGNORE], minlength=k)
     report: dict[str, Any] = {
         "samples": int((y != IGNORE).sum()),
         "ignored_samples": int((y == IGNORE).sum()),
-        "recordings": len(recs_n),
+        "recordings": len(recs),
         "class_counts": counts.tolist(),
     }
     majority = int(np.argmax(counts))
     report["baseline"] = {"class": meta.classes[majority], **classification_report(y, np.full_like(y, majority), k)}
-    modes = MODES if stateful and meta.streamable else ("windowed",)
-    report.update(score_served(model, recs_n, k, window=meta.window, hop=hop, lag=lag, modes=modes))
+    engines = load_engines(artifact, MODES if stateful and meta.streamable else ("windowed",))
+    report.update(score_served(engines, recs, k, hop=hop, lag=lag))
     return report
 
 
@@ -452,8 +535,8 @@ def train(
             trained = self.sync if self.sync is not None else model  # the model whose optimizer runs
             if self.sync is not None:
                 _copy_weights(self.sync, model)
-            rep = score_served(model, val_recs, k, window=cfg.window, hop=cfg.serve_hop, lag=cfg.serve_lag,
-                               modes=(cfg.monitor,))[cfg.monitor]
+            rep = score_keras(model, val_recs, k, window=cfg.window, hop=cfg.serve_hop, lag=cfg.serve_lag,
+                              mode=cfg.monitor)
             score = rep["balanced_accuracy"]
             lr = float(keras.ops.convert_to_numpy(trained.optimizer.learning_rate))
             point = {"epoch": epoch + 1, "loss": float((logs or {}).get("loss", float("nan"))),
@@ -544,7 +627,6 @@ def train(
         sample_rate_hz=ds.sample_rate_hz,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
-    held_out = evaluate_recordings(model, meta, parts.val, hop=cfg.serve_hop, lag=cfg.serve_lag)
     training = {
         "data": ds.source,
         "data_sha256": ds.sha256,
@@ -580,8 +662,7 @@ def train(
         "keras": keras.__version__,
         "python": platform.python_version(),
     }
-    metrics = {"held_out": {"part": parts.describe(cfg.val_fraction), **held_out}}
-    meta = ModelMeta(**{**meta.__dict__, "training": training, "metrics": metrics})
+    meta = ModelMeta(**{**meta.__dict__, "training": training})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # The saved model holds the weights and the architecture only: no optimizer
@@ -590,10 +671,15 @@ def train(
     plain.set_weights(model.get_weights())
     plain.save(out / MODEL_FILE)
     write_metadata(out, meta)
+    # The held-out figures are those of the written directory as the daemon serves it,
+    # so that `sigclassd eval` on the held-out part reports the same.
+    held_out = evaluate_recordings(read_artifact(out), parts.val, hop=cfg.serve_hop, lag=cfg.serve_lag)
+    metrics = {"held_out": {"part": parts.describe(cfg.val_fraction), **held_out}}
+    write_metadata(out, ModelMeta(**{**meta.__dict__, "metrics": metrics}))
     return read_artifact(out)
 
 
 def load_model(artifact: ModelArtifact) -> keras.Model:
-    """Load the Keras model of a model directory (for evaluation; the daemon has its own engines)."""
+    """Load the Keras model of a ``model.keras`` directory (the naive Keras baseline in bench; eval uses the engines)."""
     keras = quiet_tensorflow()
     return keras.saving.load_model(artifact.model_path, compile=False)
