@@ -381,58 +381,6 @@ def test_state_layout_of_gru_and_aligned_branches(tmp_path: Path) -> None:
     assert engine.state_size == sum(size for *_, size in layout)
 
 
-def _as_keras2_config(config: dict) -> dict:
-    """A Keras 3 legacy-HDF5 model_config rewritten as Keras 2 (tf.keras 2.x) writes it: inbound nodes as
-    [[layer, node, tensor, kwargs], ...], batch_input_shape, LeakyReLU's alpha, layer names beside configs."""
-    layers = []
-    for layer in config["config"]["layers"]:
-        cfg = dict(layer["config"])
-        cfg["dtype"] = "float32"
-        if "batch_shape" in cfg:
-            cfg["batch_input_shape"] = cfg.pop("batch_shape")
-        if layer["class_name"] == "LeakyReLU":
-            cfg["alpha"] = cfg.pop("negative_slope")
-        nodes = []
-        for node in layer.get("inbound_nodes", []):
-            args = node["args"][0]
-            tensors = args if isinstance(args, list) else [args]
-            nodes.append([[t["config"]["keras_history"][0], 0, 0, {}] for t in tensors])
-        layers.append({"class_name": layer["class_name"], "config": cfg, "name": cfg["name"], "inbound_nodes": nodes})
-    outputs = config["config"]["output_layers"]
-    return {"class_name": "Functional" if config["class_name"] == "Functional" else "Sequential",
-            "config": {"name": "model", "layers": layers,
-                       "input_layers": [config["config"].get("input_layers", [])],
-                       "output_layers": [outputs] if outputs and not isinstance(outputs[0], list) else outputs},
-            "keras_version": "2.15.0", "backend": "tensorflow"}
-
-
-def test_keras2_hdf5_config_is_read(tmp_path: Path) -> None:
-    """An .h5 file in Keras 2's own config dialect (no tf_keras here to write one: a Keras 3 legacy .h5 with
-    its model_config rewritten as Keras 2 writes it) is served within 1e-5 of Keras in both modes."""
-    import json
-
-    import h5py
-    import keras
-    from keras import layers as L
-
-    inputs = keras.Input((None, CHANNELS))
-    a = L.Conv1D(6, 3, padding="same")(inputs)
-    a = L.LeakyReLU(negative_slope=0.2)(L.BatchNormalization()(a))
-    b = L.Conv1D(6, 3, padding="causal", activation="relu")(a)
-    x = L.GRU(6, return_sequences=True)(L.Add()([a, b]))
-    model = keras.Model(inputs, L.Dense(3, activation="softmax")(x))
-    randomise(model, seed=21)
-    artifact = save(model, tmp_path / "k2", ".h5")
-    with h5py.File(artifact.model_path, "r+") as h5:
-        config = json.loads(h5.attrs["model_config"])
-        h5.attrs["model_config"] = json.dumps(_as_keras2_config(config))
-        h5.attrs["keras_version"] = "2.15.0"
-    assert read_model(artifact.model_path).layers[2].config["alpha"] == 0.2
-    artifact = read_artifact(artifact.path)
-    assert windowed_error(model, artifact) <= TOLERANCE
-    assert stateful_error(model, artifact) <= TOLERANCE
-
-
 def test_every_activation_equals_keras() -> None:
     """Each named activation the engine runs equals Keras' own over a wide range (float32)."""
     import keras
