@@ -439,3 +439,16 @@ def test_residual_streams_sample_by_sample(max_chunk: int, tmp_path: Path) -> No
     randomise(model, seed=31)
     artifact = save(model, tmp_path / "r")
     assert stateful_error(model, artifact, seed=max_chunk, max_chunk=max_chunk) <= TOLERANCE
+
+
+def test_keras2_thresholded_relu() -> None:
+    """Keras 2's ThresholdedReLU(theta) (gone from Keras 3) is x where x > theta, else 0."""
+    from sigclassd.engine import kernels
+    from sigclassd.engine.archive import KerasChain, Layer
+
+    kernel = np.eye(CHANNELS, dtype=np.float32)
+    chain = KerasChain(Path("m.h5"), (None, None, CHANNELS), (
+        Layer("t", "ThresholdedReLU", {"theta": 0.5}, ()),
+        Layer("d", "Dense", {"activation": "softmax", "use_bias": True}, (kernel, np.zeros(CHANNELS, np.float32)))))
+    x = np.random.default_rng(0).normal(size=(2, 9, CHANNELS)).astype(np.float32)
+    np.testing.assert_allclose(kernels.forward(window_plan(chain), x), softmax(np.where(x > 0.5, x, 0)), atol=1e-6)

@@ -39,7 +39,7 @@ IDENTITY_LAYERS = ("Dropout", "SpatialDropout1D", "GaussianNoise", "GaussianDrop
                    "ActivityRegularization", "InputLayer")
 MERGE_LAYERS = {"Add": "add", "Subtract": "subtract", "Multiply": "multiply", "Average": "average",
                 "Maximum": "maximum", "Minimum": "minimum", "Concatenate": "concatenate"}
-ACTIVATION_LAYERS = ("Activation", "Softmax", "ReLU", "LeakyReLU", "ELU", "PReLU")
+ACTIVATION_LAYERS = ("Activation", "Softmax", "ReLU", "LeakyReLU", "ELU", "PReLU", "ThresholdedReLU")
 
 # What the engines do with each layer: windowed, stateful, and a note. The one list of
 # supported layers: docs/supported-layers.md shows it, and the refusals quote it.
@@ -57,7 +57,7 @@ LAYERS: tuple[tuple[str, str, str, str], ...] = (
     ("Normalization", "yes", "yes", "last axis; folded as BatchNormalization"),
     ("Activation, Softmax (last axis)", "yes", "yes",
      "activations: " + ", ".join(a for a in ACTIVATIONS if a != "gelu_approximate") + ", gelu_approximate (tanh form)"),
-    ("ReLU, LeakyReLU, ELU", "yes", "yes", "with any of their options"),
+    ("ReLU, LeakyReLU, ELU, ThresholdedReLU (Keras 2)", "yes", "yes", "with any of their options"),
     ("PReLU", "yes", "shared over time", "alphas that vary over time (no shared_axes=[1]): windowed only"),
     ("Add, Subtract, Multiply, Average, Maximum, Minimum, Concatenate (last axis)", "yes", "yes",
      "branches with different look-ahead are aligned by delays"),
@@ -533,6 +533,8 @@ def _op(layer: Layer, width: int, inputs: tuple[str, ...]) -> list[Op]:
         elif kind == "LeakyReLU":
             slope = cfg.get("negative_slope", cfg.get("alpha", 0.3))  # Keras 2 called it alpha
             activation = Parametric("leaky_relu", (("negative_slope", float(slope)),))
+        elif kind == "ThresholdedReLU":
+            activation = Parametric("relu", (("threshold", float(cfg.get("theta", 1.0))),))
         elif kind == "ELU":
             alpha = float(cfg.get("alpha", 1.0))
             activation = "elu" if alpha == 1.0 else Parametric("elu", (("alpha", alpha),))
