@@ -2,8 +2,9 @@
 
 ``add_parsers(subparsers)`` registers both on the main ``sigclassd`` parser;
 each sets ``func`` to a function taking the parsed arguments and returning the
-exit code. TensorFlow is imported only when a command runs (quietly, see
-``train.quiet_tensorflow``), so ``sigclassd --help`` stays fast.
+exit code. TensorFlow is imported only when ``train`` runs (quietly, see
+``train.quiet_tensorflow``), so ``sigclassd --help`` stays fast; ``eval`` runs
+the daemon's NumPy engines and imports none.
 """
 
 from __future__ import annotations
@@ -182,13 +183,15 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         description="Per-timestep accuracy, balanced accuracy, macro-F1, per-class recall and F1 and confusion "
         "matrices of what the daemon publishes in each mode: windowed (a window every --hop samples, the "
         "newest labelled, --lag held back) and stateful (state carried from the first sample), next to a "
-        "majority-class baseline. The model's label remapping is applied to the data. Recordings the model "
+        "majority-class baseline. The model runs through the daemon's own engines after the daemon's start-up "
+        "checks, so any model directory the daemon serves is scored as served (Keras, ONNX, logits heads). "
+        "The model's label remapping is applied to the data. Recordings the model "
         "was trained on are recognised by fingerprint: only their held-out part is scored unless --part all. "
         "Needs TensorFlow: the train extra (make test installs it; README, Install: the wheel's [train]). "
         "Without it this command prints the pip line that adds it.",
         epilog=DATA_HELP,
     )
-    p.add_argument("model", type=Path, help="model directory (model.keras + metadata.json)")
+    p.add_argument("model", type=Path, help="model directory (metadata.json and model.keras, model.h5 or model.onnx)")
     _add_data_args(p, default_seed=1)
     p.add_argument(
         "--part",
