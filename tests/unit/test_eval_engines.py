@@ -43,7 +43,8 @@ def _recordings(channels: int, lengths: tuple[int, ...], seed: int = 0) -> list[
 
 
 def _import(src: Path, out: Path) -> Path:
-    assert sigclassd_main(["import", str(src), "--out", str(out), "--norm-mean", str(MEAN), "--norm-std", str(STD)]) == 0
+    args = ["import", str(src), "--out", str(out), "--norm-mean", str(MEAN), "--norm-std", str(STD)]
+    assert sigclassd_main(args) == 0
     return out
 
 
@@ -59,7 +60,8 @@ def _assert_eval_gives(model_dir: Path, xs: list[np.ndarray], want: dict[str, li
     engines = load_engines(artifact, tuple(want))
     for mode, probs in want.items():
         for x, p in zip(xs, probs, strict=True):
-            got = predict_served(engines[mode], x, HOP, LAG) if mode == "windowed" else predict_stateful(engines[mode], x)
+            engine = engines[mode]
+            got = predict_served(engine, x, HOP, LAG) if mode == "windowed" else predict_stateful(engine, x)
             np.testing.assert_allclose(got, p, atol=1e-5, rtol=0)
         recs = [Recording(f"r{i}", x, _labels_where_clear(p)) for i, (x, p) in enumerate(zip(xs, probs, strict=True))]
         report = evaluate_recordings(artifact, recs, hop=HOP, lag=LAG, stateful=mode == "stateful")

@@ -680,6 +680,6 @@ def train(
 
 
 def load_model(artifact: ModelArtifact) -> keras.Model:
-    """Load the Keras model of a ``model.keras`` directory (the naive Keras baseline in bench; eval uses the engines)."""
+    """Load a directory's Keras model (for bench's naive Keras baseline; eval runs the daemon's engines)."""
     keras = quiet_tensorflow()
     return keras.saving.load_model(artifact.model_path, compile=False)
