@@ -168,6 +168,12 @@ def _cases() -> dict[str, tuple[Callable, bool]]:
                       L.LSTM(6, return_sequences=True), L.Dense(6, activation="mish"), L.ReLU(max_value=6.0),
                       L.Dense(3), L.Softmax())
 
+    def layer_norm():
+        return _model(L.Conv1D(6, 5, padding="same"), L.LayerNormalization(), L.ReLU(),
+                      L.Conv1D(6, 3, padding="same"), L.LayerNormalization(center=False, epsilon=0.1),
+                      L.LSTM(6, return_sequences=True), L.LayerNormalization(rms_scaling=True),
+                      L.Dense(3, activation="softmax"))
+
     def prelu_over_time():
         return _model(L.Conv1D(6, 3, padding="same"), L.PReLU(), L.LSTM(5, return_sequences=True),
                       L.Dense(3, activation="softmax"), window=WINDOW)
@@ -202,6 +208,7 @@ def _cases() -> dict[str, tuple[Callable, bool]]:
         "batch-normalization": (batch_norm, True),
         "normalization": (normalization, True),
         "activations": (activations, True),
+        "layer-normalization": (layer_norm, True),
         "prelu-over-time": (prelu_over_time, False),
         "bidirectional": (bidirectional, False),
         "go-backwards": (go_backwards, False),
@@ -249,6 +256,7 @@ def residual_merges():
 
 CASES = [
     "gru-reset-after", "gru-reset-before", "time-distributed", "batch-normalization", "normalization", "activations",
+    "layer-normalization",
     "prelu-over-time", "bidirectional", "go-backwards", "bidirectional-last-output", "logits-softmax",
     "logits-sigmoid", "residual", "residual-merges"]
 

@@ -114,14 +114,14 @@ def test_unsupported_models_are_refused_naming_the_layer(tmp_path: Path) -> None
 
     inputs = keras.Input((None, CHANNELS))
     rnn = keras.Model(inputs, layers.Dense(1, activation="sigmoid")(layers.SimpleRNN(4, return_sequences=True, name="my_rnn")(inputs)))
-    norm = keras.Model(inputs, layers.Dense(1, activation="sigmoid")(layers.LayerNormalization(name="ln")(inputs)))
+    pool = keras.Model(inputs, layers.Dense(1, activation="sigmoid")(layers.AveragePooling1D(1, name="avg")(inputs)))
     shared_conv = layers.Conv1D(CHANNELS, 3, padding="same", name="twice")
     shared = keras.Model(inputs, layers.Dense(1, activation="sigmoid")(shared_conv(shared_conv(inputs))))
     relu_out = keras.Model(inputs, layers.Dense(1, activation="relu", name="out")(layers.LSTM(4, return_sequences=True)(inputs)))
     wrong_units = keras.Model(inputs, layers.Dense(3, activation="softmax")(layers.LSTM(4, return_sequences=True)(inputs)))
     cases = {
         "rnn": (rnn, r"layer 'my_rnn' \(SimpleRNN\) is not supported; use an LSTM or GRU instead"),
-        "norm": (norm, r"layer 'ln' \(LayerNormalization\) is not supported; use BatchNormalization"),
+        "pool": (pool, r"layer 'avg' \(AveragePooling1D\) is not supported; use MaxPooling1D \(windowed mode\)"),
         "shared": (shared, "layer 'twice' is called 2 times \\(a shared layer\\)"),
         "relu": (relu_out, "last layer 'out' ends in 'relu', which gives neither probabilities nor logits"),
         "units": (wrong_units, "outputs 3 units but a sigmoid output over 2 classes"),

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import numpy as np
 
 from sigclassd.engine.activations import ACTIVATIONS, Parametric
-from sigclassd.engine.plan import GRU, INPUT, LSTM, Affine, Conv, Merge, Pool, Reshape, StepPlan, WindowPlan
+from sigclassd.engine.plan import GRU, INPUT, LSTM, Affine, Conv, LayerNorm, Merge, Pool, Reshape, StepPlan, WindowPlan
 
 
 def single_blas_thread() -> None:
@@ -393,6 +393,8 @@ def forward(plan: WindowPlan, x: np.ndarray, norm: tuple[np.ndarray, np.ndarray]
             u, timed = (u.transpose(2, 0, 1) if timed else u).reshape(batch, *op.shape), False
         elif isinstance(op, Affine):
             u = _affine(u, op, 1 if timed else -1)
+        elif isinstance(op, LayerNorm):
+            u = _layer_norm(u, op, 1 if timed else -1)
         elif isinstance(op, Merge):
             u = _merge(op, [values[n][0] for n in op.inputs], 1 if timed else -1)
         elif timed and op.kernel is not None:
@@ -414,6 +416,19 @@ def _affine(u: np.ndarray, op: Affine, axis: int) -> np.ndarray:
     y = u * op.scale.reshape(shape)
     y += op.shift.reshape(shape)
     return y
+
+
+def _layer_norm(u: np.ndarray, op: LayerNorm, axis: int) -> np.ndarray:
+    """Keras' layer normalisation over the features (``axis``), in its order of operations."""
+    shape = [1] * u.ndim
+    shape[axis] = -1
+    mean = u.mean(axis=axis, keepdims=True)
+    centred = u - mean
+    inv = np.float32(1) / np.sqrt(np.mean(centred * centred, axis=axis, keepdims=True) + np.float32(op.epsilon))
+    if op.rms:
+        return u * inv * op.gamma.reshape(shape)
+    inv = inv * op.gamma.reshape(shape)
+    return u * inv + (op.beta.reshape(shape) - mean * inv)
 
 
 _MERGES = {"add": np.add, "subtract": np.subtract, "multiply": np.multiply, "maximum": np.maximum,
@@ -560,6 +575,8 @@ def _step_rows(
                 new_state[a:b, op.offset : op.offset + n] = out[length - 1, :, a:b].T
         elif isinstance(op, Affine):
             out = _affine(u, op, 1)
+        elif isinstance(op, LayerNorm):
+            out = _layer_norm(u, op, 1)
         elif isinstance(op, Merge):
             out = _merge(op, [values[n] for n in op.inputs], 1)
         elif op.kernel is not None:  # a Dense, or a conv of one tap

@@ -55,6 +55,7 @@ LAYERS: tuple[tuple[str, str, str, str], ...] = (
     ("TimeDistributed(layer)", "yes", "if the layer streams", "around a per-timestep layer (Dense, activations, ...)"),
     ("BatchNormalization", "yes", "yes", "last axis; folded into the Conv1D/Dense before it or the input normalisation"),
     ("Normalization", "yes", "yes", "last axis; folded as BatchNormalization"),
+    ("LayerNormalization", "yes", "yes", "last axis (the features of each timestep)"),
     ("Activation, Softmax (last axis)", "yes", "yes",
      "activations: " + ", ".join(a for a in ACTIVATIONS if a != "gelu_approximate") + ", gelu_approximate (tanh form)"),
     ("ReLU, LeakyReLU, ELU, ThresholdedReLU (Keras 2)", "yes", "yes", "with any of their options"),
@@ -82,7 +83,6 @@ INSTEAD = {
     "AveragePooling1D": "MaxPooling1D (windowed mode), or a Conv1D",
     "GlobalAveragePooling1D": "an LSTM returning its last output (windowed mode)",
     "GlobalMaxPooling1D": "an LSTM returning its last output (windowed mode)",
-    "LayerNormalization": "BatchNormalization, which folds into the weights",
     "GroupNormalization": "BatchNormalization",
     "MultiHeadAttention": "a (Bidirectional) LSTM or GRU; attention is not served",
     "Masking": "nothing: the engine never pads a stream, so remove the Masking layer",
@@ -232,6 +232,21 @@ class Affine:
 
 
 @dataclass(frozen=True)
+class LayerNorm:
+    """LayerNormalization over the features of each timestep: ``(x - mean) / sqrt(var + epsilon) * gamma + beta``
+    (with ``rms``, Keras' deprecated rms_scaling: ``x / sqrt(var + epsilon) * gamma``)."""
+
+    name: str
+    gamma: np.ndarray
+    beta: np.ndarray
+    epsilon: float
+    rms: bool = False
+    delay: int = 0
+    mask_output: bool = False
+    inputs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Merge:
     """Add, Subtract, Multiply, Average, Maximum, Minimum or Concatenate (last axis) of its ``inputs``."""
 
@@ -261,8 +276,8 @@ class Reshape:
 
 
 Recurrent = LSTM | GRU
-Op = Conv | LSTM | GRU | Dense | Affine | Merge | Pool | Reshape
-Step = Conv | LSTM | GRU | Dense | Affine | Merge
+Op = Conv | LSTM | GRU | Dense | Affine | LayerNorm | Merge | Pool | Reshape
+Step = Conv | LSTM | GRU | Dense | Affine | LayerNorm | Merge
 
 
 def _readers(ops: tuple[Op, ...]) -> dict[str, list[int]]:
@@ -300,7 +315,7 @@ def _output_activation(ops: tuple[Op, ...], head: str | None) -> str:
             continue  # the values are unchanged
         if isinstance(op, Dense) and op.kernel is None and op.activation == "linear":
             continue  # Activation('linear'): the identity
-        if isinstance(op, Affine | Merge):
+        if isinstance(op, Affine | LayerNorm | Merge):
             return "linear"
         activation = op.activation
         return activation.name if isinstance(activation, Parametric) else activation
@@ -543,6 +558,13 @@ def _op(layer: Layer, width: int, inputs: tuple[str, ...]) -> list[Op]:
         return [Dense(name, None, None, activation, inputs=inputs)]
     if kind in ("BatchNormalization", "Normalization"):
         return [Affine(name, *_normalisation(layer), inputs=inputs)]
+    if kind == "LayerNormalization":
+        _last_axis(layer)
+        rms = bool(cfg.get("rms_scaling"))
+        weights = list(layer.weights)
+        gamma = weights.pop(0) if cfg.get("scale", True) or rms else np.ones(width, np.float32)
+        beta = weights.pop(0) if cfg.get("center", True) and not rms else np.zeros(width, np.float32)
+        return [LayerNorm(name, gamma.reshape(-1), beta.reshape(-1), float(cfg.get("epsilon", 1e-3)), rms, inputs=inputs)]
     if kind in MERGE_LAYERS:
         if kind == "Concatenate":
             _last_axis(layer)
