@@ -141,9 +141,11 @@ def test_a_shard_whose_input_connection_is_down_is_not_ready(tmp_path, causal_mo
     forwarder = None
     try:
         d.start(wait=False)
-        wait_for(lambda: d.proc.poll() is None and _get(d, "/healthz") == 200, 120, "the daemon never came up")
-        wait_for(lambda: _get(d, "/readyz") == 503, 10, "ready without any input connection")
-        assert d.http("/readyz") == (503, "not ready: no input connection is up\n")
+        wanted = (503, "not ready: no input connection is up\n")  # after the model is loaded, not before
+        wait_for(lambda: d.proc.poll() is None and _answer(d, "/readyz") == wanted, 120,
+                 "never told that no input connection is up")
+        time.sleep(1.5)
+        assert d.http("/readyz") == wanted
         assert d.http("/healthz")[0] == 200
         forwarder = Forwarder(tmp_path, xpub=xpub)
         wait_for(lambda: _get(d, "/readyz") == 200, 20, "not ready once the forwarder is up")
@@ -156,10 +158,14 @@ def test_a_shard_whose_input_connection_is_down_is_not_ready(tmp_path, causal_mo
 
 
 def _get(d: Daemon, path: str) -> int:
+    return _answer(d, path)[0]
+
+
+def _answer(d: Daemon, path: str) -> tuple[int, str]:
     try:
-        return d.http(path)[0]
+        return d.http(path)
     except OSError:
-        return 0
+        return 0, ""
 
 
 def test_gateway_connections_beyond_the_limit_are_refused_until_one_closes(tmp_path, ctx, causal_model):
