@@ -97,29 +97,25 @@ def test_keygen_refuses_to_overwrite_and_protects_the_secret(tmp_path):
 
 def test_bad_security_config_is_a_config_error(tmp_path):
     """A missing secret key, a public-only key file or an empty allow-list fail start-up with ConfigError."""
-    from sigclassd.auth import start_authenticator
+    from sigclassd.auth import load_curve
     from sigclassd.config import SecuritySettings
     from sigclassd.errors import ConfigError
 
     public, secret = keygen(tmp_path / "server", "server")
     (tmp_path / "empty").mkdir()
-    ctx = zmq.Context()
-    try:
-        cases = [
-            (SecuritySettings(str(tmp_path / "nope"), str(tmp_path / "server")), "cannot read"),
-            (SecuritySettings(str(public), str(tmp_path / "server")), "only a public key"),
-            (SecuritySettings(str(secret), str(tmp_path / "empty")), "no '\\*.key' files"),
-            (SecuritySettings(str(secret), str(tmp_path / "missing")), "not a directory"),
-        ]
-        for settings, match in cases:
-            with pytest.raises(ConfigError, match=match):
-                start_authenticator(ctx, settings)
-        key, auth, rules = start_authenticator(ctx, SecuritySettings(str(secret), str(tmp_path / "server")))
-        auth.stop()
-        assert key == zmq.auth.load_certificate(secret)[1]
-        assert not rules  # no gateway restricted: the plain drain
-    finally:
-        ctx.term()
+    cases = [
+        (SecuritySettings(str(tmp_path / "nope"), str(tmp_path / "server")), "cannot read"),
+        (SecuritySettings(str(public), str(tmp_path / "server")), "only a public key"),
+        (SecuritySettings(str(secret), str(tmp_path / "empty")), "no '\\*.key' files"),
+        (SecuritySettings(str(secret), str(tmp_path / "missing")), "not a directory"),
+    ]
+    for settings, match in cases:
+        with pytest.raises(ConfigError, match=match):
+            load_curve(settings)
+    key, allowed, rules = load_curve(SecuritySettings(str(secret), str(tmp_path / "server")))
+    assert key == zmq.auth.load_certificate(secret)[1]
+    assert list(allowed.values()) == ["server"]
+    assert not rules  # no gateway restricted: the plain drain
 
 
 def test_relative_key_paths_resolve_in_the_systemd_credentials_directory(tmp_path, monkeypatch):
@@ -180,23 +176,22 @@ def test_topic_rules_give_a_listed_prefix_to_its_gateways_only():
     assert bool(rules) and not TopicRules({})
 
 
-def refusal(ctx: zmq.Context, settings) -> str:  # noqa: ANN001
-    """The ConfigError start_authenticator raises for ``settings``, or "" (the authenticator stopped) if it starts."""
-    from sigclassd.auth import start_authenticator
+def refusal(settings) -> str:  # noqa: ANN001
+    """The ConfigError load_curve raises for ``settings``, or "" if they are accepted."""
+    from sigclassd.auth import load_curve
     from sigclassd.errors import ConfigError
 
     try:
-        _, auth, _ = start_authenticator(ctx, settings)
+        load_curve(settings)
     except ConfigError as e:
         return str(e)
-    auth.stop()
     return ""
 
 
-def test_an_allow_list_open_to_tampering_or_ambiguous_is_a_config_error(tmp_path, ctx):
+def test_an_allow_list_open_to_tampering_or_ambiguous_is_a_config_error(tmp_path):
     """Key files or directories writable by group or others, a secret key readable by all, one public key in
     two files and a .prefixes file without its key each fail start-up naming the file."""
-    from sigclassd.auth import start_authenticator
+    from sigclassd.auth import load_curve
     from sigclassd.config import SecuritySettings
 
     _, secret = keygen(tmp_path / "server", "server")
@@ -212,19 +207,18 @@ def test_an_allow_list_open_to_tampering_or_ambiguous_is_a_config_error(tmp_path
     ]:
         before = path.stat().st_mode & 0o777
         os.chmod(path, mode)
-        assert message in refusal(ctx, settings)
+        assert message in refusal(settings)
         os.chmod(path, before)
     shutil.copy(gw1, gateways / "gw-1-copy.key")
-    assert f"{gateways / 'gw-1.key'} holds the same public key as gw-1-copy.key" in refusal(ctx, settings)
+    assert f"{gateways / 'gw-1.key'} holds the same public key as gw-1-copy.key" in refusal(settings)
     (gateways / "gw-1-copy.key").unlink()
     (gateways / "gw-l.prefixes").write_text("site-a/\n")  # a typo for gw-1
-    assert "gw-l.prefixes restricts a gateway 'gw-l' that has no gw-l.key" in refusal(ctx, settings)
+    assert "gw-l.prefixes restricts a gateway 'gw-l' that has no gw-l.key" in refusal(settings)
     (gateways / "gw-l.prefixes").rename(gateways / "gw-1.prefixes")
     os.chmod(gateways / "gw-1.prefixes", 0o646)
-    assert "gw-1.prefixes is writable by group or others" in refusal(ctx, settings)
+    assert "gw-1.prefixes is writable by group or others" in refusal(settings)
     os.chmod(gateways / "gw-1.prefixes", 0o644)
-    _, auth, rules = start_authenticator(ctx, settings)
-    auth.stop()
+    _, _, rules = load_curve(settings)
     assert rules.allows("gw-1", b"site-a/1") and not rules.allows("gw-1", b"site-b/1")
 
 
