@@ -86,15 +86,16 @@ COMMANDS = {
     "simulate": ("sigclassd.simulate", "add_parser", "act as sensor gateways: publish samples for N streams"),
     "tap": ("sigclassd.tap", "add_parser", "subscribe to the daemon's labels and print them or a summary"),
     "train": ("sigclassd.models.cli", "add_parsers", "train a model on recordings or synthetic data (needs the train extra)"),
-    "eval": ("sigclassd.models.cli", "add_parsers", "score a model on recordings as the daemon serves it (needs the train extra)"),
+    "eval": ("sigclassd.models.cli", "add_parsers", "score a model on recordings as the daemon serves it"),
     "import": ("sigclassd.importer", "add_parser", "make a model directory from a Keras (.keras/.h5) or ONNX file"),
     "forward": ("sigclassd.forwarder", "add_parser", "run an XSUB/XPUB forwarder between gateways and daemon shards"),
     "keygen": ("sigclassd.keygen", "add_parser", "write a CURVE key pair for encrypted, authenticated input"),
     "bench": ("sigclassd.bench", "add_parser", "measure throughput and latency of the daemon under load"),
 }
 
-# Commands that build, train or evaluate models with Keras: only the `train` extra installs TensorFlow.
-NEED_TRAIN_EXTRA = ("train", "eval")
+# Commands that build or train models with Keras: only the `train` extra installs TensorFlow.
+# (eval scores through the daemon's NumPy engines and needs none.)
+NEED_TRAIN_EXTRA = ("train",)
 
 
 def install_line(extra: str) -> str:

@@ -178,8 +178,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "eval",
-        help="score a model on labelled data as the daemon serves it, against a majority-class baseline "
-        "(needs the train extra)",
+        help="score a model on labelled data as the daemon serves it, against a majority-class baseline",
         description="Per-timestep accuracy, balanced accuracy, macro-F1, per-class recall and F1 and confusion "
         "matrices of what the daemon publishes in each mode: windowed (a window every --hop samples, the "
         "newest labelled, --lag held back) and stateful (state carried from the first sample), next to a "
@@ -187,8 +186,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         "checks, so any model directory the daemon serves is scored as served (Keras, ONNX, logits heads). "
         "The model's label remapping is applied to the data. Recordings the model "
         "was trained on are recognised by fingerprint: only their held-out part is scored unless --part all. "
-        "Needs TensorFlow: the train extra (make test installs it; README, Install: the wheel's [train]). "
-        "Without it this command prints the pip line that adds it.",
+        "Needs no TensorFlow; EDF recordings need edfio, from the train extra.",
         epilog=DATA_HELP,
     )
     p.add_argument("model", type=Path, help="model directory (metadata.json and model.keras, model.h5 or model.onnx)")
