@@ -94,6 +94,7 @@ class Admission:
         self.ids: dict[str, Budget] = {}
         self.stalled = 0.0  # seconds, in all, the daemon was not reading (gaps between turns beyond STALL_S)
         self.turn_at = clock()
+        self.catching_up_until = float("-inf")  # after a stall, while its backlog is read (twice its length)
 
     # ------------------------------------------------------------ the reading clock
 
@@ -105,7 +106,12 @@ class Admission:
         if gap <= STALL_S:
             return 0.0
         self.stalled += gap
+        self.catching_up_until = now + 2 * gap
         return gap
+
+    def catching_up(self, now: float) -> bool:
+        """True while the backlog of a recent stall may still be read."""
+        return now < self.catching_up_until
 
     def reading(self, now: float) -> float:
         """``now`` on a clock that stands still while the daemon does not read."""

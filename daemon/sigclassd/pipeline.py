@@ -100,7 +100,12 @@ class Pipeline:
     # ------------------------------------------------------------ ingest -> decode -> table
 
     def take(self, timeout_s: float) -> bool:
-        messages, wall = self.ingest.drain(timeout_s)
+        if self.table.backlogged():
+            # Catching up after a stall: what waits in the socket queues stays there until the model
+            # has labelled what the table holds, instead of being read in only to be shed.
+            messages, wall = [], 0.0
+        else:
+            messages, wall = self.ingest.drain(timeout_s)
         with self.counting:
             # First the reading clock (a stall of the daemon's shows here, before its backlog is
             # accepted), and the frames waiting for their stream's publisher to fall silent.

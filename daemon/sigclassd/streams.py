@@ -254,7 +254,7 @@ class Parked:
     or a second publisher's. Their samples count as buffered while they wait.
     """
 
-    __slots__ = ("frames", "first_seq", "ahead", "next_seq", "heard_at", "held")
+    __slots__ = ("frames", "first_seq", "ahead", "next_seq", "heard_at", "held", "publisher_at", "run")
 
     def __init__(self, seq: int, ahead: bool, heard_at: float) -> None:
         self.frames: list[tuple[int, int, float, int, np.ndarray, np.ndarray]] = []
@@ -263,14 +263,23 @@ class Parked:
         self.next_seq = seq
         self.heard_at = heard_at
         self.held = 0
+        self.publisher_at = float("-inf")  # when the stream's publisher was last heard, as of the last frame
+        self.run = 0  # samples this line sent since then
 
     def add(self, seq: int, k: int, rate: float, flags: int, samples: np.ndarray, meta: np.ndarray,
-            heard_at: float) -> None:
+            heard_at: float, publisher_at: float) -> None:
         # Copies: a view would keep the whole drain's arrays alive while the frame waits.
         self.frames.append((seq, k, rate, flags, samples.copy(), meta.copy()))
+        self.held += k
+        self.followed(seq, k, heard_at, publisher_at)
+
+    def followed(self, seq: int, k: int, heard_at: float, publisher_at: float) -> None:
+        """The line went on to ``seq + k``, at ``heard_at``; its publisher rival was last heard at ``publisher_at``."""
         self.next_seq = seq + k
         self.heard_at = heard_at
-        self.held += k
+        if publisher_at != self.publisher_at:
+            self.publisher_at, self.run = publisher_at, 0
+        self.run += k
 
 
 class StreamTable:
@@ -390,6 +399,12 @@ class StreamTable:
             self.settle_parked(now)
         return stalled
 
+    def backlogged(self) -> bool:
+        """True while catching up after a stall with more buffered than half the streams' pending room:
+        the daemon should label before it reads more."""
+        return (self.buffered > self.settings.max_pending_samples * len(self.streams) // 2
+                and self.admission.catching_up(self.clock()))
+
     def accept(self, frame: SampleFrame, wall: float | None = None) -> None:
         """:meth:`accept_batch` for one decoded frame (tools and tests; the daemon accepts whole drains)."""
         self.accept_batch(SampleBatch.of([frame]), time.time() if wall is None else wall)
@@ -473,12 +488,12 @@ class StreamTable:
             expected = stream.next_seq
             breaking = flags & protocol.FLAG_RESTART or seq > expected or expected - seq > s.backwards_reset_samples
             if breaking and not self.admission.silent(stream.budget, at):
-                self._contest(stream, seq, k, rate, flags, samples, meta, at)
+                self._contest(stream, seq, k, rate, flags, samples, meta, now, at)
                 return
         self._apply(stream_id, seq, k, rate, flags, samples, meta, now, at)
 
     def _contest(self, stream: Stream, seq: int, k: int, rate: float, flags: int, samples: np.ndarray,
-                 meta: np.ndarray, at: float) -> None:
+                 meta: np.ndarray, now: float, at: float) -> None:
         """A frame that would end or jump ``stream``'s incarnation while its publisher is live: it waits
         (with the frames that continue it) until the publisher falls silent; a refused line's next
         frames are refused at once."""
@@ -486,12 +501,19 @@ class StreamTable:
         b = stream.budget
         waiting = self.parked.get(stream.name)
         if waiting is not None and not flags & protocol.FLAG_RESTART and 0 <= seq - waiting.next_seq <= s.gap_reset_samples:
-            if waiting.held + k > WAITING_PENDING * s.max_pending_samples:  # refused; the line is still followed
-                waiting.next_seq, waiting.heard_at = seq + k, at
-                self._conflict(stream.name, k, 1)
+            cap = WAITING_PENDING * s.max_pending_samples
+            if waiting.held + k <= cap:
+                waiting.add(seq, k, rate, flags, samples, meta, at, b.heard_at)
+                self.buffered += k
                 return
-            waiting.add(seq, k, rate, flags, samples, meta, at)
-            self.buffered += k
+            if waiting.run >= cap // 2 and self.admission.catching_up(now):
+                # After a stall, a line that sent half its room while the publisher sent nothing is the
+                # publisher's backlog on a new connection, read faster than silence is measured: it goes in.
+                self._let_in(stream.name, waiting, now, at)
+                self._apply(stream.name, seq, k, rate, flags, samples, meta, now, at)
+                return
+            waiting.followed(seq, k, at, b.heard_at)  # refused; the line is still followed
+            self._conflict(stream.name, k, 1)
             return
         if seq == b.intruder_next and not flags:
             b.intruder_next = seq + k
@@ -504,7 +526,7 @@ class StreamTable:
             return
         ahead = not flags & protocol.FLAG_RESTART and seq > (stream.next_seq or 0)
         waiting = self.parked[stream.name] = Parked(seq, ahead, at)
-        waiting.add(seq, k, rate, flags, samples, meta, at)
+        waiting.add(seq, k, rate, flags, samples, meta, at, b.heard_at)
         self.buffered += k
 
     def _conflict(self, stream_id: str, k: int, frames: int) -> None:

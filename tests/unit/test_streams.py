@@ -578,3 +578,39 @@ def test_a_reconnecting_gateways_backlog_interleaved_with_its_new_frames_is_all_
         else:
             assert seqs == [list(range(1000)), list(range(first_new, seq))]
             assert t.streams["a"].flags & protocol.LABEL_GAP and t.streams["a"].gap == lost
+
+
+def test_after_a_long_stall_a_new_connections_backlog_read_at_once_goes_in_without_loss():
+    """After a 60 s stall the gateway's new connection brings 55 s of backlog, read far faster than silence is
+    measured: once its line has filled half the room to wait while the old connection sent nothing, it goes
+    in, and nothing is refused."""
+    t, reg, clock = make_table(rate_limit=1.5, rate_burst_s=2.0, gap_reset_samples=400, max_pending_samples=1000)
+    now = 0.0
+    for i in range(50):
+        now += 0.04
+        turn(t, clock, now, [rated("a", 10 * i, 10, 250.0)])
+    now += 60.0
+    old = [rated("a", seq, 10, 250.0) for seq in range(500, 900, 10)]  # the old connection: a little
+    new = [rated("a", seq, 10, 250.0) for seq in range(1700, 15500, 10)]  # the new one: its queue
+    queue = [f for pair in zip(old, new, strict=False) for f in pair] + new[len(old):]
+    for j in range(0, len(queue), 50):
+        now += 0.002
+        turn(t, clock, now, queue[j : j + 50])
+    assert refused(reg) == 0
+    new_incarnation = t.streams["a"]
+    assert [s.seq[: s.n].tolist() for s in t.retired] == [list(range(900))]
+    assert new_incarnation.gap == 800 and new_incarnation.next_seq == 15500
+    # No model runs here: beyond what waited (let in whole), the pending cap sheds the oldest.
+    assert new_incarnation.seq[: new_incarnation.n].tolist() == list(range(15500 - new_incarnation.n, 15500))
+
+
+def test_after_a_stall_the_table_asks_to_label_before_reading_more():
+    """While catching up after a stall, a table holding more than half its streams' pending room is backlogged
+    (the daemon leaves the rest in the socket queues rather than read it in to shed it); never otherwise."""
+    t, _, clock = make_table(max_pending_samples=100)
+    turn(t, clock, 0.1, [frame("a", 0, 60), frame("b", 0, 60)])
+    assert not t.backlogged()  # 120 > 100 held, but no stall
+    turn(t, clock, 10.0, [])  # a stall of about 10 s
+    assert t.backlogged()
+    clock.now = 40.0  # twice the stall later: caught up
+    assert not t.backlogged()
