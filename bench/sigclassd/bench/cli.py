@@ -6,10 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sigclassd.bench.result import DAEMON_MODES, MODES
-
-SCENARIOS = ("load", "flood", "storms")
-STORMS = ("resets", "ids", "consumers")
+from sigclassd.bench.result import DAEMON_MODES, MODES, SCENARIOS, STORMS
 
 
 def _ints(text: str) -> list[int]:
@@ -54,13 +51,14 @@ def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="load (default): every mode at every stream count, into results.md. flood: the valid streams "
                         "alone, then while a second gateway floods (--flood-*), into flood.md. storms: the valid "
                         "streams alone, then beside a reset storm, one-message stream ids and consumers that never "
-                        "read (--storm-*), into storms.md. flood and storms run the daemon modes only (issue 14)")
+                        "read (--storm-*), into storms.md. flood and storms run the daemon modes only")
     p.add_argument("--modes", type=_modes, default=None,
                    help=f"comma-separated (default {','.join(MODES)}; for flood and storms "
                         f"{','.join(DAEMON_MODES)})")
     p.add_argument("--streams", type=_ints, default=None,
                    help="stream counts for every mode but naive, the relay first at each count "
-                        "(default 100,250,500,750,1000,1250,1500,1750,2000); flood and storms: the valid streams (default 100)")
+                        "(default 100,250,500,750,1000,1250,1500,1750,2000); flood and storms: the valid streams "
+                        "(default 100)")
     p.add_argument("--seconds", type=float, default=10.0, help="load duration per run (default 10)")
     p.add_argument("--naive-streams", type=_ints, default=[1, 2, 5, 10],
                    help="stream counts for the naive loop, which saturates early (default 1,2,5,10)")
@@ -77,7 +75,8 @@ def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for a SUT to serve")
     p.add_argument("--profile", type=_profile_spec, action="append", default=[], metavar="MODE:STREAMS",
                    help="profile that run's SUT with py-spy (else pyinstrument) into OUT/profile-MODE-STREAMS.txt")
-    p.add_argument("--flood-streams", type=int, default=1000, help="flood: the flooding gateway's streams (default 1000)")
+    p.add_argument("--flood-streams", type=int, default=1000,
+                   help="flood: the flooding gateway's streams (default 1000)")
     p.add_argument("--flood-speed", type=float, default=10.0,
                    help="flood: how many times faster than their declared 250 Hz the flood's streams send (default 10)")
     p.add_argument("--storms", type=_storms, default=list(STORMS),

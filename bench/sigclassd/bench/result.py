@@ -1,4 +1,4 @@
-"""One measurement's figures, and what "sustained" means."""
+"""One measurement's figures, what "sustained" means, and the names of the modes, scenarios and storms."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from sigclassd.bench.load import RATE_HZ
 SUSTAIN_P99_MS = 100.0
 MODES = ("stateful", "windowed", "sharded", "relay", "naive")
 DAEMON_MODES = ("stateful", "windowed")
+SCENARIOS = ("load", "flood", "storms")
+STORMS = ("resets", "ids", "consumers")
 
 
 @dataclass

@@ -18,14 +18,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
 from sigclassd.bench import report
-from sigclassd.bench.cli import STORMS
 from sigclassd.bench.intruders import DeafConsumers, Flood, FloodConnections, Intruder, ManyIds, ResetStorm
 from sigclassd.bench.load import CHANNELS, CHUNK, FLOOD_PREFIX, Load
+from sigclassd.bench.report import cell
+from sigclassd.bench.result import STORMS, RunResult
 from sigclassd.config import InputSettings, StreamSettings
 from sigclassd.ingest import queue_limit
 from sigclassd.protocol import MAX_RATE_HZ, SAMPLE_HEADER_SIZE
-from sigclassd.bench.report import cell
-from sigclassd.bench.result import RunResult
 
 P99_FACTOR = 2.0
 STORM_RSS_MB = 100.0
