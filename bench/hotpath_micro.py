@@ -13,41 +13,61 @@ import time
 
 import numpy as np
 from prometheus_client import CollectorRegistry
+
 from sigclassd import protocol
 from sigclassd.config import StreamSettings
 from sigclassd.metrics import Metrics
 from sigclassd.planner import make_planner
 from sigclassd.streams import StreamTable
 
-S=1000; PER=int(sys.argv[1]) if len(sys.argv)>1 else 1
-t=StreamTable(StreamSettings(), Metrics(CollectorRegistry(), process=False), channels=16, history=4, ready_after=1, initial_state=lambda: np.zeros(100,np.float32), warmup=400)
-p=make_planner("stateful", t, window=400, lag=0, lookahead=4, pad_value=np.zeros(16,np.float32), n_classes=2, max_streams=1024)
-x=np.random.default_rng(0).normal(size=(10,16)).astype(np.float32)
-rounds=[]
-seq=0
-for r in range(21):
-    msgs=[]
-    for j in range(PER):
-        msgs+=[protocol.encode_samples(f"s/{i}", x, seq, sample_rate_hz=250.0) for i in range(S)]
-        seq+=10
+STREAMS = 1000
+PER = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+
+table = StreamTable(StreamSettings(), Metrics(CollectorRegistry(), process=False), channels=16, history=4,
+                    ready_after=1, initial_state=lambda: np.zeros(100, np.float32), warmup=400)
+planner = make_planner("stateful", table, window=400, lag=0, lookahead=4, pad_value=np.zeros(16, np.float32),
+                       n_classes=2, max_streams=1024)
+x = np.random.default_rng(0).normal(size=(10, 16)).astype(np.float32)
+rounds = []
+seq = 0
+for _ in range(21):
+    msgs = []
+    for _ in range(PER):
+        msgs += [protocol.encode_samples(f"s/{i}", x, seq, sample_rate_hz=250.0) for i in range(STREAMS)]
+        seq += 10
     rounds.append(msgs)
-T={'decode':0,'accept':0,'collect':0,'complete':0,'encode':0}
-nmsg=0
-for ri,rnd in enumerate(rounds):
-    a=time.perf_counter(); fb=protocol.decode_batch(rnd, n_channels=16, max_abs=1e6); b=time.perf_counter()
-    t.accept_batch(fb, 0.0)
-    c=time.perf_counter()
-    runs=[]; tc=tp=0
+totals = {"decode": 0.0, "accept": 0.0, "collect": 0.0, "complete": 0.0, "encode": 0.0}
+n_messages = 0
+for k, messages in enumerate(rounds):
+    t0 = time.perf_counter()
+    frames = protocol.decode_batch(messages, n_channels=16, max_abs=1e6)
+    t1 = time.perf_counter()
+    table.accept_batch(frames, 0.0)
+    t2 = time.perf_counter()
+    runs = []
+    collect_s = complete_s = 0.0
     while True:
-        c0=time.perf_counter(); batch=p.collect(); c1=time.perf_counter(); tc+=c1-c0
-        if batch is None: break
-        probs=np.zeros((*batch.x.shape[:2],2),np.float32)
-        r=p.complete(batch, probs, batch.state); c2=time.perf_counter(); tp+=c2-c1
-        runs+=r
-    e0=time.perf_counter()
-    for r in runs: protocol.label_body(r.probabilities, r.labels, r.seq, r.t0_ns, 1, r.flags, r.gap, r.ingress_ns)
-    e1=time.perf_counter()
-    if ri==0: continue
-    nmsg+=len(rnd)
-    T['decode']+=b-a; T['accept']+=c-b; T['collect']+=tc; T['complete']+=tp; T['encode']+=e1-e0
-print(PER, "msgs/stream/turn:", {k: round(v/nmsg*1e6,2) for k,v in T.items()}, "us per message; total", round(sum(T.values())/nmsg*1e6,2))
+        c0 = time.perf_counter()
+        batch = planner.collect()
+        c1 = time.perf_counter()
+        collect_s += c1 - c0
+        if batch is None:
+            break
+        probs = np.zeros((*batch.x.shape[:2], 2), np.float32)
+        done = planner.complete(batch, probs, batch.state)
+        complete_s += time.perf_counter() - c1
+        runs += done
+    e0 = time.perf_counter()
+    for r in runs:
+        protocol.label_body(r.probabilities, r.labels, r.seq, r.t0_ns, 1, r.flags, r.gap, r.ingress_ns)
+    e1 = time.perf_counter()
+    if k == 0:  # the first turn opens the streams
+        continue
+    n_messages += len(messages)
+    totals["decode"] += t1 - t0
+    totals["accept"] += t2 - t1
+    totals["collect"] += collect_s
+    totals["complete"] += complete_s
+    totals["encode"] += e1 - e0
+per_message = {stage: round(s / n_messages * 1e6, 2) for stage, s in totals.items()}
+print(PER, "msgs/stream/turn:", per_message, "us per message; total", round(sum(totals.values()) / n_messages * 1e6, 2))

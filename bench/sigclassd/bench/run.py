@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sigclassd.bench import report
 from sigclassd.bench.intruders import Intruder
@@ -24,6 +24,9 @@ from sigclassd.bench.profile import py_spy, pyinstrument_wrap, start_py_spy, sum
 from sigclassd.bench.result import RunResult
 from sigclassd.bench.scenarios import run_scenario
 from sigclassd.bench.sut import start_sut
+
+if TYPE_CHECKING:
+    from sigclassd.artifact import ModelMeta
 
 WARMUP_S = 2.0
 SETTLE_S = 1.0  # between "everyone connected" and the first due message: SUB subscriptions must propagate
@@ -143,7 +146,7 @@ def _sleep_until(t: float) -> None:
         time.sleep(delay)
 
 
-def model_meta(model: Path | None) -> Any:  # noqa: ANN401 - a ModelMeta, imported only when a benchmark runs
+def model_meta(model: Path | None) -> ModelMeta:
     from sigclassd.artifact import default_model_path, read_artifact
 
     return read_artifact(model or default_model_path()).meta
