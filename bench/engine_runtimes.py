@@ -71,9 +71,9 @@ def window_row(engine: str, run, meta, batch: int, seconds: float, scratch: Path
 
 
 def measure_numpy(model: Path, seconds: float, scratch: Path) -> list[dict]:
+    from sigclassd.artifact import read_artifact
     from sigclassd.engine.stateful import StatefulEngine
     from sigclassd.engine.windowed import WindowedEngine
-    from sigclassd.artifact import read_artifact
 
     artifact = read_artifact(model)
     rows = []
@@ -86,7 +86,7 @@ def measure_numpy(model: Path, seconds: float, scratch: Path) -> list[dict]:
             state = np.zeros((batch, engine.state_size), np.float32)
             for _ in range(3):  # streams past their start
                 _, state = engine.run(x, lengths, state)
-            wall, cpu, calls = timed(lambda: engine.run(x, lengths, state), seconds)  # noqa: B023
+            wall, _, calls = timed(lambda: engine.run(x, lengths, state), seconds)  # noqa: B023
             rows.append({"kind": "step", "engine": "numpy", "batch": batch, "chunk": chunk,
                          "ms_per_call": 1e3 * wall / calls, "samples_per_s": batch * chunk * calls / wall,
                          "rss_mb": rss_mb()})
@@ -101,8 +101,8 @@ def measure_xla(model: Path, seconds: float, scratch: Path) -> list[dict]:
     import keras
     import tensorflow as tf
 
-    from sigclassd.engine.activations import to_probabilities
     from sigclassd.artifact import read_artifact
+    from sigclassd.engine.activations import to_probabilities
 
     artifact = read_artifact(model)
     meta = artifact.meta
@@ -124,8 +124,8 @@ def measure_litert(model: Path, seconds: float, scratch: Path) -> list[dict]:
     import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter
 
-    from sigclassd.engine.activations import to_probabilities
     from sigclassd.artifact import read_artifact
+    from sigclassd.engine.activations import to_probabilities
 
     artifact = read_artifact(model)
     meta = artifact.meta
@@ -181,14 +181,15 @@ def main() -> int:
     print("\nStateful step, one call:\n\n| batch x chunk | ms/call | samples/s | RSS MB |\n|---|---:|---:|---:|")
     for r in rows:
         if r["kind"] == "step":
-            print(f"| {r['batch']} x {r['chunk']} | {r['ms_per_call']:.3f} | {r['samples_per_s']:,.0f} | {r['rss_mb']:.0f} |")
+            print(f"| {r['batch']} x {r['chunk']} | {r['ms_per_call']:.3f} | {r['samples_per_s']:,.0f} "
+                  f"| {r['rss_mb']:.0f} |")
     print("\nWindowed forward:\n\n| engine | batch | windows/s | windows per CPU-s | max abs diff vs numpy | RSS MB |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         if r["kind"] == "window":
             diff = f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else "-"
-            print(f"| {r['engine']} | {r['batch']} | {r['windows_per_s']:,.0f} | {r['windows_per_cpu_s']:,.0f} | {diff} "
-                  f"| {r['rss_mb']:.0f} |")
+            print(f"| {r['engine']} | {r['batch']} | {r['windows_per_s']:,.0f} | {r['windows_per_cpu_s']:,.0f} "
+                  f"| {diff} | {r['rss_mb']:.0f} |")
     return 0
 
 

@@ -141,11 +141,13 @@ def main() -> int:
         channels = json.loads((args.model / "metadata.json").read_text())["channels"] if args.model else 16
         listed = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "list", "--format=freeze",
                                  "--disable-pip-version-check"], capture_output=True, text=True, check=True).stdout
-        heavy = [line for line in listed.lower().splitlines() if line.startswith(("tensorflow", "keras", "jax", "torch"))]
+        heavy = [line for line in listed.lower().splitlines()
+                 if line.startswith(("tensorflow", "keras", "jax", "torch"))]
         print(f"venv {venv}: {du_mb(venv):.0f} MB, {len(listed.splitlines())} distributions, "
               f"TensorFlow/Keras: {heavy or 'none'}")
         print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
-        print("| mode | READY s (min / median / max) | idle RSS MB | " + " | ".join(f"RSS {n:,} streams MB" for n in counts) + " |")
+        print("| mode | READY s (min / median / max) | idle RSS MB | "
+              + " | ".join(f"RSS {n:,} streams MB" for n in counts) + " |")
         print("|---|---|---:|" + "---:|" * len(counts))
         for mode in ("stateful", "windowed"):
             ready, idle, with_streams = [], 0.0, []

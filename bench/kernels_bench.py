@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ ROWS = 1000
 WINDOW_BATCHES = (64, 256, 1024)
 
 
-def cpu_seconds(fn, repeat: int, min_seconds: float = 0.2) -> float:
+def cpu_seconds(fn: Callable[[], object], repeat: int, min_seconds: float = 0.2) -> float:
     """The least CPU time of one ``fn()`` call, over ``repeat`` timings of enough calls to last ``min_seconds``."""
     fn()
     start = time.process_time()

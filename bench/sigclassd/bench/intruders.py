@@ -148,7 +148,8 @@ class Storm:
 
     def report(self, sut: SUT, timeout: float) -> dict[str, Any]:
         self.thread.join(timeout)
-        return {"rss_before_mb": self.rss_before, "took_s": self.took_s, **({"error": self.error} if self.error else {})}
+        error = {"error": self.error} if self.error else {}
+        return {"rss_before_mb": self.rss_before, "took_s": self.took_s, **error}
 
     def stop(self) -> None:
         self.ctx.destroy(linger=0)

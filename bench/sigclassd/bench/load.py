@@ -2,8 +2,8 @@
 
 Stream ``i`` of N (topic ``bench-%05d``) sends ``chunk`` samples every ``chunk / rate_hz``
 seconds, at phase ``i / N`` of that period, for ``seconds``. A flooding load (``speed`` > 1,
-topics ``flood-%05d``) sends ``speed`` times faster than the ``rate_hz`` its frames declare. The compiled load generator and
-consumer implement the schedule; this is its description for the orchestrator and the report.
+topics ``flood-%05d``) sends ``speed`` times faster than the ``rate_hz`` its frames declare. The compiled
+load generator and consumer implement the schedule; this is its description for the orchestrator and the report.
 """
 
 from __future__ import annotations

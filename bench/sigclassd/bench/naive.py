@@ -27,9 +27,9 @@ def naive_serve(input_endpoint: str, output_endpoint: str, model_dir: Path | Non
     all its samples; on SIGTERM every stream's unlabelled samples are labelled
     from its current window (flagged FLUSHED), as the daemon's drain does.
     """
+    from sigclassd.artifact import default_model_path, read_artifact
     from sigclassd.engine.activations import to_probabilities
     from sigclassd.models.train import load_model as load_keras_model
-    from sigclassd.artifact import default_model_path, read_artifact
 
     artifact = read_artifact(model_dir or default_model_path())
     meta = artifact.meta

@@ -82,8 +82,9 @@ class Children:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, cmd: list[str], **kw: Any) -> subprocess.Popen:
-        # Its own session: Ctrl-C reaches the benchmark alone, which decides how children stop.
-        proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent, **kw)
+        # Its own session: Ctrl-C reaches the benchmark alone, which decides how children stop. preexec_fn,
+        # because Popen has no option for PR_SET_PDEATHSIG.
+        proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent, **kw)  # noqa: PLW1509
         self.procs.append(proc)
         return proc
 

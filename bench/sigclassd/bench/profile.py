@@ -28,7 +28,8 @@ def start_py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [py_spy() or "py-spy", "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))), "--rate", "100",
          "--nonblocking", "--idle", "--format", "raw", "--output", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent,  # noqa: PLW1509 - Popen has no option for PR_SET_PDEATHSIG
     )
 
 

@@ -129,20 +129,21 @@ def row(r: RunResult) -> list[str]:
 def render(results: Sequence[RunResult], descriptions: dict[str, str], args: argparse.Namespace, command: str,
            info: dict[str, str], valid: Load) -> str:
     title = {"flood": "Flood", "storms": "Reset storms, one-message ids and consumers that never read"}[args.scenario]
-    lines = [f"# sigclassd benchmark: {title} (issue 14)", "", f"Command: `{command}`", "",
-             f"Valid load: {valid.streams:,} streams from one gateway ({valid.describe()}), {valid.seconds:g} s per "
-             "run, the first 2 s untimed. Beside it, one per run:", ""]
+    lines = [f"# sigclassd benchmark: {title}", "", f"Command: `{command}`", "",
+             (f"Valid load: {valid.streams:,} streams from one gateway ({valid.describe()}), {valid.seconds:g} s per "
+              "run, the first 2 s untimed. Beside it, one per run:"), ""]
     lines += [f"- {name}: {text}" for name, text in descriptions.items()]
     settings = f" Extra daemon settings: `{' '.join(args.set)}`." if args.set else ""
-    lines += ["", "Latency from due and from arrival as in the main benchmark (README). *valid missing*: seq holes "
-              "and samples never labelled among the valid streams, seen by the consumer; *flagged shed*: their "
-              "label messages flagged `shed`. Rejects, resets and shed are the daemon's counters over all streams. "
-              "RSS before: just before the storm; end: after the run's timed window; peak: VmHWM." + settings, "",
+    lines += ["", ("Latency from due and from arrival as in the main benchmark (README). *valid missing*: seq holes "
+                   "and samples never labelled among the valid streams, seen by the consumer; *flagged shed*: their "
+                   "label messages flagged `shed`. Rejects, resets and shed are the daemon's counters over all "
+                   "streams. RSS before: just before the storm; end: after the run's timed window; peak: VmHWM."
+                   + settings), "",
               "| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     lines += ["| " + " | ".join(row(r)) + " |" for r in results]
     goals = verdicts(results, args.scenario)
     if goals:
-        lines += ["", "## Targets (issue 14)", "", "| target | measured | |", "|---|---|---|"]
+        lines += ["", "## Targets", "", "| target | measured | |", "|---|---|---|"]
         lines += [f"| {t} | {m} | {ok} |" for t, m, ok in goals]
     lines += ["", "## Machine", "", *[f"- {k}: {v}" for k, v in info.items()], ""]
     return "\n".join(lines)
@@ -154,7 +155,9 @@ def progress(r: RunResult) -> str:
 
 
 def run_scenario(args: argparse.Namespace, command: str, run: Callable[..., RunResult]) -> int:
-    """Run ``args.scenario``'s plan with ``run`` (run.run_one bound to a temp dir and loadgen); write OUT/SCENARIO.md."""
+    """Run ``args.scenario``'s plan with ``run`` (run.run_one bound to a temp dir and loadgen).
+
+    Writes OUT/SCENARIO.md and .json."""
     valid = Load(args.streams[0], args.seconds)
     info = report.machine()
     steps = plan(args)
