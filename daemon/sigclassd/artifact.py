@@ -128,9 +128,11 @@ class ModelMeta:
                             "a sigmoid output needs exactly 2 classes, use 'softmax' for more")
         for key in ("norm_mean", "norm_std"):
             if len(getattr(self, key)) != self.channels:
-                problems.append(f"{key} has {len(getattr(self, key))} values; it needs one value per channel ({self.channels})")
+                problems.append(f"{key} has {len(getattr(self, key))} values; "
+                                f"it needs one value per channel ({self.channels})")
         if self.channel_names and len(self.channel_names) != self.channels:
-            problems.append(f"channel_names has {len(self.channel_names)} names; it needs one per channel ({self.channels})")
+            problems.append(f"channel_names has {len(self.channel_names)} names; "
+                            f"it needs one per channel ({self.channels})")
         if len(set(self.classes)) != len(self.classes):
             problems.append("classes has repeated names; give each class its own name")
         if self.lookahead >= self.window:
@@ -141,7 +143,8 @@ class ModelMeta:
 
 def _listed(what: str, problems: list[str]) -> str:
     """One message with every problem on its own line."""
-    return f"{what} ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n" + "\n".join(f"  - {p}" for p in problems)
+    lines = "\n".join(f"  - {p}" for p in problems)
+    return f"{what} ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n{lines}"
 
 
 @dataclass(frozen=True)
@@ -198,7 +201,8 @@ def read_artifact(path: str | Path) -> ModelArtifact:
     """Read and validate a model directory's metadata (no TensorFlow)."""
     path = Path(path)
     if not path.is_dir():
-        msg = f"model path {path} is not a directory (expected {METADATA_FILE} and one of {', '.join(MODEL_FILES)} inside)"
+        msg = (f"model path {path} is not a directory "
+               f"(expected {METADATA_FILE} and one of {', '.join(MODEL_FILES)} inside)")
         raise ModelError(msg)
     model = model_file(path)
     if not (path / METADATA_FILE).is_file():
@@ -252,7 +256,8 @@ def schema_problems(value: Any, schema: dict[str, Any], where: str = "") -> list
         if not any(_is(value, k) for k in kinds):
             return [f"{name} is {json.dumps(value)[:60]}; expected {' or '.join(kinds)}"]
     if "enum" in schema and not any(value == v and type(value) is type(v) for v in schema["enum"]):
-        return [f"{name} is {json.dumps(value)[:60]}; expected one of {', '.join(json.dumps(v) for v in schema['enum'])}"]
+        choices = ", ".join(json.dumps(v) for v in schema["enum"])
+        return [f"{name} is {json.dumps(value)[:60]}; expected one of {choices}"]
     problems = []
     if isinstance(value, dict):
         missing = [k for k in schema.get("required", ()) if k not in value]

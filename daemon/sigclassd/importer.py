@@ -51,7 +51,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     f"(Keras, or onnxruntime for ONNX) within {TOLERANCE:g} in each mode the model allows.",
     )
     p.add_argument("model", metavar="MODEL_FILE", help="a .keras, Keras 2 .h5 or .onnx file")
-    p.add_argument("--out", required=True, metavar="DIR", help="the model directory to write (must not exist or be empty)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="the model directory to write (must not exist or be empty)")
     p.add_argument("--classes", metavar="A,B,...", help="class names, in output order (default c0, c1, ...)")
     p.add_argument("--channel-names", metavar="X,Y,...", help="channel names, in input order")
     p.add_argument("--sample-rate", type=float, metavar="HZ", help="the gateways' sample rate, recorded for tools")
@@ -104,8 +105,8 @@ def run(args: argparse.Namespace) -> int:
     framework = FRAMEWORK[src.suffix.lower()]
     have_framework = _installed(framework)
     if not have_framework and not args.unverified:
-        return _refuse([f"cannot check the import: {framework} is not installed; {INSTALL[framework]}, "
-                        "or pass --unverified to write it unchecked"], EXIT_CONFIG)
+        return _refuse([(f"cannot check the import: {framework} is not installed; {INSTALL[framework]}, "
+                         "or pass --unverified to write it unchecked")], EXIT_CONFIG)
 
     say(f"reading {src}")
     try:
@@ -130,8 +131,8 @@ def run(args: argparse.Namespace) -> int:
             try:
                 source = reference(src)
             except Exception as e:  # whatever the framework raises for a file it cannot load
-                return _refuse([f"{framework} cannot load {src} to check it: {e}; load it in {framework} yourself "
-                                "to see why, or pass --unverified"], EXIT_MODEL)
+                return _refuse([(f"{framework} cannot load {src} to check it: {e}; load it in {framework} "
+                                 "yourself to see why, or pass --unverified")], EXIT_MODEL)
         started = time.monotonic()
         try:
             check = check_import(tmp, source)
@@ -146,8 +147,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             say(f"  took {time.monotonic() - started:.1f} s")
             if not check.passed:
-                return _refuse([f"the daemon would not serve {src.name} as {check.framework} runs it (difference "
-                                f"above {TOLERANCE:g}); nothing written. Please report it with the model file"],
+                return _refuse([(f"the daemon would not serve {src.name} as {check.framework} runs it (difference "
+                                 f"above {TOLERANCE:g}); nothing written. Please report it with the model file")],
                                EXIT_MODEL)
             record = {"checked_against": check.framework, "max_abs_diff": check.max_abs_diff}
         write_metadata(tmp, replace(meta, imported={**meta.imported, **record}))

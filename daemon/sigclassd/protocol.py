@@ -211,7 +211,8 @@ def decode_payload(h: SampleHeader, *, allow_non_finite: bool = False, max_abs: 
         peak = float(np.abs(samples).max())
         if not peak <= max_abs:  # NaN fails this comparison too
             if math.isfinite(peak):
-                msg = f"a sample of magnitude {peak:.3g} is beyond {max_abs:.3g}, where the model's arithmetic overflows"
+                msg = (f"a sample of magnitude {peak:.3g} is beyond {max_abs:.3g}, "
+                       "where the model's arithmetic overflows")
                 raise FrameError("out_of_range", msg)
             msg = "samples contain NaN or Inf"
             raise FrameError("non_finite", msg)

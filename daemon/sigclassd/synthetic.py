@@ -45,7 +45,7 @@ def class_patterns(n_classes: int, channels: int) -> np.ndarray:
     rng = np.random.default_rng([channels, n_classes, 0x5161])
     patterns = np.zeros((n_classes, channels), dtype=np.float32)
     for k in range(1, n_classes):
-        n_on = max(1, int(round(channels * rng.uniform(0.25, 0.6))))
+        n_on = max(1, round(channels * rng.uniform(0.25, 0.6)))
         on = rng.choice(channels, size=n_on, replace=False)
         patterns[k, on] = rng.uniform(0.6, 1.4, size=n_on) * rng.choice([-1.0, 1.0], size=n_on)
     return patterns

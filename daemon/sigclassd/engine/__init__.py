@@ -98,7 +98,8 @@ def inspect_model(path: Path) -> ModelFacts:
     window = plan.input_shape[1]
     y = kernels.forward(plan, np.zeros((1, window or PROBE_LENGTH, plan.channels), np.float32))
     units = 1 if y.ndim == 2 else int(y.shape[-1])
-    facts = ModelFacts(path, plan.channels, window, units, plan.output_activation, _output_layer(plan), plan, steps, why)
+    facts = ModelFacts(path, plan.channels, window, units, plan.output_activation, _output_layer(plan), plan, steps,
+                       why)
     problem = _output_problem(facts)
     if problem:
         raise ModelError(f"{path}: {problem}")

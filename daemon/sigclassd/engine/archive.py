@@ -71,7 +71,8 @@ def _snake_case(name: str) -> str:
 def _input_shape(path: Path, layers: list[dict[str, Any]]) -> tuple[int | None, ...]:
     first = layers[0]
     cfg = first.get("config", {})
-    shape = cfg.get("batch_shape") or cfg.get("batch_input_shape") or (first.get("build_config") or {}).get("input_shape")
+    built = first.get("build_config") or {}
+    shape = cfg.get("batch_shape") or cfg.get("batch_input_shape") or built.get("input_shape")
     if not shape:
         msg = f"{path}: the model does not record its input shape (give it a keras.Input)"
         raise ModelError(msg)

@@ -402,7 +402,10 @@ def forward(plan: WindowPlan, x: np.ndarray, norm: tuple[np.ndarray, np.ndarray]
         elif timed:
             u = _activate(u.copy(), op.activation, 1)
         else:
-            u = _dense(u, op.kernel, op.bias, op.activation) if op.kernel is not None else _activate(u.copy(), op.activation, -1)
+            if op.kernel is not None:
+                u = _dense(u, op.kernel, op.bias, op.activation)
+            else:
+                u = _activate(u.copy(), op.activation, -1)
         values[op.name] = (u, timed)
         for name in plan.last_reads[index]:
             del values[name]

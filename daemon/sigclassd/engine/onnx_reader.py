@@ -648,7 +648,7 @@ class _Reader:
                           if x.at == 0 and x.raw is None else ""))
                 raise _Refused(msg)
         f = _elementwise_fn(op, a, funcs)
-        ops = tuple(o for s in sigs for o in s.fn_ops) + (op,)
+        ops = (*(o for s in sigs for o in s.fn_ops), op)
         return replace(x, fn=f, fn_ops=ops[-12:], raw=x.raw)
 
     def _per_feature(self, x: Signal, other: Value | None) -> np.ndarray | None:

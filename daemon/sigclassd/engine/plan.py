@@ -53,7 +53,8 @@ LAYERS: tuple[tuple[str, str, str, str], ...] = (
      "merge_mode concat, sum, ave or mul; for streaming use a forward LSTM/GRU after 'same' convs"),
     ("Dense", "yes", "yes", "on the last axis"),
     ("TimeDistributed(layer)", "yes", "if the layer streams", "around a per-timestep layer (Dense, activations, ...)"),
-    ("BatchNormalization", "yes", "yes", "last axis; folded into the Conv1D/Dense before it or the input normalisation"),
+    ("BatchNormalization", "yes", "yes",
+     "last axis; folded into the Conv1D/Dense before it or the input normalisation"),
     ("Normalization", "yes", "yes", "last axis; folded as BatchNormalization"),
     ("LayerNormalization", "yes", "yes", "last axis (the features of each timestep)"),
     ("Activation, Softmax (last axis)", "yes", "yes",
@@ -70,8 +71,10 @@ LAYERS: tuple[tuple[str, str, str, str], ...] = (
 INSTEAD = {
     "SimpleRNN": "an LSTM or GRU",
     "RNN": "the LSTM or GRU layer of the cell",
-    "CuDNNLSTM": "an LSTM: rebuild the model with keras.layers.LSTM and load_weights this file (Keras 2 converts CuDNN weights)",
-    "CuDNNGRU": "a GRU(reset_after=True): rebuild the model with it and load_weights this file (Keras 2 converts CuDNN weights)",
+    "CuDNNLSTM": ("an LSTM: rebuild the model with keras.layers.LSTM and load_weights this file "
+                  "(Keras 2 converts CuDNN weights)"),
+    "CuDNNGRU": ("a GRU(reset_after=True): rebuild the model with it and load_weights this file "
+                 "(Keras 2 converts CuDNN weights)"),
     "Conv2D": "a Conv1D: the engine's input is [batch, time, channels]",
     "ZeroPadding1D": "Conv1D padding 'same' or 'causal'",
     "Cropping1D": "a model that labels every timestep of its input",
@@ -170,8 +173,8 @@ class LSTM:
         order = np.r_[0 : 2 * n, 3 * n : 4 * n, 2 * n : 3 * n]
         scale = np.full(4 * n, 0.5, np.float32)
         scale[3 * n :] = 1.0
-        return (np.ascontiguousarray(self.kernel[:, order] * scale), np.ascontiguousarray(self.recurrent[:, order] * scale),
-                self.bias[order] * scale)
+        return (np.ascontiguousarray(self.kernel[:, order] * scale),
+                np.ascontiguousarray(self.recurrent[:, order] * scale), self.bias[order] * scale)
 
 
 @dataclass(frozen=True)
@@ -445,7 +448,8 @@ def _recurrent(layer: Layer, name: str, weights: tuple[np.ndarray, ...], backwar
 
 def _relu(layer: Layer) -> str | Parametric:
     cfg = layer.config
-    slope, top, threshold = float(cfg.get("negative_slope") or 0), cfg.get("max_value"), float(cfg.get("threshold") or 0)
+    slope, top = float(cfg.get("negative_slope") or 0), cfg.get("max_value")
+    threshold = float(cfg.get("threshold") or 0)
     if not slope and top is None and not threshold:
         return "relu"
     return Parametric("relu", (("negative_slope", slope), ("max_value", None if top is None else float(top)),
@@ -564,7 +568,8 @@ def _op(layer: Layer, width: int, inputs: tuple[str, ...]) -> list[Op]:
         weights = list(layer.weights)
         gamma = weights.pop(0) if cfg.get("scale", True) or rms else np.ones(width, np.float32)
         beta = weights.pop(0) if cfg.get("center", True) and not rms else np.zeros(width, np.float32)
-        return [LayerNorm(name, gamma.reshape(-1), beta.reshape(-1), float(cfg.get("epsilon", 1e-3)), rms, inputs=inputs)]
+        epsilon = float(cfg.get("epsilon", 1e-3))
+        return [LayerNorm(name, gamma.reshape(-1), beta.reshape(-1), epsilon, rms, inputs=inputs)]
     if kind in MERGE_LAYERS:
         if kind == "Concatenate":
             _last_axis(layer)
@@ -577,7 +582,8 @@ def _op(layer: Layer, width: int, inputs: tuple[str, ...]) -> list[Op]:
             raise ModelError(msg)
         return [Pool(name, size, inputs=inputs)]
     if kind in ("Reshape", "Flatten"):
-        return [Reshape(name, tuple(int(d) for d in cfg["target_shape"]) if kind == "Reshape" else (-1,), inputs=inputs)]
+        shape = tuple(int(d) for d in cfg["target_shape"]) if kind == "Reshape" else (-1,)
+        return [Reshape(name, shape, inputs=inputs)]
     msg = f"layer {name!r} ({kind}) is not supported; {_ops_help(kind)}"
     raise ModelError(msg)
 
@@ -738,7 +744,8 @@ def step_plan(chain: KerasChain) -> StepPlan:
             streamed = [row[0] if row[2] == "yes" else f"{row[0]} ({row[2]})" for row in LAYERS
                         if not row[2].startswith("no")]
             msg = (f"layer {op.name.removesuffix('/backward')!r} ({what}) cannot be streamed one sample at a time; "
-                   f"the stateful engine streams {', '.join(streamed)}. Serve this model with model.mode = \"windowed\".")
+                   f"the stateful engine streams {', '.join(streamed)}. "
+                   'Serve this model with model.mode = "windowed".')
             raise ModelError(msg)
     if not any(isinstance(op, Conv | LSTM | GRU) for op in ops):
         msg = f"{chain.path}: the model has neither a Conv1D nor a recurrent layer: nothing to stream"
@@ -758,15 +765,18 @@ def step_plan(chain: KerasChain) -> StepPlan:
                     delayed = _delay_op(f"{op.name}/delay{j}", n, widths[n], target - delays[n])
                     timed.append(replace(delayed, delay=target))
                     delays[delayed.name], widths[delayed.name] = target, widths[n]
-                    n = delayed.name
-                inputs.append(n)
-            op = replace(op, inputs=tuple(inputs))
-        delay = delays[op.inputs[0]]
-        if isinstance(op, Conv) and op.padding == "same":
+                    inputs.append(delayed.name)
+                else:
+                    inputs.append(n)
+            aligned: Op = replace(op, inputs=tuple(inputs))
+        else:
+            aligned = op
+        delay = delays[aligned.inputs[0]]
+        if isinstance(aligned, Conv) and aligned.padding == "same":
             # Keras/TF 'same' puts span // 2 zeros on the left and the rest on the right.
-            delay += op.span - op.span // 2
-        delays[op.name], widths[op.name] = delay, _width(op, widths)
-        timed.append(replace(op, delay=delay))
+            delay += aligned.span - aligned.span // 2
+        delays[aligned.name], widths[aligned.name] = delay, _width(aligned, widths)
+        timed.append(replace(aligned, delay=delay))
     # A layer's output must be zeroed outside the stream (before its start, after a flush's
     # end) only when a later conv or recurrent layer reads it.
     stateful = [i for i, op in enumerate(timed) if isinstance(op, Conv | LSTM | GRU)]

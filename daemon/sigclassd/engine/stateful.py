@@ -40,12 +40,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from sigclassd.artifact import ModelArtifact
 from sigclassd.engine import kernels
 from sigclassd.engine.activations import to_probabilities
 from sigclassd.engine.archive import read_model
 from sigclassd.engine.plan import GRU, LSTM, Conv, StepPlan, check_outputs, fold_input_affine, step_plan
 from sigclassd.errors import ModelError
-from sigclassd.artifact import ModelArtifact
 
 
 class StatefulEngine:
@@ -90,7 +90,8 @@ class StatefulEngine:
         layout = []
         for step in self.plan.steps:
             if isinstance(step, Conv) and step.size:
-                layout.append((step.name, f"last {step.span} inputs x {step.in_channels} channels", step.offset, step.size))
+                window = f"last {step.span} inputs x {step.in_channels} channels"
+                layout.append((step.name, window, step.offset, step.size))
             elif isinstance(step, LSTM):
                 layout.append((step.name, "h", step.offset, step.units))
                 layout.append((step.name, "c", step.offset + step.units, step.units))
@@ -147,4 +148,5 @@ class StatefulEngine:
 
     def warm_up(self) -> None:
         """One small call, so that the first real batch pays for no lazy set-up."""
-        self.run(np.zeros((1, 16, self.plan.channels), np.float32), np.full(1, 16), np.zeros((1, self.state_size), np.float32))
+        x = np.zeros((1, 16, self.plan.channels), np.float32)
+        self.run(x, np.full(1, 16), np.zeros((1, self.state_size), np.float32))

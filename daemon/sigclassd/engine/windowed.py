@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from sigclassd.artifact import ModelArtifact
 from sigclassd.engine import kernels
 from sigclassd.engine.activations import to_probabilities
 from sigclassd.engine.archive import read_model
 from sigclassd.engine.plan import WindowPlan, check_outputs, fold_input_affine, window_plan
 from sigclassd.errors import ModelError
-from sigclassd.artifact import ModelArtifact
 
 CALL_BATCH = 112
 
@@ -48,7 +48,8 @@ class WindowedEngine:
         self.max_batch = min(max_batch, CALL_BATCH)
         y = self._forward(np.zeros((1, meta.window, plan.channels), np.float32))
         if y.shape[1] != meta.window:
-            msg = f"{artifact.model_path} labels {y.shape[1]} timesteps of a {meta.window}-sample window; it must label each"
+            msg = (f"{artifact.model_path} labels {y.shape[1]} timesteps of a {meta.window}-sample window; "
+                   "it must label each")
             raise ModelError(msg)
         check_outputs(artifact, plan.channels, y.shape[-1])
 

@@ -280,7 +280,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             msg = f"the data has {ds.channels} channels, the model expects {meta.channels}"
             raise ValueError(msg)
         if ds.n_classes != meta.n_classes:
-            msg = f"the data has {ds.n_classes} classes {list(ds.classes)}, the model {meta.n_classes} {list(meta.classes)}"
+            msg = (f"the data has {ds.n_classes} classes {list(ds.classes)}, "
+                   f"the model {meta.n_classes} {list(meta.classes)}")
             raise ValueError(msg)
         if args.part == "all":
             recs, part = list(ds.recordings), "all of it"

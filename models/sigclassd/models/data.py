@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -293,7 +294,7 @@ def load_edf(
         rate = fs.pop()
         x = np.stack([signals[c].data for c in use], axis=1).astype(np.float32)
         if label_channel:
-            labels = [str(int(round(v))) for v in signals[label_channel].data]
+            labels = [str(round(v)) for v in signals[label_channel].data.tolist()]
             if len(labels) != len(x):
                 msg = f"{f}: label channel {label_channel!r} has {len(labels)} samples, the signals {len(x)}"
                 raise ValueError(msg)
@@ -302,8 +303,8 @@ def load_edf(
             for a in edf.annotations:
                 if not a.text:
                     continue
-                start = int(round(a.onset * rate))
-                stop = start + max(1, int(round((a.duration or 0.0) * rate)))
+                start = round(a.onset * rate)
+                stop = start + max(1, round((a.duration or 0.0) * rate))
                 labels[max(start, 0) : min(stop, len(x))] = [a.text] * (min(stop, len(x)) - max(start, 0))
         names.append(f.stem)
         xs.append(x)
@@ -336,7 +337,8 @@ def synthetic_dataset(
             samples, channels=channels, n_classes=n_classes, sample_rate_hz=sample_rate_hz, seed=seed * 1000 + i
         )
         recs.append(Recording(f"synthetic{seed}_{i}", x, y.astype(np.int64)))
-    classes = ("background", "event") if n_classes == 2 else ("background", *(f"rhythm{k}" for k in range(1, n_classes)))
+    rhythms = ("event",) if n_classes == 2 else tuple(f"rhythm{k}" for k in range(1, n_classes))
+    classes = ("background", *rhythms)
     source = (
         f"synthetic:seed={seed},recordings={n_recordings},samples={samples},"
         f"channels={channels},classes={n_classes},fs={sample_rate_hz:g}"
@@ -518,7 +520,7 @@ def split(
     def by_time() -> Split:
         held = []
         for r in recs:
-            cut = int(round(len(r) * (1 - val_fraction)))
+            cut = round(len(r) * (1 - val_fraction))
             held.append([(cut, len(r))] if cut < len(r) else [])
         return _assemble(recs, held, "time", ds.classes)
 
@@ -534,7 +536,7 @@ def split(
         for i, r in enumerate(recs):
             n = max(1, min(max(5, len(r) // block), len(r) // max(1, block // 5)))
             edges = np.linspace(0, len(r), n + 1).round().astype(int)
-            units += [(i, int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+            units += [(i, int(a), int(b)) for a, b in itertools.pairwise(edges) if b > a]
         return _assemble(recs, _choose_units(units, recs, k, val_fraction), "blocks", ds.classes)
 
     makers = {"time": by_time, "recording": by_recording, "blocks": by_blocks}

@@ -67,7 +67,6 @@ from sigclassd.artifact import (
 )
 from sigclassd.config import ModelSettings
 from sigclassd.engine.activations import to_probabilities
-from sigclassd.planner import plan_windows
 from sigclassd.models.architectures import HyperParams, build_model, lookahead, output_activation
 from sigclassd.models.data import (
     IGNORE,
@@ -83,6 +82,7 @@ from sigclassd.models.data import (
     training_record,
     window_starts,
 )
+from sigclassd.planner import plan_windows
 
 if TYPE_CHECKING:
     import keras
@@ -379,7 +379,8 @@ def format_report(report: dict[str, Any], classes: tuple[str, ...]) -> str:
     width = max(max(len(c) for c in classes) + 2, 8)
     lines += ["", "per class" + " " * (width - 9) + "".join(f"{m + ' recall':>18}{m + ' F1':>14}" for m in served)]
     for i, c in enumerate(classes):
-        lines.append(f"{c:<{width}}" + "".join(f"{report[m]['recall'][i]:18.3f}{report[m]['f1'][i]:14.3f}" for m in served))
+        cells = "".join(f"{report[m]['recall'][i]:18.3f}{report[m]['f1'][i]:14.3f}" for m in served)
+        lines.append(f"{c:<{width}}{cells}")
     for m in served:
         lines += ["", f"confusion ({m}; rows = true, columns = predicted):"]
         lines.append(" " * width + "".join(f"{c:>{width}}" for c in classes))
@@ -481,7 +482,8 @@ def train(
     keras = quiet_tensorflow()
 
     if cfg.carry_state and cfg.architecture not in SEQUENCE_ARCHITECTURES:
-        msg = f"--carry-state needs a sequence architecture ({', '.join(SEQUENCE_ARCHITECTURES)}), not {cfg.architecture}"
+        msg = (f"--carry-state needs a sequence architecture ({', '.join(SEQUENCE_ARCHITECTURES)}), "
+               f"not {cfg.architecture}")
         raise ValueError(msg)
     if cfg.monitor == "stateful" and cfg.architecture not in SEQUENCE_ARCHITECTURES:
         msg = f"--monitor stateful needs a sequence architecture ({', '.join(SEQUENCE_ARCHITECTURES)})"
