@@ -26,9 +26,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from sigclassd.artifact import ModelMeta
 
 STEP_SHAPES = ((1, 1), (1, 10), (100, 10), (500, 10), (1000, 10), (1000, 1))
 WINDOW_BATCHES = (1, 16, 64, 256)
@@ -39,7 +44,7 @@ def rss_mb() -> float:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
 
-def timed(fn, seconds: float) -> tuple[float, float, int]:  # noqa: ANN001
+def timed(fn: Callable[[], object], seconds: float) -> tuple[float, float, int]:
     """Wall seconds, CPU seconds and calls of ``fn`` repeated for about ``seconds``."""
     fn()
     calls = 0
@@ -50,13 +55,14 @@ def timed(fn, seconds: float) -> tuple[float, float, int]:  # noqa: ANN001
     return time.perf_counter() - wall, time.process_time() - cpu, calls
 
 
-def windows(meta, batch: int) -> np.ndarray:  # noqa: ANN001
+def windows(meta: ModelMeta, batch: int) -> np.ndarray:
     rng = np.random.default_rng(batch)
     mean, std = np.asarray(meta.norm_mean, np.float32), np.asarray(meta.norm_std, np.float32)
     return (mean + std * rng.normal(size=(batch, meta.window, meta.channels))).astype(np.float32)
 
 
-def window_row(engine: str, run, meta, batch: int, seconds: float, scratch: Path) -> dict:  # noqa: ANN001
+def window_row(engine: str, run: Callable[[np.ndarray], np.ndarray], meta: ModelMeta, batch: int, seconds: float,
+               scratch: Path) -> dict:
     """Windows per second of ``run`` at ``batch``; the NumPy engine's outputs are kept for the others to match."""
     x = windows(meta, batch)
     probs = run(x)
@@ -90,9 +96,12 @@ def measure_numpy(model: Path, seconds: float, scratch: Path) -> list[dict]:
             rows.append({"kind": "step", "engine": "numpy", "batch": batch, "chunk": chunk,
                          "ms_per_call": 1e3 * wall / calls, "samples_per_s": batch * chunk * calls / wall,
                          "rss_mb": rss_mb()})
-    engine = WindowedEngine.load(artifact)
-    return rows + [window_row("numpy", lambda x: engine.run(x, None, None)[0], artifact.meta, batch, seconds, scratch)
-                   for batch in WINDOW_BATCHES]
+    windowed = WindowedEngine.load(artifact)
+
+    def forward(x: np.ndarray) -> np.ndarray:  # windows carry no state: an empty one per row
+        return windowed.run(x, np.full(len(x), x.shape[1]), np.zeros((len(x), 0), np.float32))[0]
+
+    return rows + [window_row("numpy", forward, artifact.meta, batch, seconds, scratch) for batch in WINDOW_BATCHES]
 
 
 def measure_xla(model: Path, seconds: float, scratch: Path) -> list[dict]:

@@ -409,7 +409,7 @@ def _checked_topics(messages: list[list[bytes]], index: np.ndarray, h: np.ndarra
 
 def encode_samples(
     stream: str,
-    samples: np.ndarray,
+    samples: ArrayLike,
     seq: int,
     *,
     t0_ns: int = 0,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import zmq
 
@@ -21,6 +21,8 @@ from sigclassd.bench.parties import Children, Party
 from sigclassd.bench.sut import SUT
 
 STORM_DELAY_S = 0.5  # after the warm-up: the memory before is read, then the storm starts
+
+T = TypeVar("T")
 
 
 class Intruder(Protocol):
@@ -32,6 +34,14 @@ class Intruder(Protocol):
     def begin(self, start_ns: int, warmup_s: float) -> None: ...
     def report(self, sut: SUT, timeout: float) -> dict[str, Any]: ...
     def stop(self) -> None: ...
+
+
+def _prepared(part: T | None, name: str) -> T:
+    """What ``prepare`` made; an intruder used before it was prepared is the orchestrator's error."""
+    if part is None:
+        msg = f"{name}: used before prepare()"
+        raise RuntimeError(msg)
+    return part
 
 
 class Flood:
@@ -54,16 +64,16 @@ class Flood:
         self.party.ready(60)
 
     def begin(self, start_ns: int, warmup_s: float) -> None:
-        self.party.begin(start_ns)
+        _prepared(self.party, self.name).begin(start_ns)
 
     def report(self, sut: SUT, timeout: float) -> dict[str, Any]:
-        sent = self.party.report(timeout)
+        sent = _prepared(self.party, self.name).report(timeout)
         return {"sent_messages": sent["messages"], "sent_samples": sent["samples"],
                 "sent_per_s": sent["samples"] / self.load.seconds, "late_p99_ms": sent["late_p99_ms"],
                 "cpu_s": sent["cpu_s"]}
 
     def stop(self) -> None:
-        self.party.tell("stop")
+        _prepared(self.party, self.name).tell("stop")
 
 
 class FloodConnections:
@@ -93,17 +103,17 @@ class FloodConnections:
         self.rss_before = sut.rss_mb()
 
     def begin(self, start_ns: int, warmup_s: float) -> None:
-        self.party.begin(start_ns)
+        _prepared(self.party, self.name).begin(start_ns)
 
     def report(self, sut: SUT, timeout: float) -> dict[str, Any]:
-        sent = self.party.report(timeout)
+        sent = _prepared(self.party, self.name).report(timeout)
         return {"sent_messages": sent["messages"], "sent_samples": sent["samples"],
                 "sent_per_s": sent["samples"] / self.load.seconds, "late_p99_ms": sent["late_p99_ms"],
                 "cpu_s": sent["cpu_s"], "rss_before_mb": self.rss_before, "connections": self.connections,
                 "streams": self.streams}
 
     def stop(self) -> None:
-        self.party.tell("stop")
+        _prepared(self.party, self.name).tell("stop")
 
 
 class Storm:
@@ -114,7 +124,8 @@ class Storm:
 
     def __init__(self) -> None:
         self.ctx = zmq.Context()
-        self.thread: threading.Thread | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.at = 0.0  # time.time() at which it strikes
         self.rss_before = 0.0
         self.took_s = 0.0
         self.sut: SUT | None = None
@@ -131,20 +142,18 @@ class Storm:
         raise NotImplementedError
 
     def begin(self, start_ns: int, warmup_s: float) -> None:
-        at = start_ns / 1e9 + warmup_s + STORM_DELAY_S
-
-        def run() -> None:
-            time.sleep(max(0.0, at - time.time()))
-            self.rss_before = self.sut.rss_mb()
-            t0 = time.monotonic()
-            try:
-                self.attack()
-            except zmq.ZMQError as e:
-                self.error = str(e)
-            self.took_s = time.monotonic() - t0
-
-        self.thread = threading.Thread(target=run, daemon=True)
+        self.at = start_ns / 1e9 + warmup_s + STORM_DELAY_S
         self.thread.start()
+
+    def _run(self) -> None:
+        time.sleep(max(0.0, self.at - time.time()))
+        self.rss_before = _prepared(self.sut, self.name).rss_mb()
+        t0 = time.monotonic()
+        try:
+            self.attack()
+        except zmq.ZMQError as e:
+            self.error = str(e)
+        self.took_s = time.monotonic() - t0
 
     def report(self, sut: SUT, timeout: float) -> dict[str, Any]:
         self.thread.join(timeout)

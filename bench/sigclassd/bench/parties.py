@@ -51,11 +51,13 @@ def build_loadgen(directory: Path) -> Path:
 
 def read_json_line(proc: subprocess.Popen, timeout: float) -> dict[str, Any]:
     """The next JSON line ``proc`` prints on stdout, waiting at most ``timeout`` seconds."""
+    out = proc.stdout
+    assert out is not None, "read_json_line needs a process started with stdout=PIPE"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+        ready, _, _ = select.select([out], [], [], 0.2)
         if ready:
-            line = proc.stdout.readline()
+            line = out.readline()
             if line.startswith(b"{"):
                 return json.loads(line)
             if not line and proc.poll() is not None:
@@ -128,8 +130,10 @@ class Party:
             raise RuntimeError(msg) from None
 
     def tell(self, line: str) -> None:
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
+        stdin = self.proc.stdin
+        assert stdin is not None  # started with stdin=PIPE
+        stdin.write(line.encode() + b"\n")
+        stdin.flush()
 
     def begin(self, start_ns: int) -> None:
         self.tell(str(start_ns))

@@ -90,7 +90,7 @@ def run_one(mode: str, load: Load, opts: argparse.Namespace, tmp: Path, loadgen:
         time.sleep(0.5)
         consumer.tell("stop")
         got = consumer.report(60)
-        if spy is not None:
+        if spy is not None and profile is not None:  # py-spy ran only with a profile to write
             spy.wait(30)
             summarise_profile(profile.with_suffix(".folded"), profile, f"{mode} at {load.streams} streams")
         measured = load.seconds - warmup_s

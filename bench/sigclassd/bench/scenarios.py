@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -33,8 +34,9 @@ FLOOD_CONNECTIONS = 64
 
 def storm_intruders(args: argparse.Namespace) -> list[Callable[[], Intruder]]:
     """Fresh intruders for one mode (each holds sockets: one per run), those ``--storms`` names."""
-    make = {"resets": lambda: ResetStorm(args.storm_resets, 1.0), "ids": lambda: ManyIds(args.storm_ids, 2.0),
-            "consumers": lambda: DeafConsumers(args.storm_consumers)}
+    make: dict[str, Callable[[], Intruder]] = {
+        "resets": lambda: ResetStorm(args.storm_resets, 1.0), "ids": lambda: ManyIds(args.storm_ids, 2.0),
+        "consumers": lambda: DeafConsumers(args.storm_consumers)}
     return [make[name] for name in args.storms]
 
 
@@ -45,10 +47,10 @@ def plan(args: argparse.Namespace) -> list[tuple[str, Callable[[], Intruder | No
         out.append((mode, lambda: None))
         if args.scenario == "flood":
             flood = Load(args.flood_streams, args.seconds, speed=args.flood_speed, prefix=FLOOD_PREFIX)
-            out.append((mode, lambda flood=flood: Flood(flood)))
+            out.append((mode, functools.partial(Flood, flood)))
             # The same samples/s from many connections, declaring the usual rate, none (0) and the highest.
             for declared in (flood.rate_hz, 0.0, MAX_RATE_HZ):
-                out.append((mode, lambda flood=flood, d=declared: FloodConnections(flood, FLOOD_CONNECTIONS, d)))
+                out.append((mode, functools.partial(FloodConnections, flood, FLOOD_CONNECTIONS, declared)))
         else:
             out += [(mode, make) for make in storm_intruders(args)]
     return out
