@@ -95,7 +95,7 @@ class Parametric:
     alpha: np.ndarray | None = field(default=None, compare=False)
 
     def __call__(self, x: np.ndarray, axis: int = -1) -> np.ndarray:
-        if self.name == "prelu":
+        if self.alpha is not None:  # PReLU, the one with an array
             return prelu(x, self.alpha, axis)
         return _PARAMETRIC[self.name](x, **dict(self.params))
 

@@ -24,11 +24,25 @@ LSTM, and rows of very different lengths run in separate boxes (``_runs``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from sigclassd.engine.activations import ACTIVATIONS, Parametric
-from sigclassd.engine.plan import GRU, INPUT, LSTM, Affine, Conv, LayerNorm, Merge, Pool, Reshape, StepPlan, WindowPlan
+from sigclassd.engine.plan import (
+    GRU,
+    INPUT,
+    LSTM,
+    Affine,
+    Conv,
+    Dense,
+    LayerNorm,
+    Merge,
+    Pool,
+    Reshape,
+    StepPlan,
+    WindowPlan,
+)
 
 
 def single_blas_thread() -> None:
@@ -78,20 +92,23 @@ def _activate(y: np.ndarray, activation: str | Parametric, axis: int) -> np.ndar
     return ACTIVATIONS[activation](y)
 
 
-def _dense(u: np.ndarray, kernel: np.ndarray, bias: np.ndarray, activation: str | Parametric = "linear") -> np.ndarray:
+def _dense(u: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None,
+           activation: str | Parametric = "linear") -> np.ndarray:
     """``activation(u @ kernel + bias)`` over the last axis of a batch-major ``u`` (after a Reshape or last state)."""
     y = u.reshape(-1, u.shape[-1]) @ kernel
-    y += bias
+    if bias is not None:
+        y += bias
     y = y.reshape(*u.shape[:-1], kernel.shape[1])
     return _activate(y, activation, -1)
 
 
-def _linear(u: np.ndarray, kernel: np.ndarray, bias: np.ndarray, activation: str | Parametric,
+def _linear(u: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None, activation: str | Parametric,
             out: np.ndarray | None = None) -> np.ndarray:
     """``activation(kernel.T @ u[t] + bias)`` for every step of ``u`` ``[time, in, batch]``: ``[time, out, batch]``,
     written to ``out`` if given."""
     y = np.matmul(kernel.T, u, out=out)
-    y += bias[:, None]
+    if bias is not None:
+        y += bias[:, None]
     y = _activate(y, activation, 1)
     if out is None or y is out:
         return y
@@ -183,7 +200,9 @@ def lstm(step: LSTM, u: np.ndarray | Source, time: int, h: np.ndarray, c: np.nda
     ig_buf = np.empty((n, batch), np.float32)
     th_buf = np.empty((n, batch), np.float32)
     block = max(1, _BLOCK_BYTES // (4 * (n + width_in + 1) * batch))
-    held = 0 if hold is None else len(hold)
+    if hold is None:
+        hold = np.zeros((0, batch), bool)
+    held = len(hold)
     width = -1
     for t0 in range(0, time, block):
         t1 = min(time, t0 + block)
@@ -277,7 +296,9 @@ def gru(step: GRU, u: np.ndarray | Source, time: int, h: np.ndarray,
     act, rec = ACTIVATIONS[step.activation], ACTIVATIONS[step.recurrent_activation]
     z_buf = np.empty((len(weights), batch), np.float32)
     block = max(1, _BLOCK_BYTES // (4 * (n + width_in + 1) * batch))
-    held = 0 if hold is None else len(hold)
+    if hold is None:
+        hold = np.zeros((0, batch), bool)
+    held = len(hold)
     width = -1
     for t0 in range(0, time, block):
         t1 = min(time, t0 + block)
@@ -331,6 +352,7 @@ def _recur(op: LSTM | GRU, u: np.ndarray | Source, time: int, batch: int) -> np.
     """A recurrent layer over whole windows from zero state: outputs ``[time, units, batch]`` in time order
     (a backward layer's in its own order unless ``flip``, as Keras returns them)."""
     if op.backwards:
+        assert isinstance(u, np.ndarray)  # a lazy conv feeds a forward layer only (plan._lazy)
         u = u[::-1]
     zeros = np.zeros((op.units, batch), np.float32)
     out = lstm(op, u, time, zeros, zeros.copy()) if isinstance(op, LSTM) else gru(op, u, time, zeros)
@@ -350,7 +372,9 @@ def forward(plan: WindowPlan, x: np.ndarray, norm: tuple[np.ndarray, np.ndarray]
     batch = len(x)
     ops = plan.ops
     # Each value is (array or Source, timed): timed is [time, features, batch]; else batch-major,
-    # after a Reshape or a recurrent layer's last state.
+    # after a Reshape or a recurrent layer's last state. A Source (a lazy conv's) is read by the
+    # recurrent layer after it alone; every other reader gets an array: hence Any.
+    values: dict[str, tuple[Any, bool]]
     if norm is not None and not (isinstance(ops[0], Conv) and [op for op in ops if INPUT in op.inputs] == [ops[0]]):
         values = {INPUT: (_normalised(_tfb(x), norm), True)}
         norm = None
@@ -510,7 +534,8 @@ def step(
     active = int(np.count_nonzero(ordered))
     idle = order[active:]
     new_state[idle] = state[idle]  # rows of length 0 keep theirs
-    position_cost = sum(op.kernel.size for op in plan.steps if getattr(op, "kernel", None) is not None)
+    position_cost = sum(op.kernel.size for op in plan.steps
+                        if isinstance(op, Conv | LSTM | GRU | Dense) and op.kernel is not None)
     for a, b in _runs(ordered[:active], position_cost):
         rows = slice(a, b) if in_order else order[a:b]
         longest = int(ordered[a])
@@ -544,9 +569,11 @@ def _step_rows(
         edge = bool(seen.min() < plan.lookahead) or bool((ends < time).any())
     else:
         edge = False
-    values = {INPUT: _tfb(x)}
+    # Arrays, and the Sources of lazy convs, read by the recurrent layer after them alone (see forward).
+    values: dict[str, Any] = {INPUT: _tfb(x)}
     for index, op in enumerate(plan.steps):
         u = values[op.inputs[0]]
+        out: np.ndarray | Source
         if isinstance(op, Conv) and op.span:
             span, cin = op.span, op.in_channels
             ext = np.empty((span + time, cin, batch), np.float32)

@@ -570,8 +570,8 @@ class _Reader:
         return _reshape(x, target, bool(a.get("allowzero", 0)))
 
     def _pad(self, a: dict[str, Any], x: Signal, ins: list[Value]) -> Signal:
-        pads = ins[1] if len(ins) > 1 else np.asarray(a.get("pads"))
-        if not isinstance(pads, np.ndarray) or pads.dtype == object:
+        given = ins[1] if len(ins) > 1 else np.asarray(a.get("pads"))
+        if not isinstance(given, np.ndarray) or given.dtype == object:
             msg = "its pads must be constant"
             raise _Refused(msg)
         mode = a.get("mode", "constant")
@@ -579,7 +579,7 @@ class _Reader:
         if mode != "constant" or not isinstance(value, np.ndarray) or np.any(value != 0):
             msg = f"only zero padding is supported (mode {mode!r})"
             raise _Refused(msg)
-        pads = [int(p) for p in pads.ravel()]
+        pads = [int(p) for p in given.ravel()]
         rank = len(x.axes)
         if len(ins) > 3 and ins[3] is not None:  # opset 18: pads for the listed axes only
             listed = [int(v) % rank for v in np.asarray(ins[3]).ravel()]
@@ -967,9 +967,9 @@ def _fold(op: str, a: dict[str, Any], ins: list[Any]) -> Any:
     if op == "Concat":
         return np.concatenate([np.asarray(v).reshape(np.asarray(v).shape or (1,)) for v in vals], axis=a.get("axis", 0))
     if op == "Unsqueeze":
-        axes = [int(i) for i in np.asarray(vals[1] if len(vals) > 1 else a["axes"]).ravel()]
+        inserted = [int(i) for i in np.asarray(vals[1] if len(vals) > 1 else a["axes"]).ravel()]
         out = x
-        for ax in sorted(i % (x.ndim + len(axes)) for i in axes):
+        for ax in sorted(i % (x.ndim + len(inserted)) for i in inserted):
             out = np.expand_dims(out, ax)
         return out
     if op == "Squeeze":

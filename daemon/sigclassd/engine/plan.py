@@ -21,9 +21,10 @@ probabilities (``output_activation`` is "linear", ``applies_output_activation`` 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import TypeVar
+from typing import TypeVar, final
 
 import numpy as np
 
@@ -295,8 +296,9 @@ def _lazy(ops: tuple[Op, ...]) -> frozenset[int]:
     """The convs whose only reader is the forward recurrent layer right after them: the kernels
     compute those a block of steps at a time, as the recurrent layer reads them."""
     readers = _readers(ops)
-    return frozenset(i for i, op in enumerate(ops[:-1]) if isinstance(op, Conv) and readers.get(op.name) == [i + 1]
-                     and isinstance(ops[i + 1], LSTM | GRU) and not ops[i + 1].backwards)
+    return frozenset(i for i, (op, reader) in enumerate(itertools.pairwise(ops))
+                     if isinstance(op, Conv) and readers.get(op.name) == [i + 1]
+                     and isinstance(reader, LSTM | GRU) and not reader.backwards)
 
 
 def _last_reads(ops: tuple[Op, ...]) -> tuple[tuple[str, ...], ...]:
@@ -325,6 +327,7 @@ def _output_activation(ops: tuple[Op, ...], head: str | None) -> str:
     return "linear"
 
 
+@final  # final, so that no plan is both kinds: fold_input_affine is typed per kind
 @dataclass(frozen=True)
 class WindowPlan:
     """A model as operations over whole windows; ``ops[-1]`` is the output."""
@@ -335,7 +338,7 @@ class WindowPlan:
 
     @property
     def channels(self) -> int:
-        return int(self.input_shape[-1])
+        return _channels(self.input_shape)
 
     @property
     def output_activation(self) -> str:
@@ -354,6 +357,7 @@ class WindowPlan:
         return _last_reads(self.ops)
 
 
+@final
 @dataclass(frozen=True)
 class StepPlan:
     """A sequence model as steps with explicit state (see ``sigclassd.engine.stateful``)."""
@@ -616,10 +620,18 @@ def _fold(op: Op, affine: Affine) -> Op | None:
                    bias=(op.bias * affine.scale + affine.shift).astype(np.float32))
 
 
+def _channels(input_shape: tuple[int | None, ...]) -> int:
+    """The channels of an input shape that ``_ops`` accepted."""
+    channels = input_shape[-1]
+    assert channels is not None  # _ops refuses a model without a fixed number
+    return channels
+
+
 def _ops(chain: KerasChain) -> list[Op]:
     """The chain's layers as ops, each naming its inputs; normalisation layers folded where exact."""
-    if len(chain.input_shape) != 3:
-        msg = f"{chain.path}: the model's input has shape {chain.input_shape}; the engine needs [batch, time, channels]"
+    if len(chain.input_shape) != 3 or chain.input_shape[-1] is None:
+        msg = (f"{chain.path}: the model's input has shape {chain.input_shape}; the engine needs "
+               "[batch, time, channels] with a fixed number of channels")
         raise ModelError(msg)
     input_name = getattr(chain, "input_name", None)
     # alias: a layer's name -> the op whose output is that layer's output (skipped and folded layers).
@@ -640,7 +652,7 @@ def _ops(chain: KerasChain) -> list[Op]:
         if layer.kind not in IDENTITY_LAYERS:
             for n in names:
                 readers[root.get(n, n)] = readers.get(root.get(n, n), 0) + 1
-    widths = {INPUT: int(chain.input_shape[-1])}
+    widths = {INPUT: _channels(chain.input_shape)}
     ops: list[Op] = []
     for layer, names in layers:
         inputs = tuple(alias.get(n, n) for n in names)
@@ -706,7 +718,7 @@ def _units(ops: list[Op], widths_in: int) -> int:
 def window_plan(chain: KerasChain) -> WindowPlan:
     """The model as operations over whole windows; ModelError names the first layer that cannot run."""
     ops = _ops(chain)
-    ops, head = _with_head(ops, _units(ops, int(chain.input_shape[-1])) if ops else None)
+    ops, head = _with_head(ops, _units(ops, _channels(chain.input_shape)) if ops else None)
     return WindowPlan(tuple(ops), chain.input_shape, head)
 
 
@@ -737,7 +749,7 @@ def _delay_op(name: str, source: str, width: int, samples: int) -> Conv:
 def step_plan(chain: KerasChain) -> StepPlan:
     """The model as steps with explicit state; ModelError if it cannot be streamed one sample at a time."""
     ops = _ops(chain)
-    channels = int(chain.input_shape[-1])
+    channels = _channels(chain.input_shape)
     for op in ops:
         what = _not_streamable(op)
         if what:
@@ -755,8 +767,9 @@ def step_plan(chain: KerasChain) -> StepPlan:
     # Each op's delay; branches merged with different delays are aligned by delaying the earlier ones.
     delays = {INPUT: 0}
     widths = {INPUT: channels}
-    timed: list[Op] = []
+    timed: list[Step] = []
     for op in ops:
+        assert not isinstance(op, Pool | Reshape)  # _not_streamable refused them
         if isinstance(op, Merge):
             target = max(delays[n] for n in op.inputs)
             inputs = []
@@ -768,7 +781,7 @@ def step_plan(chain: KerasChain) -> StepPlan:
                     inputs.append(delayed.name)
                 else:
                     inputs.append(n)
-            aligned: Op = replace(op, inputs=tuple(inputs))
+            aligned: Step = replace(op, inputs=tuple(inputs))
         else:
             aligned = op
         delay = delays[aligned.inputs[0]]
