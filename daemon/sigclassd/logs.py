@@ -22,6 +22,8 @@ import struct
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 
@@ -45,6 +47,7 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
     ]
+    factory: Callable[..., Any]  # makes the logger that writes each line
     if fmt == "journal":
         processors.append(journal_fields)
         factory = JournalLogger

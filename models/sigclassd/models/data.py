@@ -366,6 +366,7 @@ def remap_labels(ds: Dataset, *, drop: tuple[int, ...] = (), positive: tuple[int
         raise ValueError(msg)
     kept = [k for k in range(ds.n_classes) if k not in drop]
     lut = np.full(ds.n_classes + 1, IGNORE, dtype=np.int64)  # the extra last entry maps IGNORE to itself
+    classes: tuple[str, ...]
     if positive:
         lut[kept] = [1 if k in positive else 0 for k in kept]
         classes = ("rest", "+".join(ds.classes[k] for k in positive))
@@ -514,7 +515,7 @@ def split(
         if n_val >= len(recs):
             msg = f"cannot split {len(recs)} window(s): need at least 2"
             raise ValueError(msg)
-        held = [[] for _ in recs[:-n_val]] + [[(0, len(r))] for r in recs[-n_val:]]
+        held: list[list[tuple[int, int]]] = [[] for _ in recs[:-n_val]] + [[(0, len(r))] for r in recs[-n_val:]]
         return _assemble(recs, held, "windows", ds.classes)
 
     def by_time() -> Split:

@@ -225,9 +225,12 @@ def windows_as_served(
     ``[n, window, n_classes]``. A recording shorter than a window is left-padded
     with ``pad``, the normalisation mean in ``x``'s units, as the daemon pads it.
     """
+    if not len(x):  # no window would run: there would be no probabilities to return
+        msg = "a recording with no samples has no windows to score"
+        raise ValueError(msg)
     plans = served_windows(len(x), window, hop, lag)
     padded = np.concatenate([np.broadcast_to(np.asarray(pad, np.float32), (window, x.shape[1])), x])
-    probs = None
+    probs: np.ndarray | None = None
     for a in range(0, len(plans), 1024):  # bounds the memory of a long recording's windows
         part = plans[a : a + 1024]
         idx = np.array([end for end, _, _ in part])[:, None] + np.arange(window)  # rows of `padded`
@@ -237,6 +240,7 @@ def windows_as_served(
         for (end, first, upto), p in zip(part, out, strict=True):
             begin = end - window
             probs[first:upto] = p[first - begin : upto - begin]
+    assert probs is not None  # a recording of one sample or more has a window
     return probs
 
 
@@ -479,7 +483,8 @@ def train(
     per epoch (on stdout). Warnings go to stderr. ``command`` is recorded in the
     metadata so the model can be rebuilt.
     """
-    keras = quiet_tensorflow()
+    quiet_tensorflow()
+    import keras  # loaded quietly just above; imported by name so that mypy reads keras.Model as a type
 
     if cfg.carry_state and cfg.architecture not in SEQUENCE_ARCHITECTURES:
         msg = (f"--carry-state needs a sequence architecture ({', '.join(SEQUENCE_ARCHITECTURES)}), "
