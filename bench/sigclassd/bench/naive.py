@@ -29,7 +29,7 @@ def naive_serve(input_endpoint: str, output_endpoint: str, model_dir: Path | Non
     """
     from sigclassd.artifact import default_model_path, read_artifact
     from sigclassd.engine.activations import to_probabilities
-    from sigclassd.models.train import load_model as load_keras_model
+    from sigclassd.models.train import load_keras_model
 
     artifact = read_artifact(model_dir or default_model_path())
     meta = artifact.meta

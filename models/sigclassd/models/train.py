@@ -686,7 +686,8 @@ def train(
     return read_artifact(out)
 
 
-def load_model(artifact: ModelArtifact) -> keras.Model:
-    """Load a directory's Keras model (for bench's naive Keras baseline; eval runs the daemon's engines)."""
+def load_keras_model(artifact: ModelArtifact) -> keras.Model:
+    """Load a directory's Keras model (for bench's naive Keras baseline; eval runs the daemon's engines).
+    Not ``sigclassd.engine.load_model``, which reads a model for serving."""
     keras = quiet_tensorflow()
     return keras.saving.load_model(artifact.model_path, compile=False)
