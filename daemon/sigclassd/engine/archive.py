@@ -12,10 +12,10 @@
   variables under its name, listed in order by its ``weight_names`` attribute.
 - ``.onnx``: ``sigclassd.engine.onnx_reader``.
 
-A model is a single-input, single-output graph of layers: a Sequential model, or
-a Functional one whose layers may branch and merge. ``Layer.inbound`` names the
-layers a layer reads; empty means the layer before it. What the engines can run
-of those layers is decided by ``sigclassd.engine.plan``.
+A model is a single-input, single-output graph of layers (``sigclassd.engine.chain``):
+a Sequential model, or a Functional one whose layers may branch and merge.
+``Layer.inbound`` names the layers a layer reads; empty means the layer before it.
+What the engines can run of those layers is decided by ``sigclassd.engine.plan``.
 """
 
 from __future__ import annotations
@@ -24,41 +24,16 @@ import io
 import json
 import re
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sigclassd.engine.chain import KerasChain, Layer
 from sigclassd.errors import ModelError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.weights.h5"
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One layer: its Keras class name, its config, its variables in Keras' order and the layers it reads
-    (``inbound``; empty: the layer before it in the list, or the model's input for the first)."""
-
-    name: str
-    kind: str
-    config: dict[str, Any]
-    weights: tuple[np.ndarray, ...]
-    inbound: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class KerasChain:
-    """A model as layers from a ``[batch, time, channels]`` input, its output the last layer's.
-
-    ``input_name`` is the name by which ``inbound`` refers to the model's input.
-    """
-
-    path: Path
-    input_shape: tuple[int | None, ...]
-    layers: tuple[Layer, ...]
-    input_name: str | None = None
 
 
 def _snake_case(name: str) -> str:

@@ -43,7 +43,7 @@ from typing import Any, TypeAlias
 
 import numpy as np
 
-from sigclassd.engine.archive import KerasChain, Layer
+from sigclassd.engine.chain import KerasChain, Layer
 from sigclassd.errors import ModelError
 
 MIN_OPSET = 14  # LSTM/GRU 'layout' and Softmax over one axis

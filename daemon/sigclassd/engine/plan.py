@@ -30,7 +30,7 @@ import numpy as np
 
 from sigclassd.artifact import ModelArtifact
 from sigclassd.engine.activations import ACTIVATIONS, SQUASHING, Parametric
-from sigclassd.engine.archive import KerasChain, Layer
+from sigclassd.engine.chain import KerasChain, Layer
 from sigclassd.errors import ModelError
 
 INPUT = "<input>"  # the name ops read the model's (normalised) input by
