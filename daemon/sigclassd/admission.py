@@ -14,8 +14,8 @@ flags a restart. Its frames then always pass, whatever the daemon's own stalls.
   schedule of ``rate_limit`` x its declared rate allows. Holes in the seqs (what was sent but
   dropped before the daemon read it) count as sent, but a hole costs at most ``rate_burst_s``.
   The debt is bounded in time (``MAX_DEBT_S``), and a new incarnation starts without it.
-- **Daemon stalls**: a gap between the daemon's turns longer than ``STALL_S`` is time it was
-  not reading. Each id may catch up that much more than ``rate_burst_s``, a credit that wanes
+- **Daemon stalls**: time between the daemon's turns in which its process did not run (beyond
+  ``STALL_S``) is time it was not reading. Each id may catch up that much more than ``rate_burst_s``, a credit that wanes
   over twice the stall: the backlog queued in the sockets meanwhile passes, and is not demoted.
   Silence and idle times are measured in reading time (``reading``), so a stall neither makes
   publishers look gone nor evicts their streams.
@@ -34,8 +34,8 @@ from collections.abc import Callable
 
 from sigclassd.config import StreamSettings
 
-# A gap between two turns of the main loop longer than this is a stall of the daemon's (SIGSTOP,
-# a VM pause, swap), not a turn: a turn is bounded far below it (drain_max_ms plus one model call).
+# Time between two turns of the main loop in which the process did not run, beyond this, is a stall of
+# the daemon's (SIGSTOP, a VM pause, swap, a starved CPU); its own work (a long model call) is not.
 STALL_S = 0.25
 
 # A stream whose data runs this many seconds ahead of real time at its declared rate is sending
@@ -88,21 +88,27 @@ class Budget:
 class Admission:
     """The per-id budgets of one stream table, and the daemon's reading clock."""
 
-    def __init__(self, settings: StreamSettings, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, settings: StreamSettings, clock: Callable[[], float] = time.monotonic,
+                 cpu_clock: Callable[[], float] = time.process_time) -> None:
         self.settings = settings
         self.clock = clock
+        self.cpu_clock = cpu_clock
         self.ids: dict[str, Budget] = {}
         self.stalled = 0.0  # seconds, in all, the daemon was not reading (gaps between turns beyond STALL_S)
         self.turn_at = clock()
+        self.turn_cpu = cpu_clock()
         self.catching_up_until = float("-inf")  # after a stall, while its backlog is read (twice its length)
 
     # ------------------------------------------------------------ the reading clock
 
     def turned(self, now: float, waited: float = 0.0) -> float:
         """A turn of the main loop read its messages at ``now``, after waiting up to ``waited`` seconds for
-        them: the rest of the time since the last turn, beyond ``STALL_S``, was a stall; its seconds, or 0."""
-        gap = now - self.turn_at - waited
-        self.turn_at = now
+        them. The rest of the time since the last turn in which the process did not run (not its own
+        work, such as a long model call: that is measured by its CPU time) was a stall if longer than
+        ``STALL_S``; returns its seconds, or 0."""
+        cpu = self.cpu_clock()
+        gap = now - self.turn_at - waited - (cpu - self.turn_cpu)
+        self.turn_at, self.turn_cpu = now, cpu
         if gap <= STALL_S:
             return 0.0
         self.stalled += gap
@@ -179,6 +185,28 @@ class Admission:
         leaves 2 S seconds to read its backlog, and gives a gateway that sent nothing meanwhile no
         lasting allowance."""
         return max(0.0, b.credit - (now - b.credit_at) * 0.5)
+
+    # What a line of seqs may send: copied for a line that waits to take the id, taken over if it does.
+    RATE_FIELDS = ("due", "rate_seq", "pace_seq", "pace_at", "credit", "credit_at", "stall_mark", "demoted_until")
+
+    def copy(self, b: Budget) -> Budget:
+        """The rate and pace of ``b`` for another line of seqs on its id, charged apart: a second publisher's
+        frames cannot spend the first one's allowance, and a line gets no more than the id had."""
+        other = Budget(b.heard_at, b.stall_mark)
+        for name in self.RATE_FIELDS:
+            setattr(other, name, getattr(b, name))
+        return other
+
+    def adopt(self, b: Budget, other: Budget) -> None:
+        """The line charged to ``other`` took the id: its rate and pace are the id's now."""
+        for name in self.RATE_FIELDS:
+            setattr(b, name, getattr(other, name))
+
+    def merge(self, b: Budget, other: Budget) -> None:
+        """The line charged to ``other`` turned out to continue the id's own: it owes what either owes."""
+        if other.due is not None and (b.due is None or other.due > b.due):
+            b.due = other.due
+        b.demoted_until = max(b.demoted_until, other.demoted_until)
 
     def restarted(self, b: Budget, seq: int, now: float) -> None:
         """A new incarnation starts at ``seq``: no debt, no hole charged before it, its pace from here."""

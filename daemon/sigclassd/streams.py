@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sigclassd import protocol
-from sigclassd.admission import DEMOTE, IMPLAUSIBLE, LOSE, WIN, Admission, Budget
+from sigclassd.admission import DEMOTE, IMPLAUSIBLE, LOSE, REFUSE, WIN, Admission, Budget
 from sigclassd.config import StreamSettings
 from sigclassd.metrics import Metrics
 from sigclassd.protocol import ARRIVAL, SENSOR, SEQ, SampleBatch, SampleFrame
@@ -254,9 +254,9 @@ class Parked:
     or a second publisher's. Their samples count as buffered while they wait.
     """
 
-    __slots__ = ("frames", "first_seq", "ahead", "next_seq", "heard_at", "held", "publisher_at", "run")
+    __slots__ = ("frames", "first_seq", "ahead", "next_seq", "heard_at", "held", "publisher_at", "run", "budget")
 
-    def __init__(self, seq: int, ahead: bool, heard_at: float) -> None:
+    def __init__(self, seq: int, ahead: bool, heard_at: float, budget: Budget) -> None:
         self.frames: list[tuple[int, int, float, int, np.ndarray, np.ndarray]] = []
         self.first_seq = seq
         self.ahead = ahead  # an unflagged jump forward: the publisher's own seqs may yet reach it
@@ -265,6 +265,7 @@ class Parked:
         self.held = 0
         self.publisher_at = float("-inf")  # when the stream's publisher was last heard, as of the last frame
         self.run = 0  # samples this line sent since then
+        self.budget = budget  # the line's own rate and pace, a copy of the id's when it began
 
     def add(self, seq: int, k: int, rate: float, flags: int, samples: np.ndarray, meta: np.ndarray,
             heard_at: float, publisher_at: float) -> None:
@@ -486,7 +487,11 @@ class StreamTable:
             stream = self.streams.get(stream_id)
         if stream is not None and stream.next_seq is not None:
             expected = stream.next_seq
-            breaking = flags & protocol.FLAG_RESTART or seq > expected or expected - seq > s.backwards_reset_samples
+            # A small hole is taken as lost samples, except while catching up after a stall: then it may
+            # be a reconnected gateway's newer frames, read before its old connection's backlog ends.
+            breaking = (flags & protocol.FLAG_RESTART or seq - expected > s.gap_reset_samples
+                        or expected - seq > s.backwards_reset_samples
+                        or (seq > expected and self.admission.catching_up(now)))
             if breaking and not self.admission.silent(stream.budget, at):
                 self._contest(stream, seq, k, rate, flags, samples, meta, now, at)
                 return
@@ -495,39 +500,38 @@ class StreamTable:
     def _contest(self, stream: Stream, seq: int, k: int, rate: float, flags: int, samples: np.ndarray,
                  meta: np.ndarray, now: float, at: float) -> None:
         """A frame that would end or jump ``stream``'s incarnation while its publisher is live: it waits
-        (with the frames that continue it) until the publisher falls silent; a refused line's next
-        frames are refused at once."""
+        (with the frames that continue it, charged to the line's own copy of the id's budget) until the
+        publisher falls silent; a refused line's next frames are refused at once."""
         s = self.settings
+        adm = self.admission
         b = stream.budget
         waiting = self.parked.get(stream.name)
-        if waiting is not None and not flags & protocol.FLAG_RESTART and 0 <= seq - waiting.next_seq <= s.gap_reset_samples:
-            cap = WAITING_PENDING * s.max_pending_samples
-            if waiting.held + k <= cap:
-                waiting.add(seq, k, rate, flags, samples, meta, at, b.heard_at)
-                self.buffered += k
+        if waiting is None or flags & protocol.FLAG_RESTART or not 0 <= seq - waiting.next_seq <= s.gap_reset_samples:
+            if seq == b.intruder_next and not flags:
+                b.intruder_next = seq + k
+                self._conflict(stream.name, k, 1)
                 return
-            if waiting.run >= cap // 2 and self.admission.catching_up(now):
-                # After a stall, a line that sent half its room while the publisher sent nothing is the
-                # publisher's backlog on a new connection, read faster than silence is measured: it goes in.
-                self._let_in(stream.name, waiting, now, at)
-                self._apply(stream.name, seq, k, rate, flags, samples, meta, now, at)
-                return
-            waiting.followed(seq, k, at, b.heard_at)  # refused; the line is still followed
-            self._conflict(stream.name, k, 1)
+            if waiting is not None:  # a third line: the one waiting before it goes
+                self._lose(stream.name, waiting)
+            ahead = not flags & protocol.FLAG_RESTART and seq > (stream.next_seq or 0)
+            waiting = self.parked[stream.name] = Parked(seq, ahead, at, adm.copy(b))
+        if rate and adm.charge(waiting.budget, seq, k, rate, now) == REFUSE:
+            waiting.followed(seq, k, at, b.heard_at)
+            self._refuse_rated(k, 1, stream.name, rate)
             return
-        if seq == b.intruder_next and not flags:
-            b.intruder_next = seq + k
-            self._conflict(stream.name, k, 1)
+        cap = WAITING_PENDING * s.max_pending_samples
+        if waiting.held + k <= cap:
+            waiting.add(seq, k, rate, flags, samples, meta, at, b.heard_at)
+            self.buffered += k
             return
-        if waiting is not None:  # a third line: the one waiting before it goes
-            self._lose(stream.name, waiting)
-        if k > WAITING_PENDING * s.max_pending_samples:
-            self._conflict(stream.name, k, 1)
+        if waiting.run >= cap // 2 and adm.catching_up(now):
+            # After a stall, a line that sent half its room while the publisher sent nothing is the
+            # publisher's backlog on a new connection, read faster than silence is measured: it goes in.
+            self._let_in(stream.name, waiting, now, at)
+            self._apply(stream.name, seq, k, rate, flags, samples, meta, now, at, charged=True)
             return
-        ahead = not flags & protocol.FLAG_RESTART and seq > (stream.next_seq or 0)
-        waiting = self.parked[stream.name] = Parked(seq, ahead, at)
-        waiting.add(seq, k, rate, flags, samples, meta, at, b.heard_at)
-        self.buffered += k
+        waiting.followed(seq, k, at, b.heard_at)  # refused; the line is still followed
+        self._conflict(stream.name, k, 1)
 
     def _conflict(self, stream_id: str, k: int, frames: int) -> None:
         """Refuse ``frames`` frames (``k`` samples) of a second line of seqs on a live id: counted, and logged."""
@@ -556,12 +560,19 @@ class StreamTable:
             self._lose(stream_id, waiting)
 
     def _let_in(self, stream_id: str, waiting: Parked, now: float, at: float) -> None:
+        """The waiting line takes the id (or turned out to continue it): its frames go in, charged already."""
         del self.parked[stream_id]
         self.buffered -= waiting.held
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            if waiting.ahead and (stream.next_seq or 0) >= waiting.first_seq:
+                self.admission.merge(stream.budget, waiting.budget)
+            else:
+                self.admission.adopt(stream.budget, waiting.budget)
         self.letting_in = waiting.held
         try:
             for seq, k, rate, flags, samples, meta in waiting.frames:
-                self._apply(stream_id, seq, k, rate, flags, samples, meta, now, at)
+                self._apply(stream_id, seq, k, rate, flags, samples, meta, now, at, charged=True)
         finally:
             self.letting_in = 0
 
@@ -574,8 +585,8 @@ class StreamTable:
         self._conflict(stream_id, waiting.held, len(waiting.frames))
 
     def _apply(self, stream_id: str, seq: int, k: int, rate: float, flags: int, samples: np.ndarray,
-               meta: np.ndarray, now: float, at: float) -> None:
-        """The seq policy and the rate charge for one admitted message."""
+               meta: np.ndarray, now: float, at: float, *, charged: bool = False) -> None:
+        """The seq policy and the rate charge (unless ``charged`` already, while it waited) for one message."""
         m = self.metrics
         s = self.settings
         adm = self.admission
@@ -600,6 +611,15 @@ class StreamTable:
             elif expected - seq > s.backwards_reset_samples:
                 reset = "seq_backwards"
         b = stream.budget
+        # The charge comes first, except for a flagged restart, which starts without debt: a stream in
+        # debt cannot jump its seqs out of it.
+        if rate and not charged and reset != "restart":
+            if adm.charge(b, seq, k, rate, now) == REFUSE:
+                stream.skip(seq, k)
+                self._demote(stream)
+                self._refuse_rated(k, 1, stream_id, rate)
+                return
+            charged = True
         if reset:
             fresh = self._reset_for(stream, k, reset, now)
             if fresh is None:
@@ -607,17 +627,13 @@ class StreamTable:
             if reset == "gap":
                 fresh.mark_gap(seq - expected)
             stream = fresh
-            adm.restarted(b, seq, now)  # a new incarnation starts clean
+            if reset == "restart":
+                adm.restarted(b, seq, now)
             adm.switched(b, at)
-        if rate:
-            verdict = adm.charge(b, seq, k, rate, now)
-            if verdict == DEMOTE:
-                self._demote(stream)
-            elif verdict:
-                stream.skip(seq, k)
-                self._demote(stream)
-                self._refuse_rated(k, 1, stream_id, rate)
-                return
+        if rate and not charged:
+            adm.charge(b, seq, k, rate, now)  # a restart's first frame: it passes
+        if b.demoted_until > now:
+            self._demote(stream)
         if not reset:
             adm.heard(b, at)
             if expected is not None and seq > expected:

@@ -18,9 +18,10 @@ from sigclassd.admission import (
 from sigclassd.config import StreamSettings
 
 
-def make(**kw: float) -> Admission:
+def make(cpu=lambda: 0.0, **kw: float) -> Admission:  # noqa: ANN001
+    """An Admission whose process used no CPU time, unless ``cpu`` says otherwise."""
     return Admission(StreamSettings(**{"rate_limit": 1.5, "rate_burst_s": 2.0, "demote_s": 10.0, **kw}),
-                     clock=lambda: 0.0)
+                     clock=lambda: 0.0, cpu_clock=cpu)
 
 
 def send_at_rate(adm: Admission, b, rate: float, t0: float, seconds: float, seq: int, k: int = 10,  # noqa: ANN001
@@ -150,6 +151,16 @@ def test_turns_and_polls_are_not_stalls():
     assert adm.stalled == 0.0
     adm.turned(10.0)
     assert adm.stalled > 7.0 and adm.reading(10.0) == 10.0 - adm.stalled
+
+
+def test_the_daemons_own_work_is_not_a_stall():
+    """A 2 s model call (CPU time advancing with the clock) is no stall: a flood cannot earn stall credit by
+    making the daemon's turns long; time the process did not run is."""
+    used = [0.0]
+    adm = make(cpu=lambda: used[0])
+    used[0] = 1.9
+    assert adm.turned(2.0) == 0.0 and adm.stalled == 0.0 and not adm.catching_up(2.0)
+    assert adm.turned(12.0) == 10.0 and adm.catching_up(12.0)
 
 
 def test_data_ahead_of_real_time_is_demoted_but_admitted():

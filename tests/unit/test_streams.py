@@ -614,3 +614,22 @@ def test_after_a_stall_the_table_asks_to_label_before_reading_more():
     assert t.backlogged()
     clock.now = 40.0  # twice the stall later: caught up
     assert not t.backlogged()
+
+
+def test_a_flood_is_rate_limited_while_its_jumps_wait():
+    """A stream at 10x its declared rate whose seqs jump beyond gap_reset_samples now and then (libzmq dropped
+    a burst): the frames that wait for the old line to fall silent are charged to the line's own copy of the
+    budget, so the flood gains nothing by jumping; most of it is refused."""
+    t, reg, clock = make_table(rate_limit=1.5, rate_burst_s=2.0, gap_reset_samples=400, max_pending_samples=100_000)
+    seq = 0
+    for i in range(1000):  # 10 s of 100 Hz declared, sent at 1,000 Hz
+        now = 0.01 * i
+        if i % 100 == 99:
+            seq += 2000  # a dropped burst
+        turn(t, clock, now, [rated("flood", seq, 10, 100.0)])
+        seq += 10
+    turn(t, clock, 11.0, [])
+    sent = 10 * 1000
+    assert counter(reg, "samples_rejected", reason="rate_limited") > 0.7 * sent
+    taken = counter(reg, "samples_received") - refused(reg)
+    assert taken <= 1.5 * 100 * (10 + 2) + 10 * 10  # the rate limit and its burst, and a frame per reset
