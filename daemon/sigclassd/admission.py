@@ -15,8 +15,9 @@ flags a restart. Its frames then always pass, whatever the daemon's own stalls.
   dropped before the daemon read it) count as sent, but a hole costs at most ``rate_burst_s``.
   The debt is bounded in time (``MAX_DEBT_S``), and a new incarnation starts without it.
 - **Daemon stalls**: time between the daemon's turns in which its process did not run (beyond
-  ``STALL_S``) is time it was not reading. Each id may catch up that much more than ``rate_burst_s``, a credit that wanes
-  over twice the stall: the backlog queued in the sockets meanwhile passes, and is not demoted.
+  ``STALL_S``) is time it was not reading. Each id may catch up that much more than
+  ``rate_burst_s``, a credit that wanes over twice the stall: the backlog queued in the sockets
+  meanwhile passes, and is not demoted.
   Silence and idle times are measured in reading time (``reading``), so a stall neither makes
   publishers look gone nor evicts their streams.
 - **Pace** (demotion): a stream whose data runs more than ``AHEAD_S`` ahead of real time at

@@ -18,6 +18,11 @@ A reset never loses accepted samples: the old incarnation is *retired* (its
 pending samples are labelled in the next batch, flagged FINAL) and a new one
 starts, flagged START. Pending samples beyond ``max_pending_samples`` are shed,
 oldest first, and counted.
+
+Before the seq policy, :mod:`sigclassd.admission` decides what each id may send
+(rate, pace, resets) and which publisher holds it: a frame that would reset a
+live incarnation waits (:class:`Parked`) until the stream's publisher falls
+silent, and is refused as a second publisher's if it does not.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
@@ -124,7 +130,7 @@ class Stream:
         # A gap that did not reset the stream sits inside the rows: split so every run is seq-contiguous.
         cuts = [0, *(np.flatnonzero(np.diff(seq) != 1) + 1).tolist(), n]
         runs = []
-        for a, b in zip(cuts, cuts[1:], strict=False):
+        for a, b in pairwise(cuts):
             flags, gap = self.flags, self.gap
             start = int(seq[a])
             if self.last_seq is not None and start != self.last_seq:
@@ -304,6 +310,7 @@ class StreamTable:
         warmup: int,
         first_flags: int = protocol.LABEL_START,
         clock: Callable[[], float] = time.monotonic,
+        condition: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> None:
         self.admission = Admission(settings, clock)
         self.metrics = metrics
@@ -315,6 +322,8 @@ class StreamTable:
         self.free_slots = list(range(63, -1, -1))
         self.warmup = warmup
         self.clock = clock
+        # Windowed mode with conditioning: (raw samples, state row) -> (conditioned samples, new row), on arrival.
+        self.condition = condition
         self.streams: dict[str, Stream] = {}
         self.retired: list[Stream] = []
         # Insertion-ordered set of streams with work: the batcher serves them oldest first.
@@ -624,7 +633,7 @@ class StreamTable:
             fresh = self._reset_for(stream, k, reset, now)
             if fresh is None:
                 return
-            if reset == "gap":
+            if reset == "gap" and expected is not None:
                 fresh.mark_gap(seq - expected)
             stream = fresh
             if reset == "restart":
@@ -646,7 +655,8 @@ class StreamTable:
         self._append(stream, samples, meta, seq, start)
 
     def _reset_for(self, stream: Stream, k: int, reason: str, now: float) -> Stream | None:
-        """Reset ``stream`` for a frame of ``k`` samples, or refuse the frame (None) if the id's reset budget is spent."""
+        """Reset ``stream`` for a frame of ``k`` samples, or refuse the frame (None) if the id's reset budget
+        is spent."""
         s = self.settings
         if len(self.retired) >= s.max_retired or not self.admission.may_reset(stream.budget, now):
             self._refuse("reset_storm", k, stream.name,
@@ -714,7 +724,10 @@ class StreamTable:
             stream.drop_front(keep_from)
             if stream.n + k > len(stream.data):
                 stream.grow(max(2 * len(stream.data), stream.n + k))
-        stream.append(samples[start:], meta[start:], seq + len(samples))
+        rows = samples[start:]
+        if self.condition is not None:
+            rows, self.states[stream.slot] = self.condition(rows, self.states[stream.slot])
+        stream.append(rows, meta[start:], seq + len(samples))
         self.buffered += k
         if stream.pending >= self.ready_after:
             self._queue(stream, self.clock())

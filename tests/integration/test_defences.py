@@ -96,7 +96,7 @@ class TimedConsumer(Consumer):
         super().__init__(ctx, endpoint)
         self.times: dict[int, float] = {}
 
-    def collect(self, seconds: float, until=None) -> list[protocol.LabelFrame]:  # noqa: ANN001
+    def collect(self, seconds: float, until=None) -> list[protocol.LabelFrame]:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if self.sock.poll(20):

@@ -18,13 +18,13 @@ from sigclassd.admission import (
 from sigclassd.config import StreamSettings
 
 
-def make(cpu=lambda: 0.0, **kw: float) -> Admission:  # noqa: ANN001
+def make(cpu=lambda: 0.0, **kw: float) -> Admission:
     """An Admission whose process used no CPU time, unless ``cpu`` says otherwise."""
     return Admission(StreamSettings(**{"rate_limit": 1.5, "rate_burst_s": 2.0, "demote_s": 10.0, **kw}),
                      clock=lambda: 0.0, cpu_clock=cpu)
 
 
-def send_at_rate(adm: Admission, b, rate: float, t0: float, seconds: float, seq: int, k: int = 10,  # noqa: ANN001
+def send_at_rate(adm: Admission, b, rate: float, t0: float, seconds: float, seq: int, k: int = 10,
                  turn: bool = True) -> tuple[list[int], int, float]:
     """Frames of ``k`` samples at exactly ``rate`` from time ``t0`` for ``seconds``: verdicts, next seq, end time."""
     verdicts = []
