@@ -36,8 +36,10 @@ from collections.abc import Callable
 from sigclassd.config import StreamSettings
 
 # Time between two turns of the main loop in which the process did not run, beyond this, is a stall of
-# the daemon's (SIGSTOP, a VM pause, swap, a starved CPU); its own work (a long model call) is not.
-STALL_S = 0.25
+# the daemon's (SIGSTOP, a VM pause, swap); its own work (a long model call) is not. Shorter gaps (a
+# busy host not scheduling it for a while) are within every stream's rate_burst_s, and must not give a
+# flood stall credit.
+STALL_S = 1.0
 
 # A stream whose data runs this many seconds ahead of real time at its declared rate is sending
 # faster than it declares. A message's own samples do not count (it may hold seconds of them).
