@@ -66,6 +66,7 @@ class ModelMeta:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     imported: dict[str, Any] = field(default_factory=dict)
+    conditioning: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
     format: int = FORMAT
 
@@ -78,6 +79,13 @@ class ModelMeta:
         return self.architecture in SEQUENCE_ARCHITECTURES
 
     @property
+    def model_channels(self) -> int:
+        """The model's inputs: ``channels``, times the filter bank's bands when ``conditioning`` has one."""
+        from sigclassd.engine.conditioning import model_channels
+
+        return model_channels(self.conditioning, self.channels)
+
+    @property
     def units(self) -> int:
         """The model's output units this metadata describes: 1 for a sigmoid, one per class for a softmax."""
         return 1 if self.output == "sigmoid" else self.n_classes
@@ -86,8 +94,9 @@ class ModelMeta:
         d = asdict(self)
         for key in ("classes", "norm_mean", "norm_std", "channel_names"):
             d[key] = list(d[key])
-        if not d["imported"]:
-            del d["imported"]
+        for key in ("imported", "conditioning"):
+            if not d[key]:
+                del d[key]
         return d
 
     @classmethod
@@ -114,6 +123,7 @@ class ModelMeta:
             training=dict(d.get("training", {})),
             metrics=dict(d.get("metrics", {})),
             imported=dict(d.get("imported", {})),
+            conditioning=dict(d.get("conditioning") or {}),
             created_at=d.get("created_at", ""),
             format=d.get("format", FORMAT),
         )
@@ -126,10 +136,19 @@ class ModelMeta:
         if self.output == "sigmoid" and len(self.classes) != 2:
             problems.append(f"output is 'sigmoid' (one unit) but classes lists {len(self.classes)} names; "
                             "a sigmoid output needs exactly 2 classes, use 'softmax' for more")
+        if self.conditioning:
+            from sigclassd.engine.conditioning import Conditioner
+
+            try:
+                Conditioner(self.conditioning, self.channels, self.sample_rate_hz, self.channel_names)
+            except ModelError as e:
+                problems.append(str(e))
+        inputs = self.model_channels
         for key in ("norm_mean", "norm_std"):
-            if len(getattr(self, key)) != self.channels:
-                problems.append(f"{key} has {len(getattr(self, key))} values; "
-                                f"it needs one value per channel ({self.channels})")
+            if len(getattr(self, key)) != inputs:
+                per = ("per channel" if inputs == self.channels
+                       else "per model input (channel x band of conditioning.bank)")
+                problems.append(f"{key} has {len(getattr(self, key))} values; it needs one value {per} ({inputs})")
         if self.channel_names and len(self.channel_names) != self.channels:
             problems.append(f"channel_names has {len(self.channel_names)} names; "
                             f"it needs one per channel ({self.channels})")

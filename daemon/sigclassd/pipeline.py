@@ -53,8 +53,12 @@ class Pipeline:
         self.rejects = rejects
         meta = artifact.meta
         stateful = settings.model.mode == "stateful"
+        # Conditioning: windowed mode buffers conditioned samples (filtered on arrival), and the
+        # warm-up flag also covers the filters' settling time.
+        filters = getattr(engine, "conditioner", None)
+        condition = None if stateful or filters is None else getattr(engine, "condition", None)
         self.table = StreamTable(
-            settings.streams, metrics, channels=meta.channels,
+            settings.streams, metrics, channels=meta.model_channels if condition else meta.channels,
             history=engine.lookahead if stateful else meta.window,
             ready_after=1 if stateful else settings.model.hop,
             initial_state=engine.initial_state,

@@ -124,9 +124,14 @@ def contradictions(meta: ModelMeta, facts: ModelFacts) -> list[str]:
     """Every way ``meta`` (metadata.json) disagrees with the model file, each saying which key to set."""
     name = facts.path.name
     found = []
-    if meta.channels != facts.channels:
-        found.append(f"channels: metadata.json says {meta.channels}, {name} takes {facts.channels}; "
-                     f"set \"channels\": {facts.channels}")
+    if meta.model_channels != facts.channels:
+        if meta.model_channels == meta.channels:
+            found.append(f"channels: metadata.json says {meta.channels}, {name} takes {facts.channels}; "
+                         f"set \"channels\": {facts.channels}")
+        else:  # a filter bank multiplies the channels
+            found.append(f"conditioning.bank: metadata.json's {meta.channels} channels x "
+                         f"{meta.model_channels // meta.channels} bands make {meta.model_channels} model inputs, "
+                         f"but {name} takes {facts.channels}")
     if facts.window is not None and meta.window != facts.window:
         found.append(f"window: metadata.json says {meta.window}, {name} takes windows of exactly {facts.window} "
                      f"samples; set \"window\": {facts.window}")

@@ -830,8 +830,11 @@ def fold_input_affine(plan: Plan, norm: tuple[np.ndarray, np.ndarray]) -> tuple[
 def check_outputs(artifact: ModelArtifact, channels: int, units_out: int) -> None:
     """Check the model's input channels and output units against its ``metadata.json``."""
     meta = artifact.meta
-    if channels != meta.channels:
-        msg = f"{artifact.model_path} takes {channels} channels but metadata.json says {meta.channels}"
+    if channels != meta.model_channels:
+        says = (f"{meta.channels}" if meta.model_channels == meta.channels else
+                f"{meta.channels} x {meta.model_channels // meta.channels} bands of conditioning.bank = "
+                f"{meta.model_channels}")
+        msg = f"{artifact.model_path} takes {channels} channels but metadata.json says {says}"
         raise ModelError(msg)
     expected = 1 if meta.output == "sigmoid" else meta.n_classes
     if units_out != expected:

@@ -16,6 +16,8 @@ State row layout, in layer order (see ``StatefulEngine.state_layout``):
 - each delay that aligns a residual branch with a later one: its last inputs, as a conv's;
 - for models with look-ahead (``'same'`` padding) only: a samples-seen counter
   that saturates at the look-ahead ``k``.
+- a model with ``conditioning`` (``sigclassd.engine.conditioning``) puts its
+  filter state first in the row: each chunk is conditioned, then stepped.
 
 The all-zero row is the state of a stream that has seen nothing: the zero conv
 buffers are Keras' left zero padding and the LSTMs start from zero, as in Keras.
@@ -44,6 +46,7 @@ from sigclassd.artifact import ModelArtifact
 from sigclassd.engine import kernels
 from sigclassd.engine.activations import to_probabilities
 from sigclassd.engine.archive import read_model
+from sigclassd.engine.conditioning import conditioner
 from sigclassd.engine.plan import GRU, LSTM, Conv, StepPlan, check_outputs, fold_input_affine, step_plan
 from sigclassd.errors import ModelError
 
@@ -71,7 +74,10 @@ class StatefulEngine:
         self.artifact = artifact
         # A leading normalisation layer becomes part of the input normalisation.
         self.plan, self._norm = fold_input_affine(plan, kernels.normaliser(meta.norm_mean, meta.norm_std))
-        self.state_size = plan.state_size
+        self.conditioner = conditioner(meta)
+        # The filters' state first, then the model's (plan offsets are relative to its own part).
+        self._filters = 0 if self.conditioner is None else self.conditioner.state_size
+        self.state_size = self._filters + plan.state_size
         self.lookahead = plan.lookahead
         self.max_batch = max_batch
         self.max_chunk = max_chunk
@@ -88,17 +94,20 @@ class StatefulEngine:
     def state_layout(self) -> list[tuple[str, str, int, int]]:
         """``(layer, part, offset, size)`` for every slice of a state row, in order."""
         layout = []
+        if self.conditioner is not None:
+            layout.append(("conditioning", "filter sections (z1, z2 per section and signal)", 0, self._filters))
+        f = self._filters
         for step in self.plan.steps:
             if isinstance(step, Conv) and step.size:
                 window = f"last {step.span} inputs x {step.in_channels} channels"
-                layout.append((step.name, window, step.offset, step.size))
+                layout.append((step.name, window, f + step.offset, step.size))
             elif isinstance(step, LSTM):
-                layout.append((step.name, "h", step.offset, step.units))
-                layout.append((step.name, "c", step.offset + step.units, step.units))
+                layout.append((step.name, "h", f + step.offset, step.units))
+                layout.append((step.name, "c", f + step.offset + step.units, step.units))
             elif isinstance(step, GRU):
-                layout.append((step.name, "h", step.offset, step.units))
+                layout.append((step.name, "h", f + step.offset, step.units))
         if self.plan.counter_index is not None:
-            layout.append(("stream", f"samples seen, saturating at {self.lookahead}", self.plan.counter_index, 1))
+            layout.append(("stream", f"samples seen, saturating at {self.lookahead}", f + self.plan.counter_index, 1))
         return layout
 
     def initial_state(self) -> np.ndarray:
@@ -106,8 +115,13 @@ class StatefulEngine:
 
     def run(self, x: np.ndarray, lengths: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # The kernel normalises the rows' valid samples only: a long row pads all the others.
-        return self._run(np.asarray(x, np.float32), np.asarray(lengths, np.int64), None, np.asarray(state, np.float32),
-                         self._norm)
+        x, lengths, state = np.asarray(x, np.float32), np.asarray(lengths, np.int64), np.asarray(state, np.float32)
+        if self.conditioner is None:
+            return self._run(x, lengths, None, state, self._norm)
+        f = self._filters
+        x, filters = self.conditioner.run(x, lengths, state[:, :f])
+        probs, model = self._run(x, lengths, None, state[:, f:], self._norm)
+        return probs, np.concatenate([filters, model], axis=1)
 
     def flush(self, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """End streams: the labels of each row's last ``lookahead`` samples, ``[batch, lookahead, n_classes]``.
@@ -121,7 +135,9 @@ class StatefulEngine:
         batch = state.shape[0]
         k = self.lookahead
         xn = np.zeros((batch, k, self.plan.channels), np.float32)
-        return self._run(xn, np.full(batch, k, np.int64), np.zeros(batch, np.int64), state, None)
+        f = self._filters  # the filters see no padding: only the model's layers are flushed
+        probs, model = self._run(xn, np.full(batch, k, np.int64), np.zeros(batch, np.int64), state[:, f:], None)
+        return probs, np.concatenate([state[:, :f], model], axis=1) if f else model
 
     def _run(
         self, x: np.ndarray, lengths: np.ndarray, ends: np.ndarray | None, state: np.ndarray,
@@ -148,5 +164,5 @@ class StatefulEngine:
 
     def warm_up(self) -> None:
         """One small call, so that the first real batch pays for no lazy set-up."""
-        x = np.zeros((1, 16, self.plan.channels), np.float32)
+        x = np.zeros((1, 16, self.artifact.meta.channels), np.float32)
         self.run(x, np.full(1, 16), np.zeros((1, self.state_size), np.float32))

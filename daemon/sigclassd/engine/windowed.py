@@ -7,6 +7,10 @@ one that cannot be streamed. A batch of windows is one forward pass
 intermediate arrays still fit in cache. Bundled model, bench/kernels_bench.py's
 machine, windows per CPU-second in slices of 64: 6,500; 96 to 224: 6,700-7,300,
 112 best in two scans of three; 256: 5,900.
+
+A model with ``conditioning`` is given conditioned windows: the stream table
+conditions samples on arrival with ``condition`` and keeps the filter state in
+the stream's state row (``state_size``), which ``run`` passes through unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from sigclassd.artifact import ModelArtifact
 from sigclassd.engine import kernels
 from sigclassd.engine.activations import to_probabilities
 from sigclassd.engine.archive import read_model
+from sigclassd.engine.conditioning import conditioner
 from sigclassd.engine.plan import WindowPlan, check_outputs, fold_input_affine, window_plan
 from sigclassd.errors import ModelError
 
@@ -28,7 +33,6 @@ class WindowedEngine:
 
     mode = "windowed"
     runtime = "numpy"
-    state_size = 0
 
     def __init__(self, artifact: ModelArtifact, plan: WindowPlan, *, max_batch: int = 1024) -> None:
         meta = artifact.meta
@@ -38,6 +42,8 @@ class WindowedEngine:
             raise ModelError(msg)
         kernels.single_blas_thread()
         self.artifact = artifact
+        self.conditioner = conditioner(meta)
+        self.state_size = 0 if self.conditioner is None else self.conditioner.state_size
         # A leading normalisation layer becomes part of the input normalisation.
         self.plan, self._norm = fold_input_affine(plan, kernels.normaliser(meta.norm_mean, meta.norm_std))
         self.lookahead = meta.lookahead
@@ -63,7 +69,13 @@ class WindowedEngine:
         return y[..., None] if y.ndim == 2 else y  # a Dense(window) output with no Reshape after it
 
     def initial_state(self) -> np.ndarray:
-        return np.zeros(0, np.float32)
+        return np.zeros(self.state_size, np.float32)
+
+    def condition(self, samples: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One stream's newly arrived raw samples ``[k, channels]`` conditioned, and its new filter state."""
+        if self.conditioner is None:
+            return samples, state
+        return self.conditioner.run_one(samples, state)
 
     def run(self, x: np.ndarray, lengths: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = np.asarray(x, np.float32)
@@ -77,4 +89,6 @@ class WindowedEngine:
     def warm_up(self) -> None:
         """One full-size call, so that the first real batch pays for no lazy set-up."""
         self.run(np.zeros((self.max_batch, self.window, self.plan.channels), np.float32),
-                 np.full(self.max_batch, self.window), np.zeros((self.max_batch, 0), np.float32))
+                 np.full(self.max_batch, self.window), np.zeros((self.max_batch, self.state_size), np.float32))
+        if self.conditioner is not None:
+            self.condition(np.zeros((16, self.artifact.meta.channels), np.float32), self.initial_state())

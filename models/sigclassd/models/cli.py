@@ -14,6 +14,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from sigclassd.config import ModelSettings
 from sigclassd.errors import ModelError
@@ -27,6 +28,35 @@ file: a header row, one column per channel and a label column), or an EDF/EDF+ f
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+# Conditioning presets for common biosignals (docs/conditioning.md says why each band).
+CONDITIONING_PRESETS: dict[str, dict[str, Any] | None] = {
+    "none": None,
+    # EEG: common average reference; delta, theta, alpha and beta band power (log envelopes; alpha rises
+    # with the eyes closed, mu and beta fall with movement).
+    "eeg": {"reference": "average", "bank": [[0.5, 4], [4, 8], [8, 13], [13, 30]],
+            "envelope": {"smooth_hz": 1.0, "log_floor": 0.1}},
+    # Accelerometers in gait: the locomotor band (0.5-3 Hz) and the freeze band (3-8 Hz), as envelopes.
+    "gait": {"bank": [[0.5, 3], [3, 8]], "envelope": {"smooth_hz": 1.0}},
+    # Surface EMG: motion artefacts and drift below 20 Hz removed, then the envelope (muscle activation).
+    "emg": {"filters": [{"type": "highpass", "hz": 20, "order": 4}], "envelope": {"smooth_hz": 3.0, "log_floor": 1.0}},
+}
+
+
+def conditioning(text: str) -> dict[str, Any] | None:
+    """``--condition``: a preset name or a JSON object; ValueError naming the option otherwise."""
+    if text in CONDITIONING_PRESETS:
+        return CONDITIONING_PRESETS[text]
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        msg = f"--condition {text!r} is neither a preset ({', '.join(CONDITIONING_PRESETS)}) nor JSON: {e}"
+        raise ValueError(msg) from e
+    if not isinstance(spec, dict):
+        msg = f"--condition must be a preset or a JSON object, got {text!r}"
+        raise ValueError(msg)
+    return spec
 
 
 def _add_data_args(p: argparse.ArgumentParser, *, default_seed: int) -> None:
@@ -170,6 +200,13 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="consecutive windows per state segment with --carry-state (default: %(default)s)",
     )
     g.add_argument("--progress", choices=("bar", "epoch", "none"), default="epoch", help="(default: %(default)s)")
+    g = p.add_argument_group("signal conditioning (docs/conditioning.md)")
+    g.add_argument(
+        "--condition", default="none", metavar="PRESET|JSON",
+        help="causal filters applied before the model, in training and as served: a preset ("
+        + ", ".join(CONDITIONING_PRESETS) + ") or metadata.json's \"conditioning\" object as JSON "
+        "(default: %(default)s)",
+    )
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, required=True, help="model directory to write")
     g.add_argument("--name", default="model", help="model name in the metadata (default: %(default)s)")
@@ -244,6 +281,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             serve_lag=args.serve_lag,
             carry_state=args.carry_state,
             carry_windows=args.carry_windows,
+            conditioning=conditioning(args.condition),
             name=args.name,
             version=args.version,
         )

@@ -418,7 +418,7 @@ def _classes_in(recs: list[Recording], n_classes: int) -> np.ndarray:
     return counts
 
 
-def _assemble(
+def assemble(
     recs: tuple[Recording, ...], held_out: list[list[tuple[int, int]]], method: str, classes: tuple[str, ...]
 ) -> Split:
     """Cut the recordings at the held-out ranges: held-out ranges to validation, the rest to training."""
@@ -516,21 +516,21 @@ def split(
             msg = f"cannot split {len(recs)} window(s): need at least 2"
             raise ValueError(msg)
         held: list[list[tuple[int, int]]] = [[] for _ in recs[:-n_val]] + [[(0, len(r))] for r in recs[-n_val:]]
-        return _assemble(recs, held, "windows", ds.classes)
+        return assemble(recs, held, "windows", ds.classes)
 
     def by_time() -> Split:
         held = []
         for r in recs:
             cut = round(len(r) * (1 - val_fraction))
             held.append([(cut, len(r))] if cut < len(r) else [])
-        return _assemble(recs, held, "time", ds.classes)
+        return assemble(recs, held, "time", ds.classes)
 
     def by_recording() -> Split:
         if len(recs) < 2:
             msg = f"cannot split {len(recs)} recording(s) by recording: need at least 2"
             raise ValueError(msg)
         units = [(i, 0, len(r)) for i, r in enumerate(recs)]
-        return _assemble(recs, _choose_units(units, recs, k, val_fraction), "recording", ds.classes)
+        return assemble(recs, _choose_units(units, recs, k, val_fraction), "recording", ds.classes)
 
     def by_blocks() -> Split:
         units = []
@@ -538,7 +538,7 @@ def split(
             n = max(1, min(max(5, len(r) // block), len(r) // max(1, block // 5)))
             edges = np.linspace(0, len(r), n + 1).round().astype(int)
             units += [(i, int(a), int(b)) for a, b in itertools.pairwise(edges) if b > a]
-        return _assemble(recs, _choose_units(units, recs, k, val_fraction), "blocks", ds.classes)
+        return assemble(recs, _choose_units(units, recs, k, val_fraction), "blocks", ds.classes)
 
     makers = {"time": by_time, "recording": by_recording, "blocks": by_blocks}
     if by != "auto":

@@ -67,12 +67,14 @@ from sigclassd.artifact import (
 )
 from sigclassd.config import ModelSettings
 from sigclassd.engine.activations import to_probabilities
+from sigclassd.engine.conditioning import Conditioner
 from sigclassd.models.architectures import HyperParams, build_model, lookahead, output_activation
 from sigclassd.models.data import (
     IGNORE,
     Dataset,
     Recording,
     Split,
+    assemble,
     class_weights,
     cut_windows,
     fit_normalisation,
@@ -154,6 +156,9 @@ class TrainConfig:
     serve_lag: int = ModelSettings.lag
     carry_state: bool = False
     carry_windows: int = 16
+    # metadata.json's ``conditioning`` (sigclassd.engine.conditioning): the recordings are conditioned
+    # whole, from their first sample, before they are split into windows, as the daemon conditions a stream.
+    conditioning: dict[str, Any] | None = None
     name: str = "model"
     version: str = "1.0.0"
 
@@ -266,7 +271,10 @@ def predict_served(engine: Engine, x: np.ndarray, hop: int, lag: int) -> np.ndar
         n = len(windows)
         return engine.run(windows, np.full(n, window), np.zeros((n, engine.state_size), np.float32))[0]
 
-    return windows_as_served(run, x.astype(np.float32), window, hop, lag, np.asarray(engine.artifact.meta.norm_mean))
+    # Windows hold conditioned samples, filtered from the stream's start, as the daemon filters on arrival.
+    filters = getattr(engine, "conditioner", None)
+    x = x.astype(np.float32) if filters is None else filters.whole(x)
+    return windows_as_served(run, x, window, hop, lag, np.asarray(engine.artifact.meta.norm_mean))
 
 
 def predict_stateful(engine: Engine, x: np.ndarray) -> np.ndarray:
@@ -504,9 +512,17 @@ def train(
     rng = np.random.default_rng(cfg.seed)
     k = ds.n_classes
     parts = split(ds, val_fraction=cfg.val_fraction, by=cfg.split_by, block=max(4000, 10 * cfg.window))
-    mean, std = fit_normalisation(parts.train)
-    train_recs = normalise(parts.train, mean, std)
-    val_recs = normalise(parts.val, mean, std)
+    filters = conditioned = None
+    if cfg.conditioning:
+        filters = Conditioner(cfg.conditioning, ds.channels, ds.sample_rate_hz, ds.channel_names)
+        # The same split over the conditioned recordings (the engines' own code, from each recording's start).
+        conditioned = assemble(tuple(Recording(r.name, filters.whole(r.x), r.y) for r in ds.recordings),
+                               parts.held_out, parts.method, ds.classes)
+    inputs = filters.out_channels if filters else ds.channels
+    model_parts = conditioned or parts
+    mean, std = fit_normalisation(model_parts.train)
+    train_recs = normalise(model_parts.train, mean, std)
+    val_recs = normalise(model_parts.val, mean, std)
     x_tr, y_tr = cut_windows(train_recs, cfg.window, cfg.window if ds.windowed else cfg.hop)
     warnings = check_classes(parts, y_tr, ds, cfg.window, allow=cfg.allow_missing_classes)
     for w in warnings:
@@ -517,7 +533,7 @@ def train(
         f"({len(x_tr)} windows), {sum(len(r) for r in parts.val)} validation samples", flush=True)
     log("class weights: " + ", ".join(f"{c}={w:.2f}" for c, w in zip(ds.classes, weights, strict=True)), flush=True)
 
-    model = build_model(cfg.architecture, channels=ds.channels, n_classes=k, window=cfg.window, hp=cfg.hp)
+    model = build_model(cfg.architecture, channels=inputs, n_classes=k, window=cfg.window, hp=cfg.hp)
     loss = "binary_crossentropy" if k == 2 else "sparse_categorical_crossentropy"
 
     def compiled(m: keras.Model) -> keras.Model:
@@ -581,7 +597,7 @@ def train(
         seg, batch = _carry_plan(train_recs, cfg.window, cfg.carry_windows, cfg.batch_size)
         twin = compiled(
             build_model(
-                cfg.architecture, channels=ds.channels, n_classes=k, window=cfg.window, hp=cfg.hp, stateful_batch=batch
+                cfg.architecture, channels=inputs, n_classes=k, window=cfg.window, hp=cfg.hp, stateful_batch=batch
             )
         )
         lstms = [layer for layer in twin.layers if isinstance(layer, keras.layers.LSTM)]
@@ -632,6 +648,7 @@ def train(
         hyperparameters=cfg.hp.to_json(),
         channel_names=ds.channel_names,
         sample_rate_hz=ds.sample_rate_hz,
+        conditioning={**filters.spec, "settle_samples": filters.settle_samples} if filters else {},
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     training = {
@@ -674,7 +691,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     # The saved model holds the weights and the architecture only: no optimizer
     # state (it would triple the file) and no compile config (the daemon only infers).
-    plain = build_model(cfg.architecture, channels=ds.channels, n_classes=k, window=cfg.window, hp=cfg.hp)
+    plain = build_model(cfg.architecture, channels=inputs, n_classes=k, window=cfg.window, hp=cfg.hp)
     plain.set_weights(model.get_weights())
     plain.save(out / MODEL_FILE)
     write_metadata(out, meta)
