@@ -62,8 +62,9 @@ class Pipeline:
             history=engine.lookahead if stateful else meta.window,
             ready_after=1 if stateful else settings.model.hop,
             initial_state=engine.initial_state,
-            warmup=settings.model.warmup_samples or meta.window,
+            warmup=settings.model.warmup_samples or meta.window + (filters.settle_samples if filters else 0),
             first_flags=first_flags,
+            condition=condition,
         )
         self.planner = make_planner(
             settings.model.mode, self.table, window=meta.window, lag=settings.model.lag,
