@@ -147,7 +147,7 @@ class ModelMeta:
         for key in ("norm_mean", "norm_std"):
             if len(getattr(self, key)) != inputs:
                 per = ("per channel" if inputs == self.channels
-                       else "per model input (channel x band of conditioning.bank)")
+                       else "per model input (conditioning: bank bands per channel, plus the signal with with_signal)")
                 problems.append(f"{key} has {len(getattr(self, key))} values; it needs one value {per} ({inputs})")
         if self.channel_names and len(self.channel_names) != self.channels:
             problems.append(f"channel_names has {len(self.channel_names)} names; "

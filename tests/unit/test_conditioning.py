@@ -245,3 +245,16 @@ def test_a_model_without_conditioning_keeps_its_state_and_path(tmp_path: Path) -
     windowed = build_engine(art, facts, "windowed")
     assert stateful.conditioner is None and windowed.state_size == 0
     assert stateful.state_size == facts.step_plan.state_size
+
+
+def test_with_signal_puts_the_filtered_signal_first() -> None:
+    spec = {"filters": [{"type": "highpass", "hz": 0.5}], "bank": [[1, 4], [8, 13]], "envelope": {"smooth_hz": 2.0},
+            "with_signal": True}
+    x = signal(500)
+    c = Conditioner(spec, 3, FS)
+    y = c.whole(x)
+    assert y.shape == (500, 9) and c.out_channels == 9
+    np.testing.assert_array_equal(y[:, :3], Conditioner({"filters": spec["filters"]}, 3, FS).whole(x))
+    without = {k: v for k, v in spec.items() if k != "with_signal"}
+    np.testing.assert_array_equal(y[:, 3:], Conditioner(without, 3, FS).whole(x))
+    assert c.band_names(("a", "b", "c"))[2:4] == ("c", "a@1-4Hz")

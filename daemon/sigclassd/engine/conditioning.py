@@ -23,6 +23,9 @@ The chain, in order (every part optional)::
 - ``envelope``: ``{"smooth_hz": F}``: each signal is rectified (absolute value) and low-passed at F;
   with ``"log_floor": E`` the envelope is then compressed to ``log(|envelope| + E)`` (band power
   spans decades; E in the signal's units keeps silence finite).
+- ``with_signal``: true also gives the model the signal itself (after ``reference`` and ``filters``),
+  as the first ``channels`` inputs, before the band or envelope signals (posture and slow drifts
+  that a band or envelope loses).
 
 Arithmetic is float32 sample by sample (transposed direct form II) with the
 state held in the stream's float32 state row, so a stream conditioned in any
@@ -195,7 +198,7 @@ class Conditioner:
             raise ModelError(f"{where} is {spec!r}; expected an object")
         self.spec = spec
         self.channels = channels
-        known = ("reference", "filters", "bank", "envelope", "settle_samples")
+        known = ("reference", "filters", "bank", "envelope", "with_signal", "settle_samples")
         unknown = [k for k in spec if k not in known]
         if unknown:
             raise ModelError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(known)})")
@@ -234,7 +237,8 @@ class Conditioner:
             self.stages.append(Stage.of([bands[b] for _ in range(channels) for b in range(len(bands))]))
             self.before.append("bands")
             self.settle_samples += max(settle(s) for s in bands)
-        self.out_channels = channels * max(1, self.bands)
+        self.with_signal = bool(spec.get("with_signal", False))
+        self.out_channels = model_channels(spec, channels)
         env = spec.get("envelope")
         if env is not None:
             if not isinstance(env, dict) or "smooth_hz" not in env or set(env) - {"smooth_hz", "log_floor"}:
@@ -245,7 +249,7 @@ class Conditioner:
                 raise ModelError(f"{where}.envelope.log_floor is {floor!r}; expected a number > 0")
             self.log_floor = None if floor is None else np.float32(floor)
             smooth = design({"type": "lowpass", "hz": env["smooth_hz"]}, fs, f"{where}.envelope")
-            self.stages.append(Stage.of([smooth] * self.out_channels))
+            self.stages.append(Stage.of([smooth] * (channels * max(1, self.bands))))
             self.before.append("rectify")
             self.settle_samples += settle(smooth)
         else:
@@ -254,9 +258,8 @@ class Conditioner:
 
     def band_names(self, names: tuple[str, ...]) -> tuple[str, ...]:
         """The names of the model inputs, given the raw channels' names."""
-        if not self.bands:
-            return names
-        return tuple(f"{n}@{lo:g}-{hi:g}Hz" for n in names for lo, hi in self.spec["bank"])
+        bands = tuple(f"{n}@{lo:g}-{hi:g}Hz" for n in names for lo, hi in self.spec["bank"]) if self.bands else names
+        return (*names, *bands) if self.with_signal else bands
 
     def initial_state(self) -> np.ndarray:
         return np.zeros(self.state_size, np.float32)
@@ -276,6 +279,7 @@ class Conditioner:
         state = np.asarray(state, np.float32)
         new_state = np.empty_like(state)
         offset = 0
+        signal = x if self.with_signal and self.before[:1] != [""] else None
         for before, stage in zip(self.before, self.stages, strict=True):
             if before == "bands":
                 x = np.repeat(x, self.bands, axis=-1)  # channel-major: each channel's bands side by side
@@ -286,8 +290,12 @@ class Conditioner:
             x, block = stage.run(x, lengths, block)
             new_state[:, offset : offset + size] = block.reshape(batch, size)
             offset += size
+            if self.with_signal and signal is None:  # after `filters`: the signal the model also takes
+                signal = x
         if self.log_floor is not None:
             x = np.log(np.abs(x) + self.log_floor)
+        if signal is not None and signal is not x:
+            x = np.concatenate([signal, x], axis=-1)
         return x, new_state
 
     def run_one(self, x: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -310,6 +318,8 @@ def conditioner(meta: Any) -> Conditioner | None:
 
 def model_channels(spec: dict[str, Any] | None, channels: int) -> int:
     """The model's input channels for ``channels`` raw ones (no design needed: the bank multiplies them)."""
-    if not spec or not isinstance(spec.get("bank"), list) or not spec["bank"]:
+    if not spec:
         return channels
-    return channels * len(spec["bank"])
+    bank = spec.get("bank")
+    inputs = channels * len(bank) if isinstance(bank, list) and bank else channels
+    return inputs + (channels if spec.get("with_signal") and (bank or spec.get("envelope")) else 0)

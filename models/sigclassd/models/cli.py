@@ -37,8 +37,9 @@ CONDITIONING_PRESETS: dict[str, dict[str, Any] | None] = {
     # with the eyes closed, mu and beta fall with movement).
     "eeg": {"reference": "average", "bank": [[0.5, 4], [4, 8], [8, 13], [13, 30]],
             "envelope": {"smooth_hz": 1.0, "log_floor": 0.1}},
-    # Accelerometers in gait: the locomotor band (0.5-3 Hz) and the freeze band (3-8 Hz), as envelopes.
-    "gait": {"bank": [[0.5, 3], [3, 8]], "envelope": {"smooth_hz": 1.0}},
+    # Accelerometers in gait: the locomotor band (0.5-3 Hz) and the freeze band (3-8 Hz) as envelopes,
+    # beside the signal itself (its slow part is posture).
+    "gait": {"bank": [[0.5, 3], [3, 8]], "envelope": {"smooth_hz": 1.0}, "with_signal": True},
     # Surface EMG: motion artefacts and drift below 20 Hz removed, then the envelope (muscle activation).
     "emg": {"filters": [{"type": "highpass", "hz": 20, "order": 4}], "envelope": {"smooth_hz": 3.0, "log_floor": 1.0}},
 }

@@ -84,6 +84,7 @@ from sigclassd.models.data import (
     training_record,
     window_starts,
 )
+from sigclassd.models.events import event_scores, format_events
 from sigclassd.planner import plan_windows
 
 if TYPE_CHECKING:
@@ -294,14 +295,19 @@ def predict_stateful(engine: Engine, x: np.ndarray) -> np.ndarray:
 
 def _reports(
     predict: Callable[[str, np.ndarray], np.ndarray], recs: list[Recording], n_classes: int,
-    modes: tuple[str, ...], hop: int, lag: int,
+    modes: tuple[str, ...], hop: int, lag: int, events: tuple[float | None, tuple[str, ...]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Reports of ``modes``, keyed by mode name; ``predict(mode, x)`` gives a recording's probabilities."""
+    """Reports of ``modes``, keyed by mode name; ``predict(mode, x)`` gives a recording's probabilities.
+
+    ``events`` (sample rate, class names) adds event-level scores (``sigclassd.models.events``).
+    """
     y = np.concatenate([r.y for r in recs])
     out: dict[str, dict[str, Any]] = {}
     for mode in modes:
-        pred = np.concatenate([predict(mode, r.x).argmax(axis=1) for r in recs])
-        report = classification_report(y, pred, n_classes)
+        preds = [predict(mode, r.x).argmax(axis=1) for r in recs]
+        report = classification_report(y, np.concatenate(preds), n_classes)
+        if events is not None:
+            report["events"] = event_scores([r.y for r in recs], preds, n_classes, *events)
         out[mode] = {"hop": hop, "lag": lag, **report} if mode == "windowed" else report
     return out
 
@@ -309,13 +315,14 @@ def _reports(
 def score_served(
     engines: dict[str, Engine], recs: list[Recording], n_classes: int, *, hop: int, lag: int
 ) -> dict[str, dict[str, Any]]:
-    """Reports of each engine's mode over raw (un-normalised) recordings, keyed by mode name."""
+    """Reports of each engine's mode over raw (un-normalised) recordings, keyed by mode name, with event scores."""
 
     def predict(mode: str, x: np.ndarray) -> np.ndarray:
         engine = engines[mode]
         return predict_served(engine, x, hop, lag) if mode == "windowed" else predict_stateful(engine, x)
 
-    return _reports(predict, recs, n_classes, tuple(engines), hop, lag)
+    meta = next(iter(engines.values())).artifact.meta
+    return _reports(predict, recs, n_classes, tuple(engines), hop, lag, (meta.sample_rate_hz, meta.classes))
 
 
 def score_keras(
@@ -398,6 +405,10 @@ def format_report(report: dict[str, Any], classes: tuple[str, ...]) -> str:
         lines.append(" " * width + "".join(f"{c:>{width}}" for c in classes))
         for c, row in zip(classes, report[m]["confusion"], strict=True):
             lines.append(f"{c:>{width}}" + "".join(f"{v:>{width}}" for v in row))
+    for m in served:
+        if "events" in report[m]:
+            lines += ["", f"events ({m}; a true event is detected by any overlap with a published run of its class):"]
+            lines += format_events(report[m]["events"])
     return "\n".join(lines)
 
 
