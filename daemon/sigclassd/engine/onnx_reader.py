@@ -293,7 +293,7 @@ def _model_proto(path: Path) -> Any:
     except (ImportError, ValueError, AttributeError):  # a broken or blocked installation
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        from sigclassd.cli import install_line
+        from sigclassd.version import install_line
 
         msg = f"{path} is an ONNX model; reading it needs the onnx package (the onnx extra): {install_line('onnx')}"
         raise ModelError(msg)
