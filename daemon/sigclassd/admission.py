@@ -12,7 +12,7 @@ flags a restart. Its frames then always pass, whatever the daemon's own stalls.
 
 - **Rate** (``charge``): a frame passes while the stream is no further ahead than the
   schedule of ``rate_limit`` x its declared rate allows. Holes in the seqs (what was sent but
-  dropped before the daemon read it) count as sent, but a hole costs at most ``rate_burst_s``.
+  dropped before the daemon read it) count as sent, but a hole costs at most ``HOLE_S``.
   The debt is bounded in time (``MAX_DEBT_S``), and a new incarnation starts without it.
 - **Daemon stalls**: time between the daemon's turns in which its process did not run (beyond
   ``STALL_S``) is time it was not reading. Each id may catch up that much more than
@@ -44,6 +44,10 @@ STALL_S = 1.0
 # A stream whose data runs this many seconds ahead of real time at its declared rate is sending
 # faster than it declares. A message's own samples do not count (it may hold seconds of them).
 AHEAD_S = 1.0
+
+# The most one hole in a stream's seqs may cost, in seconds: a flood whose excess libzmq dropped pays
+# for what it sent, but one wild seq does not lock its stream out.
+HOLE_S = 20.0
 
 # The most a stream's debt may reach, in seconds: what one frame of the largest size at the lowest
 # declared rate can cost its id. An honest stream repays a frame's cost before its next frame.
@@ -168,9 +172,12 @@ class Admission:
                 # punctual again it is served as such (one wild seq must not demote it for ever).
                 b.pace_seq, b.pace_at = seq, now + AHEAD_S / 2
         allowed = rate * s.rate_limit
-        due = max(b.due, now - burst - credit)
+        due = b.due
         if b.rate_seq is not None and seq > b.rate_seq:
-            due += min((seq - b.rate_seq) / allowed, burst)  # a hole costs at most one burst
+            # A hole is paid from the time since the last frame first: one that an outage explains
+            # (seqs advancing at the rate while nothing arrived) costs nothing. It costs at most HOLE_S.
+            due += min((seq - b.rate_seq) / allowed, HOLE_S)
+        due = max(due, now - burst - credit)
         b.rate_seq = seq + k
         if due > now:
             b.due = min(due, now + MAX_DEBT_S)

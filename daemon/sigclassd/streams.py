@@ -523,8 +523,9 @@ class StreamTable:
             if waiting is not None:  # a third line: the one waiting before it goes
                 self._lose(stream.name, waiting)
             ahead = not flags & protocol.FLAG_RESTART and seq > (stream.next_seq or 0)
+            # The line pays its jump as a hole on its own copy: a flood whose excess libzmq dropped in runs
+            # pays for what it sent; a stray wild seq is refused (rate_limited) without touching the id.
             waiting = self.parked[stream.name] = Parked(seq, ahead, at, adm.copy(b))
-            waiting.budget.rate_seq = None  # its jump is not a hole it sent: a line pays for its own frames
         if rate and adm.charge(waiting.budget, seq, k, rate, now) == REFUSE:
             waiting.followed(seq, k, at, b.heard_at)
             self._refuse_rated(k, 1, stream.name, rate)

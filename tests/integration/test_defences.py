@@ -207,9 +207,11 @@ def test_no_single_frame_takes_or_locks_out_a_live_stream(tmp_path, ctx, causal_
             assert len(starts) == 1 and got[name][0] is starts[0], name
             assert not any(f.flags & (protocol.LABEL_GAP | protocol.LABEL_SHED) for f in got[name]), name
         a = settle(d)
-        assert rejected(d, "conflicting_publishers") == 2 * CHUNK
+        # The restart waits and is refused as a second publisher's; the wild seq pays its jump on its own
+        # line's budget and is refused at once; the 1e7 Hz frame is implausible.
+        assert rejected(d, "conflicting_publishers") == CHUNK
+        assert rejected(d, "rate_limited") == CHUNK
         assert rejected(d, "implausible_rate") == CHUNK
-        assert rejected(d, "rate_limited") == 0
         assert identity_holds(a), a
         assert any(e.get("reason") == "conflicting_publishers" for e in d.events())
     finally:

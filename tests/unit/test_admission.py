@@ -7,6 +7,7 @@ import numpy as np
 from sigclassd.admission import (
     ADMIT,
     DEMOTE,
+    HOLE_S,
     IMPLAUSIBLE,
     LOSE,
     REFUSE,
@@ -71,19 +72,29 @@ def test_a_flood_is_refused_beyond_its_burst_and_demoted():
     assert b.demoted_until > 1.99
 
 
-def test_one_hole_costs_at_most_one_burst_of_refusals():
-    """A hole of 1e12 samples (one wild seq) is charged at most rate_burst_s: the stream is admitted again
-    within that long, at its rate. (A 1e12 hole at 1e7 Hz once locked an id out for days.)"""
+def test_one_hole_costs_at_most_hole_s_of_refusals():
+    """A hole of 1e12 samples (one wild seq from the stream's own publisher) is charged at most HOLE_S: the
+    stream is admitted again within that long, at its rate. (1e12 at 1e7 Hz once locked an id out for days.)"""
     adm = make()
     b = adm.budget("s", 0.0)
     assert adm.charge(b, 0, 10, 100.0, 0.0) == ADMIT
     adm.charge(b, 10**12, 10, 100.0, 0.1)
-    verdicts, _, _ = send_at_rate(adm, b, 100.0, 0.1, 10.0, 10**12 + 10)
+    verdicts, _, _ = send_at_rate(adm, b, 100.0, 0.1, 40.0, 10**12 + 10)
     refused = [i for i, v in enumerate(verdicts) if v == REFUSE]
-    assert not refused or refused[-1] * 0.1 <= 2.0
+    assert refused and refused[-1] * 0.1 <= HOLE_S
     demoted = [i for i, v in enumerate(verdicts) if v == DEMOTE]  # ahead of real time by the hole: bounded too
-    assert not demoted or demoted[-1] * 0.1 <= 2.0
-    assert verdicts[-50:] == [ADMIT] * 50
+    assert not demoted or demoted[-1] * 0.1 <= HOLE_S
+    assert verdicts[-100:] == [ADMIT] * 100
+
+
+def test_a_hole_that_an_outage_explains_costs_nothing():
+    """10 s with nothing, then seqs 10 s further on: admitted at once, not demoted."""
+    adm = make()
+    b = adm.budget("s", 0.0)
+    _, seq, t = send_at_rate(adm, b, 250.0, 0.0, 2.0, 0)
+    assert adm.charge(b, seq + 2500, 10, 250.0, t + 10.0) == ADMIT
+    verdicts, _, _ = send_at_rate(adm, b, 250.0, t + 10.0, 5.0, seq + 2510)
+    assert set(verdicts) == {ADMIT}
 
 
 def test_a_new_incarnation_starts_without_debt():
