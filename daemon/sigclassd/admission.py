@@ -173,17 +173,22 @@ class Admission:
                 b.pace_seq, b.pace_at = seq, now + AHEAD_S / 2
         allowed = rate * s.rate_limit
         due = b.due
-        if b.rate_seq is not None and seq > b.rate_seq:
+        hole = seq - b.rate_seq if b.rate_seq is not None else 0
+        if hole > 0:
             # A hole is paid from the time since the last frame first: one that an outage explains
             # (seqs advancing at the rate while nothing arrived) costs nothing. It costs at most HOLE_S.
-            due += min((seq - b.rate_seq) / allowed, HOLE_S)
-        due = max(due, now - burst - credit)
+            due += min(hole / allowed, HOLE_S)
+        floor = now - burst - credit
+        if due < floor:
+            due = floor
         b.rate_seq = seq + k
+        most = now + MAX_DEBT_S  # debt is bounded in seconds, whatever the frame's size and rate
         if due > now:
-            b.due = min(due, now + MAX_DEBT_S)
+            b.due = due if due < most else most
             b.demoted_until = now + s.demote_s
             return REFUSE
-        b.due = min(due + k / allowed, now + MAX_DEBT_S)  # bounded in seconds, whatever the frame's size and rate
+        due += k / allowed
+        b.due = due if due < most else most
         if lead > AHEAD_S:
             b.demoted_until = now + s.demote_s
             return DEMOTE
