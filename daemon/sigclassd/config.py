@@ -145,6 +145,30 @@ class SecuritySettings:
 
 
 @dataclass(frozen=True)
+class LslSettings:
+    """Lab Streaming Layer input and label outlets (docs/lsl.md); needs pip install 'sigclassd[lsl]'."""
+
+    enabled: bool = False
+    # Which outlets to read: an XPath predicate over their stream info (liblsl's resolve_bypred, e.g.
+    # "type='EEG' and starts-with(name,'cap')"), ANDed with name, type and source_id when those are set.
+    # All empty: every outlet liblsl can see.
+    predicate: str = ""
+    name: str = ""
+    type: str = ""
+    source_id: str = ""
+    # Seconds of samples liblsl keeps per inlet while the daemon is behind; older ones are dropped
+    # by liblsl, which shows as a gap (flagged, counted in samples_missing).
+    buffer_s: int = 10
+    # A chunk starting more than this after the previous chunk's last sample (plus one period) is a gap.
+    gap_tolerance_s: float = 0.1
+    # The reading thread's pause between passes over the inlets (adds up to this to the latency).
+    poll_ms: float = 5.0
+    resolve_interval_s: float = 0.5
+    # Per LSL input stream, publish <id>-labels and <id>-probabilities outlets.
+    outlets: bool = True
+
+
+@dataclass(frozen=True)
 class Settings:
     input: InputSettings = field(default_factory=InputSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
@@ -154,6 +178,7 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     service: ServiceSettings = field(default_factory=ServiceSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
+    lsl: LslSettings = field(default_factory=LslSettings)
     source: str = "<defaults>"
 
 
@@ -296,6 +321,14 @@ def validate(s: Settings) -> None:
     need(s.service.max_consecutive_inference_errors >= 1, "service.max_consecutive_inference_errors must be >= 1")
     need(bool(s.security.curve_secret_key_file) == bool(s.security.curve_allowed_keys_dir),
          "security.curve_secret_key_file and security.curve_allowed_keys_dir go together: set both or neither")
+    need(1 <= s.lsl.buffer_s <= 3600, "lsl.buffer_s must be in [1, 3600] (whole seconds)")
+    need(0 < s.lsl.gap_tolerance_s <= 60, "lsl.gap_tolerance_s must be in (0, 60]")
+    need(0 < s.lsl.poll_ms <= 1000, "lsl.poll_ms must be in (0, 1000]")
+    need(0 < s.lsl.resolve_interval_s <= 60, "lsl.resolve_interval_s must be in (0, 60]")
+    for key in ("name", "type", "source_id"):
+        need("'" not in getattr(s.lsl, key), f"lsl.{key} must not contain a single quote")
+    need(not (s.lsl.enabled and s.security.curve_secret_key_file),
+         "lsl.enabled = true cannot be combined with [security] CURVE (LSL frames enter unauthenticated)")
     if problems:
         msg = f"{s.source}: " + "; ".join(problems)
         raise ConfigError(msg)

@@ -23,6 +23,7 @@ from sigclassd.engine.base import Engine
 from sigclassd.errors import FrameError, SigclassdError
 from sigclassd.ingest import Ingest
 from sigclassd.logs import Summary
+from sigclassd.lsl import LabelOutlets
 from sigclassd.metrics import Metrics
 from sigclassd.artifact import ModelArtifact
 from sigclassd.planner import Batch, make_planner
@@ -41,14 +42,16 @@ class InferenceFailure(SigclassdError):
 class Pipeline:
     def __init__(self, settings: Settings, artifact: ModelArtifact, engine: Engine, *, metrics: Metrics,
                  ingest: Ingest, publisher: Publisher, counting: threading.Lock, rejects: Summary,
-                 first_flags: int = protocol.LABEL_START) -> None:
-        """``counting`` is held while samples move between counters, so every scrape sees counters that reconcile."""
+                 first_flags: int = protocol.LABEL_START, label_outlets: LabelOutlets | None = None) -> None:
+        """``counting`` is held while samples move between counters, so every scrape sees counters that reconcile.
+        ``label_outlets`` publishes the labels of LSL input streams as LSL outlets too."""
         self.settings = settings
         self.artifact = artifact
         self.engine = engine
         self.metrics = metrics
         self.ingest = ingest
         self.publisher = publisher
+        self.label_outlets = label_outlets
         self.counting = counting
         self.rejects = rejects
         meta = artifact.meta
@@ -191,6 +194,8 @@ class Pipeline:
         body = protocol.label_body
         bodies = [body(r.probabilities, r.labels, r.seq, r.t0_ns, model_id, r.flags, r.gap, r.ingress_ns) for r in runs]
         self.publisher.send_many([r.topic for r in runs], bodies)
+        if self.label_outlets is not None:
+            self.label_outlets.send(runs, self.artifact)
         now = time.time()
         m = self.metrics
         m.label_messages.inc(len(runs))

@@ -24,7 +24,7 @@ import zmq
 from prometheus_client import CollectorRegistry
 
 from sigclassd import config as config_mod
-from sigclassd import logs, protocol
+from sigclassd import logs, lsl, protocol
 from sigclassd.config import Settings
 from sigclassd.engine import load_model
 from sigclassd.engine.base import Engine
@@ -34,6 +34,7 @@ from sigclassd.errors import (
 from sigclassd.health import Health, start_http_server
 from sigclassd.ingest import Ingest
 from sigclassd.logs import Summary
+from sigclassd.lsl import LabelOutlets, LslInput
 from sigclassd.metrics import Metrics
 from sigclassd.artifact import ModelArtifact
 from sigclassd.notify import Notifier
@@ -43,7 +44,7 @@ from sigclassd.publish import Publisher
 log = structlog.get_logger("sigclassd")
 
 # Settings that need new sockets or a new listener: a reload reports them instead of applying them.
-RESTART_ONLY = ("input", "output", "metrics", "security")
+RESTART_ONLY = ("input", "output", "metrics", "security", "lsl")
 
 ModelLoader = Callable[[Settings], tuple[ModelArtifact, Engine]]
 
@@ -76,6 +77,8 @@ class Service:
         # /metrics while it renders: every scrape sees counters that reconcile.
         self.counting = threading.Lock()
         self.pipe: Pipeline | None = None
+        self.lsl_input: LslInput | None = None
+        self.lsl_outlets: LabelOutlets | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -113,6 +116,8 @@ class Service:
         artifact, engine = self.load(s)
         self.pipe = self._pipeline(s, artifact, engine)
         self.metrics.samples_buffered.set_function(lambda: self.pipe.table.buffered)
+        if self.lsl_input is not None:
+            self.lsl_input.start()
         self._set_model_info()
         self.metrics.streams_limit.set(s.streams.max_streams)
         self.health.turned()  # start-up is not a stall: the loop starts now
@@ -137,6 +142,15 @@ class Service:
                                "so one peer can make the daemon hold a huge message; set [security] or bind to "
                                "loopback behind a firewall")
         self.publisher = Publisher(self.ctx, s.output)
+        if s.lsl.enabled:
+            # LSL chunks enter as frames on the input socket: decoded, checked and counted as any gateway's.
+            self.ingest.socket.bind(lsl.ENDPOINT)
+            stamps, offset = lsl.Stamps(), lsl.wall_offset()
+            self.lsl_input = lsl.LslInput(self.ctx, s.lsl, metrics=self.metrics, counting=self.counting,
+                                          max_message_bytes=s.input.max_message_bytes, stamps=stamps,
+                                          wall_offset=offset)
+            if s.lsl.outlets:
+                self.lsl_outlets = lsl.LabelOutlets(s.lsl, stamps, offset)
         if s.metrics.listen:
             try:
                 self.http = start_http_server(s.metrics.listen, self.registry, self.health, self.counting,
@@ -158,7 +172,8 @@ class Service:
     def _pipeline(self, s: Settings, artifact: ModelArtifact, engine: Engine,
                   first_flags: int = protocol.LABEL_START) -> Pipeline:
         return Pipeline(s, artifact, engine, metrics=self.metrics, ingest=self.ingest, publisher=self.publisher,
-                        counting=self.counting, rejects=self.rejects, first_flags=first_flags)
+                        counting=self.counting, rejects=self.rejects, first_flags=first_flags,
+                        label_outlets=self.lsl_outlets)
 
     def _set_model_info(self) -> None:
         assert self.pipe is not None
@@ -206,6 +221,8 @@ class Service:
             if now >= next_evict:
                 pipe.table.evict_idle()
                 self._watch_input()
+                if self.lsl_input is not None and self.lsl_input.failed is not None:
+                    raise lsl.LslFailure(str(self.lsl_input.failed)) from self.lsl_input.failed
                 next_evict = now + 1.0
             if now - last_stats >= self.settings.log.stats_interval_s:
                 stats_base = self._stats(stats_base, now - last_stats)
@@ -352,6 +369,8 @@ class Service:
         self.notifier.stopping()
         self.health.ready = False
         self.metrics.ready.set(0)
+        if self.lsl_input is not None:
+            self.lsl_input.close()  # no more LSL frames: what it sent is drained below
         if self.pipe is not None and drain:
             started = time.monotonic()
             # What libzmq has already received is taken in too (a few drains, never an endless stream).
@@ -375,6 +394,8 @@ class Service:
             # Sockets a failed start-up left open would make term() wait forever.
             self.ctx.destroy(linger=0)
             self.ctx = None
+        if self.lsl_outlets is not None:
+            self.lsl_outlets.close()
         if self.http is not None:
             self.http[0].shutdown()
             self.http[0].server_close()

@@ -1,0 +1,365 @@
+"""Lab Streaming Layer (LSL) in and out, beside the ZeroMQ sockets (docs/lsl.md).
+
+Input: a thread resolves LSL outlets (continuously, so that outlets appearing later are picked
+up), pulls their chunks and turns each chunk into an ordinary gateway frame, sent over an inproc
+socket into the daemon's own input socket. From there an LSL chunk is decoded, checked, counted
+and labelled exactly as a ZeroMQ frame is: the same stream table, rejection reasons, seq policy,
+flags and accounting identity.
+
+LSL has timestamps, not sequence numbers. A stream's seq counts its samples; a chunk whose first
+timestamp lies more than ``lsl.gap_tolerance_s`` beyond where the previous chunk's last sample
+said the next one would be starts that many nominal sample periods later: a gap (a paused
+outlet, or samples liblsl dropped from a full inlet buffer). An outlet that reappears (a new
+uid) is a new incarnation: its first frame carries the restart flag. Timestamps are clock
+corrected by liblsl (``proc_clocksync``) and not dejittered: dejitter's regression would smear
+a pause over many samples instead of showing it as a gap.
+
+Output: per LSL input stream, two outlets carrying each labelled sample at its source sample's
+LSL timestamp: ``<id>-labels`` (int32: label, flags) and ``<id>-probabilities`` (float32, one
+channel per class). Their ``desc`` names the classes, the model id and the flag bits.
+
+pylsl (which bundles liblsl) is imported only when ``[lsl] enabled = true``: the base install
+does not need it.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from collections.abc import Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import structlog
+import zmq
+
+from sigclassd import protocol
+from sigclassd.config import LslSettings
+from sigclassd.errors import ConfigError, SigclassdError
+
+if TYPE_CHECKING:
+    from sigclassd.artifact import ModelArtifact
+    from sigclassd.metrics import Metrics
+    from sigclassd.streams import LabelRun
+
+log = structlog.get_logger("sigclassd")
+
+ENDPOINT = "inproc://sigclassd-lsl"  # the input socket binds it; the LSL thread sends frames into it
+# Our own label outlets' source ids start with these: never taken as input.
+LABELS_PREFIX = "sigclassd-labels:"
+PROBABILITIES_PREFIX = "sigclassd-probabilities:"
+_NOBLOCK = int(zmq.NOBLOCK)
+STAMP_SECONDS = 60  # how far back a label's source timestamp can be looked up exactly
+
+
+def load_pylsl() -> ModuleType:
+    """pylsl, or a ConfigError saying how to get it."""
+    try:
+        import pylsl
+    except ImportError as e:
+        msg = f"lsl.enabled = true needs pylsl (with its bundled liblsl): pip install 'sigclassd[lsl]' ({e})"
+        raise ConfigError(msg) from e
+    return pylsl
+
+
+def predicate(s: LslSettings) -> str:
+    """The XPath predicate that selects input outlets: ``lsl.predicate`` and the name/type/source_id keys, ANDed."""
+    parts = [f"({s.predicate})"] if s.predicate else []
+    parts += [f"{key}='{value}'" for key, value in (("name", s.name), ("type", s.type), ("source_id", s.source_id))
+              if value]
+    return " and ".join(parts)
+
+
+def stream_id(info: Any) -> str:
+    """An outlet's stream id: its source_id, or its name and host when it has none."""
+    return info.source_id() or f"{info.name()}@{info.hostname()}"
+
+
+class Stamps:
+    """The LSL timestamp of each recent input sample by stream id and seq, so that a label goes out at its
+    source sample's exact timestamp. Written by the LSL thread, read by the main loop; a slot whose seq
+    no longer matches (overwritten) falls back to the nominal timestamp."""
+
+    def __init__(self) -> None:
+        self.rings: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
+
+    def put(self, sid: str, seq: int, ts: np.ndarray, rate: float) -> None:
+        ring = self.rings.get(sid)
+        if ring is None:
+            size = 1 << max(10, int(np.ceil(np.log2(rate * STAMP_SECONDS + 1))))
+            ring = self.rings[sid] = (np.full(size, -1, np.int64), np.zeros(size, np.float64), rate)
+        seqs, times, _ = ring
+        idx = (seq + np.arange(len(ts))) & (len(seqs) - 1)
+        times[idx] = ts
+        seqs[idx] = seq + np.arange(len(ts))
+
+    def rate(self, sid: str) -> float | None:
+        ring = self.rings.get(sid)
+        return None if ring is None else ring[2]
+
+    def get(self, sid: str, seq: int, n: int, t0: float) -> np.ndarray:
+        """Timestamps of samples ``seq .. seq+n-1``; ``t0`` (the first's, from the label run) fills in the missing."""
+        seqs, times, rate = self.rings[sid]
+        want = seq + np.arange(n)
+        idx = want & (len(seqs) - 1)
+        found = times[idx]
+        ok = seqs[idx] == want
+        return np.where(ok, found, t0 + np.arange(n) / rate)
+
+
+class _Source:
+    """One LSL outlet being read (one incarnation of a stream id)."""
+
+    __slots__ = ("sid", "inlet", "uid", "rate", "buf", "next_seq", "last_ts", "restart", "channels")
+
+    def __init__(self, sid: str, inlet: Any, uid: str, rate: float, buf: np.ndarray, next_seq: int,
+                 restart: bool) -> None:
+        self.sid = sid
+        self.inlet = inlet
+        self.uid = uid
+        self.rate = rate
+        self.buf = buf
+        self.next_seq = next_seq
+        self.last_ts: float | None = None
+        self.restart = restart
+        self.channels = buf.shape[1]
+
+
+class LslInput:
+    """The thread that reads LSL outlets into the daemon's input socket (see the module docstring)."""
+
+    def __init__(self, ctx: zmq.Context, settings: LslSettings, *, metrics: Metrics, counting: threading.Lock,
+                 max_message_bytes: int, stamps: Stamps, wall_offset: float) -> None:
+        """``wall_offset`` is added to an LSL timestamp to give wall-clock seconds (the frames' sensor time)."""
+        self.pylsl = load_pylsl()
+        self.ctx = ctx
+        self.settings = settings
+        self.metrics = metrics
+        self.counting = counting
+        self.max_message_bytes = max_message_bytes
+        self.stamps = stamps
+        self.wall_offset = wall_offset
+        self.predicate = predicate(settings)
+        self.sources: dict[str, _Source] = {}
+        self.known: dict[str, int] = {}  # stream id -> the seq its next incarnation starts at
+        self.seen: set[str] = set()  # uids of outlets opened or refused already
+        self.pending: collections.deque[list[bytes]] = collections.deque()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="lsl-input", daemon=True)
+        self.failed: BaseException | None = None
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
+
+    # ------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        pylsl = self.pylsl
+        sock = self.ctx.socket(zmq.XPUB)
+        try:
+            # NODROP: a full queue refuses the send instead of losing the frame; the thread then stops
+            # pulling, and liblsl buffers (up to lsl.buffer_s, then it drops, which shows as a gap).
+            sock.setsockopt(zmq.XPUB_NODROP, 1)
+            sock.setsockopt(zmq.SNDHWM, 10_000)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(ENDPOINT)
+            # Frames sent before the input socket's subscription arrives would be dropped.
+            sock.poll(5000)
+            resolver = (pylsl.ContinuousResolver(pred=self.predicate) if self.predicate
+                        else pylsl.ContinuousResolver())
+            self.sock = sock
+            poll_s = self.settings.poll_ms / 1000
+            next_resolve = 0.0
+            while not self.stop.is_set():
+                now = time.monotonic()
+                if now >= next_resolve:
+                    self._resolve(resolver.results())
+                    next_resolve = now + self.settings.resolve_interval_s
+                if self.pending and not self._flush():
+                    self.stop.wait(poll_s)
+                    continue
+                full = False
+                for src in list(self.sources.values()):
+                    full |= self._pull(src)
+                self.stop.wait(0 if full else poll_s)
+        except BaseException as e:  # the main loop sees it and stops the daemon
+            self.failed = e
+            log.error("lsl_input_failed", error=repr(e))
+        finally:
+            for src in self.sources.values():
+                src.inlet.close_stream()
+            sock.close(linger=0)
+
+    def _resolve(self, infos: Sequence[Any]) -> None:
+        for info in infos:
+            sid_ = info.source_id()
+            if sid_.startswith((LABELS_PREFIX, PROBABILITIES_PREFIX)):
+                continue
+            uid = info.uid()
+            if uid in self.seen:
+                continue
+            sid = stream_id(info)
+            current = self.sources.get(sid)
+            if current is not None:
+                continue  # a second outlet on a live id: read once the first is gone (if it still is)
+            self.seen.add(uid)
+            self._open(sid, uid, info)
+
+    def _open(self, sid: str, uid: str, info: Any) -> None:
+        pylsl = self.pylsl
+        rate = info.nominal_srate()
+        fmt = info.channel_format()
+        if rate <= 0 or fmt == pylsl.cf_string:
+            reason, detail = (("lsl_irregular", "nominal_srate is 0 (irregular): no seq can be derived")
+                              if rate <= 0 else ("lsl_string", "string samples are not signals"))
+            with self.counting:
+                self.metrics.frames_received.inc()
+                self.metrics.frames_rejected.labels(reason).inc()
+            log.warning("lsl_stream_refused", stream=sid, reason=reason, detail=detail, name=info.name())
+            return
+        dtype = {pylsl.cf_float32: np.float32, pylsl.cf_double64: np.float64, pylsl.cf_int8: np.int8,
+                 pylsl.cf_int16: np.int16, pylsl.cf_int32: np.int32, pylsl.cf_int64: np.int64}[fmt]
+        inlet = pylsl.StreamInlet(info, max_buflen=self.settings.buffer_s, recover=False,
+                                  processing_flags=pylsl.proc_clocksync)
+        channels = info.channel_count()
+        rows = max(1, min(int(rate * self.settings.buffer_s),
+                          (self.max_message_bytes - protocol.SAMPLE_HEADER_SIZE) // (4 * max(1, channels))))
+        restart = sid in self.known
+        src = _Source(sid, inlet, uid, rate, np.empty((rows, channels), dtype), self.known.get(sid, 0), restart)
+        self.sources[sid] = src
+        self.known[sid] = src.next_seq
+        log.info("lsl_stream_opened", stream=sid, name=info.name(), type=info.type(), channels=channels,
+                 rate_hz=rate, format=np.dtype(dtype).name, incarnation="restart" if restart else "first")
+
+    def _pull(self, src: _Source) -> bool:
+        """Send what ``src`` has; True if it filled the buffer (more may wait)."""
+        try:
+            _, ts = src.inlet.pull_chunk(timeout=0.0, max_samples=len(src.buf), dest_obj=src.buf, as_numpy=True)
+        except self.pylsl.util.LostError:
+            log.info("lsl_stream_lost", stream=src.sid, uid=src.uid)
+            src.inlet.close_stream()
+            del self.sources[src.sid]
+            return False
+        n = len(ts)
+        if not n:
+            return False
+        # Where a timestamp lies beyond the previous one by more than a period and the tolerance, samples are
+        # missing (a pause, or liblsl's buffer overflowing): the seqs skip the periods not filled. Inside a
+        # chunk too, since one pull can take samples from both sides of a pause.
+        before = np.empty(n)
+        before[0] = ts[0] - 1 / src.rate if src.last_ts is None else src.last_ts
+        before[1:] = ts[:-1]
+        late = ts - before - 1 / src.rate
+        gaps = late > self.settings.gap_tolerance_s
+        bounds = sorted({0, *np.flatnonzero(gaps).tolist(), n})
+        x = src.buf[:n]
+        if x.dtype != np.float32:
+            x = x.astype(np.float32)
+        seq = src.next_seq
+        for a, b in itertools.pairwise(bounds):
+            if gaps[a]:
+                seq += round(late[a] * src.rate)
+            self.stamps.put(src.sid, seq, ts[a:b], src.rate)
+            flags = protocol.FLAG_RESTART if src.restart else 0
+            src.restart = False
+            self.pending.append(protocol.encode_samples(
+                src.sid, x[a:b], seq, t0_ns=int((ts[a] + self.wall_offset) * 1e9), sample_rate_hz=src.rate,
+                flags=flags))
+            seq += b - a
+        src.next_seq = self.known[src.sid] = seq
+        src.last_ts = float(ts[-1])
+        self._flush()
+        return n == len(src.buf)
+
+    def _flush(self) -> bool:
+        """Send the frames that wait; False if the input socket's queue is still full."""
+        pending, send = self.pending, self.sock.send_multipart
+        while pending:
+            try:
+                send(pending[0], _NOBLOCK)
+            except zmq.Again:
+                return False
+            pending.popleft()
+        return True
+
+
+class LabelOutlets:
+    """Per LSL input stream, the label and probability outlets (see the module docstring). Main-loop only."""
+
+    def __init__(self, settings: LslSettings, stamps: Stamps, wall_offset: float) -> None:
+        self.pylsl = load_pylsl()
+        self.settings = settings
+        self.stamps = stamps
+        self.wall_offset = wall_offset
+        self.outlets: dict[bytes, tuple[Any, Any]] = {}
+        self.model: tuple[int, tuple[str, ...]] | None = None
+
+    def send(self, runs: list[LabelRun], artifact: ModelArtifact) -> None:
+        model = (artifact.model_id, artifact.meta.classes)
+        if model != self.model:  # a reload changed the model: new outlets describe it
+            self.close()
+            self.model = model
+        for r in runs:
+            n = len(r.labels)
+            if not n:
+                continue
+            sid = r.topic.decode("utf-8")
+            rate = self.stamps.rate(sid)
+            if rate is None:
+                continue  # a ZeroMQ stream: its labels go out on the ZeroMQ publisher only
+            pair = self.outlets.get(r.topic)
+            if pair is None:
+                pair = self.outlets[r.topic] = self._open(sid, rate, artifact)
+            ts = self.stamps.get(sid, r.seq, n, r.t0_ns * 1e-9 - self.wall_offset)
+            out = np.empty((n, 2), np.int32)
+            out[:, 0] = r.labels
+            out[:, 1] = r.flags
+            pair[0].push_chunk(out, ts.tolist())
+            pair[1].push_chunk(np.ascontiguousarray(r.probabilities, np.float32), ts.tolist())
+
+    def _open(self, sid: str, rate: float, artifact: ModelArtifact) -> tuple[Any, Any]:
+        pylsl = self.pylsl
+        classes = artifact.meta.classes
+        outlets = []
+        for kind, prefix, channels, fmt, names in (
+            ("labels", LABELS_PREFIX, 2, pylsl.cf_int32, ["label", "flags"]),
+            ("probabilities", PROBABILITIES_PREFIX, len(classes), pylsl.cf_float32, list(classes)),
+        ):
+            info = pylsl.StreamInfo(f"{sid}-{kind}", f"sigclassd-{kind}", channels, rate, fmt, prefix + sid)
+            desc = info.desc()
+            desc.append_child_value("source_stream", sid)
+            desc.append_child_value("model_id", artifact.model_hex)
+            desc.append_child_value("model", f"{artifact.meta.name} {artifact.meta.version}")
+            cls = desc.append_child("classes")
+            for i, name in enumerate(classes):
+                cls.append_child("class").append_child_value("index", str(i)).append_child_value("name", name)
+            flags = desc.append_child("flags")
+            for bit, name in protocol.LABEL_FLAG_NAMES.items():
+                flags.append_child("flag").append_child_value("bit", str(bit)).append_child_value("name", name)
+            chans = desc.append_child("channels")
+            for name in names:
+                chans.append_child("channel").append_child_value("label", name)
+            outlets.append(pylsl.StreamOutlet(info, 0, max(1, self.settings.buffer_s)))
+        log.info("lsl_outlets_opened", stream=sid, labels=f"{sid}-labels", probabilities=f"{sid}-probabilities")
+        return outlets[0], outlets[1]
+
+    def close(self) -> None:
+        self.outlets.clear()  # liblsl closes an outlet when its last reference goes
+
+
+def wall_offset() -> float:
+    """Seconds to add to an LSL timestamp (this host's local_clock) to give wall-clock time."""
+    pylsl = load_pylsl()
+    return time.time() - pylsl.local_clock()
+
+
+class LslFailure(SigclassdError):
+    """The LSL reading thread died: the daemon exits so that its supervisor restarts it."""
