@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -363,3 +364,125 @@ def wall_offset() -> float:
 
 class LslFailure(SigclassdError):
     """The LSL reading thread died: the daemon exits so that its supervisor restarts it."""
+
+
+# ---------------------------------------------------------------- tools: simulate --lsl, tap --lsl
+
+
+def simulate_outlets(recordings: list[np.ndarray], *, streams: int, rate: float, chunk: int, prefix: str,
+                     seconds: float, seed: int, quiet: bool) -> int:
+    """``sigclassd simulate --lsl``: one LSL outlet per stream (name and source_id PREFIX0000, ...; type EEG),
+    each pushing ``chunk`` samples per chunk period at its own phase, time-stamped by liblsl when pushed."""
+    from sigclassd.stopflag import StopFlag
+    from sigclassd.tap import plural
+
+    pylsl = load_pylsl()
+    rng = np.random.default_rng(seed)
+    channels = recordings[0].shape[1]
+    outlets, positions = [], []
+    for i in range(streams):
+        sid = f"{prefix}{i:04d}"
+        info = pylsl.StreamInfo(sid, "EEG", channels, rate, pylsl.cf_float32, sid)
+        outlets.append(pylsl.StreamOutlet(info, chunk, 10))
+        positions.append(int(rng.integers(0, max(1, len(recordings[i % len(recordings)]) - chunk))))
+    stop = StopFlag()
+    period = chunk / rate
+    start = time.time()
+    deadline = start + seconds if seconds > 0 else float("inf")
+    sent = 0
+    tick = 0
+    next_report = time.monotonic() + 1.0
+    while not stop.requested:
+        base = start + tick * period
+        if base >= deadline:
+            break
+        for i, outlet in enumerate(outlets):
+            delay = base + period * i / streams - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            rec = recordings[i % len(recordings)]
+            if positions[i] + chunk > len(rec):
+                positions[i] = 0
+            outlet.push_chunk(rec[positions[i] : positions[i] + chunk])
+            positions[i] += chunk
+            sent += chunk
+        tick += 1
+        if not quiet and time.monotonic() >= next_report:
+            next_report = time.monotonic() + 1.0
+            consumers = sum(o.have_consumers() for o in outlets)
+            print(f"\rsent {plural(sent, 'sample')} ({sent / (time.time() - start):,.0f}/s) from "
+                  f"{plural(streams, 'LSL outlet')} {prefix}0000..., {consumers} read", end="", file=sys.stderr,
+                  flush=True)
+    if not quiet:
+        print(f"\nsent {plural(sent, 'sample')}", file=sys.stderr)
+    return 0
+
+
+def tap_outlets(*, prefixes: list[str], summary: bool, probs: bool, count: int, seconds: float,
+                idle: float) -> int:
+    """``sigclassd tap --lsl``: read the daemon's label outlets (and probability outlets with ``probs``) and print
+    one JSON line per chunk, or a once-a-second summary. Outlets appearing later are read too."""
+    import json
+
+    from sigclassd.stopflag import StopFlag
+    from sigclassd.tap import _runs, plural
+
+    pylsl = load_pylsl()
+    resolver = pylsl.ContinuousResolver(pred=f"starts-with(source_id,'{LABELS_PREFIX}')")
+    inlets: dict[str, tuple[Any, Any]] = {}
+    stop = StopFlag()
+    start = last = time.monotonic()
+    deadline = start + seconds if seconds > 0 else float("inf")
+    next_resolve = next_summary = start
+    received = samples = 0
+    streams: set[str] = set()
+    while not stop.requested and time.monotonic() < deadline and (count <= 0 or received < count):
+        now = time.monotonic()
+        if now >= next_resolve:
+            next_resolve = now + 0.5
+            for info in resolver.results():
+                sid = info.source_id()[len(LABELS_PREFIX):]
+                if sid in inlets or not sid.startswith(tuple(prefixes) or ("",)):
+                    continue
+                prob = None
+                if probs:
+                    found = pylsl.resolve_bypred(f"source_id='{PROBABILITIES_PREFIX}{sid}'", 1, 2.0)
+                    prob = pylsl.StreamInlet(found[0], max_buflen=30) if found else None
+                inlets[sid] = (pylsl.StreamInlet(info, max_buflen=30), prob)
+        got = False
+        for sid, (inlet, prob) in list(inlets.items()):
+            try:
+                x, ts = inlet.pull_chunk(timeout=0.0, max_samples=4096, as_numpy=True)
+            except pylsl.util.LostError:
+                del inlets[sid]
+                continue
+            if not len(ts):
+                continue
+            got = True
+            received += 1
+            samples += len(ts)
+            streams.add(sid)
+            last = time.monotonic()
+            if summary:
+                continue
+            flags = int(np.bitwise_or.reduce(x[:, 1]))
+            line = {"stream": sid, "t0": float(ts[0]), "n": len(ts), "labels": _runs(x[:, 0]),
+                    "flags": [name for bit, name in protocol.LABEL_FLAG_NAMES.items() if flags & bit]}
+            if prob is not None:
+                p, _ = prob.pull_chunk(timeout=1.0, max_samples=len(ts), as_numpy=True)
+                line["probs"] = np.asarray(p).tolist()
+            print(json.dumps(line), flush=True)
+        now = time.monotonic()
+        if summary and now >= next_summary:
+            print(f"{plural(len(streams), 'stream')}  {samples:10d} labels  from {len(inlets)} LSL outlets",
+                  flush=True)
+            samples = 0
+            streams.clear()
+            next_summary = now + 1.0
+        if idle > 0 and now - last > idle:
+            print(f"tap: no labels for {now - last:.1f} s from {plural(len(inlets), 'LSL label outlet')}; "
+                  "is a daemon running with [lsl] enabled and outlets = true?", file=sys.stderr, flush=True)
+            last = now
+        if not got:
+            time.sleep(0.01)
+    return 0

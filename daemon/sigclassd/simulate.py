@@ -176,6 +176,11 @@ def simulate(args: argparse.Namespace) -> int:
     channels = recs[0].shape[1]
     if args.source != "synthetic" and channels != args.channels:
         print(f"note: {args.source} has {channels} channels; sending those", file=sys.stderr)
+    if args.lsl:
+        from sigclassd.lsl import simulate_outlets
+
+        return simulate_outlets(recs, streams=args.streams, rate=args.rate, chunk=args.chunk, prefix=args.prefix,
+                                seconds=args.seconds, seed=args.seed, quiet=args.quiet)
     rng = np.random.default_rng(args.seed)
     endpoints = ", ".join(args.connect + args.bind)
     try:
@@ -276,6 +281,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "the time 1,000 samples take at --rate if longer: a windowed stream's first labels "
                         "wait for its window)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--lsl", action="store_true",
+                   help="publish LSL outlets instead (name and source_id PREFIX0000, ...; needs the lsl extra): "
+                        "for a daemon with [lsl] enabled")
     p.set_defaults(func=_main)
 
 

@@ -132,9 +132,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--idle", type=float, default=3.0,
                    help="after this many seconds with nothing received, say on stderr what tap waits on "
                         f"(then every {WAITING_REPEAT_S:.0f} s; 0: never; default 3)")
+    p.add_argument("--lsl", action="store_true",
+                   help="read the daemon's LSL label outlets (<id>-labels; with --probs <id>-probabilities too) "
+                        "instead of its ZeroMQ output; needs the lsl extra")
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.lsl:
+        from sigclassd.lsl import tap_outlets
+
+        return tap_outlets(prefixes=args.subscribe or [], summary=args.summary, probs=args.probs, count=args.count,
+                           seconds=args.seconds, idle=args.idle)
     args.connect = args.connect or ["tcp://127.0.0.1:5556"]
     return tap(args)

@@ -211,3 +211,27 @@ def test_label_outlets_carry_each_label_at_its_source_samples_timestamp(lsl_daem
         label, p, flags = published[int(i)]
         assert labels[k, 0] == label and labels[k, 1] == flags
         np.testing.assert_array_equal(probs[k], p)
+
+
+def test_simulate_lsl_outlets_labelled_and_tap_lsl_reads_the_label_outlets(lsl_daemon):
+    """`simulate --lsl` publishes LSL outlets the daemon labels; `tap --lsl` prints their label outlets' chunks."""
+    import json
+    import subprocess
+    import sys
+
+    d = lsl_daemon({"mode": "stateful"})
+    cli = [sys.executable, "-m", "sigclassd"]
+    sim = subprocess.Popen([*cli, "simulate", "--lsl", "--streams", "2", "--seconds", "20", "--prefix", "simlsl-",
+                            "--quiet"], stderr=subprocess.PIPE, text=True)
+    try:
+        tap = subprocess.run([*cli, "tap", "--lsl", "--subscribe", "simlsl-", "--count", "6", "--seconds", "40"],
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        sim.terminate()
+        sim.communicate(timeout=30)
+    assert tap.returncode == 0, tap.stderr
+    lines = [json.loads(line) for line in tap.stdout.splitlines()]
+    assert len(lines) == 6
+    assert {line["stream"] for line in lines} <= {"simlsl-0000", "simlsl-0001"}
+    assert all(sum(n for _, n in line["labels"]) == line["n"] > 0 for line in lines)
+    assert d.metric("sigclassd_samples_labelled_total") > 0
