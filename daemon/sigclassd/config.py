@@ -85,7 +85,7 @@ class StreamSettings:
     backwards_reset_samples: int = 4000
     # A stream may send up to rate_limit times the sample_rate_hz its frames declare, with
     # rate_burst_s seconds of catch-up; frames beyond that are rejected (rate_limited). A stream
-    # whose seqs run more than 1 s ahead of real time (streams.AHEAD_S) is served after the
+    # whose seqs run more than 1 s ahead of real time (admission.AHEAD_S) is served after the
     # well-behaved ones for demote_s seconds, as is one with a frame rejected. 0 turns the limit off.
     rate_limit: float = 1.5
     rate_burst_s: float = 2.0
