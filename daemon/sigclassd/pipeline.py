@@ -25,7 +25,7 @@ from sigclassd.ingest import Ingest
 from sigclassd.logs import Summary
 from sigclassd.lsl import LabelOutlets
 from sigclassd.metrics import Metrics
-from sigclassd.artifact import ModelArtifact
+from sigclassd.artifact import ModelArtifact, ModelMeta
 from sigclassd.planner import Batch, make_planner
 from sigclassd.publish import Publisher
 from sigclassd.streams import LabelRun, StreamTable
@@ -71,7 +71,7 @@ class Pipeline:
         )
         self.planner = make_planner(
             settings.model.mode, self.table, window=meta.window, lag=settings.model.lag,
-            lookahead=engine.lookahead, pad_value=np.asarray(meta.norm_mean, np.float32),
+            lookahead=engine.lookahead, pad_value=self._pad_value(meta),
             n_classes=meta.n_classes, max_streams=settings.model.max_batch_streams,
             demoted_samples=settings.streams.demoted_samples_per_turn,
         )
@@ -79,6 +79,13 @@ class Pipeline:
         # Samples this far from the model's training range would overflow its float32 arithmetic
         # (3e38 gave NaN for every later label of a stream): refused at decode, counted out_of_range.
         self.max_abs = MAX_NORMALISED * min(meta.norm_std) + max(abs(v) for v in meta.norm_mean)
+
+    def _pad_value(self, meta: ModelMeta) -> np.ndarray:
+        """What pads the model input: the normalisation mean, or zeros for the raw samples that a conditioned
+        stateful engine conditions first (it pads the conditioned rows with the mean itself)."""
+        if self.table.channels == meta.model_channels:
+            return np.asarray(meta.norm_mean, np.float32)
+        return np.zeros(self.table.channels, np.float32)
 
     @property
     def has_work(self) -> bool:

@@ -473,7 +473,7 @@ class StreamTable:
                     self._append(stream, x[a : a + k], meta[a : a + k], seq, 0)
                     continue
             # Continues its stream and fits: no reset, gap, shed or growth to decide.
-            stream.append(x[a : a + k], meta[a : a + k], seq + k)
+            stream.append(self._conditioned(stream, x[a : a + k]), meta[a : a + k], seq + k)
             self.buffered += k
             if stream.n - stream.fed >= ready_after:
                 self._queue(stream, now)
@@ -726,13 +726,18 @@ class StreamTable:
             stream.drop_front(keep_from)
             if stream.n + k > len(stream.data):
                 stream.grow(max(2 * len(stream.data), stream.n + k))
-        rows = samples[start:]
-        if self.condition is not None:
-            rows, self.states[stream.slot] = self.condition(rows, self.states[stream.slot])
-        stream.append(rows, meta[start:], seq + len(samples))
+        stream.append(self._conditioned(stream, samples[start:]), meta[start:], seq + len(samples))
         self.buffered += k
         if stream.pending >= self.ready_after:
             self._queue(stream, self.clock())
+
+    def _conditioned(self, stream: Stream, rows: np.ndarray) -> np.ndarray:
+        """``rows`` as the buffer holds them: conditioned on arrival (windowed mode with conditioning), carrying
+        the stream's filter state in its state row; otherwise as they came."""
+        if self.condition is None:
+            return rows
+        out, self.states[stream.slot] = self.condition(rows, self.states[stream.slot])
+        return out
 
     def _count_shed(self, stream: Stream, count: int) -> None:
         self.metrics.samples_shed.inc(count)

@@ -258,3 +258,14 @@ def test_with_signal_puts_the_filtered_signal_first() -> None:
     without = {k: v for k, v in spec.items() if k != "with_signal"}
     np.testing.assert_array_equal(y[:, 3:], Conditioner(without, 3, FS).whole(x))
     assert c.band_names(("a", "b", "c"))[2:4] == ("c", "a@1-4Hz")
+
+
+def test_the_average_reference_does_not_depend_on_memory_alignment() -> None:
+    """The daemon's chunk buffers sit anywhere in memory: NumPy's mean would round differently there."""
+    x = signal(997, channels=14, seed=4)
+    c = Conditioner({"reference": "average"}, 14, FS)
+    for shift in range(1, 8):
+        buf = np.empty(x.size + shift, np.float32)[shift:].reshape(x.shape)  # shifted by 4-byte steps
+        buf[:] = x
+        np.testing.assert_array_equal(c.whole(buf), c.whole(x))
+    np.testing.assert_allclose(c.whole(x).sum(axis=1), 0, atol=1e-3)

@@ -273,7 +273,12 @@ class Conditioner:
         x = np.asarray(x, np.float32)
         batch = x.shape[0]
         if self.reference == "average":
-            x = x - x.mean(axis=-1, keepdims=True, dtype=np.float32)
+            # Summed channel by channel in float64: NumPy's reductions change their summation order with
+            # the memory alignment of the array, and a chunk must give the same bits as the whole stream.
+            total = x[..., 0].astype(np.float64)
+            for c in range(1, x.shape[-1]):
+                total += x[..., c]
+            x = (x - (total / x.shape[-1])[..., None]).astype(np.float32)
         elif isinstance(self.reference, int):
             x = x - x[:, :, self.reference : self.reference + 1]
         state = np.asarray(state, np.float32)

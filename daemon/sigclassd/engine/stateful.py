@@ -78,6 +78,7 @@ class StatefulEngine:
         # The filters' state first, then the model's (plan offsets are relative to its own part).
         self._filters = 0 if self.conditioner is None else self.conditioner.state_size
         self.state_size = self._filters + plan.state_size
+        self._pad = np.asarray(meta.norm_mean, np.float32)
         self.lookahead = plan.lookahead
         self.max_batch = max_batch
         self.max_chunk = max_chunk
@@ -120,6 +121,8 @@ class StatefulEngine:
             return self._run(x, lengths, None, state, self._norm)
         f = self._filters
         x, filters = self.conditioner.run(x, lengths, state[:, :f])
+        # Padding past a row's length reads as the mean (zero once normalised): finite whatever the raw pad.
+        x[np.arange(x.shape[1]) >= lengths[:, None]] = self._pad
         probs, model = self._run(x, lengths, None, state[:, f:], self._norm)
         return probs, np.concatenate([filters, model], axis=1)
 
