@@ -118,7 +118,8 @@ class Pipeline:
         if self.table.backlogged():
             # Catching up after a stall: what waits in the socket queues stays there until the model
             # has labelled what the table holds, instead of being read in only to be shed.
-            messages, wall = [], 0.0
+            messages: list[list[bytes]] = []
+            wall = 0.0
         else:
             messages, wall = self.ingest.drain(timeout_s)
         with self.counting:

@@ -112,7 +112,7 @@ def test_windowed_labels_windows_of_conditioned_samples_as_eval_does(tmp_path: P
     from sigclassd.artifact import read_artifact
     from sigclassd.models.train import load_engines, predict_served
 
-    hop, lag = 25, 5
+    hop, lag = 16, 4  # messages of one hop that divides the window: eval's plan is then the daemon's
     x = np.load(EEG)["X"][8000:9500].astype(np.float32)
     d = Daemon(tmp_path, {"model": {"path": str(model), "mode": "windowed", "hop": hop, "lag": lag}},
                name="windowed").start()
