@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import queue
 import sys
 import threading
 import time
@@ -148,6 +149,8 @@ class LslInput:
         self.known: dict[str, int] = {}  # stream id -> the seq its next incarnation starts at
         self.seen: set[str] = set()  # uids of outlets opened or refused already
         self.pending: collections.deque[list[bytes]] = collections.deque()
+        self.opening: set[str] = set()  # stream ids whose inlet is connecting
+        self.opened: queue.SimpleQueue[tuple[str, str, Any, Any]] = queue.SimpleQueue()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="lsl-input", daemon=True)
         self.failed: BaseException | None = None
@@ -184,6 +187,8 @@ class LslInput:
                 if now >= next_resolve:
                     self._resolve(resolver.results())
                     next_resolve = now + self.settings.resolve_interval_s
+                while not self.opened.empty():
+                    self._add(*self.opened.get())
                 if self.pending and not self._flush():
                     self.stop.wait(poll_s)
                     continue
@@ -208,8 +213,7 @@ class LslInput:
             if uid in self.seen:
                 continue
             sid = stream_id(info)
-            current = self.sources.get(sid)
-            if current is not None:
+            if sid in self.sources or sid in self.opening:
                 continue  # a second outlet on a live id: read once the first is gone (if it still is)
             self.seen.add(uid)
             self._open(sid, uid, info)
@@ -226,10 +230,32 @@ class LslInput:
                 self.metrics.frames_rejected.labels(reason).inc()
             log.warning("lsl_stream_refused", stream=sid, reason=reason, detail=detail, name=info.name())
             return
+        # Connecting takes liblsl a round trip or more per outlet (seconds under load): done beside the
+        # reading, so that a hundred outlets appearing at once do not stall the ones already being read.
+        self.opening.add(sid)
+        threading.Thread(target=self._connect, args=(sid, uid, info), name=f"lsl-open-{sid}"[:15], daemon=True).start()
+
+    def _connect(self, sid: str, uid: str, info: Any) -> None:
+        pylsl = self.pylsl
+        try:
+            inlet = pylsl.StreamInlet(info, max_buflen=self.settings.buffer_s, recover=False,
+                                      processing_flags=pylsl.proc_clocksync)
+            inlet.open_stream(timeout=30.0)
+        except Exception as e:  # gone again, or unreachable: the next resolve may find it
+            log.warning("lsl_stream_unreachable", stream=sid, error=repr(e))
+            inlet = None
+        self.opened.put((sid, uid, info, inlet))
+
+    def _add(self, sid: str, uid: str, info: Any, inlet: Any) -> None:
+        """An inlet connected (by :meth:`_connect`): read it from now on."""
+        pylsl = self.pylsl
+        self.opening.discard(sid)
+        if inlet is None:
+            self.seen.discard(uid)
+            return
+        rate = info.nominal_srate()
         dtype = {pylsl.cf_float32: np.float32, pylsl.cf_double64: np.float64, pylsl.cf_int8: np.int8,
-                 pylsl.cf_int16: np.int16, pylsl.cf_int32: np.int32, pylsl.cf_int64: np.int64}[fmt]
-        inlet = pylsl.StreamInlet(info, max_buflen=self.settings.buffer_s, recover=False,
-                                  processing_flags=pylsl.proc_clocksync)
+                 pylsl.cf_int16: np.int16, pylsl.cf_int32: np.int32, pylsl.cf_int64: np.int64}[info.channel_format()]
         channels = info.channel_count()
         rows = max(1, min(int(rate * self.settings.buffer_s),
                           (self.max_message_bytes - protocol.SAMPLE_HEADER_SIZE) // (4 * max(1, channels))))
@@ -372,7 +398,9 @@ class LslFailure(SigclassdError):
 def simulate_outlets(recordings: list[np.ndarray], *, streams: int, rate: float, chunk: int, prefix: str,
                      seconds: float, seed: int, quiet: bool) -> int:
     """``sigclassd simulate --lsl``: one LSL outlet per stream (name and source_id PREFIX0000, ...; type EEG),
-    each pushing ``chunk`` samples per chunk period at its own phase, time-stamped by liblsl when pushed."""
+    each pushing ``chunk`` samples per chunk period at its own phase. Samples are time-stamped on their nominal
+    grid (the newest of a chunk at the chunk's due time), as a device clock would, so that a push the machine
+    delays shows as latency, not as a gap."""
     from sigclassd.stopflag import StopFlag
     from sigclassd.tap import plural
 
@@ -388,6 +416,8 @@ def simulate_outlets(recordings: list[np.ndarray], *, streams: int, rate: float,
     stop = StopFlag()
     period = chunk / rate
     start = time.time()
+    lsl_start = pylsl.local_clock()
+    back = (np.arange(chunk) - (chunk - 1)) / rate
     deadline = start + seconds if seconds > 0 else float("inf")
     sent = 0
     tick = 0
@@ -397,13 +427,14 @@ def simulate_outlets(recordings: list[np.ndarray], *, streams: int, rate: float,
         if base >= deadline:
             break
         for i, outlet in enumerate(outlets):
-            delay = base + period * i / streams - time.time()
+            phase = tick * period + period * i / streams
+            delay = start + phase - time.time()
             if delay > 0:
                 time.sleep(delay)
             rec = recordings[i % len(recordings)]
             if positions[i] + chunk > len(rec):
                 positions[i] = 0
-            outlet.push_chunk(rec[positions[i] : positions[i] + chunk])
+            outlet.push_chunk(rec[positions[i] : positions[i] + chunk], (lsl_start + phase + back).tolist())
             positions[i] += chunk
             sent += chunk
         tick += 1

@@ -1,6 +1,8 @@
-"""LSL in and out through the real daemon: real liblsl (pylsl's bundled one), real outlets and inlets, a real
-LabRecorder writing XDF. Discovery stays on this machine (ResolveScope=machine, KnownPeers 127.0.0.1) and
-within this test run's own LSL session id, so that concurrent test runs on the host do not see each other."""
+"""LSL in and out through the real daemon: real liblsl (pylsl's bundled one), real outlets and inlets, the daemon's
+label outlets read by inlets. Discovery stays on this machine (ResolveScope=machine, queries broadcast on
+127.255.255.255: with KnownPeers = {127.0.0.1} instead, queries sent to 127.0.0.1 reached only some of the
+outlets of a process with many) and within this test run's own LSL session id, so that concurrent test runs on
+the host do not see each other."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ _CFG.write_text(textwrap.dedent(f"""\
     IPv6 = disable
     [multicast]
     ResolveScope = machine
-    KnownPeers = {{127.0.0.1}}
+    MachineAddresses = {{127.255.255.255}}
     [lab]
     SessionID = sigclassd-test-{uuid.uuid4().hex}
     [log]
