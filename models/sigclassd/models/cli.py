@@ -208,6 +208,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         + ", ".join(CONDITIONING_PRESETS) + ") or metadata.json's \"conditioning\" object as JSON "
         "(default: %(default)s)",
     )
+    g.add_argument(
+        "--search", type=float, default=0.0, metavar="MINUTES",
+        help="try conditioning presets, then model shapes, for about MINUTES (each candidate a full training run "
+        "with these options); keep the best by served validation balanced accuracy, print the leaderboard and "
+        "record it in metadata.json (training.search). Candidates go to OUT/search/ (default: off)",
+    )
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, required=True, help="model directory to write")
     g.add_argument("--name", default="model", help="model name in the metadata (default: %(default)s)")
@@ -248,6 +254,75 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 def _fail(cmd: str, e: Exception) -> int:
     print(f"sigclassd {cmd}: error: {e}", file=sys.stderr)
     return 2
+
+
+# Shapes the search tries once it has chosen the conditioning: wider context, more units, a deeper conv.
+SEARCH_SHAPES: tuple[dict[str, int], ...] = (
+    {"kernel": 16}, {"dilation": 2, "conv_depth": 2}, {"units": 64},
+)
+
+
+def search(ds: Any, cfg: Any, out: Path, minutes: float, *, verbose: int, command: str) -> Any:
+    """``--search``: conditioning presets (and ``cfg``'s own), then shapes on the best, within ``minutes``.
+
+    Each candidate is a full ``train`` run into ``out/search/N``; the score is its validation balanced
+    accuracy as served (windowed, ``metrics.held_out``). A candidate starts only while the budget lasts
+    (the first always runs). The best directory is copied to ``out`` with the leaderboard in
+    ``training.search``. Not done: refitting the winner on all the training data.
+    """
+    import dataclasses
+    import shutil
+    import time
+
+    from sigclassd.artifact import read_artifact, write_metadata
+    from sigclassd.models.train import train
+
+    started = time.monotonic()
+    board: list[dict[str, Any]] = []
+
+    def run(name: str, candidate: Any) -> float | None:
+        if board and time.monotonic() - started > minutes * 60:
+            return None
+        where = out / "search" / str(len(board) + 1)
+        print(f"search: candidate {len(board) + 1}: {name}", flush=True)
+        art = train(ds, candidate, where, verbose=0 if verbose == 2 else verbose, command=command)
+        score = float(art.meta.metrics["held_out"]["windowed"]["balanced_accuracy"])
+        board.append({"candidate": name, "conditioning": candidate.conditioning, "hyperparameters":
+                      art.meta.hyperparameters, "val_balanced_accuracy": score, "dir": str(where),
+                      "minutes": round((time.monotonic() - started) / 60, 1)})
+        print(f"search: candidate {len(board)}: validation balanced accuracy {score:.3f}", flush=True)
+        return score
+
+    choices = {"given": cfg.conditioning, **{k: v for k, v in CONDITIONING_PRESETS.items() if k != "none"},
+               "none": None}
+    seen: list[Any] = []
+    for name, spec in choices.items():
+        if spec in seen:
+            continue
+        seen.append(spec)
+        try:
+            if run(f"--condition {name}", dataclasses.replace(cfg, conditioning=spec)) is None:
+                break
+        except ModelError as e:  # a preset this data cannot take (e.g. a band above half its sample rate)
+            print(f"search: --condition {name} skipped: {e}", flush=True)
+    best = max(board, key=lambda b: b["val_balanced_accuracy"])
+    for shape in SEARCH_SHAPES:
+        hp = dataclasses.replace(cfg.hp, **shape)
+        label = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in shape.items())
+        if run(f"{best['candidate']}, {label}", dataclasses.replace(cfg, conditioning=best["conditioning"],
+                                                                     hp=hp)) is None:
+            break
+    board.sort(key=lambda b: -b["val_balanced_accuracy"])
+    print("\nsearch leaderboard (validation balanced accuracy, windowed as served):")
+    for i, b in enumerate(board, 1):
+        print(f"{i:3d}  {b['val_balanced_accuracy']:.3f}  {b['candidate']}")
+    for f in ("model.keras", "metadata.json"):
+        shutil.copy2(Path(board[0]["dir"]) / f, out / f)
+    art = read_artifact(out)
+    training = {**art.meta.training, "search": {"minutes": minutes, "metric": "held_out windowed balanced_accuracy",
+                                                "chosen": board[0]["candidate"], "leaderboard": board}}
+    write_metadata(out, dataclasses.replace(art.meta, training=training))
+    return read_artifact(out)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -295,7 +370,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         from_shell = Path(sys.argv[0]).name in ("sigclassd", "cli.py")
         command = shlex.join(["sigclassd", *sys.argv[1:]]) if from_shell else ""
         verbose = {"bar": 1, "epoch": 2, "none": 0}[args.progress]
-        artifact = train(ds, cfg, args.out, verbose=verbose, command=command)
+        if args.search > 0:
+            artifact = search(ds, cfg, args.out, args.search, verbose=verbose, command=command)
+        else:
+            artifact = train(ds, cfg, args.out, verbose=verbose, command=command)
     except (ValueError, ModelError) as e:
         return _fail("train", e)
     held = artifact.meta.metrics["held_out"]
