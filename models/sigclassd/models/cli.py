@@ -224,8 +224,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         "eval",
         help="score a model on labelled data as the daemon serves it, against a majority-class baseline",
         description="Per-timestep accuracy, balanced accuracy, macro-F1, per-class recall and F1 and confusion "
-        "matrices of what the daemon publishes in each mode: windowed (a window every --hop samples, the "
-        "newest labelled, --lag held back) and stateful (state carried from the first sample), next to a "
+        "matrices, and per-class event scores (event recall and precision, detection latency, false alarms per "
+        "hour; docs/conditioning.md), of what the daemon publishes in each mode: windowed (a window every --hop "
+        "samples, the newest labelled, --lag held back) and stateful (state carried from the first sample), next to a "
         "majority-class baseline. The model runs through the daemon's own engines after the daemon's start-up "
         "checks, so any model directory the daemon serves is scored as served (Keras, ONNX, logits heads). "
         "The model's label remapping is applied to the data. Recordings the model "
