@@ -18,6 +18,7 @@ import numpy as np
 import structlog
 
 from sigclassd import protocol
+from sigclassd.artifact import ModelArtifact, ModelMeta
 from sigclassd.config import Settings
 from sigclassd.engine.base import Engine
 from sigclassd.errors import FrameError, SigclassdError
@@ -25,7 +26,6 @@ from sigclassd.ingest import Ingest
 from sigclassd.logs import Summary
 from sigclassd.lsl import LabelOutlets
 from sigclassd.metrics import Metrics
-from sigclassd.artifact import ModelArtifact, ModelMeta
 from sigclassd.planner import Batch, make_planner
 from sigclassd.publish import Publisher
 from sigclassd.streams import LabelRun, StreamTable
@@ -33,6 +33,7 @@ from sigclassd.streams import LabelRun, StreamTable
 log = structlog.get_logger("sigclassd")
 
 MAX_NORMALISED = 1e6  # largest |normalised input| accepted; far beyond any real signal, far below overflow
+MAX_RAW_CONDITIONED = 1e12  # largest |raw sample| for a conditioned model; filter gains stay far below overflow
 
 
 class InferenceFailure(SigclassdError):
@@ -79,6 +80,10 @@ class Pipeline:
         # Samples this far from the model's training range would overflow its float32 arithmetic
         # (3e38 gave NaN for every later label of a stream): refused at decode, counted out_of_range.
         self.max_abs = MAX_NORMALISED * min(meta.norm_std) + max(abs(v) for v in meta.norm_mean)
+        if meta.conditioning:
+            # norm_std is the conditioned inputs' scale (a band's envelope can be far smaller than the raw
+            # samples), so it says nothing about the raw range: bound the raw samples far from overflow only.
+            self.max_abs = MAX_RAW_CONDITIONED
 
     def _pad_value(self, meta: ModelMeta) -> np.ndarray:
         """What pads the model input: the normalisation mean, or zeros for the raw samples that a conditioned
@@ -135,7 +140,8 @@ class Pipeline:
         if unauthorised:
             self.metrics.frames_received.inc(unauthorised)
             self.metrics.frames_rejected.labels("unauthorised_topic").inc(unauthorised)
-            self.rejects.add("unauthorised_topic", unauthorised, detail="messages on topics their gateway may not publish")
+            self.rejects.add("unauthorised_topic", unauthorised,
+                             detail="messages on topics their gateway may not publish")
         return bool(messages)
 
     def accept(self, messages: list[list[bytes]], wall: float) -> None:

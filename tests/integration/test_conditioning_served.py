@@ -136,3 +136,30 @@ def test_windowed_labels_windows_of_conditioned_samples_as_eval_does(tmp_path: P
     got = np.concatenate([f.probabilities for f in frames])
     engine = load_engines(read_artifact(model), ("windowed",))["windowed"]
     np.testing.assert_allclose(got, predict_served(engine, x, hop, lag), atol=1e-5, rtol=0)
+
+
+def test_raw_samples_are_not_bounded_by_the_conditioned_scale(tmp_path: Path, ctx, model: Path) -> None:
+    """A conditioned model's norm_std is its conditioned inputs' scale: raw EEG (about 4,000 units) is served even
+    when that scale is 1e-4 (the daemon would otherwise refuse every frame as out of range)."""
+    import shutil
+
+    small = tmp_path / "small"
+    shutil.copytree(model, small)
+    meta = json.loads((small / "metadata.json").read_text())
+    meta["norm_std"] = [1e-4] * len(meta["norm_std"])
+    (small / "metadata.json").write_text(json.dumps(meta))
+    x = np.load(EEG)["X"][8000:8200].astype(np.float32)
+    d = Daemon(tmp_path, {"model": {"path": str(small), "mode": "stateful"}}, name="small").start()
+    consumer = Consumer(ctx, d.output)
+    gw = Gateway(ctx, d.input)
+    try:
+        time.sleep(0.5)
+        gw.send("eeg", x, 0)
+        frames = consumer.collect(20, until=lambda fr: sum(len(f.labels) for f in fr) >= len(x) - meta["lookahead"])
+        rejected = d.metrics_sum("sigclassd_frames_rejected_total")
+    finally:
+        gw.close()
+        consumer.close()
+        d.stop()
+    assert sum(len(f.labels) for f in frames) >= len(x) - meta["lookahead"]
+    assert rejected == 0
