@@ -44,6 +44,25 @@ def metric(port: int, name: str) -> float:
                if line.startswith(name) and line[len(name)] in " {")
 
 
+def buckets(port: int, name: str) -> dict[float, float]:
+    """A histogram's cumulative bucket counts by upper bound."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(f"{name}_bucket{{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float(le)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """The upper bound of the bucket holding quantile ``q`` of what was observed between two scrapes."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1]
+    return next((b for b, c in zip(bounds, counts) if c >= q * total), float("inf"))
+
+
 def cpu_seconds(pid: int) -> float:
     import psutil
 
@@ -111,6 +130,7 @@ def main() -> int:
                     "sigclassd_samples_missing_total", "sigclassd_samples_shed_total",
                     "sigclassd_samples_rejected_total")
         before = {c: metric(http, c) for c in counters}
+        inside0 = buckets(http, "sigclassd_ingress_to_publish_seconds")
         cpu0 = (cpu_seconds(daemon.pid), cpu_seconds(gen.pid), time.monotonic())
         latencies: list[np.ndarray] = []
         end = time.monotonic() + args.seconds
@@ -127,6 +147,7 @@ def main() -> int:
                 time.sleep(0.002)
         cpu1 = (cpu_seconds(daemon.pid), cpu_seconds(gen.pid), time.monotonic())
         after = {c: metric(http, c) for c in counters}
+        inside1 = buckets(http, "sigclassd_ingress_to_publish_seconds")
         d = {c.removeprefix("sigclassd_samples_").removesuffix("_total"): after[c] - before[c] for c in counters}
         lat = np.concatenate(latencies) * 1000
         wall = cpu1[2] - cpu0[2]
@@ -140,6 +161,8 @@ def main() -> int:
               f"{d['labelled']:.0f}: the windows' edges differ by the labels in flight)")
         print(f"  latency sample LSL timestamp -> label at an inlet: p50 {np.percentile(lat, 50):.1f} ms, "
               f"p99 {np.percentile(lat, 99):.1f} ms, max {lat.max():.1f} ms")
+        print(f"  of which inside the daemon (frame in -> label published, its histogram's buckets): p50 <= "
+              f"{1000 * quantile(inside0, inside1, 0.5):g} ms, p99 <= {1000 * quantile(inside0, inside1, 0.99):g} ms")
         print(f"  CPU (% of one core): daemon {100 * (cpu1[0] - cpu0[0]) / wall:.0f}%, generator "
               f"{100 * (cpu1[1] - cpu0[1]) / wall:.0f}%  (this reader not counted; {os.cpu_count()} cores)")
         return 0
