@@ -85,7 +85,8 @@ COMMANDS = {
     "run": ("sigclassd.cli", "_add_run", "run the daemon (foreground; systemd-aware)"),
     "simulate": ("sigclassd.simulate", "add_parser", "act as sensor gateways: publish samples for N streams"),
     "tap": ("sigclassd.tap", "add_parser", "subscribe to the daemon's labels and print them or a summary"),
-    "train": ("sigclassd.models.cli", "add_parsers", "train a model on recordings or synthetic data (needs the train extra)"),
+    "train": ("sigclassd.models.cli", "add_parsers",
+              "train a model on recordings or synthetic data (needs the train extra)"),
     "eval": ("sigclassd.models.cli", "add_parsers", "score a model on recordings as the daemon serves it"),
     "import": ("sigclassd.importer", "add_parser", "make a model directory from a Keras (.keras/.h5) or ONNX file"),
     "forward": ("sigclassd.forwarder", "add_parser", "run an XSUB/XPUB forwarder between gateways and daemon shards"),
@@ -132,7 +133,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sigclassd {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
-    for name, (module, register, summary) in COMMANDS.items():
+    for name, (module, register, _summary) in COMMANDS.items():
         if name == command:
             getattr(importlib.import_module(module), register)(sub)
     for name, (_, _, summary) in COMMANDS.items():

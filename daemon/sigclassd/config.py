@@ -309,7 +309,7 @@ def validate(s: Settings) -> None:
     need(0 < s.streams.max_declared_rate_hz <= 1e7, "streams.max_declared_rate_hz must be in (0, 1e7]")
     need(0 < s.streams.publisher_silence_s <= 60, "streams.publisher_silence_s must be in (0, 60]")
     if s.metrics.listen:
-        host, sep, port = s.metrics.listen.rpartition(":")
+        _host, sep, port = s.metrics.listen.rpartition(":")
         need(bool(sep) and port.isdigit() and 0 <= int(port) < 65536,
              f"metrics.listen is {s.metrics.listen!r}; use HOST:PORT, e.g. '127.0.0.1:5557'")
     need(1 <= s.metrics.max_connections <= 10_000, "metrics.max_connections must be in [1, 10000]")

@@ -160,7 +160,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--xsub", default="tcp://127.0.0.1:5550",
                         help="endpoint gateways publish to (default: %(default)s; tcp://*:5550 for every address)")
-    parser.add_argument("--xpub", default="tcp://127.0.0.1:5551", help="endpoint shards subscribe to (default: %(default)s)")
+    parser.add_argument("--xpub", default="tcp://127.0.0.1:5551",
+                        help="endpoint shards subscribe to (default: %(default)s)")
     parser.add_argument(
         "--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
         help="largest frame accepted; a gateway sending a larger one is disconnected. Keep it at most the "

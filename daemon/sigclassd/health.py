@@ -26,6 +26,7 @@ import threading
 import time
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
@@ -90,7 +91,8 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         self.guard = threading.Lock()
         super().__init__(address, handler)
 
-    def process_request(self, request: socket.socket, client_address: tuple) -> None:
+    # socketserver types a request as a socket or a (bytes, socket) pair; a TCP server's is its socket.
+    def process_request(self, request: Any, client_address: tuple) -> None:
         with self.guard:
             full = len(self.open) >= 2 * self.max_connections  # evicted ones still closing
             if not full:
@@ -105,7 +107,7 @@ class BoundedHTTPServer(ThreadingHTTPServer):
             return
         super().process_request(request, client_address)
 
-    def shutdown_request(self, request: socket.socket) -> None:
+    def shutdown_request(self, request: Any) -> None:
         with self.guard:
             self.open.pop(request, None)
         super().shutdown_request(request)
@@ -140,7 +142,7 @@ class BoundedHTTPServer(ThreadingHTTPServer):
                 time.sleep(0.1)
             raise
 
-    def handle_error(self, request: socket.socket, client_address: tuple) -> None:
+    def handle_error(self, request: Any, client_address: tuple) -> None:
         """Instead of the standard library's traceback on stderr: a counted, rate-limited log event."""
         error = sys.exc_info()[1]
         with self.guard:
@@ -156,7 +158,7 @@ class BoundedHTTPServer(ThreadingHTTPServer):
     def drop(self, reason: str, **example: object) -> None:
         self.dropped.labels(reason).inc()
         with self.summary_lock:
-            self.summary.add(reason, **example)
+            self.summary.add(reason, 1, **example)
 
     def server_close(self) -> None:
         """Close the listener and every connection, waiting for their threads (they end at once)."""
@@ -178,15 +180,15 @@ def start_http_server(
     ``lock``, held by the main loop while it moves samples between counters, makes
     every scrape see the counters at a consistent point, so they always reconcile.
     """
-    lock = lock or threading.Lock()
+    counting = lock or threading.Lock()
     host, _, port = listen.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                with lock:
+                with counting:
                     body = generate_latest(registry)
                 self._reply(200, body, CONTENT_TYPE_LATEST)
             elif path == "/healthz":

@@ -17,7 +17,6 @@ import platform
 import threading
 
 import numpy as np
-from prometheus_client.core import HistogramMetricFamily
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -29,6 +28,7 @@ from prometheus_client import (
     disable_created_metrics,
     enable_created_metrics,
 )
+from prometheus_client.core import HistogramMetricFamily
 
 # From 50 us (one small stateful step) to 10 s (a stalled pipeline).
 LATENCY_BUCKETS = (
@@ -137,7 +137,8 @@ class Metrics:
         self.input_reconnects = Counter(
             f"{p}_input_reconnects", "Input connect endpoints connected again after libzmq dropped them for good "
             "(e.g. a message over input.max_message_bytes from a forwarder).", registry=r)
-        self.streams_opened = Counter(f"{p}_streams_opened", "Streams opened (first message of a stream id).", registry=r)
+        self.streams_opened = Counter(f"{p}_streams_opened", "Streams opened (first message of a stream id).",
+                                      registry=r)
         self.streams_evicted = Counter(
             f"{p}_streams_evicted", "Streams retired for idleness (after the TTL, or the least recently seen "
             "when the table is full and a new stream arrives).", registry=r)

@@ -31,7 +31,6 @@ import numpy as np
 from sigclassd.protocol import ARRIVAL
 from sigclassd.streams import LabelRun, Stream, StreamTable
 
-
 # One stream's share of a model call: (stream, rows fed, flushed outputs, its label spans). A label span is
 # (batch row, output position of its first label, stream row of its first sample, samples labelled).
 Work = tuple[Stream, int, int, list[tuple[int, int, int, int]]]
@@ -162,7 +161,8 @@ class Planner:
         No NaN is ever published; the consumer sees FINAL, then START with the hole as GAP.
         """
         self.table.mark_dropped(stream.abandon(), "non_finite_output")
-        self.table.notice("non_finite_output", stream.name, "the model's output or state went NaN/Inf; the stream restarts")
+        self.table.notice("non_finite_output", stream.name,
+                          "the model's output or state went NaN/Inf; the stream restarts")
         if stream.final:
             runs.extend(stream.finish([], self.no_probs))
             self.table.release(stream)
@@ -296,7 +296,8 @@ class StatefulPlanner(Planner):
             if pads:
                 flush_rows.append(row)
             # Output t of this call labels the sample fed `lookahead` rows earlier.
-            work.append((stream, take, pads, [(row, stream.done + lookahead - stream.consumed, stream.labelled, count)]))
+            labelled_from = stream.done + lookahead - stream.consumed
+            work.append((stream, take, pads, [(row, labelled_from, stream.labelled, count)]))
         slots = np.array([stream.slot for stream, _ in plans], np.int64)
         state = self.table.states[slots]
         return Batch(x, np.array(takes, np.int32), state, slots, work, empty, _seconds(oldest), sum(takes),

@@ -25,18 +25,25 @@ from prometheus_client import CollectorRegistry
 
 from sigclassd import config as config_mod
 from sigclassd import logs, lsl, protocol
+from sigclassd.artifact import ModelArtifact
 from sigclassd.config import Settings
 from sigclassd.engine import load_model
 from sigclassd.engine.base import Engine
 from sigclassd.errors import (
-    EXIT_CONFIG, EXIT_FAILURE, EXIT_INFERENCE, EXIT_MODEL, EXIT_OK, BindError, ConfigError, ModelError,
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_INFERENCE,
+    EXIT_MODEL,
+    EXIT_OK,
+    BindError,
+    ConfigError,
+    ModelError,
 )
-from sigclassd.health import Health, start_http_server
+from sigclassd.health import BoundedHTTPServer, Health, start_http_server
 from sigclassd.ingest import Ingest
 from sigclassd.logs import Summary
 from sigclassd.lsl import LabelOutlets, LslInput
 from sigclassd.metrics import Metrics
-from sigclassd.artifact import ModelArtifact
 from sigclassd.notify import Notifier
 from sigclassd.pipeline import InferenceFailure, Pipeline
 from sigclassd.publish import Publisher
@@ -69,16 +76,35 @@ class Service:
         self.reload_result: tuple[Settings, ModelArtifact, Engine] | Exception | None = None
         self.rejects = Summary("frames_rejected", settings.log.reject_summary_interval_s)
         self.ctx: zmq.Context | None = None
-        self.http = None
-        self.ingest: Ingest | None = None
+        self.http: tuple[BoundedHTTPServer, threading.Thread] | None = None
+        self._ingest: Ingest | None = None
         self.refused_counted = 0  # input connections refused at the limit, as last counted in the metric
-        self.publisher: Publisher | None = None
+        self._publisher: Publisher | None = None
         # Held while samples move between counters (accept, complete+publish, fail), and by
         # /metrics while it renders: every scrape sees counters that reconcile.
         self.counting = threading.Lock()
-        self.pipe: Pipeline | None = None
+        self._pipe: Pipeline | None = None
         self.lsl_input: LslInput | None = None
         self.lsl_outlets: LabelOutlets | None = None
+
+    # The sockets and the pipeline exist from start-up on; before it, using them is a bug.
+    @property
+    def pipe(self) -> Pipeline:
+        if self._pipe is None:
+            raise RuntimeError("the service has no pipeline before start-up")
+        return self._pipe
+
+    @property
+    def ingest(self) -> Ingest:
+        if self._ingest is None:
+            raise RuntimeError("the service has no input socket before start-up")
+        return self._ingest
+
+    @property
+    def publisher(self) -> Publisher:
+        if self._publisher is None:
+            raise RuntimeError("the service has no output socket before start-up")
+        return self._publisher
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -114,7 +140,7 @@ class Service:
         log.info("starting", config=s.source, mode=s.model.mode, model=s.model.path or "<bundled>", pid=os.getpid())
         self.bind()
         artifact, engine = self.load(s)
-        self.pipe = self._pipeline(s, artifact, engine)
+        self._pipe = self._pipeline(s, artifact, engine)
         self.metrics.samples_buffered.set_function(lambda: self.pipe.table.buffered)
         if self.lsl_input is not None:
             self.lsl_input.start()
@@ -133,7 +159,7 @@ class Service:
         """Bind every socket and the metrics listener; a BindError names the setting and address that failed."""
         s = self.settings
         self.ctx = zmq.Context()
-        self.ingest = Ingest(self.ctx, s.input, **self._curve())
+        self._ingest = Ingest(self.ctx, s.input, **self._curve())
         exposed = [ep for ep in s.input.bind if not _loopback(ep)]
         if exposed and not s.security.curve_secret_key_file:
             log.warning("input_exposed", endpoints=exposed,
@@ -141,7 +167,7 @@ class Service:
                                "libzmq bounds each frame (input.max_message_bytes) but not a message's frame count, "
                                "so one peer can make the daemon hold a huge message; set [security] or bind to "
                                "loopback behind a firewall")
-        self.publisher = Publisher(self.ctx, s.output)
+        self._publisher = Publisher(self.ctx, s.output)
         if s.lsl.enabled:
             # LSL chunks enter as frames on the input socket: decoded, checked and counted as any gateway's.
             self.ingest.socket.bind(lsl.ENDPOINT)
@@ -176,7 +202,6 @@ class Service:
                         label_outlets=self.lsl_outlets)
 
     def _set_model_info(self) -> None:
-        assert self.pipe is not None
         meta = self.pipe.artifact.meta
         self.metrics.model_info.info({
             "name": meta.name, "version": meta.version, "mode": self.settings.model.mode,
@@ -313,6 +338,8 @@ class Service:
         """Apply a finished reload between two turns: every changed section is applied or named."""
         result, self.reload_result = self.reload_result, None
         self.pending_reload = None
+        if result is None:  # called only once the reload thread has set a result
+            return
         if isinstance(result, Exception):
             self.metrics.reloads.labels("failed").inc()
             log.error("reload_failed", error=str(result), kept=self.pipe.artifact.meta.version,
@@ -335,7 +362,7 @@ class Service:
             # Everything accepted so far is labelled by the model it arrived under; streams
             # then restart under the new one, flagged, because carried state does not transfer.
             self.pipe.flush_all()
-            self.pipe = self._pipeline(new, artifact, engine, protocol.LABEL_START | protocol.LABEL_MODEL_CHANGED)
+            self._pipe = self._pipeline(new, artifact, engine, protocol.LABEL_START | protocol.LABEL_MODEL_CHANGED)
         else:
             self.pipe.apply_stream_settings(new)
         if new.log != old.log:
@@ -371,7 +398,7 @@ class Service:
         self.metrics.ready.set(0)
         if self.lsl_input is not None:
             self.lsl_input.close()  # no more LSL frames: what it sent is drained below
-        if self.pipe is not None and drain:
+        if self._pipe is not None and drain:
             started = time.monotonic()
             # What libzmq has already received is taken in too (a few drains, never an endless stream).
             for _ in range(10):
@@ -388,7 +415,7 @@ class Service:
     def close(self) -> None:
         """Close the sockets (queued labels get out within output.linger_ms) and the metrics listener."""
         if self.ctx is not None:
-            for closing in (self.ingest, self.publisher):
+            for closing in (self._ingest, self._publisher):
                 if closing is not None:
                     closing.close()
             # Sockets a failed start-up left open would make term() wait forever.

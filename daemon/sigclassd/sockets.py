@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from collections.abc import Callable
 
 import zmq
 
 from sigclassd.errors import BindError
-
 
 # A peer whose host lost power or whose link went down sends no FIN or RST, and a connection
 # that carries nothing towards it (a SUB's, the forwarder's XPUB to a shard) never finds out:
@@ -36,7 +36,7 @@ def bind(sock: zmq.Socket, endpoint: str, setting: str) -> str:
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
-def _malloc_trim() -> ctypes._CFuncPtr | None:
+def _malloc_trim() -> Callable[[int], int] | None:
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to ask
