@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test venv os-deps bench clean dist
+.PHONY: run test lint venv os-deps bench clean dist
 
 # The venv's own pip (23.0 on Debian 12) installs pyproject projects and editables; upgrading it first
 # cost make run 6 s and a download.
@@ -58,7 +58,12 @@ os-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-test: venv os-deps
+# Style and types before the suite: ruff with the rules in pyproject.toml, mypy on the three source roots.
+lint: venv
+	$(BIN)/ruff check daemon models bench
+	$(BIN)/mypy daemon/sigclassd models/sigclassd bench/sigclassd
+
+test: venv os-deps lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: venv os-deps
