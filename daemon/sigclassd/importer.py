@@ -29,13 +29,14 @@ import numpy as np
 
 from sigclassd.artifact import METADATA_FILE, ModelMeta, file_sha256, read_artifact, write_metadata
 from sigclassd.errors import EXIT_CONFIG, EXIT_MODEL, EXIT_OK, ModelError
+from sigclassd.version import install_line
 
 TOLERANCE = 1e-5
 DEFAULT_WINDOW = 400  # the window for models that take any length (the daemon's usual window)
 SUFFIXES = {".keras": "model.keras", ".h5": "model.h5", ".hdf5": "model.h5", ".onnx": "model.onnx"}
 FRAMEWORK = {".keras": "keras", ".h5": "keras", ".hdf5": "keras", ".onnx": "onnxruntime"}
-INSTALL = {"keras": "pip install 'sigclassd[train]' (TensorFlow and Keras)",
-           "onnxruntime": "pip install 'sigclassd[onnx]' onnxruntime"}
+# The extra that brings each reference framework (the test extra also has onnxruntime).
+EXTRA = {"keras": "train", "onnxruntime": "onnx"}
 
 # A reference runs the source model on normalised input [batch, time, channels] and returns its raw output.
 Reference = Callable[[np.ndarray], np.ndarray]
@@ -105,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     framework = FRAMEWORK[src.suffix.lower()]
     have_framework = _installed(framework)
     if not have_framework and not args.unverified:
-        return _refuse([(f"cannot check the import: {framework} is not installed; {INSTALL[framework]}, "
+        add = install_line(EXTRA[framework]) + (" onnxruntime" if framework == "onnxruntime" else "")
+        return _refuse([(f"cannot check the import: {framework} is not installed; install it with: {add}, "
                          "or pass --unverified to write it unchecked")], EXIT_CONFIG)
 
     say(f"reading {src}")
