@@ -395,15 +395,16 @@ def test_a_flooding_gateway_is_rate_limited_against_its_declared_rate_and_the_va
 
 @pytest.mark.integration
 def test_a_reset_storm_on_one_id_costs_that_id_only(tmp_path, loadgen) -> None:
-    """3,000 restart-flagged one-sample messages on one id in 0.5 s: the id gets its reset budget and its rate,
-    the rest is refused by reason, RSS stays put, and the valid streams keep every sample."""
+    """3,000 restart-flagged one-sample messages on one id in 0.5 s: the id gets at most its reset budget (a
+    restart on a line that never falls silent waits and is refused as a second publisher's), the rest is refused
+    by reason, RSS stays put, and the valid streams keep every sample."""
     storm = ResetStorm(3000, 0.5)
     r = run_one("windowed", VALID, OPTS, tmp_path, loadgen, warmup_s=1.0, intruder=storm)
     assert_valid_untouched(r)
     resets = r.extra["resets_by_reason"].get("restart", 0)
-    assert 1 <= resets <= RESET_BURST + RESETS_PER_S * 6
+    assert resets <= RESET_BURST + RESETS_PER_S * 6
     rejected = r.extra["rejected_by_reason"]
-    assert set(rejected) <= {"rate_limited", "reset_storm"}
+    assert rejected and set(rejected) <= {"rate_limited", "reset_storm", "conflicting_publishers"}
     storm_received = r.extra["daemon_samples_received"] - 5 * 1000
     assert sum(rejected.values()) >= storm_received - 250 * RATE_LIMIT * (BURST_S + 7.0)
     assert r.extra["intruder"]["rss_end_mb"] - r.extra["intruder"]["rss_before_mb"] < 100
