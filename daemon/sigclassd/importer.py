@@ -67,8 +67,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="model name (default: the file's name)")
     p.add_argument("--version", default="1", help="model version (default 1)")
     p.add_argument("--unverified", action="store_true",
-                   help="write the directory even if the source framework is not installed to check it against "
-                        "(recorded in metadata.json)")
+                   help="write the directory without checking it against the source framework (needed when that "
+                        "framework is not installed or cannot read the file); recorded in metadata.json")
     p.set_defaults(func=run)
 
 
@@ -127,14 +127,14 @@ def run(args: argparse.Namespace) -> int:
         shutil.copyfile(src, tmp / SUFFIXES[src.suffix.lower()])
         write_metadata(tmp, meta)
         source = None
-        if have_framework:
+        if have_framework and not args.unverified:
             say(f"checking: the daemon's engines against {framework} on random input "
                 f"({'windowed and stateful' if facts.step_plan else 'windowed'} mode)")
             try:
                 source = reference(src)
             except Exception as e:  # whatever the framework raises for a file it cannot load
-                return _refuse([(f"{framework} cannot load {src} to check it: {e}; load it in {framework} "
-                                 "yourself to see why, or pass --unverified")], EXIT_MODEL)
+                return _refuse([(f"cannot check {src} against {framework}: {e}; or pass --unverified to write "
+                                 "it unchecked")], EXIT_MODEL)
         started = time.monotonic()
         try:
             check = check_import(tmp, source)
@@ -143,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
         for mode, diff in check.max_abs_diff.items():
             say(f"  {mode}: max abs probability difference {diff:.2e} (limit {TOLERANCE:g})")
         if source is None:
-            say(f"warning: not checked against {framework} (not installed; --unverified): the daemon loads it, "
+            why = "--unverified" if have_framework else "not installed; --unverified"
+            say(f"warning: not checked against {framework} ({why}): the daemon loads it, "
                 "but whether it computes what the model computes is unknown")
             record: dict[str, object] = {"checked_against": None}
         else:
@@ -346,7 +347,20 @@ def reference(src: Path) -> tuple[str, Reference]:
     from sigclassd.models.train import quiet_tensorflow
 
     keras = quiet_tensorflow()
-    model = keras.saving.load_model(src, compile=False)
+    try:
+        model = keras.saving.load_model(src, compile=False)
+    except Exception as e:  # whatever Keras raises for a file it cannot read
+        if src.suffix.lower() not in (".h5", ".hdf5"):
+            raise
+        # Keras 3 refuses some Keras 2 configs (an LSTM's time_major, for one); Keras 2 itself reads them.
+        try:
+            import tf_keras
+        except ImportError:
+            msg = (f"Keras {keras.__version__} cannot read this Keras 2 file ({e}); install tf_keras (Keras 2) "
+                   "to check against it")
+            raise RuntimeError(msg) from e
+        model = tf_keras.models.load_model(src, compile=False)
+        return f"tf_keras {tf_keras.__version__}", lambda x: np.asarray(model(x, training=False), np.float32)
     return f"keras {keras.__version__}", lambda x: np.asarray(model(x, training=False), np.float32)
 
 
