@@ -54,8 +54,21 @@ class Lines:
 def run_example(code: str, tmp_path, name: str) -> subprocess.Popen:  # noqa: ANN001
     path = tmp_path / f"{name}.py"
     path.write_text(code)
-    return subprocess.Popen([sys.executable, "-u", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=tmp_path)
+    # Ctrl-C as from a shell: a blocked or ignored SIGINT that the test process passes on (a library may leave
+    # one on its thread) must not follow the program, or the Ctrl-C this test sends would never arrive.
+    start = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "signal.pthread_sigmask(signal.SIG_SETMASK, []); runpy.run_path(sys.argv[1], run_name='__main__')")
+    return subprocess.Popen([sys.executable, "-u", "-c", start, str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+
+
+def why_alive(proc: subprocess.Popen) -> str:
+    """Where a process that should have ended is, and its signal state, for the failure message."""
+    status = Path(f"/proc/{proc.pid}/status").read_text()
+    signals = "\n".join(line for line in status.splitlines() if line.startswith(("State", "Sig", "Shd")))
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    dump = subprocess.run([spy, "dump", "--pid", str(proc.pid)], capture_output=True, text=True, timeout=30)
+    return f"{signals}\n{dump.stdout}{dump.stderr}"
 
 
 def parse(line: str) -> tuple[str, int, int, tuple[str, ...], int] | None:
@@ -82,7 +95,10 @@ def test_readme_gateway_and_consumer_against_the_daemon(tmp_path):
         labelled = lambda lines: sum(p[2] for p in map(parse, lines) if p)  # noqa: E731
         assert out.wait_for(lambda lines: labelled(lines) >= 500, 30), "\n".join(out.lines[-20:])
         gateway.send_signal(signal.SIGINT)
-        gateway_output = gateway.communicate(timeout=10)[0]
+        try:
+            gateway_output = gateway.communicate(timeout=10)[0]
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the gateway did not end on Ctrl-C:\n{why_alive(gateway)}")
         assert gateway.returncode == 0 and "Traceback" not in gateway_output, gateway_output  # Ctrl-C ends it quietly
         time.sleep(0.5)  # what it sent last reaches the daemon
         received = d.metric("sigclassd_samples_received_total")
