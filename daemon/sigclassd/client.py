@@ -35,7 +35,7 @@ import zmq
 import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
-from sigclassd import protocol
+from sigclassd import partition, protocol
 from sigclassd.errors import FrameError
 from sigclassd.sockets import heartbeat
 
@@ -75,6 +75,10 @@ class Publisher:
         send_hwm: messages ZeroMQ queues per connection before it drops (publishing never blocks).
         linger_s: seconds ``close()`` waits for queued messages to go out.
         context: the ``zmq.Context`` to use (default: pyzmq's process-wide instance).
+        partitioned: send each topic with its partition (docs/protocol.md, "Partitioned topics"), so that
+            a daemon with several workers, or partitioned shards, receives each stream only where it is
+            labelled. Off by default: plain topics work with every daemon and every ``input.subscribe``
+            prefix, and a daemon older than partitions would label a partitioned topic as another id.
 
     The socket is an XPUB: it sends exactly what a PUB sends, and it also learns which stream-id
     prefixes the daemons connected to it subscribe to (:meth:`is_subscribed`). Messages for streams
@@ -93,6 +97,7 @@ class Publisher:
         send_hwm: int = 100_000,
         linger_s: float = 2.0,
         context: zmq.Context | None = None,
+        partitioned: bool = False,
     ) -> None:
         connect, bind = _endpoints(connect), _endpoints(bind)
         if not connect and not bind:
@@ -131,6 +136,8 @@ class Publisher:
             raise ValueError(msg) from e
         self._prefixes: set[bytes] = set()
         self._streams: dict[str, Stream] = {}
+        self.partitioned = partitioned
+        self._topics: dict[bytes, bytes] = {}  # stream id -> its partitioned topic
 
     def stream(self, stream_id: str, channels: int, sample_rate_hz: float = 0.0, *,
                clock: Callable[[], int] = time.time_ns) -> Stream:
@@ -144,6 +151,9 @@ class Publisher:
             clock: wall clock in Unix epoch nanoseconds that anchors the stream's sample times.
         """
         protocol.check_stream_id(stream_id)
+        if stream_id.startswith("\x00"):
+            msg = f"stream id {stream_id[:40]!r} starts with a NUL byte, which marks a partitioned topic"
+            raise ValueError(msg)
         if stream_id in self._streams:
             msg = f"stream {stream_id!r} is already published by this Publisher; use that Stream object"
             raise ValueError(msg)
@@ -160,7 +170,7 @@ class Publisher:
     def is_subscribed(self, stream_id: str) -> bool:
         """True if a connected daemon (or forwarder) subscribes to a prefix of ``stream_id`` right now."""
         self._read_subscriptions()
-        topic = stream_id.encode("utf-8")
+        topic = partition.topic(stream_id) if self.partitioned else stream_id.encode("utf-8")
         return any(topic.startswith(p) for p in self._prefixes)
 
     def subscribed_prefixes(self) -> list[str]:
@@ -197,6 +207,11 @@ class Publisher:
 
     def _send(self, parts: list[bytes]) -> None:
         topic, body = parts
+        if self.partitioned:
+            wire = self._topics.get(topic)
+            if wire is None:
+                wire = self._topics[topic] = partition.topic(topic)
+            topic = wire
         self._sock.send(topic, _SNDMORE)  # two sends with a plain int flag: send_multipart's enum arithmetic
         self._sock.send(body)             # costs as much as the encoding
 

@@ -184,7 +184,7 @@ def simulate(args: argparse.Namespace) -> int:
     rng = np.random.default_rng(args.seed)
     endpoints = ", ".join(args.connect + args.bind)
     try:
-        pub = Publisher(args.connect, bind=args.bind, send_hwm=args.hwm)
+        pub = Publisher(args.connect, bind=args.bind, send_hwm=args.hwm, partitioned=args.partitioned)
     except ValueError as e:
         print(f"simulate: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -267,6 +267,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "this run, so that two simulators never send the same streams)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and start offsets")
     p.add_argument("--hwm", type=int, default=100_000, help="PUB send high-water mark in messages")
+    p.add_argument("--partitioned", action="store_true",
+                   help="send partitioned topics (docs/protocol.md), so that each of a daemon's workers receives "
+                        "only its own streams")
     p.add_argument("--settle", type=float, default=2.0,
                    help="seconds to wait at most for a daemon to subscribe before sending; it warns if none does "
                         "(default 2)")
