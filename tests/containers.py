@@ -31,3 +31,54 @@ def build_image() -> str:
     print(build.stdout, build.stderr, f"image build: {time.monotonic() - started:.1f} s", sep="\n")
     assert build.returncode == 0, build.stdout + build.stderr
     return TAG
+
+
+class EtcdServer:
+    """A single-member etcd (Debian's etcd-server) on ``host``, its data in ``data_dir``; with ``netns``
+    it runs in that network namespace (a simulated host). :meth:`stop` then :meth:`start` again is an
+    outage: the data, leases included, survive it."""
+
+    def __init__(self, data_dir, host: str = "127.0.0.1", client_port: int = 0, peer_port: int = 0,
+                 netns: str = "") -> None:
+        from harness import free_port
+
+        if shutil.which("etcd") is None:
+            pytest.skip("etcd not installed (make os-deps installs it: Debian's etcd-server)")
+        self.data_dir, self.host, self.netns = data_dir, host, netns
+        self.client_port, self.peer_port = client_port or free_port(), peer_port or free_port()
+        self.endpoint = f"http://{host}:{self.client_port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 20.0) -> EtcdServer:
+        peer = f"http://{self.host}:{self.peer_port}"
+        cmd = ["etcd", "--name", "coord", "--data-dir", str(self.data_dir), "--listen-client-urls", self.endpoint,
+               "--advertise-client-urls", self.endpoint, "--listen-peer-urls", peer,
+               "--initial-advertise-peer-urls", peer, "--initial-cluster", f"coord={peer}", "--log-level", "warn"]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
+        log = open(f"{self.data_dir}.log", "ab")  # noqa: SIM115 - the process holds it
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"etcd did not start: see {self.data_dir}.log")
+            time.sleep(0.1)
+        return self
+
+    def healthy(self) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1) as reply:
+                return b'"true"' in reply.read()
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """SIGKILL: as a crash or a power cut (etcd's data is synced on every write)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None

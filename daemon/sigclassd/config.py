@@ -169,6 +169,16 @@ class LslSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """Membership on etcd (docs/cluster.md): partitions assigned among the live shards, taken over on failure."""
+
+    endpoint: str = ""  # etcd's client URL, e.g. "http://10.0.0.5:2379"; empty: no cluster
+    member: str = ""  # this shard's name among the members; empty: the host name
+    # A member whose lease is not renewed for this long is dead and its partitions move (etcd's minimum is 2).
+    lease_s: int = 3
+
+
+@dataclass(frozen=True)
 class Settings:
     input: InputSettings = field(default_factory=InputSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
@@ -179,6 +189,7 @@ class Settings:
     service: ServiceSettings = field(default_factory=ServiceSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
     lsl: LslSettings = field(default_factory=LslSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     source: str = "<defaults>"
 
 
@@ -329,6 +340,13 @@ def validate(s: Settings) -> None:
         need("'" not in getattr(s.lsl, key), f"lsl.{key} must not contain a single quote")
     need(not (s.lsl.enabled and s.security.curve_secret_key_file),
          "lsl.enabled = true cannot be combined with [security] CURVE (LSL frames enter unauthenticated)")
+    if s.cluster.endpoint:
+        need(s.cluster.endpoint.startswith("http://") and len(s.cluster.endpoint) > len("http://"),
+             f"cluster.endpoint is {s.cluster.endpoint!r}; use etcd's client URL, e.g. 'http://127.0.0.1:2379'")
+        need(not s.input.shard, "cluster.endpoint and input.shard exclude each other: the cluster assigns partitions")
+    need(all(c.isalnum() or c in "-_.@" for c in s.cluster.member) and len(s.cluster.member) <= 128,
+         f"cluster.member is {s.cluster.member!r}; use up to 128 letters, digits and - _ . @")
+    need(2 <= s.cluster.lease_s <= 600, "cluster.lease_s must be in [2, 600] (whole seconds; etcd's minimum is 2)")
     if problems:
         msg = f"{s.source}: " + "; ".join(problems)
         raise ConfigError(msg)
