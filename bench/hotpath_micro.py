@@ -1,8 +1,8 @@
 """Micro-benchmark of the daemon's per-message Python work, without sockets or the model.
 
 1,000 streams send PER messages each per turn (10 samples, 16 channels, 250 Hz); each turn is decoded
-(protocol.decode_batch), accepted (StreamTable.accept_batch), planned and completed by the stateful
-planner with a zero model output, and encoded (protocol.label_body). Prints microseconds per message
+(protocol.decode_batch), accepted, planned and completed by the stateful core (sigclassd.core, built as the
+daemon builds it) with a zero model output, and encoded (protocol.label_body). Prints microseconds per message
 for each stage, the first turn (which opens the streams) left out.
 
     python bench/hotpath_micro.py 1     # one message per stream per turn
@@ -15,18 +15,28 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from sigclassd import protocol
-from sigclassd.config import StreamSettings
+from sigclassd.artifact import ModelMeta
+from sigclassd.config import ModelSettings, Settings
+from sigclassd.core import build_core
 from sigclassd.metrics import Metrics
-from sigclassd.planner import make_planner
-from sigclassd.streams import StreamTable
 
 STREAMS = 1000
 PER = int(sys.argv[1]) if len(sys.argv) > 1 else 1
 
-table = StreamTable(StreamSettings(), Metrics(CollectorRegistry(), process=False), channels=16, history=4,
-                    ready_after=1, initial_state=lambda: np.zeros(100, np.float32), warmup=400)
-planner = make_planner("stateful", table, window=400, lag=0, lookahead=4, pad_value=np.zeros(16, np.float32),
-                       n_classes=2, max_streams=1024)
+
+
+class Model:
+    """The stateful model's shape without its arithmetic: a look-ahead of 4, 100 numbers of state."""
+
+    lookahead = 4
+
+    def initial_state(self) -> np.ndarray:
+        return np.zeros(100, np.float32)
+
+
+meta = ModelMeta("micro", "1", "tcn", 16, 400, ("a", "b"), "softmax", 4, (0.0,) * 16, (1.0,) * 16)
+metrics = Metrics(CollectorRegistry(), process=False)
+core = build_core(Settings(model=ModelSettings(mode="stateful")), meta, Model(), metrics)
 x = np.random.default_rng(0).normal(size=(10, 16)).astype(np.float32)
 rounds = []
 seq = 0
@@ -42,19 +52,19 @@ for k, messages in enumerate(rounds):
     t0 = time.perf_counter()
     frames = protocol.decode_batch(messages, n_channels=16, max_abs=1e6)
     t1 = time.perf_counter()
-    table.accept_batch(frames, 0.0)
+    core.accept(frames, 0.0)
     t2 = time.perf_counter()
     runs = []
     collect_s = complete_s = 0.0
     while True:
         c0 = time.perf_counter()
-        batch = planner.collect()
+        batch = core.collect()
         c1 = time.perf_counter()
         collect_s += c1 - c0
         if batch is None:
             break
         probs = np.zeros((*batch.x.shape[:2], 2), np.float32)
-        done = planner.complete(batch, probs, batch.state)
+        done = core.complete(batch, probs, batch.state)
         complete_s += time.perf_counter() - c1
         runs += done
     e0 = time.perf_counter()

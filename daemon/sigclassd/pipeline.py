@@ -1,12 +1,12 @@
 """One turn of the main loop, top to bottom:
 
-    ingest.drain -> protocol.decode_batch -> StreamTable.accept_batch -> Planner.collect
-        -> Engine.run -> Planner.complete -> protocol.label_body -> Publisher.send_many
+    ingest.drain -> protocol.decode_batch -> Core.accept -> Core.collect
+        -> Engine.run -> Core.complete -> protocol.label_body -> Publisher.send_many
 
-A :class:`Pipeline` owns the model-dependent stages (the stream table, the
-planner for its mode, the engine) for one model; a reload that changes the
-model builds a new one. It borrows the sockets, the metrics and the counting
-lock from the service, which owns their lifecycle.
+A :class:`Pipeline` owns the model-dependent stages (the socket-free core of
+:mod:`sigclassd.core`, the engine) for one model; a reload that changes the model
+builds a new one. It borrows the sockets, the metrics and the counting lock from
+the service, which owns their lifecycle.
 """
 
 from __future__ import annotations
@@ -18,17 +18,18 @@ import numpy as np
 import structlog
 
 from sigclassd import protocol
-from sigclassd.artifact import ModelArtifact, ModelMeta
+from sigclassd.artifact import ModelArtifact
 from sigclassd.config import Settings
+from sigclassd.core import build_core
 from sigclassd.engine.base import Engine
 from sigclassd.errors import FrameError, SigclassdError
 from sigclassd.ingest import Ingest
 from sigclassd.logs import Summary
 from sigclassd.lsl import LabelOutlets
 from sigclassd.metrics import Metrics
-from sigclassd.planner import Batch, make_planner
+from sigclassd.planner import Batch
 from sigclassd.publish import Publisher
-from sigclassd.streams import LabelRun, StreamTable
+from sigclassd.streams import LabelRun
 
 log = structlog.get_logger("sigclassd")
 
@@ -56,26 +57,8 @@ class Pipeline:
         self.counting = counting
         self.rejects = rejects
         meta = artifact.meta
-        stateful = settings.model.mode == "stateful"
-        # Conditioning: windowed mode buffers conditioned samples (filtered on arrival), and the
-        # warm-up flag also covers the filters' settling time.
-        filters = getattr(engine, "conditioner", None)
-        condition = None if stateful or filters is None else getattr(engine, "condition", None)
-        self.table = StreamTable(
-            settings.streams, metrics, channels=meta.model_channels if condition else meta.channels,
-            history=engine.lookahead if stateful else meta.window,
-            ready_after=1 if stateful else settings.model.hop,
-            initial_state=engine.initial_state,
-            warmup=settings.model.warmup_samples or meta.window + (filters.settle_samples if filters else 0),
-            first_flags=first_flags,
-            condition=condition,
-        )
-        self.planner = make_planner(
-            settings.model.mode, self.table, window=meta.window, lag=settings.model.lag,
-            lookahead=engine.lookahead, pad_value=self._pad_value(meta),
-            n_classes=meta.n_classes, max_streams=settings.model.max_batch_streams,
-            demoted_samples=settings.streams.demoted_samples_per_turn,
-        )
+        self.core = build_core(settings, meta, engine, metrics, first_flags=first_flags)
+        self.table = self.core.table
         self.consecutive_errors = 0
         # Samples this far from the model's training range would overflow its float32 arithmetic
         # (3e38 gave NaN for every later label of a stream): refused at decode, counted out_of_range.
@@ -85,35 +68,20 @@ class Pipeline:
             # samples), so it says nothing about the raw range: bound the raw samples far from overflow only.
             self.max_abs = MAX_RAW_CONDITIONED
 
-    def _pad_value(self, meta: ModelMeta) -> np.ndarray:
-        """What pads the model input: the normalisation mean, or zeros for the raw samples that a conditioned
-        stateful engine conditions first (it pads the conditioned rows with the mean itself)."""
-        if self.table.channels == meta.model_channels:
-            return np.asarray(meta.norm_mean, np.float32)
-        return np.zeros(self.table.channels, np.float32)
-
     @property
     def has_work(self) -> bool:
-        return self.table.has_work
+        return self.core.has_work
 
     def turn(self, timeout_s: float) -> bool:
         """Take what is queued on the socket, then run one batch; True if a batch ran.
 
-        Once there is work, but fewer than ``model.batch_target_streams`` streams
-        ready, the turn waits ``model.max_wait_ms`` and takes what arrived meanwhile before it runs the
-        model: a model call has a fixed cost, and without this wait a lightly
-        loaded daemon would pay it for every single message.
+        The serving order may have the turn wait for more messages first (:meth:`Order.wait_s`).
         """
         self.take(timeout_s)
-        table = self.table
-        model = self.settings.model
-        if (model.max_wait_ms and table.ready and not table.retired and not table.demoted
-                and not self.ingest.backlog and len(table.ready) < model.batch_target_streams):
+        wait = self.core.order.wait_s(self.ingest.backlog)
+        if wait:
             # One sleep and one drain, rather than a poll per message arriving meanwhile.
-            # Under load batches fill by themselves while the model runs: no waiting then,
-            # nor while messages are left queued or demoted streams wait (a flood): the
-            # other streams' labels would wait with them.
-            time.sleep(model.max_wait_ms / 1000)
+            time.sleep(wait)
             self.take(0.0)
         return self.run_batch()
 
@@ -155,7 +123,7 @@ class Pipeline:
             for reason, (count, error, topic) in by_reason.items():
                 m.frames_rejected.labels(reason).inc(count)
                 self.rejects.add(reason, count, detail=str(error), topic=topic.decode("utf-8", "replace"))
-        self.table.accept_batch(batch, wall)
+        self.core.accept(batch, wall)
         for reason, (count, detail, stream) in self.table.take_notices().items():
             self.rejects.add(reason, count, detail=detail, topic=stream)
 
@@ -163,13 +131,13 @@ class Pipeline:
 
     def run_batch(self) -> bool:
         """Run the model on the next batch and publish its labels; False if there was no work."""
-        batch = self.planner.collect()
+        batch = self.core.collect()
         if batch is None:
             return False
         m = self.metrics
         if not batch.work:  # only retired streams with nothing left: their FINAL events
             with self.counting:
-                self.publish(self.planner.complete(batch, batch.x, batch.state))
+                self.publish(self.core.complete(batch, batch.x, batch.state))
             return True
         if batch.samples:
             m.batch_wait.observe(max(0.0, time.time() - batch.oldest_arrival))
@@ -185,13 +153,13 @@ class Pipeline:
         m.batch_streams.observe(len(batch.work))
         m.batch_samples.observe(batch.samples)
         with self.counting:
-            self.publish(self.planner.complete(batch, probs, state, flushed))
+            self.publish(self.core.complete(batch, probs, state, flushed))
         return True
 
     def _failed(self, batch: Batch, error: Exception) -> None:
         self.metrics.inference_errors.inc()
         with self.counting:
-            dropped = self.planner.fail(batch)
+            dropped = self.core.fail(batch)
         self.consecutive_errors += 1
         log.error("inference_failed", error=repr(error), streams=len(batch.work),
                   samples_dropped=dropped, consecutive=self.consecutive_errors)
@@ -234,8 +202,7 @@ class Pipeline:
             self.run_batch()
         return True
 
-    def apply_stream_settings(self, settings: Settings) -> None:
-        """Take a reloaded ``[streams]`` section: limits, TTLs and seq policy apply from the next frame."""
+    def apply(self, settings: Settings) -> None:
+        """Take reloaded settings that apply live: ``[streams]`` from the next frame, batching from the next turn."""
         self.settings = settings
-        self.table.settings = settings.streams
-        self.planner.demoted_samples = settings.streams.demoted_samples_per_turn
+        self.core.apply(settings)

@@ -1,16 +1,17 @@
 """Planning a model call: gather the work of many streams into one batch, and scatter the results.
 
-``collect`` turns the streams the table offers into one :class:`Batch` (model
-input, lengths, gathered states); ``complete`` takes the model's output back,
-lets every stream advance past it and returns the streams' :class:`LabelRun`s in
-the order to publish them. A planner knows nothing of how runs are encoded or
-published, and writes no stream field itself: each :class:`Stream` moves its
-own cursors and decides its own label flags.
+``collect`` turns the incarnations the serving order offers (:mod:`sigclassd.order`) into one
+:class:`Batch` (model input, lengths, the state rows to gather); ``complete`` takes the model's
+output back, lets every incarnation advance past it and returns their :class:`LabelRun`s in
+the order to publish them. A planner knows nothing of how runs are encoded or published, and
+writes neither an incarnation's fields nor the state matrix: each :class:`Incarnation` moves
+its own cursors and decides its own label flags, and the core (:mod:`sigclassd.core`) gathers
+and scatters the states around the model call.
 
 There are two planners, one per engine:
 
 - :class:`WindowedPlanner`: a live stream is served once ``hop`` new samples are
-  pending and it holds a full window; its window is its last ``window`` samples,
+  pending (the order queues it then) and it holds a full window; its window is its last ``window`` samples,
   and the newest samples (all of them on the first window) are labelled, minus
   ``lag`` samples kept back so that a non-causal model sees some future context.
 - :class:`StatefulPlanner`: every stream with pending samples feeds them (up to
@@ -24,79 +25,65 @@ flagged FINAL (an empty run if nothing was left, so consumers still see it).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from sigclassd.order import Order
 from sigclassd.protocol import ARRIVAL
-from sigclassd.streams import LabelRun, Stream, StreamTable
+from sigclassd.streams import Incarnation, LabelRun
+from sigclassd.table import StreamTable
 
 # One stream's share of a model call: (stream, rows fed, flushed outputs, its label spans). A label span is
 # (batch row, output position of its first label, stream row of its first sample, samples labelled).
-Work = tuple[Stream, int, int, list[tuple[int, int, int, int]]]
+Work = tuple[Incarnation, int, int, list[tuple[int, int, int, int]]]
 
 
 @dataclass(slots=True)
 class Batch:
     x: np.ndarray
     lengths: np.ndarray
-    state: np.ndarray
+    state: np.ndarray  # the core gathers it from the state matrix, at ``slots``
     slots: np.ndarray
     work: list[Work]  # applied once the call succeeded
-    empty: list[Stream]  # retired streams with nothing left to label (FINAL event only)
+    empty: list[Incarnation]  # retired streams with nothing left to label (FINAL event only)
     oldest_arrival: float
     samples: int
     flush_rows: np.ndarray  # stateful: rows whose stream ends here; the engine's flush labels their held samples
 
 
 class Planner:
-    """What both planners share: taking streams from the table, completing and failing batches."""
+    """What both planners share: planning what the order offers, completing and failing batches.
 
-    def __init__(self, table: StreamTable, *, window: int, lag: int, lookahead: int, pad_value: np.ndarray,
-                 n_classes: int, max_streams: int, demoted_samples: int = 2048) -> None:
+    ``release`` gives a finished incarnation's state row back (the core's).
+    """
+
+    def __init__(self, table: StreamTable, order: Order, *, release: Callable[[Incarnation], None], window: int,
+                 lag: int, lookahead: int, warmup: int, pad_value: np.ndarray, n_classes: int) -> None:
         self.table = table
+        self.order = order
+        self.release = release
         self.window = window
         self.lag = lag
         self.lookahead = lookahead
+        self.warmup = warmup
         self.pad_value = pad_value.astype(np.float32)
         self.no_probs = np.zeros((0, n_classes), np.float32)
-        self.max_streams = max_streams
-        self.demoted_samples = demoted_samples  # per call, for streams over their declared rate
 
     def collect(self) -> Batch | None:
-        """Gather the next batch, or None when no stream has work.
-
-        Retired and ready streams come first. Demoted streams (over their declared rate
-        lately) follow, in turn, while ``demoted_samples`` model input samples remain: each
-        gets a short share (``_demoted_share``), so a flood can neither lengthen the call
-        much nor take more than the budget; what it does not get waits, or is shed at the
-        pending cap.
-        """
-        empty: list[Stream] = []
-        plans: list[tuple[Stream, list[tuple[int, int, int]]]] = []
-        for stream in self.table.take_ready(self.max_streams):
-            plan = self._plan(stream)
-            if plan:
-                plans.append((stream, plan))
-            elif stream.final:
-                empty.append(stream)
-        budget = self.demoted_samples
-        while budget > 0 and len(plans) < self.max_streams:
-            demoted = self.table.take_demoted()
-            if demoted is None:
-                break
-            plan = self._demoted_share(demoted, budget)
-            if plan:
-                plans.append((demoted, plan))
-                budget -= self._cost(plan)
+        """Gather the next batch, or None when no incarnation has work. The order decides who is served
+        (and cuts demoted incarnations to a share with ``_demoted_share``); the batch's ``state`` is
+        left for the core to gather."""
+        plans, empty = self.order.take(self._plan, self._demoted_share, self._cost)
         if not plans:
             return Batch(*_EMPTY_ARRAYS, [], empty, 0.0, 0, _NO_ROWS) if empty else None
         return self._gather(plans, empty)
 
-    def _plan(self, stream: Stream) -> list[tuple[int, int, int]]:
+    def _plan(self, stream: Incarnation) -> list[tuple[int, int, int]]:
         raise NotImplementedError
 
-    def _demoted_share(self, stream: Stream, budget: int) -> list[tuple[int, int, int]]:
+    def _demoted_share(self, stream: Incarnation, budget: int) -> list[tuple[int, int, int]]:
         """A demoted stream's plan, cut to about ``budget`` model input samples (at least one unit of work)."""
         raise NotImplementedError
 
@@ -104,7 +91,7 @@ class Planner:
         """Model input samples of a plan."""
         raise NotImplementedError
 
-    def _gather(self, plans: list[tuple[Stream, list[tuple[int, int, int]]]], empty: list[Stream]) -> Batch:
+    def _gather(self, plans: list[tuple[Incarnation, list[tuple[int, int, int]]]], empty: list[Incarnation]) -> Batch:
         raise NotImplementedError
 
     def _new_input(self, rows: int, length: int) -> np.ndarray:
@@ -122,18 +109,18 @@ class Planner:
         ``flushed`` is the engine's ``flush`` output for ``batch.flush_rows``
         (``[len(flush_rows), lookahead, n_classes]``): it continues those rows' outputs.
         """
-        table = self.table
+        table, order = self.table, self.order
         runs: list[LabelRun] = []
         for s in batch.empty:  # retired before anything in this batch: their FINAL goes first
             runs.extend(s.finish([], self.no_probs))
-            table.release(s)
+            self.release(s)
         if not batch.work:
             return runs
-        table.states[batch.slots] = new_state
         probabilities = self._outputs(batch, probabilities, flushed)
         labels = probabilities.argmax(axis=-1).astype(np.uint8)
         poisoned = _non_finite_streams(batch, probabilities, new_state)
-        warmup = table.warmup
+        warmup = self.warmup
+        now = table.clock()
         labelled = 0
         for stream, fed, flushed_rows, spans in batch.work:
             if poisoned and stream in poisoned:
@@ -149,13 +136,13 @@ class Planner:
             runs += mine
             if stream.final:
                 runs += stream.finish(mine, self.no_probs)
-                table.release(stream)
+                self.release(stream)
             else:
-                table.requeue(stream)
+                order.requeue(stream, now)
         table.mark_labelled(labelled)
         return runs
 
-    def _reset_poisoned(self, stream: Stream, runs: list[LabelRun]) -> None:
+    def _reset_poisoned(self, stream: Incarnation, runs: list[LabelRun]) -> None:
         """A stream whose output or state went non-finite: drop what it held, counted, and start it afresh.
 
         No NaN is ever published; the consumer sees FINAL, then START with the hole as GAP.
@@ -165,7 +152,7 @@ class Planner:
                           "the model's output or state went NaN/Inf; the stream restarts")
         if stream.final:
             runs.extend(stream.finish([], self.no_probs))
-            self.table.release(stream)
+            self.release(stream)
         else:
             self.table.reset(stream, "non_finite_state")
 
@@ -181,11 +168,11 @@ class Planner:
             self.table.mark_dropped(dropped, "inference_error")
         return dropped
 
-    def _settle(self, stream: Stream) -> None:
+    def _settle(self, stream: Incarnation) -> None:
         if stream.final:
-            self.table.release(stream)  # no FINAL event: the next labels of this id carry START and GAP
+            self.release(stream)  # no FINAL event: the next labels of this id carry START and GAP
         else:
-            self.table.requeue(stream)
+            self.order.requeue(stream, self.table.clock())
 
 
 def plan_windows(n: int, labelled: int, window: int, lag: int, *, final: bool) -> list[tuple[int, int, int]]:
@@ -209,18 +196,18 @@ def plan_windows(n: int, labelled: int, window: int, lag: int, *, final: bool) -
 class WindowedPlanner(Planner):
     """Re-runs each stream's last ``window`` samples every ``hop`` new samples."""
 
-    def _plan(self, s: Stream) -> list[tuple[int, int, int]]:
+    def _plan(self, s: Incarnation) -> list[tuple[int, int, int]]:
         if not s.final and s.done == 0 and s.n < self.window:
             return []
         return plan_windows(s.n, s.labelled, self.window, self.lag, final=s.final)
 
-    def _demoted_share(self, s: Stream, budget: int) -> list[tuple[int, int, int]]:
+    def _demoted_share(self, s: Incarnation, budget: int) -> list[tuple[int, int, int]]:
         return self._plan(s)[: max(1, budget // self.window)]
 
     def _cost(self, plan: list[tuple[int, int, int]]) -> int:
         return len(plan) * self.window
 
-    def _gather(self, plans: list[tuple[Stream, list[tuple[int, int, int]]]], empty: list[Stream]) -> Batch:
+    def _gather(self, plans: list[tuple[Incarnation, list[tuple[int, int, int]]]], empty: list[Incarnation]) -> Batch:
         rows = sum(len(p) for _, p in plans)
         x = self._new_input(rows, self.window)
         lengths = np.full(rows, self.window, np.int32)
@@ -243,21 +230,24 @@ class WindowedPlanner(Planner):
                 samples += end - stream.fed
                 oldest.append(stream.meta[stream.fed, ARRIVAL])
             work.append((stream, max(0, end - stream.fed), 0, spans))
-        state = self.table.states[slots]
-        return Batch(x, lengths, state, slots, work, empty, _seconds(oldest), samples, _NO_ROWS)
+        return Batch(x, lengths, _NO_STATE, slots, work, empty, _seconds(oldest), samples, _NO_ROWS)
 
 
 DEMOTED_CHUNK = 32  # samples of a demoted stream per stateful call
+MAX_CHUNK = 256  # samples of a stream per stateful call
 
 
 class StatefulPlanner(Planner):
     """Feeds each stream's new samples to the model with its carried state."""
 
-    def __init__(self, table: StreamTable, *, max_chunk: int = 256, **kwargs: object) -> None:
-        super().__init__(table, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, table: StreamTable, order: Order, *, release: Callable[[Incarnation], None], window: int,
+                 lag: int, lookahead: int, warmup: int, pad_value: np.ndarray, n_classes: int,
+                 max_chunk: int = MAX_CHUNK) -> None:
+        super().__init__(table, order, release=release, window=window, lag=lag, lookahead=lookahead, warmup=warmup,
+                         pad_value=pad_value, n_classes=n_classes)
         self.max_chunk = max_chunk
 
-    def _plan(self, s: Stream) -> list[tuple[int, int, int]]:
+    def _plan(self, s: Incarnation) -> list[tuple[int, int, int]]:
         """[(rows fed, flushed rows, samples labelled)] for one stateful call on ``s``.
 
         A retired stream is flushed: after its last rows, the engine's ``flush``
@@ -265,14 +255,14 @@ class StatefulPlanner(Planner):
         """
         return self._plan_take(s, s.pending if s.final else min(s.pending, self.max_chunk))
 
-    def _demoted_share(self, s: Stream, budget: int) -> list[tuple[int, int, int]]:
+    def _demoted_share(self, s: Incarnation, budget: int) -> list[tuple[int, int, int]]:
         # A share no longer than a well-behaved stream's usual take keeps the call as short as without the flood.
         return self._plan_take(s, min(s.pending, DEMOTED_CHUNK, budget))
 
     def _cost(self, plan: list[tuple[int, int, int]]) -> int:
         return plan[0][0]
 
-    def _plan_take(self, s: Stream, take: int) -> list[tuple[int, int, int]]:
+    def _plan_take(self, s: Incarnation, take: int) -> list[tuple[int, int, int]]:
         consumed = s.consumed + take
         flushed = self.lookahead if s.final and consumed > s.done else 0
         labelled_through = consumed if s.final else max(s.done, consumed - self.lookahead)
@@ -280,7 +270,7 @@ class StatefulPlanner(Planner):
             return []
         return [(take, flushed, labelled_through - s.done)]
 
-    def _gather(self, plans: list[tuple[Stream, list[tuple[int, int, int]]]], empty: list[Stream]) -> Batch:
+    def _gather(self, plans: list[tuple[Incarnation, list[tuple[int, int, int]]]], empty: list[Incarnation]) -> Batch:
         rows = len(plans)
         takes = [take for _, [(take, _, _)] in plans]
         x = self._new_input(rows, max(takes))
@@ -299,8 +289,7 @@ class StatefulPlanner(Planner):
             labelled_from = stream.done + lookahead - stream.consumed
             work.append((stream, take, pads, [(row, labelled_from, stream.labelled, count)]))
         slots = np.array([stream.slot for stream, _ in plans], np.int64)
-        state = self.table.states[slots]
-        return Batch(x, np.array(takes, np.int32), state, slots, work, empty, _seconds(oldest), sum(takes),
+        return Batch(x, np.array(takes, np.int32), _NO_STATE, slots, work, empty, _seconds(oldest), sum(takes),
                      np.asarray(flush_rows, np.int64))
 
     def _outputs(self, batch: Batch, probabilities: np.ndarray, flushed: np.ndarray | None) -> np.ndarray:
@@ -322,7 +311,7 @@ def _seconds(arrivals_ns: list) -> float:
     return float(min(arrivals_ns)) * 1e-9 if arrivals_ns else float("inf")
 
 
-def _non_finite_streams(batch: Batch, probabilities: np.ndarray, state: np.ndarray) -> set[Stream]:
+def _non_finite_streams(batch: Batch, probabilities: np.ndarray, state: np.ndarray) -> set[Incarnation]:
     """Streams of ``batch`` whose outputs or new state hold NaN or Inf (one reduction when all is well)."""
     if np.isfinite(probabilities.sum()) and np.isfinite(state.sum()):
         return set()
@@ -330,10 +319,7 @@ def _non_finite_streams(batch: Batch, probabilities: np.ndarray, state: np.ndarr
     return {stream for stream, _, _, spans in batch.work if any(bad_rows[row] for row, _, _, _ in spans)}
 
 
-def make_planner(mode: str, table: StreamTable, **kwargs: object) -> Planner:
-    return (StatefulPlanner if mode == "stateful" else WindowedPlanner)(table, **kwargs)  # type: ignore[arg-type]
-
-
 _NO_ROWS = np.zeros(0, np.int64)
 _EMPTY_ARRAYS = (np.zeros((0, 0, 0), np.float32), np.zeros(0, np.int32), np.zeros((0, 0), np.float32),
                  np.zeros(0, np.int64))
+_NO_STATE = np.zeros((0, 0), np.float32)

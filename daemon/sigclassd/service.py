@@ -1,6 +1,6 @@
 """The service wiring: the only module that knows every stage, and the daemon's lifecycle.
 
-    ingest -> protocol.decode -> StreamTable -> Planner -> Engine -> protocol.encode -> Publisher
+    ingest -> protocol.decode -> core (table, order, planner) -> Engine -> protocol.encode -> Publisher
 
 One turn of that flow is :meth:`Pipeline.turn`. The service owns what lives
 longer than a turn: signals, the sockets and the metrics listener, start-up
@@ -364,7 +364,7 @@ class Service:
             self.pipe.flush_all()
             self._pipe = self._pipeline(new, artifact, engine, protocol.LABEL_START | protocol.LABEL_MODEL_CHANGED)
         else:
-            self.pipe.apply_stream_settings(new)
+            self.pipe.apply(new)
         if new.log != old.log:
             logs.configure(new.log.format, new.log.level)
             self.rejects.interval_s = new.log.reject_summary_interval_s

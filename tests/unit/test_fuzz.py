@@ -19,13 +19,14 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from sigclassd import protocol
-from sigclassd.planner import make_planner
-from sigclassd.streams import LabelRun
-from sigclassd.config import StreamSettings
+from sigclassd.artifact import ModelMeta
+from sigclassd.config import ModelSettings, Settings, StreamSettings
+from sigclassd.core import build_core
 from sigclassd.errors import FrameError
 from sigclassd.metrics import Metrics
 from sigclassd.protocol import SampleFrame
-from sigclassd.streams import WAITING_PENDING, StreamTable
+from sigclassd.streams import LabelRun
+from sigclassd.table import WAITING_PENDING
 
 # ------------------------------------------------------------------ the decoder
 
@@ -173,7 +174,7 @@ class EchoEngine:
 
 
 class Harness:
-    """A StreamTable and Batcher built as the service builds them, driven step by step, with invariant checks."""
+    """A core built as the service builds it, driven step by step, with invariant checks."""
 
     def __init__(self, *, mode: str, window: int, hop: int, lag: int, lookahead: int, limit: int,
                  max_streams: int, gap_reset: int, backwards_reset: int, batch_streams: int, max_chunk: int) -> None:
@@ -183,18 +184,15 @@ class Harness:
         self.engine = EchoEngine(mode, window, lookahead)
         stateful = mode == "stateful"
         self.limit = limit
-        self.table = StreamTable(
-            StreamSettings(max_streams=max_streams, idle_ttl_s=10.0, max_pending_samples=limit,
-                           gap_reset_samples=gap_reset, backwards_reset_samples=backwards_reset),
-            self.metrics, channels=CHANNELS, history=lookahead if stateful else window,
-            ready_after=1 if stateful else hop, initial_state=self.engine.initial_state, warmup=window,
-            clock=lambda: self.now,
-        )
-        self.planner = make_planner(
-            mode, self.table, window=window, lag=lag if not stateful else 0, lookahead=lookahead,
-            pad_value=np.zeros(CHANNELS, np.float32), n_classes=CHANNELS, max_streams=batch_streams,
-            **({"max_chunk": max_chunk} if stateful else {}),
-        )
+        settings = Settings(
+            model=ModelSettings(mode=mode, hop=hop, lag=lag if not stateful else 0, max_batch_streams=batch_streams),
+            streams=StreamSettings(max_streams=max_streams, idle_ttl_s=10.0, max_pending_samples=limit,
+                                   gap_reset_samples=gap_reset, backwards_reset_samples=backwards_reset))
+        meta = ModelMeta("echo", "1", "cnn", CHANNELS, window, tuple(str(c) for c in range(CHANNELS)), "softmax",
+                         lookahead, (0.0,) * CHANNELS, (1.0,) * CHANNELS)
+        self.core = build_core(settings, meta, self.engine, self.metrics, clock=lambda: self.now,
+                               max_chunk=max_chunk)
+        self.table = self.core.table
         self.bound = 2 * (self.table.history + (2 + WAITING_PENDING) * limit + lag + lookahead + 16)
         self.runs: list[LabelRun] = []
         self.labelled = 0
@@ -224,23 +222,23 @@ class Harness:
 
     def batch(self) -> bool:
         self.deliver()
-        batch = self.planner.collect()
+        batch = self.core.collect()
         if batch is None:
             return False
         if not batch.work:
-            self.take(self.planner.complete(batch, batch.x, batch.state))
+            self.take(self.core.complete(batch, batch.x, batch.state))
             return True
         probs, state = self.engine.run(batch.x, batch.lengths, batch.state)
         flushed = self.engine.flush(state[batch.flush_rows])[0] if len(batch.flush_rows) else None
-        self.take(self.planner.complete(batch, probs, state, flushed))
+        self.take(self.core.complete(batch, probs, state, flushed))
         return True
 
     def fail(self) -> None:
         self.deliver()
-        batch = self.planner.collect()
+        batch = self.core.collect()
         if batch is not None:
             self.failed = True
-            self.planner.fail(batch)
+            self.core.fail(batch)
 
     def tick(self, seconds: float) -> None:
         self.deliver()
@@ -272,7 +270,7 @@ class Harness:
         received = self.count("samples_received")
         accounted = self.labelled + self.count("samples_duplicate") + self.rejected() + self.count("samples_shed")
         assert received == accounted + t.buffered, "accounting identity broken"
-        holders = [*t.streams.values(), *t.retired]
+        holders = [*t.streams.values(), *self.core.order.retired]
         assert t.buffered == sum(s.n - s.labelled for s in holders) + sum(w.held for w in t.parked.values())
         assert len(t.streams) <= t.settings.max_streams
         for s in t.streams.values():
@@ -282,7 +280,7 @@ class Harness:
             assert 0 <= s.labelled <= s.n and 0 <= s.fed <= s.n
         slots = [s.slot for s in holders]
         assert len(set(slots)) == len(slots) and all(s >= 0 for s in slots), "state slot shared or lost"
-        assert len(t.free_slots) + len(slots) == len(t.states), "state slot leaked"
+        assert len(self.core.free_slots) + len(slots) == len(self.core.states), "state slot leaked"
 
     def check_runs(self, *, closed: bool) -> None:
         """Per topic: incarnations START..FINAL; in each, runs in increasing seq, contiguous or flagged GAP exactly."""
@@ -392,8 +390,8 @@ def drive(config: dict, ops: list, rnd) -> Harness:  # noqa: ANN001
         h.check_runs(closed=False)
     h.flush()
     h.check()
-    assert h.table.buffered == 0 and not h.table.streams and not h.table.retired
-    assert len(h.table.free_slots) == len(h.table.states)
+    assert h.table.buffered == 0 and not h.table.streams and not h.core.order.retired
+    assert len(h.core.free_slots) == len(h.core.states)
     assert h.count("samples_received") == h.labelled + h.count("samples_duplicate") + h.rejected() + \
         h.count("samples_shed")
     h.check_runs(closed=True)

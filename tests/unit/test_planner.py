@@ -6,19 +6,19 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from sigclassd import protocol
-from sigclassd.planner import make_planner
-from sigclassd.streams import LabelRun
-from sigclassd.config import StreamSettings
+from sigclassd.artifact import ModelMeta
+from sigclassd.config import ModelSettings, Settings, StreamSettings
+from sigclassd.core import build_core
 from sigclassd.metrics import Metrics
 from sigclassd.protocol import SampleFrame
-from sigclassd.streams import StreamTable
+from sigclassd.streams import LabelRun
 
 START, GAP, SHED, FINAL, FLUSHED, WARMUP = (protocol.LABEL_START, protocol.LABEL_GAP, protocol.LABEL_SHED,
                                             protocol.LABEL_FINAL, protocol.LABEL_FLUSHED, protocol.LABEL_WARMUP)
 
 
 class Pipe:
-    """A table and batcher as the service builds them, run by an echo model: output t is input t - lookahead."""
+    """A core as the service builds it, run by an echo model: output t is input t - lookahead."""
 
     def __init__(self, mode: str = "windowed", *, window: int = 16, hop: int = 8, lag: int = 0, lookahead: int = 0,
                  limit: int = 1000, batch_streams: int = 8, gap_reset: int = 400, idle_ttl_s: float = 60.0) -> None:
@@ -26,17 +26,17 @@ class Pipe:
         self.now = 0.0
         self.lookahead = lookahead
         self.mode = mode
-        size = lookahead if mode == "stateful" else 0
-        self.table = StreamTable(
-            StreamSettings(max_pending_samples=limit, gap_reset_samples=gap_reset, idle_ttl_s=idle_ttl_s),
-            Metrics(self.registry, process=False), channels=1,
-            history=lookahead if mode == "stateful" else window, ready_after=1 if mode == "stateful" else hop,
-            initial_state=lambda: np.zeros(size, np.float32), warmup=window, clock=lambda: self.now,
-        )
-        self.planner = make_planner(
-            mode, self.table, window=window, lag=lag, lookahead=lookahead,
-                               pad_value=np.zeros(1, np.float32), n_classes=1, max_streams=batch_streams)
+        settings = Settings(
+            model=ModelSettings(mode=mode, hop=hop, lag=lag, max_batch_streams=batch_streams),
+            streams=StreamSettings(max_pending_samples=limit, gap_reset_samples=gap_reset, idle_ttl_s=idle_ttl_s))
+        meta = ModelMeta("echo", "1", "cnn", 1, window, ("x",), "sigmoid", lookahead, (0.0,), (1.0,))
+        self.core = build_core(settings, meta, self, Metrics(self.registry, process=False), clock=lambda: self.now)
+        self.table = self.core.table
         self.inputs: list[np.ndarray] = []
+
+    def initial_state(self) -> np.ndarray:
+        """The echo model's delay line: ``lookahead`` samples in stateful mode, none in windowed mode."""
+        return np.zeros(self.lookahead if self.mode == "stateful" else 0, np.float32)
 
     def send(self, stream: str, seq: int, n: int, *, restart: bool = False) -> None:
         x = (np.arange(seq, seq + n, dtype=np.float32) + 1)[:, None]  # value = seq + 1; padding is 0
@@ -59,14 +59,14 @@ class Pipe:
         return state[:, :, None].copy()
 
     def step(self) -> list[LabelRun] | None:
-        batch = self.planner.collect()
+        batch = self.core.collect()
         if batch is None:
             return None
         if not batch.work:
-            return self.planner.complete(batch, batch.x, batch.state)
+            return self.core.complete(batch, batch.x, batch.state)
         probs, state = self.engine(batch.x, batch.lengths, batch.state)
         flushed = self.flush_engine(state[batch.flush_rows]) if len(batch.flush_rows) else None
-        runs = self.planner.complete(batch, probs, state, flushed)
+        runs = self.core.complete(batch, probs, state, flushed)
         for r in runs:  # every label must sit on its own sample
             np.testing.assert_array_equal(r.probabilities[:, 0], np.arange(r.seq, r.seq + len(r.labels)) + 1)
         return runs
@@ -190,7 +190,7 @@ def test_eviction_with_nothing_left_emits_an_empty_final_event():
     assert p.table.evict_idle() == 1
     runs = p.run_all()
     assert spans(runs) == [("a", 16, 0, FINAL)]
-    assert p.table.free_slots and not p.table.retired
+    assert p.core.free_slots and not p.core.order.retired
 
 
 def test_eviction_flushes_what_is_left():
@@ -265,7 +265,7 @@ def test_fail_drops_and_counts_the_batch_and_the_stream_goes_on():
     p.send("a", 0, 16)
     p.run_all()
     p.send("a", 16, 8)
-    assert p.planner.fail(p.planner.collect()) == 8
+    assert p.core.fail(p.core.collect()) == 8
     assert p.count("samples_rejected", reason="inference_error") == 8 and p.table.buffered == 0
     p.send("a", 24, 8)
     runs = p.run_all()
@@ -277,7 +277,7 @@ def test_fail_before_the_first_labels_reports_the_hole():
     """Samples dropped by a failed call before any label went out still show as a GAP on the first labels."""
     p = Pipe("windowed", window=16, hop=8)
     p.send("a", 0, 20)
-    assert p.planner.fail(p.planner.collect()) == 20
+    assert p.core.fail(p.core.collect()) == 20
     p.send("a", 20, 8)
     runs = p.run_all()
     assert spans(runs) == [("a", 20, 8, START | GAP)] and runs[0].gap == 20
@@ -288,16 +288,16 @@ def test_fail_of_a_retired_stream_releases_it():
     p = Pipe("windowed", window=16, hop=8)
     p.send("a", 0, 5)
     p.table.retire_all()
-    slots = len(p.table.free_slots)
-    assert p.planner.fail(p.planner.collect()) == 5
-    assert len(p.table.free_slots) == slots + 1 and not p.table.retired and p.step() is None
+    slots = len(p.core.free_slots)
+    assert p.core.fail(p.core.collect()) == 5
+    assert len(p.core.free_slots) == slots + 1 and not p.core.order.retired and p.step() is None
 
 
 def test_stateful_fail_then_more_samples_are_labelled_correctly():
     """After a failed stateful call with lookahead 4 the stream goes on: new samples are labelled once, in order."""
     p = Pipe("stateful", lookahead=4)
     p.send("a", 0, 1)
-    p.planner.fail(p.planner.collect())
+    p.core.fail(p.core.collect())
     p.send("a", 1, 1)
     runs = p.run_all()
     p.send("a", 2, 5)
@@ -318,10 +318,10 @@ def _demote(pipe: Pipe, *names: str) -> None:
     """Mark streams over their rate (as Admission.charge does) and queue them as demoted."""
     for name in names:
         stream = pipe.table.streams[name]
-        pipe.table.ready.pop(stream, None)
+        pipe.core.order.ready.pop(stream, None)
         stream.budget.demoted_until = pipe.now + 10.0
-        pipe.table.requeue(stream)
-    assert len(pipe.table.demoted) == len(names)
+        pipe.core.order.requeue(stream, pipe.now)
+    assert len(pipe.core.order.demoted) == len(names)
 
 
 def test_stateful_demoted_streams_get_short_shares_within_the_budget():
@@ -330,31 +330,31 @@ def test_stateful_demoted_streams_get_short_shares_within_the_budget():
     from sigclassd.planner import DEMOTED_CHUNK
 
     p = Pipe("stateful", lookahead=2, batch_streams=64, limit=5000)
-    p.planner.demoted_samples = 100
+    p.core.order.demoted_samples = 100
     p.send("good", 0, 12)
     for i in range(6):
         p.send(f"flood{i}", 0, 500)
     _demote(p, *(f"flood{i}" for i in range(6)))
-    batch = p.planner.collect()
+    batch = p.core.collect()
     takes = {stream.name: fed for stream, fed, _, _ in batch.work}
     # 100 samples of budget: 32 + 32 + 32 + the last share cut to the 4 samples left.
     assert takes == {"good": 12, "flood0": DEMOTED_CHUNK, "flood1": DEMOTED_CHUNK, "flood2": DEMOTED_CHUNK,
                      "flood3": 4}
     assert batch.x.shape[1] == DEMOTED_CHUNK  # not 500: the call is as long as a share
-    assert [s.name for s in p.table.demoted] == ["flood4", "flood5"]  # next in line
+    assert [s.name for s in p.core.order.demoted] == ["flood4", "flood5"]  # next in line
 
 
 def test_windowed_demoted_streams_get_whole_windows_within_the_budget():
     """A demoted stream is served budget // window windows per call (at least one), the rest next time."""
     p = Pipe("windowed", window=16, hop=8, batch_streams=64, limit=5000)
-    p.planner.demoted_samples = 40  # two windows of 16
+    p.core.order.demoted_samples = 40  # two windows of 16
     p.send("good", 0, 16)
     p.send("flood", 0, 160)
     _demote(p, "flood")
-    batch = p.planner.collect()
+    batch = p.core.collect()
     rows = {stream.name: len(spans) for stream, _, _, spans in batch.work}
     assert rows == {"good": 1, "flood": 2}
-    labelled = p.planner.complete(batch, batch.x, batch.state)
+    labelled = p.core.complete(batch, batch.x, batch.state)
     assert [(r.topic, r.seq, len(r.labels)) for r in labelled] == [(b"good", 0, 16), (b"flood", 0, 16),
                                                                     (b"flood", 16, 16)]
-    assert list(p.table.demoted) == [p.table.streams["flood"]]  # requeued with the rest of its work
+    assert list(p.core.order.demoted) == [p.table.streams["flood"]]  # requeued with the rest of its work

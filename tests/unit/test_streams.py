@@ -1,4 +1,5 @@
-"""StreamTable: the seq policy (gaps, duplicates, restarts), eviction, the stream limit and shedding."""
+"""The stream table and its incarnations: the seq policy (gaps, duplicates, restarts), eviction, the stream
+limit and shedding."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from sigclassd import protocol
-from sigclassd.config import StreamSettings
+from sigclassd.artifact import ModelMeta
+from sigclassd.config import ModelSettings, Settings, StreamSettings
+from sigclassd.core import Core, build_core
 from sigclassd.metrics import Metrics
 from sigclassd.protocol import SampleFrame
-from sigclassd.streams import WAITING_PENDING, StreamTable
+from sigclassd.table import WAITING_PENDING, StreamTable
 
 
 class Clock:
@@ -20,14 +23,32 @@ class Clock:
         return self.now
 
 
-def make_table(**kw: float) -> tuple[StreamTable, CollectorRegistry, Clock]:
+class Model:
+    """What the core asks of an engine: no look-ahead, three numbers of state."""
+
+    lookahead = 0
+
+    def initial_state(self) -> np.ndarray:
+        return np.zeros(3, np.float32)
+
+
+# Two channels, a window of 16 (the history kept), served every 8 samples.
+META = ModelMeta("m", "1", "cnn", 2, 16, ("a", "b"), "softmax", 0, (0.0, 0.0), (1.0, 1.0))
+
+
+def make_core(first_flags: int = protocol.LABEL_START, **kw: float) -> tuple[Core, CollectorRegistry, Clock]:
     registry = CollectorRegistry()
     clock = Clock()
-    settings = StreamSettings(**{"max_streams": 10, "idle_ttl_s": 60.0, "max_pending_samples": 1000,
-                                 "gap_reset_samples": 400, "backwards_reset_samples": 4000, **kw})
-    table = StreamTable(settings, Metrics(registry, process=False), channels=2, history=16, ready_after=8,
-                        initial_state=lambda: np.zeros(3, np.float32), warmup=16, clock=clock)
-    return table, registry, clock
+    streams = StreamSettings(**{"max_streams": 10, "idle_ttl_s": 60.0, "max_pending_samples": 1000,
+                                "gap_reset_samples": 400, "backwards_reset_samples": 4000, **kw})
+    settings = Settings(model=ModelSettings(mode="windowed", hop=8), streams=streams)
+    core = build_core(settings, META, Model(), Metrics(registry, process=False), first_flags=first_flags, clock=clock)
+    return core, registry, clock
+
+
+def make_table(**kw: float) -> tuple[StreamTable, CollectorRegistry, Clock]:
+    core, registry, clock = make_core(**kw)
+    return core.table, registry, clock
 
 
 def frame(stream: str, seq: int, n: int, *, restart: bool = False) -> SampleFrame:
@@ -62,7 +83,7 @@ def test_gap_up_to_the_threshold_carries_on_and_counts_missing():
     s = t.streams["a"]
     clock.now = 1.0  # a hole on a live stream waits for its publisher to fall silent (tested below)
     t.accept(frame("a", 15, 2))
-    assert t.streams["a"] is s and not t.retired
+    assert t.streams["a"] is s and not t.order.retired
     assert held_seqs(t, "a") == [0, 1, 2, 3, 4, 15, 16]
     assert counter(reg, "samples_missing") == 10 and counter(reg, "stream_resets", reason="gap") == 0
 
@@ -75,7 +96,7 @@ def test_gap_beyond_the_threshold_resets_flagged_start_and_gap():
     clock.now = 1.0
     t.accept(frame("a", 16, 2))
     new = t.streams["a"]
-    assert new is not old and t.retired == [old] and old.final
+    assert new is not old and t.order.retired == [old] and old.final
     assert new.flags == protocol.LABEL_START | protocol.LABEL_GAP and new.gap == 11
     assert held_seqs(t, "a") == [16, 17]
     # The jump is a new incarnation (reported as its GAP), not samples that went missing.
@@ -120,10 +141,10 @@ def test_backwards_jump_beyond_the_threshold_is_an_implicit_restart():
     t, reg, clock = make_table(backwards_reset_samples=20)
     t.accept(frame("a", 100, 30))
     t.accept(frame("a", 110, 5))  # back by 20: still a duplicate
-    assert counter(reg, "samples_duplicate") == 5 and not t.retired
+    assert counter(reg, "samples_duplicate") == 5 and not t.order.retired
     clock.now = 1.0
     t.accept(frame("a", 0, 5))  # back by 130: the gateway restarted without the flag
-    assert counter(reg, "stream_resets", reason="seq_backwards") == 1 and len(t.retired) == 1
+    assert counter(reg, "stream_resets", reason="seq_backwards") == 1 and len(t.order.retired) == 1
     assert held_seqs(t, "a") == list(range(5)) and t.streams["a"].flags == protocol.LABEL_START
     assert counter(reg, "samples_duplicate") == 5
 
@@ -135,7 +156,7 @@ def test_restart_flag_retires_and_starts_a_new_incarnation():
     old = t.streams["a"]
     clock.now = 1.0
     t.accept(frame("a", 5, 5, restart=True))
-    assert t.retired == [old] and t.streams["a"] is not old
+    assert t.order.retired == [old] and t.streams["a"] is not old
     assert counter(reg, "stream_resets", reason="restart") == 1
     assert held_seqs(t, "a") == list(range(5, 10)) and old.n == 5
     assert old.slot != t.streams["a"].slot
@@ -158,7 +179,7 @@ def test_idle_streams_are_evicted_after_the_ttl_only():
     assert t.evict_idle() == 0
     clock.now = 10.5
     assert t.evict_idle() == 1
-    assert list(t.streams) == ["b"] and [s.name for s in t.retired] == ["a"] and t.retired[0].final
+    assert list(t.streams) == ["b"] and [s.name for s in t.order.retired] == ["a"] and t.order.retired[0].final
     assert counter(reg, "streams_evicted") == 1
     t.accept(frame("a", 5, 1))  # comes back: a new incarnation, flagged START
     assert t.streams["a"].flags == protocol.LABEL_START
@@ -210,35 +231,36 @@ def test_an_oversize_frame_is_cut_to_its_freshest_part():
     assert counter(reg, "samples_shed") == 15 and t.buffered == 10 and t.streams["a"].next_seq == 25
 
 
-def test_ready_after_pending_threshold():
-    """A stream is queued for a batch once ready_after samples are pending, once."""
+def test_a_stream_is_ready_once_hop_samples_are_pending():
+    """A stream is queued for a batch once hop samples are pending, once."""
     t, _, _ = make_table()
     t.accept(frame("a", 0, 7))
-    assert not t.ready
+    assert not t.order.ready
     t.accept(frame("a", 7, 1))
     t.accept(frame("a", 8, 3))
-    assert list(t.ready) == [t.streams["a"]]
+    assert list(t.order.ready) == [t.streams["a"]]
 
 
 def test_state_slots_are_reused_and_reset():
     """A released slot is reused by the next stream, and its state starts from the initial state."""
-    t, _, _ = make_table()
+    core, _, _ = make_core()
+    t = core.table
     t.accept(frame("a", 0, 1))
     slot = t.streams["a"].slot
-    t.states[slot] = 9.0
+    core.states[slot] = 9.0
     t.retire_all()
-    t.release(t.retired.pop())
+    core.release(core.order.retired.pop())
     t.accept(frame("b", 0, 1))
-    assert t.streams["b"].slot == slot and t.states[slot].tolist() == [0.0, 0.0, 0.0]
+    assert t.streams["b"].slot == slot and core.states[slot].tolist() == [0.0, 0.0, 0.0]
 
 
 def test_more_than_64_streams_grow_the_state_matrix():
     """Streams beyond the initial 64 state slots get distinct slots of their own."""
-    t, _, _ = make_table(max_streams=200)
+    core, _, _ = make_core(max_streams=200)
     for i in range(130):
-        t.accept(frame(f"s{i}", 0, 1))
-    slots = [s.slot for s in t.streams.values()]
-    assert len(set(slots)) == 130 and max(slots) < len(t.states)
+        core.table.accept(frame(f"s{i}", 0, 1))
+    slots = [s.slot for s in core.table.streams.values()]
+    assert len(set(slots)) == 130 and max(slots) < len(core.states)
 
 
 def test_retire_all_retires_every_stream_and_a_new_table_flags_its_first_incarnations():
@@ -246,10 +268,8 @@ def test_retire_all_retires_every_stream_and_a_new_table_flags_its_first_incarna
     t, _, _ = make_table()
     t.accept(frame("a", 0, 2))
     t.retire_all()
-    assert not t.streams and len(t.retired) == 1 and t.retired[0].final
-    swapped = StreamTable(t.settings, t.metrics, channels=2, history=16, ready_after=8,
-                          initial_state=lambda: np.zeros(3, np.float32), warmup=16,
-                          first_flags=protocol.LABEL_START | protocol.LABEL_MODEL_CHANGED)
+    assert not t.streams and len(t.order.retired) == 1 and t.order.retired[0].final
+    swapped = make_core(protocol.LABEL_START | protocol.LABEL_MODEL_CHANGED)[0].table
     swapped.accept(frame("a", 2, 2))
     assert swapped.streams["a"].flags == protocol.LABEL_START | protocol.LABEL_MODEL_CHANGED
 
@@ -277,10 +297,10 @@ def test_a_stream_over_its_declared_rate_is_refused_and_served_last():
     t.accept(rated("good", 10, 10))
     # Queued as ready before it went over its rate, the flood moved to the demoted queue when it did: what it
     # holds is served within the demoted budget, after the well-behaved streams.
-    assert [s.name for s in t.take_ready(8)] == ["good"]
-    assert t.take_demoted() is flood and t.take_demoted() is None
-    t.requeue(flood)
-    assert t.take_demoted() is flood
+    assert list(t.order.ready) == [t.streams["good"]] and list(t.order.demoted) == [flood]
+    t.order.demoted.clear()
+    t.order.requeue(flood, clock.now)
+    assert list(t.order.demoted) == [flood]
 
 
 def test_a_reset_storm_costs_its_own_id_only():
@@ -292,7 +312,7 @@ def test_a_reset_storm_costs_its_own_id_only():
         t.accept(frame("storm", 0, 1, restart=True))
     assert counter(reg, "stream_resets", reason="restart") == 3
     assert counter(reg, "samples_rejected", reason="reset_storm") == 7
-    assert len(t.retired) == 3
+    assert len(t.order.retired) == 3
     t.accept(frame("calm", 0, 1))
     clock.now = 11.0
     t.accept(frame("calm", 0, 1, restart=True))
@@ -313,7 +333,7 @@ def test_a_second_publisher_waits_and_is_refused_while_the_first_goes_on():
         t.accept(frame("x", 1000 + 2 * i, 2))  # publisher A
         if i >= 50:
             t.accept(frame("x", 100_000 + 40 * (i - 50), 40))  # B appears: seqs far ahead of A's
-    assert held_seqs(t, "x") == list(range(1000, 1200)) and not t.retired
+    assert held_seqs(t, "x") == list(range(1000, 1200)) and not t.order.retired
     assert t.parked["x"].held == cap and t.buffered == 200 + cap
     assert counter(reg, "samples_rejected", reason="conflicting_publishers") == 2000 - cap
     count, detail, stream = t.take_notices()["conflicting_publishers"]
@@ -333,7 +353,7 @@ def test_a_full_table_makes_room_by_retiring_the_least_recently_seen_idle_stream
         t.accept(frame(f"once/{i}", 0, 1))
     clock.now = 5.0
     t.accept(frame("real", 0, 4))
-    assert "real" in t.streams and "once/0" not in t.streams and [s.name for s in t.retired] == ["once/0"]
+    assert "real" in t.streams and "once/0" not in t.streams and [s.name for s in t.order.retired] == ["once/0"]
     assert counter(reg, "streams_evicted") == 1 and counter(reg, "samples_rejected", reason="stream_limit") == 0
     t.accept(frame("real2", 0, 4))  # 'real' was seen just now; the next stalest one-message id goes
     assert "real" in t.streams and "once/1" not in t.streams
@@ -392,7 +412,7 @@ def _table_state(t: StreamTable, reg: CollectorRegistry) -> tuple:
                       for s in mf.samples if s.name.endswith("_total"))
     held = {name: (s.meta[: s.n].tolist(), s.data[: s.n].tolist(), s.flags, s.gap, s.next_seq, s.budget.demoted_until)
             for name, s in t.streams.items()}
-    return counters, rejected, held, [s.name for s in t.retired], [s.name for s in t.ready], t.buffered
+    return counters, rejected, held, [s.name for s in t.order.retired], [s.name for s in t.order.ready], t.buffered
 
 
 def test_a_batch_is_accepted_exactly_as_its_frames_one_by_one():
@@ -442,13 +462,13 @@ def test_a_stream_running_ahead_of_real_time_is_served_after_the_others_but_lose
     for i in range(30):
         clock.now = 4.2 + i * 0.033
         t.accept(rated("outage", 10 + 10 * i, 10, rate))
-    assert not t.demoted and not any(s.budget.demoted_until for s in t.streams.values())
+    assert not t.order.demoted and not any(s.budget.demoted_until for s in t.streams.values())
     # Faster than declared: 2x its rate for 3 s, within the rate limit's burst.
     for i in range(60):
         clock.now = 10.0 + 0.05 * i
         t.accept(rated("ahead", 10 * i, 10, rate))
     ahead = t.streams["ahead"]
-    assert ahead.budget.demoted_until > clock.now and ahead in t.demoted and ahead not in t.ready
+    assert ahead.budget.demoted_until > clock.now and ahead in t.order.demoted and ahead not in t.order.ready
     assert counter(reg, "samples_rejected", reason="rate_limited") == 0 and ahead.n == 600
 
 
@@ -491,7 +511,7 @@ def test_a_stall_of_the_daemon_costs_the_streams_nothing():
             turn(t, clock, now, [rated(n, seq, 10, 250.0) for n in names])
             seq += 10
         assert refused(reg) == 0 and counter(reg, "samples_shed") == 0, stall
-        assert not t.demoted and all(s.budget.demoted_until <= now for s in t.streams.values()), stall
+        assert not t.order.demoted and all(s.budget.demoted_until <= now for s in t.streams.values()), stall
         assert all(held_seqs(t, n) == list(range(seq)) for n in names), stall
 
 
@@ -509,7 +529,7 @@ def test_one_frame_cannot_lock_a_stream_out():
         t.accept(rated("a", seq, 10, 250.0))
         seq += 10
     t.evict_idle()
-    assert held_seqs(t, "a") == list(range(seq)) and not t.retired
+    assert held_seqs(t, "a") == list(range(seq)) and not t.order.retired
     assert counter(reg, "samples_rejected", reason="implausible_rate") == 10
     assert counter(reg, "samples_rejected", reason="rate_limited") == 10
 
@@ -529,7 +549,7 @@ def test_one_stray_frame_cannot_take_a_live_stream():
         seq += 10
     clock.now = 2.5
     t.evict_idle()
-    assert held_seqs(t, "a") == list(range(seq)) and not t.retired and not t.parked
+    assert held_seqs(t, "a") == list(range(seq)) and not t.order.retired and not t.parked
     assert counter(reg, "samples_rejected", reason="conflicting_publishers") == 20
     assert sum(counter(reg, "stream_resets", reason=r) for r in ("restart", "gap", "seq_backwards")) == 0
 
@@ -569,7 +589,7 @@ def test_a_reconnecting_gateways_backlog_interleaved_with_its_new_frames_is_all_
             turn(t, clock, now, [rated("a", seq, 10, 250.0)])
             seq += 10
         assert refused(reg) == 0, lost
-        incarnations = [*t.retired, t.streams["a"]]
+        incarnations = [*t.order.retired, t.streams["a"]]
         seqs = [s.seq[: s.n].tolist() for s in incarnations]
         if lost < 400:
             assert len(incarnations) == 1 and seqs[0] == list(range(1000)) + list(range(first_new, seq))
@@ -597,7 +617,7 @@ def test_after_a_long_stall_a_new_connections_backlog_read_at_once_goes_in_witho
         turn(t, clock, now, queue[j : j + 50])
     assert refused(reg) == 0
     new_incarnation = t.streams["a"]
-    assert [s.seq[: s.n].tolist() for s in t.retired] == [list(range(900))]
+    assert [s.seq[: s.n].tolist() for s in t.order.retired] == [list(range(900))]
     assert new_incarnation.gap == 800 and new_incarnation.next_seq == 15500
     # No model runs here: beyond what waited (let in whole), the pending cap sheds the oldest.
     assert new_incarnation.seq[: new_incarnation.n].tolist() == list(range(15500 - new_incarnation.n, 15500))
