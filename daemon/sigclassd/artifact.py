@@ -47,6 +47,8 @@ class ModelMeta:
     ``"softmax"`` (one unit per class); ``logits`` says the model's last layer
     has no squashing activation, so the engine applies ``output`` itself.
     ``norm_mean``/``norm_std`` are per-channel and applied by the daemon before the model.
+    ``conditioning`` (filters before the model) and ``postprocess`` (smoothing, hysteresis and
+    a minimum duration of the published labels) are run by ``sigclassd.engine``.
     """
 
     name: str
@@ -67,6 +69,7 @@ class ModelMeta:
     metrics: dict[str, Any] = field(default_factory=dict)
     imported: dict[str, Any] = field(default_factory=dict)
     conditioning: dict[str, Any] = field(default_factory=dict)
+    postprocess: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
     format: int = FORMAT
 
@@ -94,7 +97,7 @@ class ModelMeta:
         d = asdict(self)
         for key in ("classes", "norm_mean", "norm_std", "channel_names"):
             d[key] = list(d[key])
-        for key in ("imported", "conditioning"):
+        for key in ("imported", "conditioning", "postprocess"):
             if not d[key]:
                 del d[key]
         return d
@@ -124,6 +127,7 @@ class ModelMeta:
             metrics=dict(d.get("metrics", {})),
             imported=dict(d.get("imported", {})),
             conditioning=dict(d.get("conditioning") or {}),
+            postprocess=dict(d.get("postprocess") or {}),
             created_at=d.get("created_at", ""),
             format=d.get("format", FORMAT),
         )
@@ -141,6 +145,13 @@ class ModelMeta:
 
             try:
                 Conditioner(self.conditioning, self.channels, self.sample_rate_hz, self.channel_names)
+            except ModelError as e:
+                problems.append(str(e))
+        if self.postprocess:
+            from sigclassd.engine.postprocess import PostProcessor
+
+            try:
+                PostProcessor(self.postprocess, self.n_classes)
             except ModelError as e:
                 problems.append(str(e))
         inputs = self.model_channels

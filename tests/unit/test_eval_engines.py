@@ -213,3 +213,32 @@ def test_eval_needs_no_tensorflow(tmp_path: Path) -> None:
     assert report["samples"] == 3000 and report["stateful"]["accuracy"] > 0.9
     check = subprocess.run([sys.executable, "-c", "import keras"], capture_output=True, text=True, env=env, timeout=300)
     assert "blocked by the test" in check.stderr  # the blocker was in force
+
+
+def test_eval_applies_the_post_processing_to_each_recording_as_published(capsys: pytest.CaptureFixture) -> None:
+    """``--postprocess`` (or the directory's own) labels each recording's served probabilities from its start;
+    the scores without it are reported beside, and equal a plain eval's."""
+    from sigclassd.engine.postprocess import PostProcessor
+
+    spec = {"smooth_samples": 4, "min_samples": 40}
+    data = ["--synthetic", "--seed", "1", "--recordings", "2", "--samples", "5000", "--hop", str(HOP), "--lag",
+            str(LAG), "--json"]
+    assert models_main(["eval", str(default_model_path()), *data]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert models_main(["eval", str(default_model_path()), *data, "--postprocess", json.dumps(spec)]) == 0
+    post = json.loads(capsys.readouterr().out)
+    assert post["postprocess"] == {**spec, "delay_samples": 39 + 2}
+    artifact = read_artifact(default_model_path())
+    engines = load_engines(artifact)
+    ds = synthetic_dataset(n_recordings=2, samples=5000, channels=16, n_classes=2, sample_rate_hz=250.0, seed=1)
+    y = np.concatenate([r.y for r in ds.recordings])
+    for mode in ("windowed", "stateful"):
+        assert post[mode]["without_postprocess"]["balanced_accuracy"] == plain[mode]["balanced_accuracy"]
+        probs = [predict_served(engines[mode], r.x, HOP, LAG) if mode == "windowed"
+                 else predict_stateful(engines[mode], r.x) for r in ds.recordings]
+        labels = np.concatenate([PostProcessor(spec, 2).whole(p)[1] for p in probs])
+        assert post[mode]["balanced_accuracy"] == classification_report(y, labels, 2)["balanced_accuracy"]
+        # A 40-sample minimum removes flickers: fewer detected events, so fewer false alarms.
+        events, before = post[mode]["events"]["per_class"][1], plain[mode]["events"]["per_class"][1]
+        assert events["detected_events"] < before["detected_events"]
+        assert events["false_alarms"] <= before["false_alarms"]

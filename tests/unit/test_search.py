@@ -1,4 +1,5 @@
-"""`sigclassd train --search`: candidates within the budget, the best kept, the leaderboard in metadata.json."""
+"""`sigclassd train --search`: candidates within the budget, the best chosen and refitted on all the data,
+every choice and the leaderboard in metadata.json."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import pytest
 pytestmark = pytest.mark.tf
 
 
-def test_search_keeps_the_best_candidate_and_records_the_leaderboard(tmp_path: Path) -> None:
+def test_search_refits_the_best_candidate_and_records_every_choice(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from sigclassd.models.cli import main
 
     out = tmp_path / "m"
@@ -33,5 +36,19 @@ def test_search_keeps_the_best_candidate_and_records_the_leaderboard(tmp_path: P
     assert {k: v for k, v in meta.get("conditioning", {}).items() if k != "settle_samples"} == (
         best["conditioning"] or {})
     assert meta["hyperparameters"] == best["hyperparameters"]
-    assert meta["metrics"]["held_out"]["windowed"]["balanced_accuracy"] == pytest.approx(scores[0])
+    assert search["conditioning"] == best["conditioning"] and search["kept_epoch"] == best["kept_epoch"]
+    assert meta["metrics"]["search_validation"]["windowed"]["balanced_accuracy"] == pytest.approx(scores[0])
+    assert "held_out" not in meta["metrics"]  # nothing was held out of the refit
     assert (out / "search" / "1" / "model.keras").is_file()
+    # The refit: every training sample, the winner's epochs at the winner's learning rates, the last kept.
+    winner = json.loads((Path(best["dir"]) / "metadata.json").read_text())
+    rates = [p["learning_rate"] for p in winner["training"]["curve"][: best["kept_epoch"]]]
+    assert search["refit"]["epochs"] == best["kept_epoch"] and search["refit"]["learning_rates"] == rates
+    training = meta["training"]
+    assert training["split"] == "all" and training["selection"]["refit"] is True
+    assert training["train_samples"] == 2 * 3000 and training["val_samples"] == 0
+    assert all(r["held_out"] == [] for r in training["recordings"])
+    assert [p["learning_rate"] for p in training["curve"]] == rates
+    assert (out / "model.keras").read_bytes() != (Path(best["dir"]) / "model.keras").read_bytes()
+    printed = capsys.readouterr().out
+    assert "search leaderboard" in printed and f"{scores[0]:.3f}" in printed and "refit" in printed

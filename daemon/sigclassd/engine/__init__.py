@@ -201,16 +201,26 @@ def check_settings(settings: Settings, meta: ModelMeta, where: str, why: str = "
 
 
 def build_engine(artifact: ModelArtifact, facts: ModelFacts, mode: str, max_batch: int = 1024) -> Engine:
-    """The engine for ``mode`` over the plans ``inspect_model`` made (the model file is read once)."""
+    """The engine for ``mode`` over the plans ``inspect_model`` made (the model file is read once).
+
+    A model that declares ``postprocess`` gets an engine whose ``postprocess`` labels each
+    stream's published probabilities, its state at the end of the stream's row
+    (``sigclassd.engine.postprocess``).
+    """
+    from sigclassd.engine.postprocess import with_postprocess
+
+    engine: Engine
     if mode == "stateful":
         from sigclassd.engine.stateful import StatefulEngine
 
         if facts.step_plan is None:
             raise ModelError(f"{facts.path} cannot run in stateful mode: {facts.not_streamable}")
-        return StatefulEngine(artifact, facts.step_plan, max_batch=max_batch)
-    from sigclassd.engine.windowed import WindowedEngine
+        engine = StatefulEngine(artifact, facts.step_plan, max_batch=max_batch)
+    else:
+        from sigclassd.engine.windowed import WindowedEngine
 
-    return WindowedEngine(artifact, facts.window_plan, max_batch=max_batch)
+        engine = WindowedEngine(artifact, facts.window_plan, max_batch=max_batch)
+    return with_postprocess(engine)
 
 
 def load_model(settings: Settings) -> tuple[ModelArtifact, Engine]:

@@ -10,6 +10,7 @@ the daemon's NumPy engines and imports none.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -58,6 +59,26 @@ def conditioning(text: str) -> dict[str, Any] | None:
         msg = f"--condition must be a preset or a JSON object, got {text!r}"
         raise ValueError(msg)
     return spec
+
+
+def postprocess(text: str) -> dict[str, Any]:
+    """``--postprocess``: a JSON object (metadata.json's ``postprocess``), or ``none`` for {}."""
+    if text == "none":
+        return {}
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        msg = f"--postprocess {text!r} is neither 'none' nor JSON: {e}"
+        raise ValueError(msg) from e
+    if not isinstance(spec, dict):
+        msg = f"--postprocess must be a JSON object such as '{{\"min_samples\": 32}}', got {text!r}"
+        raise ValueError(msg)
+    return spec
+
+
+POSTPROCESS_HELP = ("causal post-processing of the published labels as a JSON object, e.g. "
+                    "'{\"min_samples\": 32, \"hysteresis\": 0.2, \"smooth_samples\": 8}' "
+                    "(docs/conditioning.md); it adds delay to every change of label")
 
 
 def _add_data_args(p: argparse.ArgumentParser, *, default_seed: int) -> None:
@@ -212,8 +233,14 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         "--search", type=float, default=0.0, metavar="MINUTES",
         help="try conditioning presets, then model shapes, for about MINUTES (each candidate a full training run "
         "with these options); keep the best by served validation balanced accuracy, print the leaderboard and "
-        "record it in metadata.json (training.search). Candidates go to OUT/search/ (default: off)",
+        "record it in metadata.json (training.search); then train the winner again on all the training data "
+        "(its conditioning, shape, kept epoch and learning rates). Candidates go to OUT/search/ (default: off)",
     )
+    g.add_argument("--no-refit", action="store_true",
+                   help="with --search: write the winning candidate as it is, trained without its validation part")
+    g.add_argument("--postprocess", default="none", metavar="JSON",
+                   help=POSTPROCESS_HELP + "; recorded in the model directory, applied to the validation "
+                   "scores (default: %(default)s)")
     g = p.add_argument_group("output")
     g.add_argument("--out", type=Path, required=True, help="model directory to write")
     g.add_argument("--name", default="model", help="model name in the metadata (default: %(default)s)")
@@ -248,6 +275,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lag", type=int, default=ModelSettings.lag,
                    help="windowed mode: model.lag of the daemon (default: %(default)s)")
     p.add_argument("--no-stateful", action="store_true", help="skip the stateful mode")
+    p.add_argument("--postprocess", metavar="JSON|none",
+                   help="score with this post-processing instead of the model directory's (to try values before "
+                   "writing them to metadata.json): " + POSTPROCESS_HELP)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -263,15 +293,16 @@ SEARCH_SHAPES: tuple[dict[str, int], ...] = (
 )
 
 
-def search(ds: Any, cfg: Any, out: Path, minutes: float, *, verbose: int, command: str) -> Any:
+def search(ds: Any, cfg: Any, out: Path, minutes: float, *, verbose: int, command: str, refit: bool = True) -> Any:
     """``--search``: conditioning presets (and ``cfg``'s own), then shapes on the best, within ``minutes``.
 
     Each candidate is a full ``train`` run into ``out/search/N``; the score is its validation balanced
     accuracy as served (windowed, ``metrics.held_out``). A candidate starts only while the budget lasts
-    (the first always runs). The best directory is copied to ``out`` with the leaderboard in
-    ``training.search``. Not done: refitting the winner on all the training data.
+    (the first always runs). Then the winner's choices (conditioning, shape, and its kept epoch with the
+    learning rate of each epoch up to it) are trained again on all the training data into ``out``
+    (``refit``; else the winner's directory is copied there). ``training.search`` records the leaderboard
+    and every choice; ``metrics.search_validation`` the winner's validation scores.
     """
-    import dataclasses
     import shutil
     import time
 
@@ -280,6 +311,7 @@ def search(ds: Any, cfg: Any, out: Path, minutes: float, *, verbose: int, comman
 
     started = time.monotonic()
     board: list[dict[str, Any]] = []
+    configs: dict[str, Any] = {}
 
     def run(name: str, candidate: Any) -> float | None:
         if board and time.monotonic() - started > minutes * 60:
@@ -288,10 +320,14 @@ def search(ds: Any, cfg: Any, out: Path, minutes: float, *, verbose: int, comman
         print(f"search: candidate {len(board) + 1}: {name}", flush=True)
         art = train(ds, candidate, where, verbose=0 if verbose == 2 else verbose, command=command)
         score = float(art.meta.metrics["held_out"]["windowed"]["balanced_accuracy"])
+        selection = art.meta.training["selection"]
         board.append({"candidate": name, "conditioning": candidate.conditioning, "hyperparameters":
-                      art.meta.hyperparameters, "val_balanced_accuracy": score, "dir": str(where),
-                      "minutes": round((time.monotonic() - started) / 60, 1)})
-        print(f"search: candidate {len(board)}: validation balanced accuracy {score:.3f}", flush=True)
+                      art.meta.hyperparameters, "val_balanced_accuracy": score,
+                      "kept_epoch": selection["kept_epoch"], "epochs_run": art.meta.training["epochs_run"],
+                      "dir": str(where), "minutes": round((time.monotonic() - started) / 60, 1)})
+        configs[str(where)] = candidate
+        print(f"search: candidate {len(board)}: validation balanced accuracy {score:.3f} "
+              f"(epoch {selection['kept_epoch']})", flush=True)
         return score
 
     choices = {"given": cfg.conditioning, **{k: v for k, v in CONDITIONING_PRESETS.items() if k != "none"},
@@ -314,15 +350,35 @@ def search(ds: Any, cfg: Any, out: Path, minutes: float, *, verbose: int, comman
                                                                      hp=hp)) is None:
             break
     board.sort(key=lambda b: -b["val_balanced_accuracy"])
-    print("\nsearch leaderboard (validation balanced accuracy, windowed as served):")
+    searched = round((time.monotonic() - started) / 60, 1)
+    print(f"\nsearch leaderboard ({len(board)} candidates in {searched} min; validation balanced accuracy, "
+          "windowed as served; the epoch it kept):")
     for i, b in enumerate(board, 1):
-        print(f"{i:3d}  {b['val_balanced_accuracy']:.3f}  {b['candidate']}")
-    for f in ("model.keras", "metadata.json"):
-        shutil.copy2(Path(board[0]["dir"]) / f, out / f)
+        print(f"{i:3d}  {b['val_balanced_accuracy']:.3f}  epoch {b['kept_epoch']:3d}  {b['candidate']}")
+    winner = board[0]
+    chosen = read_artifact(winner["dir"])
+    record: dict[str, Any] = {
+        "minutes": minutes, "minutes_searching": searched, "metric": "held_out windowed balanced_accuracy",
+        "chosen": winner["candidate"], "chosen_dir": winner["dir"], "conditioning": winner["conditioning"],
+        "hyperparameters": winner["hyperparameters"], "kept_epoch": winner["kept_epoch"], "leaderboard": board,
+    }
+    if refit:
+        # The winner's own learning-rate schedule up to its kept epoch, on every training sample.
+        rates = tuple(point["learning_rate"] for point in chosen.meta.training["curve"][: winner["kept_epoch"]])
+        print(f"search: refit of {winner['candidate']} on all the training data for {len(rates)} epoch(s)",
+              flush=True)
+        train(ds, dataclasses.replace(configs[winner["dir"]], refit_rates=rates), out,
+              verbose=verbose, command=command)
+        record["refit"] = {"epochs": len(rates), "learning_rates": list(rates),
+                           "minutes": round((time.monotonic() - started) / 60 - searched, 1)}
+    else:
+        for f in ("model.keras", "metadata.json"):
+            shutil.copy2(Path(winner["dir"]) / f, out / f)
+        record["refit"] = None
     art = read_artifact(out)
-    training = {**art.meta.training, "search": {"minutes": minutes, "metric": "held_out windowed balanced_accuracy",
-                                                "chosen": board[0]["candidate"], "leaderboard": board}}
-    write_metadata(out, dataclasses.replace(art.meta, training=training))
+    training = {**art.meta.training, "search": record}
+    metrics = {**art.meta.metrics, "search_validation": chosen.meta.metrics["held_out"]}
+    write_metadata(out, dataclasses.replace(art.meta, training=training, metrics=metrics))
     return read_artifact(out)
 
 
@@ -359,6 +415,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             carry_state=args.carry_state,
             carry_windows=args.carry_windows,
             conditioning=conditioning(args.condition),
+            postprocess=postprocess(args.postprocess) or None,
             name=args.name,
             version=args.version,
         )
@@ -372,14 +429,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         command = shlex.join(["sigclassd", *sys.argv[1:]]) if from_shell else ""
         verbose = {"bar": 1, "epoch": 2, "none": 0}[args.progress]
         if args.search > 0:
-            artifact = search(ds, cfg, args.out, args.search, verbose=verbose, command=command)
+            artifact = search(ds, cfg, args.out, args.search, verbose=verbose, command=command,
+                              refit=not args.no_refit)
         else:
             artifact = train(ds, cfg, args.out, verbose=verbose, command=command)
     except (ValueError, ModelError) as e:
         return _fail("train", e)
-    held = artifact.meta.metrics["held_out"]
+    metrics = artifact.meta.metrics
     print(f"\nwrote {artifact.path} ({artifact.model_path.stat().st_size} bytes model, sha256 {artifact.sha256[:12]})")
-    print(f"validation ({held['part']}), kept epoch:")
+    if "held_out" in metrics:
+        held = metrics["held_out"]
+        print(f"validation ({held['part']}), kept epoch:")
+    else:  # a refit after --search trained on everything: the scores that chose it
+        held = metrics["search_validation"]
+        print(f"refit on all the training data; the chosen candidate's validation ({held['part']}), before the refit:")
     print(format_report(held, artifact.meta.classes))
     return 0
 
@@ -391,6 +454,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     try:
         artifact = read_artifact(args.model)
+        if args.postprocess is not None:
+            spec = postprocess(args.postprocess)
+            meta = dataclasses.replace(artifact.meta, postprocess=spec)
+            meta.validate(f"--postprocess {args.postprocess}")
+            artifact = dataclasses.replace(artifact, meta=meta)
         meta = artifact.meta
         remap = meta.training.get("remap") or {}
         ds = remap_labels(_load(args), drop=tuple(remap.get("drop", ())), positive=tuple(remap.get("positive", ())))

@@ -408,6 +408,7 @@ class Split:
             "recording": f"recording: {len(self.val)} whole recording(s)",
             "blocks": f"blocks: {len(self.val)} block(s) of the recordings, chosen to hold every class",
             "windows": "windows: the last pre-cut windows",
+            "all": "none: every sample trains (a refit)",
         }[self.method]
 
 

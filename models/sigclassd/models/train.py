@@ -43,6 +43,7 @@ TensorFlow is imported inside the functions that need it (training), after
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -68,6 +69,7 @@ from sigclassd.artifact import (
 from sigclassd.config import ModelSettings
 from sigclassd.engine.activations import to_probabilities
 from sigclassd.engine.conditioning import Conditioner
+from sigclassd.engine.postprocess import PostProcessor, postprocessor
 from sigclassd.models.architectures import HyperParams, build_model, lookahead, output_activation
 from sigclassd.models.data import (
     IGNORE,
@@ -160,6 +162,12 @@ class TrainConfig:
     # metadata.json's ``conditioning`` (sigclassd.engine.conditioning): the recordings are conditioned
     # whole, from their first sample, before they are split into windows, as the daemon conditions a stream.
     conditioning: dict[str, Any] | None = None
+    # metadata.json's ``postprocess`` (sigclassd.engine.postprocess): applied to the labels validation
+    # is scored with, as the daemon publishes them.
+    postprocess: dict[str, Any] | None = None
+    # A refit (``--search`` once it has chosen): train on every sample, no validation part, one epoch per
+    # learning rate given (the chosen run's own schedule up to its kept epoch), and keep the last epoch.
+    refit_rates: tuple[float, ...] = ()
     name: str = "model"
     version: str = "1.0.0"
 
@@ -296,18 +304,28 @@ def predict_stateful(engine: Engine, x: np.ndarray) -> np.ndarray:
 def _reports(
     predict: Callable[[str, np.ndarray], np.ndarray], recs: list[Recording], n_classes: int,
     modes: tuple[str, ...], hop: int, lag: int, events: tuple[float | None, tuple[str, ...]] | None = None,
+    post: PostProcessor | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Reports of ``modes``, keyed by mode name; ``predict(mode, x)`` gives a recording's probabilities.
 
     ``events`` (sample rate, class names) adds event-level scores (``sigclassd.models.events``).
+    ``post`` labels each recording's probabilities as the daemon publishes them (one stream from its
+    start); the labels before it are scored too, under ``without_postprocess``.
     """
     y = np.concatenate([r.y for r in recs])
     out: dict[str, dict[str, Any]] = {}
     for mode in modes:
-        preds = [predict(mode, r.x).argmax(axis=1) for r in recs]
+        probs = [predict(mode, r.x) for r in recs]
+        raw = [p.argmax(axis=1) for p in probs]
+        preds = raw if post is None else [post.whole(p)[1] for p in probs]
         report = classification_report(y, np.concatenate(preds), n_classes)
         if events is not None:
             report["events"] = event_scores([r.y for r in recs], preds, n_classes, *events)
+        if post is not None:
+            before = classification_report(y, np.concatenate(raw), n_classes)
+            report["without_postprocess"] = {k: before[k] for k in ("balanced_accuracy", "macro_f1", "recall")}
+            if events is not None:
+                report["without_postprocess"]["events"] = event_scores([r.y for r in recs], raw, n_classes, *events)
         out[mode] = {"hop": hop, "lag": lag, **report} if mode == "windowed" else report
     return out
 
@@ -322,11 +340,13 @@ def score_served(
         return predict_served(engine, x, hop, lag) if mode == "windowed" else predict_stateful(engine, x)
 
     meta = next(iter(engines.values())).artifact.meta
-    return _reports(predict, recs, n_classes, tuple(engines), hop, lag, (meta.sample_rate_hz, meta.classes))
+    return _reports(predict, recs, n_classes, tuple(engines), hop, lag, (meta.sample_rate_hz, meta.classes),
+                    postprocessor(meta))
 
 
 def score_keras(
-    model: keras.Model, recs: list[Recording], n_classes: int, *, window: int, hop: int, lag: int, mode: str
+    model: keras.Model, recs: list[Recording], n_classes: int, *, window: int, hop: int, lag: int, mode: str,
+    post: PostProcessor | None = None,
 ) -> dict[str, Any]:
     """The report of one served mode for the Keras model being trained, over normalised recordings.
 
@@ -346,7 +366,7 @@ def score_keras(
         # call steps the LSTM in Python, about 4 ms per timestep.
         return to_probabilities(np.asarray(model.predict(x[None].astype(np.float32), batch_size=1, verbose=0))[0])
 
-    return _reports(predict, recs, n_classes, (mode,), hop, lag)[mode]
+    return _reports(predict, recs, n_classes, (mode,), hop, lag, post=post)[mode]
 
 
 def evaluate_recordings(
@@ -376,6 +396,9 @@ def evaluate_recordings(
     majority = int(np.argmax(counts))
     report["baseline"] = {"class": meta.classes[majority], **classification_report(y, np.full_like(y, majority), k)}
     engines = load_engines(artifact, MODES if stateful and meta.streamable else ("windowed",))
+    post = postprocessor(meta)
+    if post is not None:
+        report["postprocess"] = {**post.spec, "delay_samples": post.delay_samples}
     report.update(score_served(engines, recs, k, hop=hop, lag=lag))
     return report
 
@@ -394,6 +417,12 @@ def format_report(report: dict[str, Any], classes: tuple[str, ...]) -> str:
         lines.append(f"{key:20}" + "".join(f"{report[m][key]:12.3f}" for m in modes))
     win = report["windowed"]
     lines.append(f"(baseline: always '{report['baseline']['class']}'; windowed: hop {win['hop']}, lag {win['lag']})")
+    if "postprocess" in report:
+        spec = {k: v for k, v in report["postprocess"].items() if k != "delay_samples"}
+        before = ", ".join(f"{m} {report[m]['without_postprocess']['balanced_accuracy']:.3f}" for m in MODES
+                           if m in report)
+        lines.append(f"(labels post-processed: {json.dumps(spec)}, each change of label "
+                     f"{report['postprocess']['delay_samples']} samples later; balanced accuracy without it: {before})")
     served = modes[1:]
     width = max(max(len(c) for c in classes) + 2, 8)
     lines += ["", "per class" + " " * (width - 9) + "".join(f"{m + ' recall':>18}{m + ' F1':>14}" for m in served)]
@@ -522,7 +551,13 @@ def train(
     keras.utils.set_random_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     k = ds.n_classes
-    parts = split(ds, val_fraction=cfg.val_fraction, by=cfg.split_by, block=max(4000, 10 * cfg.window))
+    refit = bool(cfg.refit_rates)
+    if refit:
+        everything = assemble(ds.recordings, [[] for _ in ds.recordings], "all", ds.classes)
+        parts = Split(everything.train, [], "all", everything.held_out,
+                      {k: v for k, v in everything.missing.items() if k == "train"})
+    else:
+        parts = split(ds, val_fraction=cfg.val_fraction, by=cfg.split_by, block=max(4000, 10 * cfg.window))
     filters = conditioned = None
     if cfg.conditioning:
         filters = Conditioner(cfg.conditioning, ds.channels, ds.sample_rate_hz, ds.channel_names)
@@ -530,6 +565,7 @@ def train(
         conditioned = assemble(tuple(Recording(r.name, filters.whole(r.x), r.y) for r in ds.recordings),
                                parts.held_out, parts.method, ds.classes)
     inputs = filters.out_channels if filters else ds.channels
+    post = PostProcessor(cfg.postprocess, ds.n_classes, "--postprocess") if cfg.postprocess else None
     model_parts = conditioned or parts
     mean, std = fit_normalisation(model_parts.train)
     train_recs = normalise(model_parts.train, mean, std)
@@ -570,7 +606,7 @@ def train(
             if self.sync is not None:
                 _copy_weights(self.sync, model)
             rep = score_keras(model, val_recs, k, window=cfg.window, hop=cfg.serve_hop, lag=cfg.serve_lag,
-                              mode=cfg.monitor)
+                              mode=cfg.monitor, post=post)
             score = rep["balanced_accuracy"]
             lr = float(keras.ops.convert_to_numpy(trained.optimizer.learning_rate))
             point = {"epoch": epoch + 1, "loss": float((logs or {}).get("loss", float("nan"))),
@@ -590,6 +626,26 @@ def train(
             elif cfg.patience >= 2 and since and since % max(1, cfg.patience // 2) == 0:
                 trained.optimizer.learning_rate.assign(lr / 2)
 
+    class Refit(keras.callbacks.Callback):
+        """No validation: each epoch at its given learning rate; the curve records the loss."""
+
+        def __init__(self, sync: keras.Model | None) -> None:
+            super().__init__()
+            self.sync = sync
+            self.epoch_started = time.perf_counter()
+
+        def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            self.epoch_started = time.perf_counter()
+            trained = self.sync if self.sync is not None else model
+            trained.optimizer.learning_rate.assign(cfg.refit_rates[epoch])
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            loss = float((logs or {}).get("loss", float("nan")))
+            curve.append({"epoch": epoch + 1, "loss": loss, "learning_rate": cfg.refit_rates[epoch]})
+            log(f"refit epoch {epoch + 1:3d}/{len(cfg.refit_rates)}  loss {loss:.4f}  "
+                f"lr {cfg.refit_rates[epoch]:.1e}  {time.perf_counter() - self.epoch_started:.0f} s", flush=True)
+
+    epochs = len(cfg.refit_rates) if refit else cfg.epochs
     keras_verbose = 1 if verbose == 1 else 0
     if not cfg.carry_state:
         compiled(model)
@@ -598,9 +654,9 @@ def train(
             _targets(y_tr, k),
             sample_weight=sample_weights(y_tr, weights),
             batch_size=cfg.batch_size,
-            epochs=cfg.epochs,
+            epochs=epochs,
             shuffle=True,
-            callbacks=[Selection(None)],
+            callbacks=[Refit(None) if refit else Selection(None)],
             verbose=keras_verbose,
         )
         seg, batch = 0, cfg.batch_size
@@ -621,8 +677,8 @@ def train(
                     for layer in lstms:
                         layer.reset_state()
 
-        selection = Selection(twin)
-        for epoch in range(cfg.epochs):
+        selection = Refit(twin) if refit else Selection(twin)
+        for epoch in range(epochs):
             xs, ys = _carry_batches(train_recs, cfg.window, seg, batch, rng)
             twin.fit(
                 xs,
@@ -639,11 +695,16 @@ def train(
                 break
         _copy_weights(twin, model)
 
-    kept = best["epoch"] if cfg.keep == "best" else len(curve)
-    if cfg.keep == "best":
+    keep = "last" if refit else cfg.keep
+    kept = best["epoch"] if keep == "best" else len(curve)
+    if keep == "best":
         model.set_weights(best["weights"])
-    log(f"kept epoch {kept} of {len(curve)} ({cfg.keep}: validation balanced accuracy "
-        f"{curve[kept - 1]['val_balanced_accuracy']:.3f}, {cfg.monitor} mode)", flush=True)
+    if refit:
+        log(f"refit on all {sum(len(r) for r in parts.train)} training samples: kept the last of "
+            f"{len(curve)} epochs", flush=True)
+    else:
+        log(f"kept epoch {kept} of {len(curve)} ({keep}: validation balanced accuracy "
+            f"{curve[kept - 1]['val_balanced_accuracy']:.3f}, {cfg.monitor} mode)", flush=True)
 
     meta = ModelMeta(
         name=cfg.name,
@@ -660,6 +721,7 @@ def train(
         channel_names=ds.channel_names,
         sample_rate_hz=ds.sample_rate_hz,
         conditioning={**filters.spec, "settle_samples": filters.settle_samples} if filters else {},
+        postprocess={**post.spec, "delay_samples": post.delay_samples} if post else {},
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     training = {
@@ -679,11 +741,12 @@ def train(
         "val_samples": sum(len(r) for r in parts.val),
         "train_windows": len(x_tr),
         "hop": cfg.hop,
-        "epochs": cfg.epochs,
+        "epochs": epochs,
         "epochs_run": len(curve),
-        "selection": {"keep": cfg.keep, "monitor": cfg.monitor, "metric": "balanced_accuracy",
-                      "serve_hop": cfg.serve_hop, "serve_lag": cfg.serve_lag, "patience": cfg.patience,
-                      "kept_epoch": kept},
+        "selection": {"keep": "last", "refit": True, "learning_rates": list(cfg.refit_rates), "kept_epoch": kept}
+        if refit else {"keep": keep, "monitor": cfg.monitor, "metric": "balanced_accuracy",
+                       "serve_hop": cfg.serve_hop, "serve_lag": cfg.serve_lag, "patience": cfg.patience,
+                       "kept_epoch": kept},
         "curve": curve,
         "batch_size": batch,
         "learning_rate": cfg.learning_rate,
@@ -706,6 +769,8 @@ def train(
     plain.set_weights(model.get_weights())
     plain.save(out / MODEL_FILE)
     write_metadata(out, meta)
+    if refit:  # nothing was held out: the caller records the validation scores that chose this run
+        return read_artifact(out)
     # The held-out figures are those of the written directory as the daemon serves it,
     # so that `sigclassd eval` on the held-out part reports the same.
     held_out = evaluate_recordings(read_artifact(out), parts.val, hop=cfg.serve_hop, lag=cfg.serve_lag)
