@@ -30,7 +30,7 @@ from types import FrameType
 import structlog
 import zmq
 
-from sigclassd import logs
+from sigclassd import logs, partition
 from sigclassd.auth import Gatekeeper, allowed_keys, load_server_secret
 from sigclassd.errors import ConfigError
 from sigclassd.notify import Notifier
@@ -58,13 +58,17 @@ class Forwarder:
     ``linger_s`` bounds how long closing waits for queued messages to go out.
     ``max_message_bytes`` bounds each frame from either side; ``max_connections`` the gateways
     on the XSUB side. ``curve_secret`` (Z85) with ``curve_allowed`` (Z85 public key -> name) makes
-    the XSUB side a CURVE server that admits only those gateways.
+    the XSUB side a CURVE server that admits only those gateways. With ``partitioned``, a plain topic
+    (a protocol-v1 gateway's) is sent on with its partition (``partition.topic``), so that partitioned
+    shards receive it by subscription: see :meth:`_partition_loop`.
     """
 
     def __init__(self, xsub: str, xpub: str, *, hwm: int = 10_000, linger_s: float = 1.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 curve_secret: bytes | None = None, curve_allowed: dict[bytes, str] | None = None) -> None:
+                 curve_secret: bytes | None = None, curve_allowed: dict[bytes, str] | None = None,
+                 partitioned: bool = False) -> None:
         self._ctx = zmq.Context()
+        self.partitioned = partitioned
         self._linger_ms = int(linger_s * 1000)
         self._max_message_bytes = max_message_bytes
         self._control_addr = f"inproc://sigclassd-forwarder-control-{id(self)}"
@@ -124,9 +128,61 @@ class Forwarder:
 
     def _proxy(self, control: zmq.Socket) -> None:
         try:
-            zmq.proxy_steerable(self._xsub, self._xpub, None, control)
+            if self.partitioned:
+                self._partition_loop(control)
+            else:
+                zmq.proxy_steerable(self._xsub, self._xpub, None, control)
         finally:
             control.close(linger=0)
+
+    def _partition_loop(self, control: zmq.Socket) -> None:
+        """The proxy's loop in Python, adding each plain topic's partition on the way.
+
+        The shards' subscriptions are partition prefixes, which a plain topic never matches: so they stay
+        here (the XPUB side filters by them) and upstream this forwarder subscribes to everything. Every
+        gateway's whole traffic then comes here, and each message costs a pass through Python (measured
+        in docs/cluster.md). Answers the control socket as zmq_proxy_steerable does (STATISTICS, TERMINATE).
+        """
+        xsub, xpub = self._xsub, self._xpub
+        xsub.send(b"\x01")  # subscribe upstream to every topic
+        counts = dict.fromkeys(STATISTICS_FIELDS, 0)
+        topics: dict[bytes, bytes] = {}  # plain topic -> partitioned topic
+        poller = zmq.Poller()
+        for sock in (xsub, xpub, control):
+            poller.register(sock, zmq.POLLIN)
+        while True:
+            ready = dict(poller.poll())
+            if control in ready:
+                command = control.recv()
+                if command == b"TERMINATE":
+                    return
+                if command == b"STATISTICS":
+                    control.send_multipart([struct.pack("=Q", counts[name]) for name in STATISTICS_FIELDS])
+            if xpub in ready:  # a shard's (un)subscription: the XPUB side applies it, nothing goes upstream
+                size = len(xpub.recv())
+                counts["xpub_messages_in"] += 1
+                counts["xpub_bytes_in"] += size
+            if xsub in ready:
+                for _ in range(1000):  # a batch, then the control socket and the subscriptions get a turn
+                    try:
+                        frames = xsub.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    size = sum(len(f) for f in frames)
+                    counts["xsub_messages_in"] += 1
+                    counts["xsub_bytes_in"] += size
+                    t = frames[0]
+                    if t[:1] != partition.MARKER:
+                        wire = topics.get(t)
+                        if wire is None:
+                            if len(topics) >= 65_536:  # ids minted without end must not grow it for ever
+                                topics.clear()
+                            wire = topics[t] = partition.topic(t)
+                        frames[0] = wire
+                        size += 2
+                    xpub.send_multipart(frames)
+                    counts["xpub_messages_out"] += 1
+                    counts["xpub_bytes_out"] += size
 
     def statistics(self) -> dict[str, int]:
         """Traffic counters since start (messages and bytes per side and direction)."""
@@ -176,6 +232,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--curve-allowed-keys-dir", default="",
                         help="directory of the admitted gateways' '*.key' files (with --curve-secret-key-file)")
     parser.add_argument(
+        "--partition", action="store_true",
+        help="add each plain (protocol v1) topic's partition, for partitioned shards ([cluster], docs/cluster.md); "
+             "every message then passes through Python",
+    )
+    parser.add_argument(
         "--hwm", type=int, default=10_000,
         help="queue limit per socket, in messages; a slow shard loses messages past it (default: %(default)s)",
     )
@@ -218,11 +279,13 @@ def run(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     notifier = Notifier()
     forwarder = Forwarder(args.xsub, args.xpub, hwm=args.hwm, linger_s=args.linger,
-                          max_message_bytes=args.max_message_bytes, max_connections=args.max_connections, **curve)
+                          max_message_bytes=args.max_message_bytes, max_connections=args.max_connections,
+                          partitioned=args.partition, **curve)
     try:
         forwarder.start()
         log.info("forwarder_started", xsub=forwarder.xsub_endpoint, xpub=forwarder.xpub_endpoint, hwm=args.hwm,
-                 max_message_bytes=args.max_message_bytes, max_connections=args.max_connections, curve=bool(curve))
+                 max_message_bytes=args.max_message_bytes, max_connections=args.max_connections, curve=bool(curve),
+                 partitioned=args.partition)
         notifier.ready(f"forwarding {forwarder.xsub_endpoint} -> {forwarder.xpub_endpoint}")
         next_stats = time.monotonic() + args.stats_interval
         # A short wait: freed memory goes back to the OS within a second (release_memory).

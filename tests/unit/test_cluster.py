@@ -181,3 +181,37 @@ def test_config_errors_name_the_key(override, key):
 def test_cluster_and_static_shard_exclude_each_other():
     with pytest.raises(ConfigError, match=r"cluster\.endpoint and input\.shard"):
         config.load(None, ["cluster.endpoint=http://127.0.0.1:2379", "input.shard=1/2"])
+
+
+def test_partitioning_forwarder_routes_plain_topics_by_their_partition(ctx):
+    """`forward --partition`: a plain topic goes on with its partition, only to the shard subscribed to
+    it; a topic that already has one goes on unchanged; the counters count both."""
+    from sigclassd.forwarder import Forwarder
+
+    fwd = Forwarder("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", partitioned=True)
+    fwd.start()
+    pub, sub = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
+    try:
+        mine = partition.of("site-a/0")
+        sub.setsockopt(zmq.SUBSCRIBE, partition.prefix(mine))
+        sub.connect(fwd.xpub_endpoint)
+        pub.connect(fwd.xsub_endpoint)
+        time.sleep(0.5)  # connections up; the forwarder subscribes upstream to everything
+        others = [s for s in (f"site-b/{i}" for i in range(20)) if partition.of(s) != mine]
+        for i in range(3):
+            pub.send_multipart([b"site-a/0", b"plain %d" % i])
+            pub.send_multipart([partition.topic("site-a/0"), b"partitioned %d" % i])
+            for s in others:
+                pub.send_multipart([s.encode(), b"not mine"])
+        got = []
+        while sub.poll(1000):
+            got.append(sub.recv_multipart())
+        assert got == [[partition.topic("site-a/0"), body] for i in range(3)
+                       for body in (b"plain %d" % i, b"partitioned %d" % i)]
+        stats = fwd.statistics()
+        assert stats["xsub_messages_in"] == 3 * (2 + len(others)) == stats["xpub_messages_out"]
+        assert stats["xpub_messages_in"] >= 1  # the shard's subscription
+    finally:
+        pub.close(linger=0)
+        sub.close(linger=0)
+        fwd.stop()
