@@ -12,7 +12,6 @@ watchdog and drain. Signal handlers only set flags; the loop acts on them.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import threading
@@ -47,11 +46,9 @@ from sigclassd.metrics import Metrics
 from sigclassd.notify import Notifier
 from sigclassd.pipeline import InferenceFailure, Pipeline
 from sigclassd.publish import Publisher
+from sigclassd.reload import plan_reload
 
 log = structlog.get_logger("sigclassd")
-
-# Settings that need new sockets or a new listener: a reload reports them instead of applying them.
-RESTART_ONLY = ("input", "output", "metrics", "security", "lsl")
 
 ModelLoader = Callable[[Settings], tuple[ModelArtifact, Engine]]
 
@@ -320,13 +317,7 @@ class Service:
             try:
                 new = config_mod.load(self.config_path, self.overrides) if self.config_path or self.overrides \
                     else self.settings
-                serving = self.pipe.artifact.meta.channels
                 artifact, engine = self.load(new)
-                if artifact.meta.channels != serving:
-                    msg = (f"the new model {artifact.path} takes {artifact.meta.channels} channels, but the gateways "
-                           f"send {serving}: every frame would be rejected. Restart the daemon to change the "
-                           "channel count")
-                    raise ModelError(msg)
                 self.reload_result = (new, artifact, engine)
             except Exception as e:  # reported and survived: the old model keeps serving
                 self.reload_result = e
@@ -348,16 +339,21 @@ class Service:
             return
         new, artifact, engine = result
         old = self.settings
-        if new.input.shard != old.input.shard:  # the one [input] key that needs no new socket
+        plan = plan_reload(old, new, model_changed=artifact.sha256 != self.pipe.artifact.sha256,
+                           channels=(self.pipe.artifact.meta.channels, artifact.meta.channels))
+        if plan.refuse:
+            self.metrics.reloads.labels("failed").inc()
+            log.error("reload_failed", error=plan.refuse, model=str(artifact.path),
+                      kept=self.pipe.artifact.meta.version, model_id=self.pipe.artifact.model_hex)
+            self.notifier.ready()
+            return
+        new = plan.settings
+        if plan.reshard:
             self._reshard(new.input.shard)
-            old = config_mod.replace(old, input=dataclasses.replace(old.input, shard=new.input.shard))
-        ignored = [name for name in RESTART_ONLY if getattr(new, name) != getattr(old, name)]
-        if ignored:
-            log.warning("reload_needs_restart", sections=ignored,
+        if plan.restart:
+            log.warning("reload_needs_restart", sections=plan.restart_sections, keys=list(plan.restart),
                         detail="these sections changed but only take effect after a restart")
-            new = config_mod.replace(new, **{name: getattr(old, name) for name in ignored})
-        model_changed = artifact.sha256 != self.pipe.artifact.sha256 or new.model != old.model
-        if model_changed:
+        if plan.rebuilds_core:
             self.metrics.stream_resets.labels("model_changed").inc(len(self.pipe.table))
             # Everything accepted so far is labelled by the model it arrived under; streams
             # then restart under the new one, flagged, because carried state does not transfer.
@@ -374,9 +370,11 @@ class Service:
         self._set_model_info()
         self.metrics.reloads.labels("ok").inc()
         self.notifier.ready()
-        changed = [f for f in ("model", "streams", "log", "service") if getattr(new, f) != getattr(old, f)]
-        log.info("reloaded", model=artifact.meta.name, version=artifact.meta.version, model_id=artifact.model_hex,
-                 model_changed=model_changed, mode=new.model.mode, applied=changed)
+        served = self.pipe.artifact
+        log.info("reloaded", model=served.meta.name, version=served.meta.version, model_id=served.model_hex,
+                 model_changed=plan.rebuilds_core, mode=new.model.mode,
+                 applied=[f for f in plan.sections if f in ("model", "streams", "log", "service")],
+                 live=list(plan.live), rebuilt=list(plan.rebuild))
 
     def _reshard(self, text: str) -> None:
         """Serve shard ``text`` from now on; the streams that now belong to another shard get their

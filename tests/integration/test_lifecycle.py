@@ -309,3 +309,29 @@ def test_channel_mismatch_exits_3(tmp_path, same_model):
     assert done.returncode == 3, done.stdout + done.stderr
     assert '"event": "model_error"' in done.stdout
     assert "takes 16 channels but model.channels = 8" in done.stdout, done.stdout
+
+
+def test_a_batching_key_reloads_live_without_restarting_streams(tmp_path, ctx, causal_model):
+    """SIGHUP after changing only model.max_wait_ms: applied live; the stream goes on in the same
+    incarnation (one START) and no label carries MODEL_CHANGED."""
+    d = Daemon(tmp_path, {"model": {"path": str(causal_model), "mode": "stateful"}}).start()
+    gw, consumer = Gateway(ctx, d.input), Consumer(ctx, d.output)
+    try:
+        time.sleep(0.3)
+        gw.send("live/a", np.zeros((20, 16), np.float32), 0, flags=protocol.FLAG_RESTART)
+        consumer.collect(10, until=lambda f: sum(len(x.labels) for x in f) >= 20 - 4)
+        write_toml(d.config, {**d.sections, "model": {**d.sections["model"], "max_wait_ms": 7.0}})
+        d.send_signal(signal.SIGHUP)
+        reloaded = wait_event(d, "reloaded")
+        assert reloaded["model_changed"] is False and reloaded["live"] == ["model.max_wait_ms"], reloaded
+        gw.send("live/a", np.zeros((20, 16), np.float32), 20)
+        assert d.stop(signal.SIGTERM) == 0  # the drain labels the look-ahead held back
+        frames = consumer.collect(10, until=lambda f: sum(len(x.labels) for x in f) >= 40)
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop(signal.SIGKILL)
+        gw.close()
+        consumer.close()
+    assert labelled_seqs(frames) == list(range(40))
+    assert not any(f.flags & protocol.LABEL_MODEL_CHANGED for f in frames)
+    assert [f.flags & protocol.LABEL_START != 0 for f in frames if len(f.labels)].count(True) == 1
