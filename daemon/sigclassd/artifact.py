@@ -13,7 +13,6 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +202,7 @@ class ModelArtifact:
 
 def default_model_path() -> Path:
     """The bundled model, installed as package data next to this module."""
-    return Path(str(resources.files("sigclassd.models") / "default"))
+    return Path(__file__).with_name("default_model")
 
 
 def file_sha256(path: Path) -> str:

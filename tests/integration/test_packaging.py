@@ -27,8 +27,8 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_holds_packages_and_bundled_model(wheel):
     """The wheel installs `sigclassd` and `sigclassd.models` with the default model, and no `daemon`/`models`."""
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "sigclassd/models/default/model.keras" in names
-    assert "sigclassd/models/default/metadata.json" in names
+    assert "sigclassd/default_model/model.keras" in names
+    assert "sigclassd/default_model/metadata.json" in names
     assert "sigclassd/protocol.py" in names and "sigclassd/engine/windowed.py" in names
     assert not any(n.startswith(("daemon/", "models/")) for n in names)
 
@@ -50,7 +50,7 @@ def test_installed_copy_loads_bundled_model_from_another_directory(wheel, tmp_pa
     r = subprocess.run([sys.executable, "-c", code, str(target)], cwd=elsewhere, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert '"check_ok"' in r.stdout and "sigclassd/models/default" in r.stdout
+    assert '"check_ok"' in r.stdout and "sigclassd/default_model" in r.stdout
 
 
 def test_train_help_says_it_needs_the_train_extra_and_eval_help_that_it_does_not():
