@@ -43,8 +43,9 @@ dist: $(BIN)/python
 # Debian packages the tests use: a real Prometheus and promtool, systemd-analyze for the unit
 # checks, a C compiler with libzmq for the C gateway example, and for the real-systemd test
 # systemd-nspawn (systemd-container), nsenter/unshare (util-linux), Debian's python3-venv
-# (the units' venv must come from a system interpreter), and curl for the README's first-minute block.
-OS_PACKAGES := prometheus systemd libzmq3-dev pkg-config gcc systemd-container util-linux python3-venv curl
+# (the units' venv must come from a system interpreter), curl for the README's first-minute block, and
+# etcd-server for the cluster tests (they start their own etcd on free ports).
+OS_PACKAGES := prometheus systemd libzmq3-dev pkg-config gcc systemd-container util-linux python3-venv curl etcd-server
 # The image and multi-host tests: podman with runc, debootstrap for a local base image,
 # systemd-nspawn and nftables for the simulated hosts, dnsname so that compose services
 # find each other by name on podman's CNI network.
