@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import zmq
 
+from sigclassd import partition
 from sigclassd.auth import Gatekeeper
 from sigclassd.config import InputSettings
 from sigclassd.shard import Shard
@@ -68,8 +69,19 @@ class Ingest:
         if curve_secret is not None:
             sock.curve_server = True
             sock.curve_secretkey = curve_secret
-        for prefix in settings.subscribe:
-            sock.setsockopt(zmq.SUBSCRIBE, prefix.encode("utf-8"))
+        # Partitioned topics are stripped here, so everything downstream sees bare stream ids. With
+        # input.partitions the socket receives its own partitions and the plain topics only: the
+        # others' partitioned traffic is filtered at the publisher (or the workers' proxy).
+        served = partition.parse_set(settings.partitions) if settings.partitions else None
+        self.partitions = partition.Filter(served, settings.subscribe)
+        if served is not None:
+            subscriptions = partition.subscriptions(served, settings.subscribe)
+        else:
+            subscriptions = [prefix.encode("utf-8") for prefix in settings.subscribe]
+            if "" not in settings.subscribe:
+                subscriptions.append(partition.MARKER)  # input.subscribe is matched once stripped
+        for prefix in subscriptions:
+            sock.setsockopt(zmq.SUBSCRIBE, prefix)
         self.gatekeeper = Gatekeeper(ctx, sock, max_connections=settings.max_connections, allowed=curve_allowed)
         self.socket = sock
         self.endpoints: list[str] = []
@@ -140,6 +152,7 @@ class Ingest:
         self.shard = Shard(text) if text else None
 
     def _mine(self, messages: list[list[bytes]]) -> list[list[bytes]]:
+        messages = self.partitions.mine(messages)
         # Other shards' messages arrive too (subscriptions match prefixes, not hashes): drop them
         # before they are decoded or counted.
         if self.shard is None:
