@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sigclassd import shard
+from sigclassd import partition, shard
 from sigclassd.errors import ConfigError
 
 
@@ -48,6 +49,9 @@ class InputSettings:
     # "K/N": label only the streams that rendezvous hashing of their id gives to shard K of N
     # (sigclassd/shard.py); the others are dropped before decoding. Empty: every stream subscribed to.
     shard: str = ""
+    # Partitions served (sigclassd/partition.py), e.g. "0-127,200": partitioned topics of others are not
+    # subscribed to, plain topics whose id hashes elsewhere are dropped. Empty: all. Workers get theirs.
+    partitions: str = ""
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,9 @@ class ServiceSettings:
     drain_grace_s: float = 5.0
     tick_s: float = 0.05
     max_consecutive_inference_errors: int = 20
+    # Worker processes labelling the streams, by partition, behind this one's sockets (docs/workers.md):
+    # a number, or "auto" for one per CPU this process may run on. 1: this process labels them itself.
+    workers: int | str = 1
 
 
 @dataclass(frozen=True)
@@ -226,6 +233,11 @@ def _coerce(where: str, value: Any, kind: Any) -> Any:
     if kind is str:
         if not isinstance(value, str):
             msg = f"{where} must be a string, got {value!r}"
+            raise ConfigError(msg)
+        return value
+    if isinstance(kind, types.UnionType):  # int | str: a number or a word such as "auto"
+        if isinstance(value, bool) or not isinstance(value, kind.__args__):
+            msg = f"{where} must be {' or '.join(t.__name__ for t in kind.__args__)}, got {value!r}"
             raise ConfigError(msg)
         return value
     if typing.get_origin(kind) is tuple:
@@ -330,6 +342,13 @@ def validate(s: Settings) -> None:
     need(s.service.drain_grace_s >= 0, "service.drain_grace_s must be >= 0")
     need(0 < s.service.tick_s <= 1, "service.tick_s must be in (0, 1]")
     need(s.service.max_consecutive_inference_errors >= 1, "service.max_consecutive_inference_errors must be >= 1")
+    need(s.service.workers == "auto" or (isinstance(s.service.workers, int) and 1 <= s.service.workers <= 256),
+         f"service.workers is {s.service.workers!r}; use a number of worker processes in [1, 256] or \"auto\"")
+    if s.input.partitions:
+        try:
+            partition.parse_set(s.input.partitions)
+        except ConfigError as e:
+            problems.append(str(e))
     need(bool(s.security.curve_secret_key_file) == bool(s.security.curve_allowed_keys_dir),
          "security.curve_secret_key_file and security.curve_allowed_keys_dir go together: set both or neither")
     need(1 <= s.lsl.buffer_s <= 3600, "lsl.buffer_s must be in [1, 3600] (whole seconds)")
