@@ -80,9 +80,9 @@ def run(settings: Settings, *, config_path: str | None, overrides: tuple[str, ..
     """``sigclassd run``: the daemon itself with one worker, else the parent of ``count(settings)`` workers."""
     n = count(settings)
     if n == 1:
-        from sigclassd.partition_ingest import PartitionedService
+        from sigclassd.service import Service
 
-        return PartitionedService(settings, config_path=config_path, overrides=overrides).run()
+        return Service(settings, config_path=config_path, overrides=overrides).run()
     return Supervisor(settings, n, config_path=config_path, overrides=overrides).run()
 
 
