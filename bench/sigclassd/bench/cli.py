@@ -70,6 +70,11 @@ def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="the naive loop's hop (default: --hop); 10 = one predict per message, labels on arrival "
                         "at message granularity like stateful mode")
     p.add_argument("--model", type=Path, default=None, help="model directory (default: the bundled model)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="the daemon modes run with this many worker processes (service.workers; default 1)")
+    p.add_argument("--partitioned", action="store_true",
+                   help="the load generator sends partitioned topics (docs/protocol.md), so that each worker "
+                        "receives only its own streams")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="extra daemon setting, passed to `sigclassd run --set` (repeatable)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for a SUT to serve")

@@ -3,7 +3,7 @@
  * system under test (SUT) is measured with. One program, two roles sharing one schedule:
  *
  *   loadgen send    ENDPOINT --streams N --seconds S [--rate HZ --speed X --chunk C --channels K --prefix P]
- *                   [--connections G --declare HZ]
+ *                   [--connections G --declare HZ --partitioned]
  *   loadgen receive ENDPOINT[,ENDPOINT...] --streams N --seconds S [--rate HZ --chunk C --prefix P --lookahead L --warmup W]
  *
  * Both connect, print {"event": "ready"} on stdout, then read the start time (Unix ns) as one line
@@ -12,6 +12,8 @@
  * messages due before start + S. Protocol v1, float32, the restart flag on message 0.
  * --speed X (default 1) sends X times faster than the HZ the frames declare: a flooding gateway
  * (X = 10: 2,500 samples/s per stream declared as 250 Hz); the schedule then uses HZ * X.
+ * --partitioned sends each topic as 0x00, the id's partition (FNV-1a 32 of the id mod 256), then the id
+ * (docs/protocol.md, "Partitioned topics"), so that each of the daemon's workers receives only its own.
  *
  * `send` sends on schedule, prints messages sent, how late the sends were and its CPU, and stays
  * connected until it reads "stop" (or EOF) on stdin.
@@ -52,7 +54,7 @@ typedef struct {
     long streams;
     double seconds, rate, speed, warmup;
     double declare; /* the rate the frames declare, if not --rate (may be 0: unknown) */
-    int chunk, channels, lookahead, connections;
+    int chunk, channels, lookahead, connections, partitioned;
     int64_t start_ns;
 } Load;
 
@@ -65,6 +67,13 @@ static double phase_ns(const Load *l, long i) { return period_ns(l) * (double)i 
 static long messages(const Load *l, long i) {
     double m = ceil(l->seconds * 1e9 / period_ns(l) - (double)i / (double)l->streams);
     return m > 0 ? (long)m : 0;
+}
+
+/* The partition of a stream id: FNV-1a 32-bit of its bytes, mod 256. */
+static uint8_t partition_of(const char *id, size_t len) {
+    uint32_t h = 0x811C9DC5u;
+    for (size_t i = 0; i < len; i++) h = (h ^ (uint8_t)id[i]) * 0x01000193u;
+    return (uint8_t)(h % 256);
 }
 
 static int64_t now_ns(void) {
@@ -179,7 +188,7 @@ static int send_load(Load *l) {
     for (long i = 0; i < l->streams; i++) total += messages(l, i);
     double *late = malloc((total ? total : 1) * sizeof *late);
     uint8_t *body = malloc(SAMPLE_HEADER + payload);
-    char topic[256];
+    char wire[258], *topic = wire + 2; /* room for the partition marker before the id */
     size_t prefix_len = strlen(l->prefix);
     memcpy(topic, l->prefix, prefix_len);
     float rate = (float)(l->declare >= 0 ? l->declare : l->rate);
@@ -204,9 +213,17 @@ static int send_load(Load *l) {
             put_u32(body + 24, rate_bits);
             put_u32(body + 28, m == 0 ? 1 : 0); /* restart: each run is a new incarnation */
             memcpy(body + SAMPLE_HEADER, payloads + ((i + m) % PAYLOADS) * payload, payload);
-            int n = snprintf(topic + prefix_len, sizeof topic - prefix_len, "%05ld", i);
+            int n = snprintf(topic + prefix_len, sizeof wire - 2 - prefix_len, "%05ld", i);
+            size_t topic_len = prefix_len + n;
+            const char *sent_topic = topic;
+            if (l->partitioned) {
+                wire[0] = 0;
+                wire[1] = (char)partition_of(topic, topic_len);
+                sent_topic = wire;
+                topic_len += 2;
+            }
             void *pub = pubs[i % l->connections];
-            if (zmq_send(pub, topic, prefix_len + n, ZMQ_SNDMORE) < 0 ||
+            if (zmq_send(pub, sent_topic, topic_len, ZMQ_SNDMORE) < 0 ||
                 zmq_send(pub, body, SAMPLE_HEADER + payload, 0) < 0)
                 die("send");
             late[sent++] = (now_ns() - due) / 1e6;
@@ -332,7 +349,8 @@ static int receive_labels(Load *l) {
 static void usage(const char *argv0) {
     fprintf(stderr,
             "usage: %s send|receive ENDPOINT --streams N --seconds S [--rate HZ] [--speed X] [--chunk C] [--channels K]\n"
-            "       [--prefix P] [--lookahead L] [--warmup W] [--connections G] [--declare HZ]\n", argv0);
+            "       [--prefix P] [--lookahead L] [--warmup W] [--connections G] [--declare HZ] [--partitioned]\n",
+            argv0);
     exit(2);
 }
 
@@ -344,7 +362,7 @@ int main(int argc, char **argv) {
     static struct option opts[] = {
         {"streams", 1, 0, 'n'}, {"seconds", 1, 0, 's'}, {"rate", 1, 0, 'r'}, {"speed", 1, 0, 'x'}, {"chunk", 1, 0, 'c'},
         {"channels", 1, 0, 'k'}, {"prefix", 1, 0, 'p'}, {"lookahead", 1, 0, 'l'}, {"warmup", 1, 0, 'w'},
-        {"connections", 1, 0, 'g'}, {"declare", 1, 0, 'd'}, {0}};
+        {"connections", 1, 0, 'g'}, {"declare", 1, 0, 'd'}, {"partitioned", 0, 0, 'P'}, {0}};
     optind = 3;
     for (int c; (c = getopt_long(argc, argv, "", opts, NULL)) != -1;) {
         switch (c) {
@@ -359,6 +377,7 @@ int main(int argc, char **argv) {
         case 'w': l.warmup = atof(optarg); break;
         case 'g': l.connections = atoi(optarg); break;
         case 'd': l.declare = atof(optarg); break;
+        case 'P': l.partitioned = 1; break;
         default: usage(argv[0]);
         }
     }

@@ -58,7 +58,8 @@ def run_one(mode: str, load: Load, opts: argparse.Namespace, tmp: Path, loadgen:
         lookahead = opts.lookahead if mode in ("stateful", "sharded") else 0  # windowed labels without it
         consumer = Party(children, loadgen, "receive", ",".join(sut.outputs), load,
                          ["--lookahead", str(lookahead), "--warmup", repr(warmup_s)])
-        generator = Party(children, loadgen, "send", sut.input, load)
+        generator = Party(children, loadgen, "send", sut.input, load,
+                          ["--partitioned"] if getattr(opts, "partitioned", False) and sut.http_ports else [])
         for party in (consumer, generator):
             party.ready(60)
         if intruder is not None:

@@ -60,7 +60,8 @@ class SUT:
 
     @property
     def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
+        """The processes started, then their children (a daemon's workers)."""
+        return [p.pid for p in self.procs] + [c for p in self.procs for c in child_pids(p.pid)]
 
     def cpu_seconds(self) -> float:
         return sum(cpu_seconds(pid) for pid in self.pids)
@@ -114,6 +115,7 @@ def daemon_command(mode: str, n: int, inp: str, out: str, http_port: int, opts: 
         "model.mode": f'"{mode}"',
         "model.hop": str(opts.hop),
         "model.max_batch_streams": str(min(1024, next_pow2(n))),
+        "service.workers": str(getattr(opts, "workers", 1)),
         **(extra or {}),
     }
     if opts.model:
@@ -205,6 +207,15 @@ def daemon_runtime(log_path: Path) -> str:
             with contextlib.suppress(json.JSONDecodeError):
                 return str(json.loads(line).get("runtime", ""))
     return ""
+
+
+def child_pids(pid: int) -> list[int]:
+    """The running children of ``pid`` (from its threads' ``children`` lists)."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
 
 
 def status_mb(pid: int, field: str) -> float:
