@@ -400,7 +400,10 @@ class Cluster:
         def retire(lost: frozenset[int]) -> int:
             return table.retire_if(lambda s: partition.of(s.topic) in lost)
 
-        return self.apply(ingest.socket, getattr(ingest, "partitions", None), retire)
+        keep = getattr(ingest, "partitions", None)
+        if keep is not None and keep.partitions != self.owned:  # a filter made after attach() keeps everything
+            _set_filter(keep, self.owned)
+        return self.apply(ingest.socket, keep, retire)
 
 
 def _set_filter(keep: partition.Filter | None, owned: frozenset[int]) -> None:

@@ -22,8 +22,8 @@ import structlog
 import zmq
 from prometheus_client import CollectorRegistry
 
+from sigclassd import cluster, logs, lsl, protocol
 from sigclassd import config as config_mod
-from sigclassd import logs, lsl, protocol
 from sigclassd.artifact import ModelArtifact
 from sigclassd.config import Settings
 from sigclassd.engine import load_model
@@ -83,6 +83,7 @@ class Service:
         self._pipe: Pipeline | None = None
         self.lsl_input: LslInput | None = None
         self.lsl_outlets: LabelOutlets | None = None
+        self.cluster: cluster.Cluster | None = None  # [cluster]: membership on etcd
 
     # The sockets and the pipeline exist from start-up on; before it, using them is a bug.
     @property
@@ -136,6 +137,7 @@ class Service:
         s = self.settings
         log.info("starting", config=s.source, mode=s.model.mode, model=s.model.path or "<bundled>", pid=os.getpid())
         self.bind()
+        self.cluster = cluster.start(s, self.ingest, self.registry)
         artifact, engine = self.load(s)
         self._pipe = self._pipeline(s, artifact, engine)
         self.metrics.samples_buffered.set_function(lambda: self.pipe.table.buffered)
@@ -234,6 +236,8 @@ class Service:
         while not self.stopping:
             pipe = self.pipe
             pipe.turn(0.0 if pipe.has_work else self.settings.service.tick_s)
+            if self.cluster is not None:  # partitions gained or given up, between turns
+                self.cluster.apply_to(self.ingest, pipe.table)
             now = time.monotonic()
             self.health.turned()
             self.metrics.loop_iterations.inc()
@@ -406,6 +410,8 @@ class Service:
             self.metrics.streams_active.set(len(self.pipe.table))
             log.info("drained", complete=complete, seconds=round(time.monotonic() - started, 3),
                      left_unlabelled=self.pipe.table.buffered)
+        if self.cluster is not None:  # after the drain: the others take this member's partitions now
+            self.cluster.close()
         self.rejects.flush(force=True)
         self.close()
         log.info("stopped")

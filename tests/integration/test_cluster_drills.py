@@ -1,0 +1,295 @@
+"""Partitioned shards on etcd: scaling out, automatic takeover, an etcd outage (docs/cluster.md).
+
+The multi-host pattern of test_multihost (simulated hosts: network namespaces on a bridge,
+deploy/multihost/simhosts.sh), with each program started straight in its host's namespace rather than under
+a booted systemd, to keep the drills short: etcd (Debian's etcd-server) on host `coord`, `sigclassd forward`
+(libzmq's proxy) on `fwd`, daemon shards with `[cluster]` on `s1`, `s2`, `s3`. This machine (10.200.0.1) is
+the partition-aware gateway, sending in real time (250 Hz, 10 samples a message), and the consumer of every
+shard's labels, each label message stamped with its arrival time. One scenario: two shards; a third joins;
+s2's host loses power (its lease is not revoked, it expires); etcd is down for 10 s.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+from containers import EtcdServer
+from harness import Daemon, Gateway, labelled_seqs
+from test_multihost import simhosts
+
+from sigclassd import partition, protocol
+from sigclassd.cluster import owned_by
+from sigclassd.sockets import heartbeat
+from sigclassd.synthetic import make_recording
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+RATE_HZ, CHUNK = 250.0, 10
+LEASE_S = 2
+# Addresses apart from test_multihost's hosts (.10-.12).
+HOSTS = {"coord": 20, "fwd": 21, "s1": 22, "s2": 23, "s3": 24}
+
+
+def address(host: str) -> str:
+    return f"10.200.0.{HOSTS[host]}"
+
+
+def in_host(host: str, *cmd: str) -> list[str]:
+    return ["ip", "netns", "exec", f"sgc-{host}", *cmd]
+
+
+@pytest.fixture
+def network():
+    """The simulated hosts' namespaces and bridge (no systemd booted in them); removed after the test."""
+    if shutil.which("ip") is None:
+        pytest.skip("simulated hosts need iproute2 (ip netns)")
+    probe = subprocess.run(["ip", "netns", "add", "sgc-probe"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create network namespaces here: {probe.stderr.strip()}")
+    subprocess.run(["ip", "netns", "del", "sgc-probe"], check=True)
+    simhosts("down")
+    simhosts("up", *(f"{h}={o}" for h, o in HOSTS.items()))
+    try:
+        yield
+    finally:
+        simhosts("down")
+
+
+class Forwarder:
+    """`sigclassd forward` on host `fwd`: gateways publish to ``xsub``, shards connect to ``xpub``."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.xsub, self.xpub = f"tcp://{address('fwd')}:5550", f"tcp://{address('fwd')}:5551"
+        with open(tmp / "forwarder.log", "wb") as log:
+            self.proc = subprocess.Popen(in_host("fwd", sys.executable, "-m", "sigclassd", "forward", "--xsub",
+                                                 self.xsub, "--xpub", self.xpub), stdout=log, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(15)
+
+
+class Shard(Daemon):
+    """A daemon shard with ``[cluster]``, started in its host's namespace; labels and metrics on the host's address."""
+
+    def __init__(self, tmp: Path, host: str, etcd: EtcdServer, xpub: str) -> None:
+        self.host = host
+        super().__init__(tmp, {
+            "input": {"bind": [], "connect": [xpub]},
+            "output": {"bind": f"tcp://{address(host)}:5556"},
+            "metrics": {"listen": f"{address(host)}:5557"},
+            "cluster": {"endpoint": etcd.endpoint, "member": host, "lease_s": LEASE_S},
+            "model": {"mode": "stateful"},
+        }, name=host)
+        self.http_host, self.http_port = address(host), 5557
+
+    @property
+    def output(self) -> str:
+        return f"tcp://{address(self.host)}:5556"
+
+    def start(self, wait: bool = True, timeout: float = 120.0) -> Shard:
+        self.log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(in_host(self.host, sys.executable, "-m", "sigclassd", "run", "--config",
+                                             str(self.config)),
+                                     stdout=self.log_file, stderr=subprocess.STDOUT, env=self.env, cwd=self.tmp)
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+
+def pick_streams(per_kind: int = 2) -> dict[str, tuple[str, str]]:
+    """Stream ids covering each (owner among s1 s2, owner among s1 s2 s3) pair: {id: (owner2, owner3)}."""
+    chosen: dict[str, tuple[str, str]] = {}
+    count: dict[tuple[str, str], int] = {}
+    for i in range(2000):
+        s = f"gw/{i}"
+        p = partition.of(s)
+        two = next(m for m in ("s1", "s2") if p in owned_by(m, {"s1", "s2"}))
+        three = next(m for m in ("s1", "s2", "s3") if p in owned_by(m, {"s1", "s2", "s3"}))
+        if count.get((two, three), 0) < per_kind:
+            count[(two, three)] = count.get((two, three), 0) + 1
+            chosen[s] = (two, three)
+    assert len(count) == 4, count  # s1->s1, s2->s2, s1->s3, s2->s3
+    return chosen
+
+
+class Feed:
+    """A partition-aware gateway sending every stream in real time from a thread, and a consumer of every
+    shard (added as they start) in another."""
+
+    def __init__(self, ctx: zmq.Context, xsub: str, streams: list[str]) -> None:
+        self.ctx, self.xsub, self.streams = ctx, xsub, streams
+        self.stop = threading.Event()
+        self.data = {s: make_recording(40 * int(RATE_HZ), seed=i)[0] for i, s in enumerate(streams)}
+        self.sent = dict.fromkeys(streams, 0)
+        self.received: list[tuple[float, str, protocol.LabelFrame]] = []
+        self.outputs: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._send, daemon=True),
+                        threading.Thread(target=self._receive, daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def watch(self, name: str, endpoint: str) -> None:
+        with self.lock:
+            self.outputs.append((name, endpoint))
+
+    def _send(self) -> None:
+        gateway = Gateway(self.ctx, self.xsub)
+        try:
+            started, k = time.monotonic(), 0
+            while not self.stop.is_set():
+                for s, x in self.data.items():
+                    parts = protocol.encode_samples(s, x[k % len(x): k % len(x) + CHUNK], k, sample_rate_hz=RATE_HZ,
+                                                    flags=protocol.FLAG_RESTART if k == 0 else 0)
+                    gateway.send_raw([partition.topic(s), *parts[1:]])
+                    self.sent[s] = k + CHUNK
+                k += CHUNK
+                time.sleep(max(0.0, started + k / RATE_HZ - time.monotonic()))
+        finally:
+            gateway.close()
+
+    def _receive(self) -> None:
+        poller, names, socks = zmq.Poller(), {}, []
+        try:
+            while not self.stop.is_set() or poller.poll(2000):
+                with self.lock:
+                    new = self.outputs[len(socks):]
+                for name, endpoint in new:
+                    sock = self.ctx.socket(zmq.SUB)
+                    sock.setsockopt(zmq.SUBSCRIBE, b"")
+                    sock.setsockopt(zmq.RCVHWM, 0)
+                    heartbeat(sock)
+                    sock.connect(endpoint)
+                    poller.register(sock, zmq.POLLIN)
+                    names[sock] = name
+                    socks.append(sock)
+                for sock, _ in poller.poll(50):
+                    frame = protocol.decode_labels(sock.recv_multipart())
+                    self.received.append((time.monotonic(), names[sock], frame))
+        finally:
+            for sock in socks:
+                sock.close(linger=0)
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(15)
+
+    def owners(self, stream: str, since: float, until: float) -> list[str]:
+        """The shards that labelled ``stream`` between two moments, in order of first label, each once."""
+        out: list[str] = []
+        for t, name, f in self.received:
+            if f.stream == stream and since <= t < until and name not in out:
+                out.append(name)
+        return out
+
+    def first_label(self, stream: str, by: str, after: float) -> float:
+        return min(t for t, name, f in self.received if f.stream == stream and name == by and t > after) - after
+
+    def silence(self, stream: str, since: float, until: float) -> float:
+        times = [t for t, _, f in self.received if f.stream == stream and since <= t < until]
+        return max(np.diff([since, *times, until]))
+
+
+def wait_partitions(shards: list[Daemon], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while sum(s.metric("sigclassd_cluster_partitions") for s in shards) != partition.PARTITIONS:
+        assert time.monotonic() < deadline, [s.metric("sigclassd_cluster_partitions") for s in shards]
+        time.sleep(0.2)
+
+
+def owner(stream: str, members: set[str]) -> str:
+    return next(m for m in sorted(members) if partition.of(stream) in owned_by(m, members))
+
+
+def test_scale_out_takeover_and_outage(network, tmp_path, ctx):
+    """A third shard takes only the partitions it wins; a killed shard's streams come back on the survivors
+    within 5 s with no operator step; 10 s without etcd moves nothing; no sample is labelled twice."""
+    streams = pick_streams()
+    etcd = EtcdServer(tmp_path / "etcd", host=address("coord"), client_port=2379, peer_port=2380,
+                      netns="sgc-coord").start()
+    forwarder = Forwarder(tmp_path)
+    s1, s2, s3 = (Shard(tmp_path, name, etcd, forwarder.xpub) for name in ("s1", "s2", "s3"))
+    daemons = [s1, s2, s3]
+    feed: Feed | None = None
+    try:
+        for d in (s1, s2):
+            d.start(wait=False)
+        for d in (s1, s2):
+            d.wait_ready()
+        wait_partitions([s1, s2])
+        feed = Feed(ctx, forwarder.xsub, list(streams))
+        for d in daemons:
+            feed.watch(d.host, d.output)
+        flowing = time.monotonic() + 2.0  # the consumers are connected and the streams flowing
+        time.sleep(3)
+
+        # 1. Scale out from 2 to 3 shards under load.
+        before = time.monotonic()
+        s3.start()
+        wait_partitions(daemons)
+        three = time.monotonic()
+        time.sleep(2.5)
+        for s, (two, after) in streams.items():
+            assert feed.owners(s, flowing, before) == [two], s
+            assert feed.owners(s, three + 1.0, time.monotonic()) == [after], s
+        took = owned_by("s3", {"s1", "s2", "s3"})
+        print(f"\n2 -> 3 shards: s3 took {len(took)} of 256 partitions (s1 and s2 kept the rest); "
+              f"{sum(1 for two, after in streams.values() if two != after)} of {len(streams)} streams moved, "
+              f"the ones whose partition did")
+
+        # 2. s2's host loses power (every process SIGKILLed, no FIN or RST): its lease expires and s1 and s3
+        # take its partitions.
+        simhosts("off", "s2")
+        killed = time.monotonic()
+        time.sleep(LEASE_S + 4.5)
+        survivors = {"s1", "s3"}
+        moved = {s: feed.first_label(s, owner(s, survivors), killed)
+                 for s, (_, after) in streams.items() if after == "s2"}
+        print("s2's host off; its streams labelled again by the survivors after:",
+              ", ".join(f"{s} {v:.2f} s" for s, v in moved.items()))
+        assert moved and all(v < 5.0 for v in moved.values()), moved
+        for s in streams:
+            assert feed.owners(s, killed + 5.0, time.monotonic()) == [owner(s, survivors)], s
+
+        # 3. etcd down for 10 s: labelling goes on where it is, and nothing moves when it is back.
+        etcd.stop()
+        down = time.monotonic()
+        time.sleep(10)
+        etcd.start()
+        up = time.monotonic()
+        time.sleep(2)
+        for s in streams:
+            assert feed.owners(s, down, time.monotonic()) == [owner(s, survivors)], s
+            assert feed.silence(s, down, up) < 1.0, s
+        print(f"etcd down for {up - down:.1f} s: every stream labelled on its owner throughout, longest silence "
+              f"{max(feed.silence(s, down, up) for s in streams):.2f} s")
+    finally:
+        if feed is not None:
+            feed.stop.set()
+        for d in daemons:
+            if d.proc is not None and d.proc.poll() is None:
+                d.stop()
+        if feed is not None:
+            feed.close()
+        forwarder.stop()
+        etcd.stop()
+
+    # Every sample labelled at most once, across the moves, the kill and the outage.
+    assert feed is not None
+    for s in streams:
+        seqs = sorted(q for _, _, f in feed.received if f.stream == s for q in labelled_seqs([f]))
+        assert len(seqs) == len(set(seqs)), f"{s}: {len(seqs) - len(set(seqs))} samples labelled twice"
+        starts = sum(1 for _, _, f in feed.received if f.stream == s and f.flags & protocol.LABEL_START)
+        print(f"  {s}: sent {feed.sent[s]}, labelled {len(seqs)} ({feed.sent[s] - len(seqs)} not), "
+              f"incarnations {starts}")
