@@ -362,7 +362,9 @@ def validate(s: Settings) -> None:
     if s.cluster.endpoint:
         need(s.cluster.endpoint.startswith("http://") and len(s.cluster.endpoint) > len("http://"),
              f"cluster.endpoint is {s.cluster.endpoint!r}; use etcd's client URL, e.g. 'http://127.0.0.1:2379'")
-        need(not s.input.shard, "cluster.endpoint and input.shard exclude each other: the cluster assigns partitions")
+        need(not s.input.shard and not s.input.partitions,
+             "cluster.endpoint excludes input.shard and input.partitions: the cluster assigns the partitions")
+        need(s.service.workers == 1, "cluster.endpoint needs service.workers = 1 (workers are not cluster members yet)")
     need(all(c.isalnum() or c in "-_.@" for c in s.cluster.member) and len(s.cluster.member) <= 128,
          f"cluster.member is {s.cluster.member!r}; use up to 128 letters, digits and - _ . @")
     need(2 <= s.cluster.lease_s <= 600, "cluster.lease_s must be in [2, 600] (whole seconds; etcd's minimum is 2)")

@@ -178,9 +178,11 @@ def test_config_errors_name_the_key(override, key):
         config.load(None, [override])
 
 
-def test_cluster_and_static_shard_exclude_each_other():
-    with pytest.raises(ConfigError, match=r"cluster\.endpoint and input\.shard"):
-        config.load(None, ["cluster.endpoint=http://127.0.0.1:2379", "input.shard=1/2"])
+@pytest.mark.parametrize("other", ["input.shard=1/2", "input.partitions=0-127", "service.workers=2"])
+def test_cluster_excludes_static_assignment_and_workers(other):
+    """The cluster assigns the partitions: a static share, or workers that would split them again, is refused."""
+    with pytest.raises(ConfigError, match=r"cluster\.endpoint (excludes|needs)"):
+        config.load(None, ["cluster.endpoint=http://127.0.0.1:2379", other])
 
 
 def test_partitioning_forwarder_routes_plain_topics_by_their_partition(ctx):
