@@ -1,8 +1,9 @@
 # Two entry points for a fresh machine (Python 3.11 with pip, nothing else):
 #   make run   - create .venv, install sigclassd (the base: no TensorFlow), serve the bundled
 #                model on loopback
-#   make test  - create .venv, install sigclassd with the train (TensorFlow), test and bench
-#                extras and the OS packages the tests need (prometheus, promtool), run the whole suite
+#   make test  - create .venv, install sigclassd with its test extra, the training package
+#                (models/: TensorFlow) and the benchmark package (bench/), and the OS packages the
+#                tests need (prometheus, promtool), run the whole suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -15,16 +16,18 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Two stamps: serving needs only the base; the suite needs every extra. The full install
-# includes the base, so it refreshes both stamps.
+# Two stamps: serving needs only the base; the suite needs the base with its test extra, the
+# training package (models/pyproject.toml) and the benchmark package (bench/pyproject.toml), all
+# editable and in one pip call, so that pip takes sigclassd and sigclassd-train from the checkout.
+# The full install includes the base, so it refreshes both stamps.
 $(VENV)/.installed-base: pyproject.toml $(BIN)/python
 	@echo "installing sigclassd (serving only, no TensorFlow) into $(VENV)"
 	$(BIN)/pip install --disable-pip-version-check -e .
 	touch $@
 
-$(VENV)/.installed-all: pyproject.toml $(BIN)/python
-	@echo "installing sigclassd with the train, test and bench extras into $(VENV) (TensorFlow: a few minutes the first time)"
-	$(BIN)/pip install --disable-pip-version-check -e '.[train,test,bench]'
+$(VENV)/.installed-all: pyproject.toml models/pyproject.toml bench/pyproject.toml $(BIN)/python
+	@echo "installing sigclassd with its test extra, sigclassd-train and sigclassd-bench into $(VENV) (TensorFlow: a few minutes the first time)"
+	$(BIN)/pip install --disable-pip-version-check -e '.[test]' -e ./models -e ./bench
 	touch $@ $(VENV)/.installed-base
 
 venv: $(VENV)/.installed-all
@@ -32,12 +35,14 @@ venv: $(VENV)/.installed-all
 run: $(VENV)/.installed-base
 	$(BIN)/sigclassd run $(ARGS)
 
-# A wheel of sigclassd to install anywhere with pip (the README's Install section):
-#   pip install dist/sigclassd-VERSION-py3-none-any.whl           serving only
-#   pip install 'dist/sigclassd-VERSION-py3-none-any.whl[train]'  with TensorFlow for train and eval
+# The three wheels, to install anywhere with pip (the README's Install section):
+#   pip install dist/sigclassd-VERSION-py3-none-any.whl         serving only
+#   pip install dist/sigclassd_train-VERSION-py3-none-any.whl   adds train and eval, with TensorFlow
+#   pip install dist/sigclassd_bench-VERSION-py3-none-any.whl   adds bench (needs the train wheel too)
+# setuptools packages whatever an earlier build left in build/: start from none.
 dist: $(BIN)/python
-	rm -rf dist
-	$(BIN)/pip wheel --disable-pip-version-check --no-deps --wheel-dir dist .
+	rm -rf dist build models/build bench/build
+	$(BIN)/pip wheel --disable-pip-version-check --no-deps --wheel-dir dist . ./models ./bench
 	@ls dist/*.whl
 
 # Debian packages the tests use: a real Prometheus and promtool, systemd-analyze for the unit
@@ -71,4 +76,4 @@ bench: venv os-deps
 	$(BIN)/sigclassd bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist *.egg-info models/build models/*.egg-info bench/build bench/*.egg-info

@@ -25,7 +25,8 @@ Options:
                    It must not live under /home or /root: the units set ProtectHome=yes, which
                    hides those directories from the service, so a venv made from e.g. a pyenv
                    interpreter there cannot start. Install Debian's python3 and python3-venv.
-  --train          also install the `train` extra: TensorFlow, for `sigclassd train`/`eval`
+  --train          also install the training package (the checkout's models/: sigclassd-train, with
+                   TensorFlow), for `sigclassd train`/`eval`
                    (about 1.5 GB more; serving never uses it)
   --enable         also `systemctl enable --now sigclassd.service`
   -h, --help       show this help
@@ -38,7 +39,7 @@ EOF
 here=$(cd "$(dirname "$0")" && pwd)
 source_dir=$(dirname "$here")
 root=""
-extra=""
+train=""
 venv=yes
 units=yes
 python=/usr/bin/python3
@@ -48,7 +49,7 @@ while [ $# -gt 0 ]; do
         --root) root="${2:?--root needs a directory}"; shift 2 ;;
         --no-venv) venv=no; shift ;;
         --venv-only) units=no; shift ;;
-        --train) extra="[train]"; shift ;;
+        --train) train="$source_dir/models"; shift ;;
         --python) python="${2:?--python needs an interpreter}"; shift 2 ;;
         --enable) enable=yes; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -92,8 +93,9 @@ if [ "$venv" = yes ]; then
         "$python" -m venv "$prefix/venv"
         "$prefix/venv/bin/pip" install --quiet --upgrade pip
     fi
-    echo "installing sigclassd$extra from $source_dir"
-    "$prefix/venv/bin/pip" install --quiet --upgrade "$source_dir$extra"
+    # One pip call, so that sigclassd-train's sigclassd comes from this checkout, not from an index.
+    echo "installing sigclassd${train:+ and sigclassd-train} from $source_dir"
+    "$prefix/venv/bin/pip" install --quiet --upgrade "$source_dir" ${train:+"$train"}
     if [ "$units" = no ]; then
         echo "done: $prefix/venv"
         exit 0

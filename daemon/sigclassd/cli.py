@@ -1,19 +1,22 @@
 """The ``sigclassd`` command: run the daemon, feed it, watch it, train and evaluate models.
 
-Each subcommand's module is imported only when that subcommand runs, so
-``sigclassd --help`` and the light commands never import TensorFlow.
+Each installed package declares its subcommands in the ``sigclassd.commands`` entry-point group (the base:
+run, simulate, tap, import, forward, keygen; sigclassd-train: train, eval; sigclassd-bench: bench). A
+subcommand's module is imported only when that subcommand runs, so ``sigclassd --help`` and the light
+commands never import TensorFlow.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import os
 import sys
+from collections.abc import Callable
+from importlib.metadata import EntryPoint, entry_points
+from typing import NamedTuple
 
 from sigclassd.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, SigclassdError
-from sigclassd.version import __version__, install_line
+from sigclassd.version import PACKAGES, __version__, install_line
 
 EPILOG = """\
 quick start (three terminals):
@@ -78,29 +81,67 @@ def _toml_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-# name -> (module that defines it, its registration function, the line `sigclassd --help` shows).
-# Only the command being run is imported, so `sigclassd run` never loads the benchmark,
-# the training code or the other tools, and `sigclassd --help` loads none of them.
-COMMANDS = {
-    "run": ("sigclassd.cli", "_add_run", "run the daemon (foreground; systemd-aware)"),
-    "simulate": ("sigclassd.simulate", "add_parser", "act as sensor gateways: publish samples for N streams"),
-    "tap": ("sigclassd.tap", "add_parser", "subscribe to the daemon's labels and print them or a summary"),
-    "train": ("sigclassd.models.cli", "add_parsers",
-              "train a model on recordings or synthetic data (needs the train extra)"),
-    "eval": ("sigclassd.models.cli", "add_parsers", "score a model on recordings as the daemon serves it"),
-    "import": ("sigclassd.importer", "add_parser", "make a model directory from a Keras (.keras/.h5) or ONNX file"),
-    "forward": ("sigclassd.forwarder", "add_parser", "run an XSUB/XPUB forwarder between gateways and daemon shards"),
-    "keygen": ("sigclassd.keygen", "add_parser", "write a CURVE key pair for encrypted, authenticated input"),
-    "bench": ("sigclassd.bench", "add_parser", "measure throughput and latency of the daemon under load"),
-}
+class Command(NamedTuple):
+    """A subcommand, as a package declares it in the ``sigclassd.commands`` entry-point group: the line
+    ``sigclassd --help`` shows, and the function that defines its arguments. That function imports the
+    command's module, so only the command being run is imported."""
 
-# Commands that build or train models with Keras: only the `train` extra installs TensorFlow.
-# (eval scores through the daemon's NumPy engines and needs none.)
-NEED_TRAIN_EXTRA = ("train",)
+    summary: str
+    add_parser: Callable[[argparse._SubParsersAction], object]
+
+
+def _add_simulate(subparsers: argparse._SubParsersAction) -> None:
+    from sigclassd import simulate
+
+    simulate.add_parser(subparsers)
+
+
+def _add_tap(subparsers: argparse._SubParsersAction) -> None:
+    from sigclassd import tap
+
+    tap.add_parser(subparsers)
+
+
+def _add_import(subparsers: argparse._SubParsersAction) -> None:
+    from sigclassd import importer
+
+    importer.add_parser(subparsers)
+
+
+def _add_forward(subparsers: argparse._SubParsersAction) -> None:
+    from sigclassd import forwarder
+
+    forwarder.add_parser(subparsers)
+
+
+def _add_keygen(subparsers: argparse._SubParsersAction) -> None:
+    from sigclassd import keygen
+
+    keygen.add_parser(subparsers)
+
+
+# The base package's commands (its entry points in pyproject.toml name these).
+RUN = Command("run the daemon (foreground; systemd-aware)", _add_run)
+SIMULATE = Command("act as sensor gateways: publish samples for N streams", _add_simulate)
+TAP = Command("subscribe to the daemon's labels and print them or a summary", _add_tap)
+IMPORT = Command("make a model directory from a Keras (.keras/.h5) or ONNX file", _add_import)
+FORWARD = Command("run an XSUB/XPUB forwarder between gateways and daemon shards", _add_forward)
+KEYGEN = Command("write a CURVE key pair for encrypted, authenticated input", _add_keygen)
+
+GROUP = "sigclassd.commands"
+# Commands of the packages installed apart from the base (version.PACKAGES), so that --help and the command
+# itself can say which package brings one that is not installed.
+ELSEWHERE = {"train": "train", "eval": "train", "bench": "bench"}
+
+
+def _installed() -> list[EntryPoint]:
+    """The installed commands' entry points, the base package's first (in their declared order)."""
+    return sorted(entry_points(group=GROUP), key=lambda ep: ep.dist is None or ep.dist.name != "sigclassd")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The whole parser, with only ``command``'s own arguments defined (all of them if None)."""
+    """The whole parser: ``command``'s own arguments defined, every other installed command listed (with its
+    summary when no command is given, for --help), and the absent packages' commands named."""
     parser = argparse.ArgumentParser(
         prog="sigclassd",
         description="Streaming, real-time signal classification: ZeroMQ samples in, a Conv1D-LSTM labels every "
@@ -110,32 +151,37 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sigclassd {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
-    for name, (module, register, _summary) in COMMANDS.items():
-        if name == command:
-            getattr(importlib.import_module(module), register)(sub)
-    for name, (_, _, summary) in COMMANDS.items():
-        if name not in sub.choices:  # listed in --help; defined only when it runs
-            sub.add_parser(name, help=summary)
+    installed = _installed()
+    for ep in installed:
+        if ep.name == command:
+            ep.load().add_parser(sub)
+    for ep in installed:
+        if ep.name not in sub.choices:  # one function may define two commands (train and eval)
+            sub.add_parser(ep.name, help=ep.load().summary if command is None else None)
+    for name, key in ELSEWHERE.items():
+        if name not in sub.choices:
+            sub.add_parser(name, help=f"(not installed: comes with the {PACKAGES[key][0]} package)")
     return parser
 
 
 def _command(argv: list[str]) -> str | None:
     """The subcommand named on the command line, if any (the first word that is not an option)."""
-    word = next((a for a in argv if not a.startswith("-")), None)
-    return word if word in COMMANDS else None
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(_command(argv))
+    command = _command(argv)
+    if command in ELSEWHERE and command not in {ep.name for ep in _installed()}:
+        package = PACKAGES[ELSEWHERE[command]][0]
+        print(f"sigclassd {command} comes with the {package} package, which this installation leaves out: "
+              f"{install_line(ELSEWHERE[command])}", file=sys.stderr)
+        return EXIT_CONFIG
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
-        return EXIT_CONFIG
-    if args.command in NEED_TRAIN_EXTRA and importlib.util.find_spec("tensorflow") is None:
-        print(f"sigclassd {args.command} needs TensorFlow, which serving leaves out: {install_line('train')}",
-              file=sys.stderr)
         return EXIT_CONFIG
     try:
         return args.func(args) or EXIT_OK

@@ -1,7 +1,7 @@
 """One turn of the main loop, top to bottom:
 
     ingest.drain -> protocol.decode_batch -> Core.accept -> Core.collect
-        -> Engine.run -> Core.complete -> protocol.label_body -> Publisher.send_many
+        -> Engine.run -> Core.complete -> protocol.label_body -> LabelPublisher.send_many
 
 A :class:`Pipeline` owns the model-dependent stages (the socket-free core of
 :mod:`sigclassd.core`, the engine) for one model; a reload that changes the model
@@ -28,7 +28,7 @@ from sigclassd.logs import Summary
 from sigclassd.lsl import LabelOutlets
 from sigclassd.metrics import Metrics
 from sigclassd.planner import Batch
-from sigclassd.publish import Publisher
+from sigclassd.publish import LabelPublisher
 from sigclassd.streams import LabelRun
 
 log = structlog.get_logger("sigclassd")
@@ -43,7 +43,7 @@ class InferenceFailure(SigclassdError):
 
 class Pipeline:
     def __init__(self, settings: Settings, artifact: ModelArtifact, engine: Engine, *, metrics: Metrics,
-                 ingest: Ingest, publisher: Publisher, counting: threading.Lock, rejects: Summary,
+                 ingest: Ingest, publisher: LabelPublisher, counting: threading.Lock, rejects: Summary,
                  first_flags: int = protocol.LABEL_START, label_outlets: LabelOutlets | None = None) -> None:
         """``counting`` is held while samples move between counters, so every scrape sees counters that reconcile.
         ``label_outlets`` publishes the labels of LSL input streams as LSL outlets too."""

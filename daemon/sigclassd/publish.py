@@ -16,7 +16,9 @@ from sigclassd.sockets import bind, heartbeat
 _SNDMORE = int(zmq.SNDMORE)
 
 
-class Publisher:
+class LabelPublisher:
+    """The daemon's side of the labels (the client's Publisher is a gateway's side of the samples)."""
+
     def __init__(self, ctx: zmq.Context, settings: OutputSettings) -> None:
         self.settings = settings
         sock = ctx.socket(zmq.PUB)

@@ -1,6 +1,6 @@
 """The service wiring: the only module that knows every stage, and the daemon's lifecycle.
 
-    ingest -> protocol.decode -> core (table, order, planner) -> Engine -> protocol.encode -> Publisher
+    ingest -> protocol.decode -> core (table, order, planner) -> Engine -> protocol.encode -> LabelPublisher
 
 One turn of that flow is :meth:`Pipeline.turn`. The service owns what lives
 longer than a turn: signals, the sockets and the metrics listener, start-up
@@ -45,7 +45,7 @@ from sigclassd.lsl import LabelOutlets, LslInput
 from sigclassd.metrics import Metrics
 from sigclassd.notify import Notifier
 from sigclassd.pipeline import InferenceFailure, Pipeline
-from sigclassd.publish import Publisher
+from sigclassd.publish import LabelPublisher
 from sigclassd.reload import plan_reload
 
 log = structlog.get_logger("sigclassd")
@@ -76,7 +76,7 @@ class Service:
         self.http: tuple[BoundedHTTPServer, threading.Thread] | None = None
         self._ingest: Ingest | None = None
         self.refused_counted = 0  # input connections refused at the limit, as last counted in the metric
-        self._publisher: Publisher | None = None
+        self._publisher: LabelPublisher | None = None
         # Held while samples move between counters (accept, complete+publish, fail), and by
         # /metrics while it renders: every scrape sees counters that reconcile.
         self.counting = threading.Lock()
@@ -99,7 +99,7 @@ class Service:
         return self._ingest
 
     @property
-    def publisher(self) -> Publisher:
+    def publisher(self) -> LabelPublisher:
         if self._publisher is None:
             raise RuntimeError("the service has no output socket before start-up")
         return self._publisher
@@ -166,7 +166,7 @@ class Service:
                                "libzmq bounds each frame (input.max_message_bytes) but not a message's frame count, "
                                "so one peer can make the daemon hold a huge message; set [security] or bind to "
                                "loopback behind a firewall")
-        self._publisher = Publisher(self.ctx, s.output)
+        self._publisher = LabelPublisher(self.ctx, s.output)
         if s.lsl.enabled:
             # LSL chunks enter as frames on the input socket: decoded, checked and counted as any gateway's.
             self.ingest.socket.bind(lsl.ENDPOINT)

@@ -61,7 +61,7 @@ trap 'rm -rf "$work"' EXIT
 step "wheelhouse: pip wheel sigclassd and its serving dependencies"
 mkdir -p "$work/src" "$work/context/wheels"
 tar -C "$root" --exclude=__pycache__ --exclude='*.egg-info' --exclude=build \
-    -cf - pyproject.toml README.md daemon models bench | tar -C "$work/src" -xf -
+    -cf - pyproject.toml README.md daemon | tar -C "$work/src" -xf -
 "$python" -m pip wheel --disable-pip-version-check --wheel-dir "$work/context/wheels" "$work/src" \
     > "$work/wheel.log" 2>&1 || { tail -30 "$work/wheel.log" >&2; exit 1; }
 cp "$here/Containerfile" "$here/entrypoint.sh" "$here/sigclassd.toml" "$work/context/"

@@ -14,8 +14,7 @@ import zmq
 from harness import ROOT, free_port
 
 from sigclassd import protocol
-from sigclassd.bench import add_parser
-from sigclassd.bench.cli import resolve_defaults
+from sigclassd.bench.cli import add_parser, resolve_defaults
 from sigclassd.bench.intruders import Flood, ResetStorm
 from sigclassd.bench.load import FLOOD_PREFIX, PREFIX, Load
 from sigclassd.bench.parties import Children, Party, build_loadgen

@@ -15,29 +15,43 @@ from sigclassd import cli, protocol
 from sigclassd.config import InputSettings, OutputSettings
 from sigclassd.errors import EXIT_CONFIG, BindError
 from sigclassd.ingest import Ingest
-from sigclassd.publish import Publisher
+from sigclassd.publish import LabelPublisher
 
 
-def imported_by(command: str) -> set[str]:
-    code = ("import sys; from sigclassd.cli import build_parser; build_parser(%r); "
-            "print(' '.join(m for m in sys.modules if m.startswith(('sigclassd', 'tensorflow', 'keras'))))" % command)
+def imported_by(command: str | None) -> set[str]:
+    code = (f"import sys; from sigclassd.cli import build_parser; build_parser({command!r}); "
+            "print(' '.join(m for m in sys.modules if m.startswith(('sigclassd', 'tensorflow', 'keras'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return set(out.split())
 
 
 def test_a_command_imports_its_own_module_only():
-    """`run` loads neither the benchmark, the training code nor the other tools; `--help` loads none of them."""
+    """`run` loads neither the benchmark, the training code nor the other tools; `--help` loads only the light
+    modules that declare the commands."""
     run = imported_by("run")
     assert not {m for m in run if m.startswith(("sigclassd.bench", "sigclassd.models", "sigclassd.simulate",
                                                 "sigclassd.tap", "sigclassd.forwarder", "tensorflow", "keras"))}
-    assert "sigclassd.bench" in imported_by("bench") and "sigclassd.bench" not in imported_by("tap")
-    assert imported_by(None) <= {"sigclassd", "sigclassd.cli", "sigclassd.errors", "sigclassd.version"}
+    assert "sigclassd.bench.cli" in imported_by("bench") and "sigclassd.bench.cli" not in imported_by("tap")
+    assert "sigclassd.models.cli" in imported_by("eval") and "tensorflow" not in imported_by("train")
+    assert imported_by(None) <= {"sigclassd", "sigclassd.cli", "sigclassd.errors", "sigclassd.version",
+                                 "sigclassd.models", "sigclassd.models.commands",
+                                 "sigclassd.bench", "sigclassd.bench.commands"}
 
 
-def test_help_lists_every_command_and_a_bare_call_exits_2(capsys):
+def test_every_package_registers_its_commands_and_help_lists_them(capsys):
+    """Each installed package declares its commands as entry points; a bare call lists each with its summary
+    and exits 2, and an unknown command is refused by argparse."""
+    from importlib.metadata import entry_points
+
+    declared = {ep.name: ep.dist.name for ep in entry_points(group=cli.GROUP)}
+    assert declared == {"run": "sigclassd", "simulate": "sigclassd", "tap": "sigclassd", "import": "sigclassd",
+                        "forward": "sigclassd", "keygen": "sigclassd", "train": "sigclassd-train",
+                        "eval": "sigclassd-train", "bench": "sigclassd-bench"}
     assert cli.main([]) == EXIT_CONFIG
-    listed = capsys.readouterr().out
-    assert all(name in listed for name in cli.COMMANDS)
+    listed = " ".join(capsys.readouterr().out.split())
+    for ep in entry_points(group=cli.GROUP):
+        assert f"{ep.name} {ep.load().summary}" in listed
+    assert "not installed" not in listed
     with pytest.raises(SystemExit) as e:
         cli.main(["no-such-command"])
     assert e.value.code == 2
@@ -53,7 +67,7 @@ def test_a_busy_address_fails_naming_the_setting_and_address():
         with pytest.raises(BindError, match=rf"input.bind = 'tcp://127.0.0.1:{port}'"):
             Ingest(ctx, InputSettings(bind=(f"tcp://127.0.0.1:{port}",)))
         with pytest.raises(BindError, match=rf"output.bind = 'tcp://127.0.0.1:{port}'"):
-            Publisher(ctx, OutputSettings(bind=f"tcp://127.0.0.1:{port}"))
+            LabelPublisher(ctx, OutputSettings(bind=f"tcp://127.0.0.1:{port}"))
     finally:
         busy.close()
         ctx.destroy(linger=0)

@@ -12,11 +12,7 @@ One command, one machine, every party a separate process over loopback:
 
 :mod:`~sigclassd.bench.run` runs the plan, :mod:`~sigclassd.bench.profile` samples a SUT with
 py-spy, :mod:`~sigclassd.bench.report` writes ``results.md``, ``results.json`` and
-``throughput_latency.png``. The command line is :mod:`~sigclassd.bench.cli`, whose
-``add_parser`` is imported here for ``sigclassd``'s command table; nothing heavier is
-imported until a benchmark runs.
+``throughput_latency.png``. The command line is :mod:`~sigclassd.bench.cli`, registered with
+``sigclassd`` by :mod:`~sigclassd.bench.commands` (an entry point); nothing heavier is imported until
+a benchmark runs.
 """
-
-from sigclassd.bench.cli import add_parser
-
-__all__ = ["add_parser"]

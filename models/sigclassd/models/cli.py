@@ -143,12 +143,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Register ``train`` and ``eval`` on the main parser's subcommands."""
     p = subparsers.add_parser(
         "train",
-        help="train a model from labelled recordings (.npz, CSV, EDF) or synthetic data (needs the train extra)",
+        help="train a model from labelled recordings (.npz, CSV, EDF) or synthetic data",
         description="Train a Conv1D-LSTM that labels every timestep, and write a model directory "
         "(model.keras + metadata.json) that `sigclassd run` can serve. After every epoch the validation "
-        "part is scored as the daemon serves it; the best epoch is kept. Needs TensorFlow: the train "
-        "extra (make test installs it; README, Install: the wheel's [train]). Without it this command prints "
-        "the pip line that adds it.",
+        "part is scored as the daemon serves it; the best epoch is kept. Uses TensorFlow, which comes with "
+        "this command's package, sigclassd-train (models/ in the checkout); serving leaves both out.",
         epilog=DATA_HELP,
     )
     _add_data_args(p, default_seed=0)
@@ -258,7 +257,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         "checks, so any model directory the daemon serves is scored as served (Keras, ONNX, logits heads). "
         "The model's label remapping is applied to the data. Recordings the model "
         "was trained on are recognised by fingerprint: only their held-out part is scored unless --part all. "
-        "Needs no TensorFlow; EDF recordings need edfio, from the train extra.",
+        "Runs no TensorFlow; EDF recordings are read with edfio.",
         epilog=DATA_HELP,
     )
     p.add_argument("model", type=Path, help="model directory (metadata.json and model.keras, model.h5 or model.onnx)")
