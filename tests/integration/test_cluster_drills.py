@@ -3,10 +3,11 @@
 The multi-host pattern of test_multihost (simulated hosts: network namespaces on a bridge,
 deploy/multihost/simhosts.sh), with each program started straight in its host's namespace rather than under
 a booted systemd, to keep the drills short: etcd (Debian's etcd-server) on host `coord`, `sigclassd forward`
-(libzmq's proxy) on `fwd`, daemon shards with `[cluster]` on `s1`, `s2`, `s3`. This machine (10.200.0.1) is
-the partition-aware gateway, sending in real time (250 Hz, 10 samples a message), and the consumer of every
-shard's labels, each label message stamped with its arrival time. One scenario: two shards; a third joins;
-s2's host loses power (its lease is not revoked, it expires); etcd is down for 10 s.
+(libzmq's proxy) on `fwd1` and `fwd2`, daemon shards with `[cluster]` on `s1`, `s2`, `s3`, each connected
+to both forwarders. This machine (10.200.0.1) is the partition-aware gateway, sending every message through
+both forwarders in real time (250 Hz, 10 samples a message), and the consumer of every shard's labels, each
+label message stamped with its arrival time. One scenario: two shards; a third joins; s2's host loses power
+(its lease is not revoked, it expires); etcd is down for 10 s; fwd1's host loses power.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 RATE_HZ, CHUNK = 250.0, 10
 LEASE_S = 2
 # Addresses apart from test_multihost's hosts (.10-.12).
-HOSTS = {"coord": 20, "fwd": 21, "s1": 22, "s2": 23, "s3": 24}
+HOSTS = {"coord": 20, "fwd1": 21, "fwd2": 25, "s1": 22, "s2": 23, "s3": 24}
 
 
 def address(host: str) -> str:
@@ -64,12 +65,12 @@ def network():
 
 
 class Forwarder:
-    """`sigclassd forward` on host `fwd`: gateways publish to ``xsub``, shards connect to ``xpub``."""
+    """`sigclassd forward` on ``host``: gateways publish to ``xsub``, shards connect to ``xpub``."""
 
-    def __init__(self, tmp: Path) -> None:
-        self.xsub, self.xpub = f"tcp://{address('fwd')}:5550", f"tcp://{address('fwd')}:5551"
-        with open(tmp / "forwarder.log", "wb") as log:
-            self.proc = subprocess.Popen(in_host("fwd", sys.executable, "-m", "sigclassd", "forward", "--xsub",
+    def __init__(self, tmp: Path, host: str) -> None:
+        self.xsub, self.xpub = f"tcp://{address(host)}:5550", f"tcp://{address(host)}:5551"
+        with open(tmp / f"{host}.log", "wb") as log:
+            self.proc = subprocess.Popen(in_host(host, sys.executable, "-m", "sigclassd", "forward", "--xsub",
                                                  self.xsub, "--xpub", self.xpub), stdout=log, stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
@@ -81,10 +82,10 @@ class Forwarder:
 class Shard(Daemon):
     """A daemon shard with ``[cluster]``, started in its host's namespace; labels and metrics on the host's address."""
 
-    def __init__(self, tmp: Path, host: str, etcd: EtcdServer, xpub: str) -> None:
+    def __init__(self, tmp: Path, host: str, etcd: EtcdServer, xpubs: list[str]) -> None:
         self.host = host
         super().__init__(tmp, {
-            "input": {"bind": [], "connect": [xpub]},
+            "input": {"bind": [], "connect": xpubs},
             "output": {"bind": f"tcp://{address(host)}:5556"},
             "metrics": {"listen": f"{address(host)}:5557"},
             "cluster": {"endpoint": etcd.endpoint, "member": host, "lease_s": LEASE_S},
@@ -126,8 +127,9 @@ class Feed:
     """A partition-aware gateway sending every stream in real time from a thread, and a consumer of every
     shard (added as they start) in another."""
 
-    def __init__(self, ctx: zmq.Context, xsub: str, streams: list[str]) -> None:
-        self.ctx, self.xsub, self.streams = ctx, xsub, streams
+    def __init__(self, ctx: zmq.Context, xsubs: list[str], streams: list[str]) -> None:
+        self.ctx, self.xsubs, self.streams = ctx, xsubs, streams
+        self.progress: list[tuple[float, int]] = []  # (time, the next seq) after each round of sends
         self.stop = threading.Event()
         self.data = {s: make_recording(40 * int(RATE_HZ), seed=i)[0] for i, s in enumerate(streams)}
         self.sent = dict.fromkeys(streams, 0)
@@ -144,7 +146,9 @@ class Feed:
             self.outputs.append((name, endpoint))
 
     def _send(self) -> None:
-        gateway = Gateway(self.ctx, self.xsub)
+        gateway = Gateway(self.ctx, self.xsubs[0])
+        for other in self.xsubs[1:]:  # a PUB sends each message to every forwarder it is connected to
+            gateway.sock.connect(other)
         try:
             started, k = time.monotonic(), 0
             while not self.stop.is_set():
@@ -154,6 +158,7 @@ class Feed:
                     gateway.send_raw([partition.topic(s), *parts[1:]])
                     self.sent[s] = k + CHUNK
                 k += CHUNK
+                self.progress.append((time.monotonic(), k))
                 time.sleep(max(0.0, started + k / RATE_HZ - time.monotonic()))
         finally:
             gateway.close()
@@ -218,8 +223,8 @@ def test_scale_out_takeover_and_outage(network, tmp_path, ctx):
     streams = pick_streams()
     etcd = EtcdServer(tmp_path / "etcd", host=address("coord"), client_port=2379, peer_port=2380,
                       netns="sgc-coord").start()
-    forwarder = Forwarder(tmp_path)
-    s1, s2, s3 = (Shard(tmp_path, name, etcd, forwarder.xpub) for name in ("s1", "s2", "s3"))
+    forwarders = [Forwarder(tmp_path, "fwd1"), Forwarder(tmp_path, "fwd2")]
+    s1, s2, s3 = (Shard(tmp_path, name, etcd, [f.xpub for f in forwarders]) for name in ("s1", "s2", "s3"))
     daemons = [s1, s2, s3]
     feed: Feed | None = None
     try:
@@ -228,7 +233,7 @@ def test_scale_out_takeover_and_outage(network, tmp_path, ctx):
         for d in (s1, s2):
             d.wait_ready()
         wait_partitions([s1, s2])
-        feed = Feed(ctx, forwarder.xsub, list(streams))
+        feed = Feed(ctx, [f.xsub for f in forwarders], list(streams))
         for d in daemons:
             feed.watch(d.host, d.output)
         flowing = time.monotonic() + 2.0  # the consumers are connected and the streams flowing
@@ -274,6 +279,14 @@ def test_scale_out_takeover_and_outage(network, tmp_path, ctx):
             assert feed.silence(s, down, up) < 1.0, s
         print(f"etcd down for {up - down:.1f} s: every stream labelled on its owner throughout, longest silence "
               f"{max(feed.silence(s, down, up) for s in streams):.2f} s")
+
+        # 4. fwd1's host loses power: everything still arrives through fwd2.
+        simhosts("off", "fwd1")
+        fwd_off = time.monotonic()
+        time.sleep(4)
+        first = next(k for t, k in feed.progress if t >= fwd_off - 1.0)
+        last = next(k for t, k in feed.progress if t >= time.monotonic() - 1.0)
+        duplicates = sum(d.metric("sigclassd_samples_duplicate_total") for d in (s1, s3))
     finally:
         if feed is not None:
             feed.stop.set()
@@ -282,11 +295,18 @@ def test_scale_out_takeover_and_outage(network, tmp_path, ctx):
                 d.stop()
         if feed is not None:
             feed.close()
-        forwarder.stop()
+        for f in forwarders:
+            f.stop()
         etcd.stop()
 
     # Every sample labelled at most once, across the moves, the kill and the outage.
     assert feed is not None
+    lost = {s: sorted(set(range(first, last)) - {q for _, _, f in feed.received if f.stream == s
+                                                   for q in labelled_seqs([f])}) for s in streams}
+    print(f"fwd1's host off: samples sent from 1 s before to 3 s after it not labelled: "
+          f"{sum(len(v) for v in lost.values())} (every stream); duplicates dropped by s1 and s3 over the run: "
+          f"{duplicates:.0f}")
+    assert all(not v for v in lost.values()), {s: v[:5] for s, v in lost.items() if v}
     for s in streams:
         seqs = sorted(q for _, _, f in feed.received if f.stream == s for q in labelled_seqs([f]))
         assert len(seqs) == len(set(seqs)), f"{s}: {len(seqs) - len(set(seqs))} samples labelled twice"
