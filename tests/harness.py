@@ -232,3 +232,16 @@ def accounting(d: Daemon) -> dict[str, float]:
 
 def identity_holds(a: dict[str, float]) -> bool:
     return a["received"] == a["labelled"] + a["duplicate"] + a["rejected"] + a["shed"] + a["buffered"]
+
+
+def settle(d: Daemon, timeout: float = 30.0) -> dict[str, float]:
+    """Wait until nothing is buffered and the counters stop moving; return the accounting."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        a = accounting(d)
+        if a["buffered"] == 0 and a == last:
+            return a
+        last = a
+        time.sleep(0.5)
+    return accounting(d)

@@ -92,7 +92,8 @@ class Forwarder:
         # The frame is refused where it enters: passed on, it would reach every shard, whose
         # connection to here libzmq would then end for good.
         sock.setsockopt(zmq.MAXMSGSIZE, self._max_message_bytes)
-        # A dead shard's or gateway's pipe goes within seconds, with its queue and subscriptions.
+        # A dead shard's or gateway's pipe goes with its queue and subscriptions (see sockets.heartbeat); a
+        # stopped shard's or gateway's stays, so that a stall of either loses nothing it had been sent.
         heartbeat(sock)
         return sock
 

@@ -1,4 +1,4 @@
-"""Binding ZeroMQ sockets with errors that say which setting and address failed; heartbeats."""
+"""Binding ZeroMQ sockets with errors that say which setting and address failed; dead-peer detection."""
 
 from __future__ import annotations
 
@@ -12,18 +12,33 @@ from sigclassd.errors import BindError
 
 # A peer whose host lost power or whose link went down sends no FIN or RST, and a connection
 # that carries nothing towards it (a SUB's, the forwarder's XPUB to a shard) never finds out:
-# it would wait on a dead peer for ever and never reconnect. ZMTP heartbeats close such a
-# connection after HEARTBEAT_TIMEOUT_MS of silence, and a connecting socket then reconnects.
-# Shorter outages (a link cut for a few seconds) keep the connection and lose nothing.
-HEARTBEAT_IVL_MS = 1000
-HEARTBEAT_TIMEOUT_MS = 5000
+# it would wait on a dead peer for ever and never reconnect. TCP keepalive probes an idle
+# connection after KEEPALIVE_IDLE_S and drops it after KEEPALIVE_COUNT unanswered probes
+# (about 5 s of silence in all); a connecting socket then reconnects.
+#
+# Not ZMTP heartbeats: their timers run in libzmq's I/O thread, so a process stopped for longer
+# than the timeout (SIGSTOP, a VM pause, swap) finds every timer expired when it resumes and drops
+# every connection at once, with what their queues held; and its peers, whose pings went
+# unanswered meanwhile, drop theirs. The kernel answers keepalive and window probes while the
+# process is stopped: a stall is not taken for a dead peer, and a stopped receiver's peers wait.
+KEEPALIVE_IDLE_S = 2
+KEEPALIVE_INTERVAL_S = 1
+KEEPALIVE_COUNT = 3
+# Keepalive probes only an idle connection. Data sent to a dead host stays unacknowledged, and TCP
+# would retransmit it for about 15 minutes (tcp_retries2); TCP_USER_TIMEOUT (ZMQ_TCP_MAXRT) ends such
+# a connection sooner. Linux also ends a connection whose receiver kept its window closed that long
+# (a stopped process), so this is the longest stall of a peer that keeps its connection.
+UNACKNOWLEDGED_TIMEOUT_MS = 120_000
 
 
 def heartbeat(sock: zmq.Socket) -> None:
-    """Ping ``sock``'s peers every second; drop a connection silent for 5 s (and ask peers to, too)."""
-    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+    """Drop ``sock``'s connections to dead hosts (see above): TCP keepalive on an idle connection, and
+    a bound on data left unacknowledged. A stopped process at either end is not a dead host."""
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, KEEPALIVE_IDLE_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, KEEPALIVE_INTERVAL_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, KEEPALIVE_COUNT)
+    sock.setsockopt(zmq.TCP_MAXRT, UNACKNOWLEDGED_TIMEOUT_MS)
 
 
 def bind(sock: zmq.Socket, endpoint: str, setting: str) -> str:

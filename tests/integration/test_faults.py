@@ -13,7 +13,7 @@ import numpy as np
 import psutil
 import pytest
 import zmq
-from harness import Consumer, Daemon, Gateway, accounting, by_stream, free_port, identity_holds, labelled_seqs
+from harness import Consumer, Daemon, Gateway, accounting, by_stream, free_port, identity_holds, labelled_seqs, settle
 
 from sigclassd import errors, protocol
 
@@ -38,18 +38,6 @@ def finals(names: set[str]):  # noqa: ANN201
     """A Consumer.collect condition: every stream in ``names`` has sent its FINAL label message."""
     return lambda frames: names <= {f.stream for f in frames if f.flags & protocol.LABEL_FINAL}
 
-
-def settle(d: Daemon, timeout: float = 20.0) -> dict[str, float]:
-    """Wait until nothing is buffered and the counters stop moving; return the accounting."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        a = accounting(d)
-        if a["buffered"] == 0 and a == last:
-            return a
-        last = a
-        time.sleep(0.5)
-    return accounting(d)
 
 
 def hostile_messages(rng: np.random.Generator) -> list[list[bytes]]:
