@@ -190,3 +190,29 @@ class Metrics:
         from sigclassd.version import __version__
 
         self.build_info.info({"version": __version__, "python": platform.python_version()})
+
+
+class Totals:
+    """The counters of the periodic ``stats`` log line, and how far each moved since the last reading."""
+
+    NAMES = ("frames_received", "samples_received", "samples_labelled", "samples_shed", "samples_missing",
+             "samples_duplicate", "label_messages_published")
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.base = self.read()
+
+    def read(self) -> dict[str, float]:
+        g = self.metrics.registry.get_sample_value
+        totals = {n: g(f"sigclassd_{n}_total") or 0.0 for n in self.NAMES}
+        totals["frames_rejected"] = sum(
+            s.value for mf in self.metrics.frames_rejected.collect() for s in mf.samples if s.name.endswith("_total")
+        )
+        return totals
+
+    def since_last(self) -> dict[str, int]:
+        """How far each counter moved since the last call (or since this object was made)."""
+        now = self.read()
+        delta = {k: int(now[k] - self.base[k]) for k in now}
+        self.base = now
+        return delta

@@ -1,7 +1,9 @@
-"""Reload planning: what a new config (and perhaps a new model) changes, and how each change is applied.
+"""Reload: a new config and its model loaded beside the serving one, and a plan of how each change is applied.
 
-:func:`plan_reload` is a pure function of the settings served, the settings read and whether the
-model file changed; the service carries the plan out. Every changed key lands in exactly one place:
+:class:`Loading` reads the config and loads and warms its model in a thread, while the main
+loop keeps serving. :func:`plan_reload` is then a pure function of the settings served, the
+settings read and whether the model file changed; the service carries the plan out. Every
+changed key lands in exactly one place:
 
 - **live**: applied between two turns, streams untouched: ``[streams]``, ``[log]``, ``[service]``
   and the batching keys of ``[model]`` (they only decide when and how much to batch);
@@ -18,9 +20,16 @@ model file changed; the service carries the plan out. Every changed key lands in
 from __future__ import annotations
 
 import dataclasses
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from sigclassd.artifact import ModelArtifact
 from sigclassd.config import Settings, replace
+from sigclassd.engine.base import Engine
+
+# Reads, checks and warms the model a config names (at start and on every reload).
+ModelLoader = Callable[[Settings], tuple[ModelArtifact, Engine]]
 
 # Sections whose keys all need new sockets or a new listener.
 RESTART_SECTIONS = ("input", "output", "metrics", "security", "lsl")
@@ -102,3 +111,21 @@ def plan_reload(old: Settings, new: Settings, *, model_changed: bool, channels: 
         kept = dataclasses.replace(getattr(settings, section), **{name: getattr(getattr(old, section), name)})
         settings = replace(settings, **{section: kept})
     return ReloadPlan(settings, tuple(live), tuple(reshard), tuple(rebuild), tuple(restart))
+
+
+class Loading:
+    """A config read by ``read`` and its model loaded by ``load``, in a thread; ``result`` is set once done:
+    (settings, artifact, engine), or the exception that stopped it (the old model keeps serving)."""
+
+    def __init__(self, read: Callable[[], Settings], load: ModelLoader) -> None:
+        self.result: tuple[Settings, ModelArtifact, Engine] | Exception | None = None
+        self.thread = threading.Thread(target=self._run, args=(read, load), name="reload", daemon=True)
+        self.thread.start()
+
+    def _run(self, read: Callable[[], Settings], load: ModelLoader) -> None:
+        try:
+            settings = read()
+            artifact, engine = load(settings)
+            self.result = (settings, artifact, engine)
+        except Exception as e:  # reported and survived
+            self.result = e

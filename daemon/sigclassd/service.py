@@ -16,7 +16,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 
 import structlog
 import zmq
@@ -42,15 +41,13 @@ from sigclassd.health import BoundedHTTPServer, Health, start_http_server
 from sigclassd.ingest import Ingest
 from sigclassd.logs import Summary
 from sigclassd.lsl import LabelOutlets, LslInput
-from sigclassd.metrics import Metrics
+from sigclassd.metrics import Metrics, Totals
 from sigclassd.notify import Notifier
 from sigclassd.pipeline import InferenceFailure, Pipeline
 from sigclassd.publish import LabelPublisher
-from sigclassd.reload import plan_reload
+from sigclassd.reload import Loading, ModelLoader, plan_reload
 
 log = structlog.get_logger("sigclassd")
-
-ModelLoader = Callable[[Settings], tuple[ModelArtifact, Engine]]
 
 
 class Service:
@@ -64,13 +61,12 @@ class Service:
         self.load = load
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry, created=settings.metrics.created_series)
-        self.health = Health(stall_after_s=max(5.0, 20 * settings.service.tick_s))
+        self.health = Health(stall_after_s=_stall_after(settings))
         self.notifier = Notifier()
         self.stopping = False
         self.reload_requested = False
         self.interrupts = 0
-        self.pending_reload: threading.Thread | None = None
-        self.reload_result: tuple[Settings, ModelArtifact, Engine] | Exception | None = None
+        self.loading: Loading | None = None  # a reload's config and model, loading beside the serving one
         self.rejects = Summary("frames_rejected", settings.log.reject_summary_interval_s)
         self.ctx: zmq.Context | None = None
         self.http: tuple[BoundedHTTPServer, threading.Thread] | None = None
@@ -146,8 +142,7 @@ class Service:
         self._set_model_info()
         self.metrics.streams_limit.set(s.streams.max_streams)
         self.health.turned()  # start-up is not a stall: the loop starts now
-        self.health.ready = True
-        self.metrics.ready.set(1)
+        self._set_health(ready=True)
         self.notifier.ready()
         self.notifier.status(f"serving {artifact.meta.name} {artifact.meta.version} ({s.model.mode})")
         log.info("ready", input=self.ingest.endpoints + list(s.input.connect), output=self.publisher.endpoint,
@@ -232,7 +227,7 @@ class Service:
         next_watchdog = 0.0
         last_stats = time.monotonic()
         next_evict = last_stats + 1.0
-        stats_base = self._totals()
+        totals = Totals(self.metrics)
         while not self.stopping:
             pipe = self.pipe
             pipe.turn(0.0 if pipe.has_work else self.settings.service.tick_s)
@@ -251,15 +246,16 @@ class Service:
                     raise lsl.LslFailure(str(self.lsl_input.failed)) from self.lsl_input.failed
                 next_evict = now + 1.0
             if now - last_stats >= self.settings.log.stats_interval_s:
-                stats_base = self._stats(stats_base, now - last_stats)
+                self._stats(totals.since_last(), now - last_stats)
                 last_stats = now
             self.rejects.flush()
             self.metrics.streams_active.set(len(pipe.table))
-            if self.reload_requested and self.pending_reload is None:
+            if self.reload_requested and self.loading is None:
                 self.reload_requested = False
                 self._start_reload()
-            if self.reload_result is not None:
-                self._finish_reload()
+            if self.loading is not None and self.loading.result is not None:
+                result, self.loading = self.loading.result, None
+                self._finish_reload(result)
 
     def _watch_input(self) -> None:
         """Once a second: connect again what libzmq gave up for good; readiness follows the input connections."""
@@ -278,33 +274,30 @@ class Service:
             self.rejects.add("connection_limit", refused,
                              detail=f"gateway connections refused: input.max_connections = "
                                     f"{self.settings.input.max_connections} are open")
-        upstream = ingest.upstream_ok()
-        if upstream != self.health.input_ok:
-            self.health.input_ok = upstream
-            if not upstream:
+        self._set_health(input_ok=ingest.upstream_ok())
+
+    def _set_health(self, *, ready: bool | None = None, input_ok: bool | None = None) -> None:
+        """The one writer of the health flags (and the ready gauge beside them): ``ready`` from start-up
+        until the drain, ``input_ok`` while an input connection is up (where the input only connects),
+        and the stall threshold, from the settings served. None leaves a flag as it is."""
+        h = self.health
+        if ready is not None:
+            h.ready = ready
+            self.metrics.ready.set(1 if ready else 0)
+        if input_ok is not None and input_ok != h.input_ok:
+            h.input_ok = input_ok
+            if not input_ok:
                 log.warning("input_disconnected", endpoints=list(self.settings.input.connect),
                             detail="no input connection is up: not ready until one is")
+        h.stall_after_s = _stall_after(self.settings)
 
-    def _totals(self) -> dict[str, float]:
-        g = self.registry.get_sample_value
-        names = ("frames_received", "samples_received", "samples_labelled", "samples_shed", "samples_missing",
-                 "samples_duplicate", "label_messages_published")
-        totals = {n: g(f"sigclassd_{n}_total") or 0.0 for n in names}
-        totals["frames_rejected"] = sum(
-            s.value for mf in self.metrics.frames_rejected.collect() for s in mf.samples if s.name.endswith("_total")
-        )
-        return totals
-
-    def _stats(self, base: dict[str, float], seconds: float) -> dict[str, float]:
+    def _stats(self, delta: dict[str, int], seconds: float) -> None:
         """The canonical periodic line: what happened since the last one, in one place."""
-        now = self._totals()
-        delta = {k: now[k] - base[k] for k in now}
         rate = delta["samples_labelled"] / seconds if seconds > 0 else 0.0
         t = self.pipe.table
         log.info("stats", seconds=round(seconds, 1), streams=len(t), buffered=t.buffered,
-                 labelled_per_s=round(rate, 1), **{k: int(v) for k, v in delta.items()})
+                 labelled_per_s=round(rate, 1), **delta)
         self.notifier.status(f"{len(t)} streams, {rate:.0f} samples/s labelled")
-        return now
 
     # ---------------------------------------------------------------- reload
 
@@ -316,25 +309,15 @@ class Service:
         """
         self.notifier.reloading()
         log.info("reload_started")
+        self.loading = Loading(self._read_config, self.load)
 
-        def load() -> None:
-            try:
-                new = config_mod.load(self.config_path, self.overrides) if self.config_path or self.overrides \
-                    else self.settings
-                artifact, engine = self.load(new)
-                self.reload_result = (new, artifact, engine)
-            except Exception as e:  # reported and survived: the old model keeps serving
-                self.reload_result = e
+    def _read_config(self) -> Settings:
+        if self.config_path or self.overrides:
+            return config_mod.load(self.config_path, self.overrides)
+        return self.settings
 
-        self.pending_reload = threading.Thread(target=load, name="reload", daemon=True)
-        self.pending_reload.start()
-
-    def _finish_reload(self) -> None:
-        """Apply a finished reload between two turns: every changed section is applied or named."""
-        result, self.reload_result = self.reload_result, None
-        self.pending_reload = None
-        if result is None:  # called only once the reload thread has set a result
-            return
+    def _finish_reload(self, result: tuple[Settings, ModelArtifact, Engine] | Exception) -> None:
+        """Apply a finished reload between two turns, as :func:`plan_reload` plans it."""
         if isinstance(result, Exception):
             self.metrics.reloads.labels("failed").inc()
             log.error("reload_failed", error=str(result), kept=self.pipe.artifact.meta.version,
@@ -369,7 +352,7 @@ class Service:
             logs.configure(new.log.format, new.log.level)
             self.rejects.interval_s = new.log.reject_summary_interval_s
         self.settings = new
-        self.health.stall_after_s = max(5.0, 20 * new.service.tick_s)
+        self._set_health()  # the stall threshold follows service.tick_s
         self.metrics.streams_limit.set(new.streams.max_streams)
         self._set_model_info()
         self.metrics.reloads.labels("ok").inc()
@@ -396,8 +379,7 @@ class Service:
 
     def shutdown(self, drain: bool = True) -> None:
         self.notifier.stopping()
-        self.health.ready = False
-        self.metrics.ready.set(0)
+        self._set_health(ready=False)
         if self.lsl_input is not None:
             self.lsl_input.close()  # no more LSL frames: what it sent is drained below
         if self._pipe is not None and drain:
@@ -431,6 +413,11 @@ class Service:
             self.http[0].shutdown()
             self.http[0].server_close()
             self.http = None
+
+
+def _stall_after(settings: Settings) -> float:
+    """Seconds without a turn of the main loop after which /healthz fails."""
+    return max(5.0, 20 * settings.service.tick_s)
 
 
 def _loopback(endpoint: str) -> bool:
