@@ -104,3 +104,31 @@ def test_the_mode_decides_history_hop_look_ahead_and_warm_up():
             assert (core.table.history, core.order.hop) == (window, 50)
         else:
             assert (core.table.history, core.order.hop) == (engine.lookahead, 1) and engine.lookahead > 0
+
+
+def test_the_order_waits_for_more_streams_only_while_few_are_ready_and_none_is_demoted():
+    """The wait decision: max_wait_ms while fewer than batch_target_streams are ready; never with a backlog
+    queued, a demoted stream waiting, or max_wait_ms = 0 (a reload applies that live, to the same order)."""
+    s = settings_for("windowed")
+    s = dataclasses.replace(s, model=dataclasses.replace(s.model, max_wait_ms=3.0, batch_target_streams=2))
+    artifact, engine = load_model(s)
+    core = build_core(s, artifact.meta, engine, Metrics(CollectorRegistry(), process=False), clock=lambda: 0.0)
+    order = core.order
+    assert order.wait_s(backlog=False) == 0.0  # no work: nothing to wait for
+    channels = artifact.meta.channels
+
+    def send(name: str) -> None:
+        core.accept(protocol.decode_batch([protocol.encode_samples(name, np.zeros((50, channels), np.float32), 0)],
+                                          n_channels=channels, max_abs=1e6), 1.0)
+
+    send("a")
+    assert list(order.ready) == [core.table.streams["a"]]
+    assert order.wait_s(backlog=False) == 0.003 and order.wait_s(backlog=True) == 0.0
+    send("b")
+    assert order.wait_s(backlog=False) == 0.0  # the batch target is reached
+    order.demote(core.table.streams["b"])
+    assert order.wait_s(backlog=False) == 0.0  # a flood waits: the others' labels would wait with it
+    order.demoted.clear()  # b served: a alone is ready again
+    assert order.wait_s(backlog=False) == 0.003
+    core.apply(dataclasses.replace(s, model=dataclasses.replace(s.model, max_wait_ms=0.0)))
+    assert order.wait_s(backlog=False) == 0.0
