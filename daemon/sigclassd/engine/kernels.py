@@ -51,6 +51,12 @@ def single_blas_thread() -> None:
     The matmuls here are small, and on a busy 2-core machine OpenBLAS's spinning
     worker threads made a [1000, 32] @ [32, 128] product 35x slower (6.6 ms
     against 0.19 ms single-threaded).
+
+    Which kernels OpenBLAS runs is its own choice, made when NumPy loads it from
+    the CPU model, or ``OPENBLAS_CORETYPE``. On an AVX-512 CPU its SkylakeX
+    kernels ran the LSTM's step matmul twice as fast as its AVX2 ("Haswell")
+    ones; ``OPENBLAS_CORETYPE=Haswell`` in the daemon's environment forces the
+    slower ones (bench/kernels_bench.py prints the kernels in use).
     """
     import threadpoolctl
 
