@@ -43,6 +43,9 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
                    help="override one setting, e.g. --set model.mode=stateful (repeatable; TOML value syntax)")
     p.add_argument("--model", metavar="DIR", help="model directory (same as --set model.path=DIR)")
     p.add_argument("--mode", choices=("windowed", "stateful"), help="same as --set model.mode=...")
+    p.add_argument("--workers", metavar="N",
+                   help="label the streams in N worker processes behind this one's sockets, or 'auto' for one per "
+                        "CPU (same as --set service.workers=N; docs/workers.md)")
     p.add_argument("--check", action="store_true",
                    help="validate the config, load and warm the model, and say whether each address it binds is "
                         "free or held by a running sigclassd, without binding it (safe beside the running daemon), "
@@ -64,6 +67,8 @@ def _run(args: argparse.Namespace) -> int:
         overrides.append(f"model.path={_toml_string(args.model)}")
     if args.mode:
         overrides.append(f"model.mode={_toml_string(args.mode)}")
+    if args.workers:
+        overrides.append(f"service.workers={args.workers if args.workers.isdigit() else _toml_string(args.workers)}")
     try:
         settings = config.load(args.config, overrides)
     except ConfigError as e:
@@ -74,7 +79,9 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.check:
         return service.check(settings, strict=args.strict)
-    return service.Service(settings, config_path=args.config, overrides=tuple(overrides)).run()
+    from sigclassd import workers
+
+    return workers.run(settings, config_path=args.config, overrides=tuple(overrides))
 
 
 def _toml_string(value: str) -> str:

@@ -513,6 +513,8 @@ class Supervisor:
 
     def _watch(self, worker: Worker, now: float) -> None:
         proc = worker.proc
+        if self.stopping:  # systemd's SIGTERM may reach the workers too (KillMode=control-group): not a death
+            return
         if proc is None:
             if not self.stopping and now >= worker.restart_at:
                 self._spawn(worker)
