@@ -64,7 +64,7 @@ log = structlog.get_logger("sigclassd.workers")
 START_TIMEOUT_S = 300.0  # a worker not READY this long after its start (model load and warm-up) is killed
 WATCHDOG_S = 10.0  # a ready worker silent this long (it pings every half of it) is killed and restarted
 RESTART_BACKOFF_S = (1.0, 30.0)  # the first restart after 1 s, doubling while a worker dies soon after starting
-SCRAPE_EVERY_S = 1.0  # each worker's counters are read this often, kept for when it dies
+SCRAPE_EVERY_S = 5.0  # each worker's counters are read this often (and at each scrape), kept for when it dies
 # The parent's own series for these; the workers' are meaningless summed (their input is the parent's ipc).
 PARENT_SERIES = ("sigclassd_ready", "sigclassd_input_connections", "sigclassd_input_connections_refused",
                  "sigclassd_http_connections_dropped")

@@ -7,6 +7,7 @@ import signal
 import socket
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -195,3 +196,62 @@ def test_a_killed_worker_comes_back_and_only_its_streams_restart(tmp_path, ctx):
         pub.close()
         if d.proc is not None and d.proc.poll() is None:
             d.stop(signal.SIGKILL)
+
+
+def test_a_dead_workers_counters_stay_in_the_sums_and_the_identity_holds():
+    """The parent's sums (no processes: two real Metrics registries scraped as text): a worker that dies
+    keeps its counters in the sums, and what it held buffered is counted as rejected{worker_died}."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from sigclassd.metrics import Metrics
+    from sigclassd.workers import WorkerMetrics, parse
+
+    def worker(received: int, labelled: int, buffered: int) -> str:
+        registry = CollectorRegistry()
+        m = Metrics(registry, process=False)
+        m.samples_received.inc(received)
+        m.samples_labelled.inc(labelled)
+        m.samples_buffered.set(buffered)
+        return generate_latest(registry).decode()
+
+    sums = WorkerMetrics(types.SimpleNamespace(workers=[]))  # type: ignore[arg-type]
+    sums.current = {0: parse(worker(100, 90, 10)), 1: parse(worker(50, 50, 0))}
+
+    def totals() -> dict[str, float]:
+        out: dict[str, float] = {}
+        for family in sums.collect():
+            for s in family.samples:
+                key = s.name + (f":{s.labels['reason']}" if "reason" in s.labels else "")
+                out[key] = out.get(key, 0.0) + s.value
+        return out
+
+    t = totals()
+    assert t["sigclassd_samples_received_total"] == 150 and t["sigclassd_samples_buffered"] == 10
+    assert t["sigclassd_worker_samples_received_total"] == 150  # per worker, under its own name
+    assert sums.retire(0) == 10  # worker 0 died holding 10 samples
+    sums.current[0] = parse(worker(5, 5, 0))  # its successor
+    t = totals()
+    assert t["sigclassd_samples_received_total"] == 155  # nothing went backwards
+    assert t["sigclassd_samples_labelled_total"] == 145
+    assert t["sigclassd_samples_rejected_total:worker_died"] == 10
+    rejected = sum(v for k, v in t.items() if k.startswith("sigclassd_samples_rejected_total:"))
+    assert t["sigclassd_samples_received_total"] == (t["sigclassd_samples_labelled_total"] + rejected
+                                                     + t["sigclassd_samples_buffered"])
+    text = generate_latest(type("R", (), {"collect": sums.collect})()).decode()  # renders as exposition
+    assert any(f.name == "sigclassd_samples_received" for f in text_string_to_metric_families(text))
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--workers", "0"], "service.workers"),
+    (["--workers", "2", "--set", "lsl.enabled=true"], "lsl.enabled"),
+])
+def test_what_a_parent_cannot_do_fails_at_start_naming_the_setting(tmp_path, args, named):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "sigclassd", "run", *args, "--set", "metrics.listen=\"\"",
+                           "--set", "input.bind=[\"tcp://127.0.0.1:0\"]"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr + done.stdout
+    assert named in done.stderr + done.stdout
