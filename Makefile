@@ -53,8 +53,9 @@ dist: $(BIN)/python
 OS_PACKAGES := prometheus systemd libzmq3-dev pkg-config gcc systemd-container util-linux python3-venv curl etcd-server
 # The image and multi-host tests: podman with runc, debootstrap for a local base image,
 # systemd-nspawn and nftables for the simulated hosts, dnsname so that compose services
-# find each other by name on podman's CNI network.
-IMAGE_PACKAGES := podman runc debootstrap systemd-container nftables iproute2 golang-github-containernetworking-plugin-dnsname
+# find each other by name on podman's CNI network, catatonit for podman kube play's pods (deploy/k8s).
+IMAGE_PACKAGES := podman runc debootstrap systemd-container nftables iproute2 golang-github-containernetworking-plugin-dnsname \
+                  catatonit
 
 os-deps:
 	@missing=$$(for p in $(OS_PACKAGES) $(IMAGE_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

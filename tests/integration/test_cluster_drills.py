@@ -12,9 +12,12 @@ label message stamped with its arrival time. One scenario: two shards; a third j
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -22,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from containers import EtcdServer
-from harness import Daemon, Gateway, labelled_seqs
+from containers import EtcdServer, podman
+from harness import ROOT, Daemon, Gateway, labelled_seqs
 from test_multihost import simhosts
 
 from sigclassd import partition, protocol
@@ -317,3 +320,110 @@ def test_scale_out_takeover_and_outage(network, tmp_path, ctx):
             starts) > 1 else 0
         print(f"  {s}: sent {feed.sent[s]}, labelled {len(seqs)} ({feed.sent[s] - len(seqs)} not), "
               f"incarnations {len(starts)}, warm-up labels after a move {rewarm}")
+
+
+# ---------------------------------------------------------------- Kubernetes manifests, by podman kube play
+# What podman kube play does not cover: Services (the pods are reached by name), `$(VAR)` in args, probes'
+# effect on routing, rolling updates and scaling (`kubectl scale`); StatefulSet is not supported by podman 4.3.
+
+K8S = ROOT / "deploy" / "k8s"
+
+# Runs in a container on the pods' network: a partition-aware gateway through both forwarders and a consumer of
+# both shards, so that no traffic leaves podman's network. Prints {stream: {shard pod: samples labelled}}.
+PROBE = """
+import json, sys, time
+import numpy as np, zmq
+from sigclassd import partition, protocol
+from sigclassd.cluster import KEY_PREFIX, Etcd
+ctx = zmq.Context()
+pub = ctx.socket(zmq.PUB)
+for f in ("forwarder-a-pod-0", "forwarder-b-pod-0"):
+    pub.connect(f"tcp://{f}:5550")
+subs = {}
+for s in ("sigclassd-shard-pod-0", "sigclassd-shard-pod-1"):
+    subs[s] = ctx.socket(zmq.SUB)
+    subs[s].setsockopt(zmq.SUBSCRIBE, b"")
+    subs[s].connect(f"tcp://{s}:5556")
+time.sleep(2)
+seq0 = int(sys.argv[1])
+x = np.zeros((10, 16), np.float32)
+for k in range(60):
+    for i in range(16):
+        parts = protocol.encode_samples(f"k8s/{i}", x, seq0 + 10 * k, sample_rate_hz=250.0,
+                                        flags=protocol.FLAG_RESTART if k == 0 and seq0 == 0 else 0)
+        pub.send_multipart([partition.topic(f"k8s/{i}"), *parts[1:]])
+    time.sleep(0.04)
+got = {}
+deadline = time.monotonic() + 5
+while time.monotonic() < deadline and sum(sum(v.values()) for v in got.values()) < 16 * 600:
+    for name, sock in subs.items():
+        while sock.poll(10):
+            f = protocol.decode_labels(sock.recv_multipart())
+            per = got.setdefault(f.stream, {})
+            per[name] = per.get(name, 0) + len(f.labels)
+members = sorted(k[len(KEY_PREFIX):] for k in Etcd("http://etcd-pod-0:2379").list(KEY_PREFIX)[1])
+print(json.dumps({"labelled": got, "members": members}))
+"""
+
+
+@pytest.fixture
+def k8s_network():
+    name = f"sgc-k8s-{os.getpid()}"
+    if not Path("/usr/lib/cni/dnsname").exists():
+        pytest.skip("podman kube play's pods find each other by name through the CNI dnsname plugin")
+    podman("network", "create", name)
+    try:
+        yield name
+    finally:
+        podman("network", "rm", "--force", name, check=False)
+
+
+def test_k8s_manifests_under_podman_kube_play(image, k8s_network, tmp_path):
+    """deploy/k8s: etcd, two forwarders and two shards come up; the shards register and split the partitions;
+    every stream is labelled by one shard, every sample once (takeover is the drill above's)."""
+    if shutil.which("catatonit") is None:
+        pytest.skip("podman kube play needs catatonit for its pods' pause image (make os-deps installs it)")
+    with tempfile.TemporaryDirectory() as context:
+        shutil.copy(shutil.which("etcd") or pytest.skip("etcd not installed"), context)
+        shutil.copy(K8S / "etcd.Containerfile", context)
+        podman("build", "--quiet", "--format", "docker", "--build-arg", f"BASE={image}", "--tag", ETCD_TAG,
+               "--file", f"{context}/etcd.Containerfile", context, timeout=120)
+    # podman has no Services: the pods are reached by their names (DEPLOYMENT-pod-N) instead.
+    text = (K8S / "sigclassd-cluster.yaml").read_text()
+    text = text.replace("ETCD_IMAGE", ETCD_TAG).replace("SIGCLASSD_IMAGE", image)
+    for service in ("etcd", "forwarder-a", "forwarder-b"):
+        text = text.replace(f"//{service}:", f"//{service}-pod-0:")
+    manifest = tmp_path / "k8s.yaml"
+    manifest.write_text(text)
+    try:
+        podman("kube", "play", "--network", k8s_network, str(manifest), timeout=180)
+        result = probe(image, k8s_network, until=lambda r: r["members"] == SHARD_PODS and labelled_once(r))
+        print("\n", result)
+        owners = {next(iter(per)) for per in result["labelled"].values()}
+        assert owners == set(SHARD_PODS), result  # the partitions are split between the two
+    finally:
+        podman("kube", "down", str(manifest), timeout=120, check=False)
+
+
+ETCD_TAG = "localhost/sigclassd-etcd:test"
+SHARD_PODS = ["sigclassd-shard-pod-0", "sigclassd-shard-pod-1"]
+
+
+def labelled_once(result: dict) -> bool:
+    """Every one of the 16 streams labelled, each sample once (600 each), by one shard."""
+    per = result["labelled"]
+    return len(per) == 16 and all(len(v) == 1 and sum(v.values()) == 600 for v in per.values())
+
+
+def probe(image: str, network: str, until, timeout: float = 90.0) -> dict:
+    """Run PROBE until ``until(result)`` holds (the pods start, register and subscribe in their own time)."""
+    deadline = time.monotonic() + timeout
+    seq0 = 0
+    while True:
+        run = podman("run", "--rm", "--network", network, "--entrypoint", "python3", image, "-c", PROBE,
+                     str(seq0), timeout=60, check=False)
+        result = json.loads(run.stdout.strip().splitlines()[-1]) if run.returncode == 0 else {"error": run.stderr}
+        seq0 += 600  # the next round continues every stream
+        if "error" not in result and until(result):
+            return result
+        assert time.monotonic() < deadline, result
