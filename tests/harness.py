@@ -159,10 +159,10 @@ class Daemon:
 class Gateway:
     """A real PUB socket speaking protocol v1 to a daemon's input."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, sndhwm: int = 0) -> None:
         self.sock = ctx.socket(zmq.PUB)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.SNDHWM, sndhwm)  # 0: no limit; a real gateway's PUB drops beyond its limit
         self.sock.connect(endpoint)
 
     def send(self, stream: str, samples, seq: int, **kw: Any) -> None:  # noqa: ANN001

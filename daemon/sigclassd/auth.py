@@ -194,6 +194,8 @@ class Gatekeeper:
         self._accepted_on: set[str] = set()  # endpoints the socket accepts on (its binds)
         self._upstream: dict[str, bool] = {}  # each connect endpoint: handshake done and not yet dropped
         self._dropped: dict[str, float] = {}  # connect endpoints dropped, and when, until libzmq retries them
+        self._cooling: dict[str, float] = {}  # peer addresses refused until then (a connection of theirs flooded)
+        self.refused_cooling = 0  # handshakes refused for their address's cool-down (cumulative)
         self._lock = threading.Lock()
         sock.zap_domain = ZAP_DOMAIN.encode()
         sock.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_S * 1000))
@@ -216,6 +218,11 @@ class Gatekeeper:
     def open(self) -> int:
         """Connections admitted on the socket's bound endpoints and not yet closed."""
         return len(self._admitted)
+
+    def cool_down(self, address: str, seconds: float) -> None:
+        """Refuse new connections from ``address`` for ``seconds`` (a connection of its was cut for flooding)."""
+        with self._lock:
+            self._cooling[address] = max(self._cooling.get(address, 0.0), time.monotonic() + seconds)
 
     def upstream(self) -> tuple[int, int]:
         """(connect endpoints with a live connection, connect endpoints seen)."""
@@ -277,19 +284,22 @@ class Gatekeeper:
                     self._upstream[endpoint] = True
 
     def _answer(self, request: list[bytes]) -> None:
-        version, request_id, _domain, _address, _identity, mechanism, *credentials = request
+        version, request_id, _domain, address, _identity, mechanism, *credentials = request
         status, text, user = b"200", b"OK", b""
         with self._lock:
             fd = self._awaiting.pop(0) if self._awaiting else None
-            over = len(self._admitted) >= self.max_connections
-            if over:
+            cooling = self._cooling_down(address.decode("utf-8", "replace"))
+            over = not cooling and len(self._admitted) >= self.max_connections
+            if cooling:
+                self.refused_cooling += 1
+            elif over:
                 self.refused += 1
             elif fd is not None:
                 self._admitted.add(fd)
-        if over:
+        if cooling or over:
             # 300 (temporary): no ERROR command goes to the peer, whose connection then ends at the
             # handshake deadline (HANDSHAKE_S), and it retries; after a 400 it would give up for good.
-            status, text = b"300", b"too many connections"
+            status, text = b"300", b"cooling down" if cooling else b"too many connections"
         elif self.allowed is not None:
             key = zmq.utils.z85.encode(credentials[0]) if mechanism == b"CURVE" and credentials else b""
             name = self.allowed.get(key)
@@ -301,6 +311,15 @@ class Gatekeeper:
         elif mechanism != b"NULL":
             status, text = b"400", b"unsupported mechanism"
         self._zap.send_multipart([version, request_id, status, text, user, b""])
+
+    def _cooling_down(self, address: str) -> bool:
+        until = self._cooling.get(address)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self._cooling[address]
+        return False
 
     def stop(self) -> None:
         """End the thread and close its sockets; the watched socket's monitor is turned off."""

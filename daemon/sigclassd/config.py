@@ -52,6 +52,11 @@ class InputSettings:
     # Partitions served (sigclassd/partition.py), e.g. "0-127,200": partitioned topics of others are not
     # subscribed to, plain topics whose id hashes elsewhere are dropped. Empty: all. Workers get theirs.
     partitions: str = ""
+    # While the daemon cannot read all that is offered, a busy connection whose streams run on faster
+    # than cut_speed times their declared rates (or that declares none) is cut, and its address refused
+    # for cut_cooldown_s, doubling with each cut (sigclassd/connections.py). 0: never cut.
+    cut_speed: float = 2.0
+    cut_cooldown_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -308,6 +313,9 @@ def validate(s: Settings) -> None:
     need(s.model.lag >= 0, "model.lag must be >= 0")
     need(s.model.warmup_samples >= 0, "model.warmup_samples must be >= 0")
     need(s.input.drain_max_ms > 0, "input.drain_max_ms must be > 0")
+    need(s.input.cut_speed == 0 or 1 <= s.input.cut_speed <= 1000,
+         "input.cut_speed must be 0 (never cut) or in [1, 1000] (a multiple of the declared sample rates)")
+    need(0 < s.input.cut_cooldown_s <= 3600, "input.cut_cooldown_s must be in (0, 3600]")
     if s.input.shard:
         try:
             shard.parse(s.input.shard)

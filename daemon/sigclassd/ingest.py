@@ -10,11 +10,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+import structlog
 import zmq
 
 from sigclassd import partition
 from sigclassd.auth import Gatekeeper
-from sigclassd.config import InputSettings
+from sigclassd.config import InputSettings, StreamSettings
+from sigclassd.connections import Watch
 from sigclassd.shard import Shard
 from sigclassd.sockets import bind, heartbeat, release_memory
 
@@ -26,6 +28,9 @@ _CHECK_EVERY = 64  # messages received between looks at the clock (fewer when me
 _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq converts an enum flag on every call
 _RCVMORE = int(zmq.RCVMORE)
 _LARGE_BYTES = 16 << 20  # frames dropped from one message beyond which the drain returns memory to the OS
+_SRCFD = int(zmq.SRCFD)
+
+log = structlog.get_logger("sigclassd")
 
 
 class Ingest:
@@ -37,7 +42,10 @@ class Ingest:
     at most :func:`queue_limit` messages of at most ``max_message_bytes`` a frame, and at most
     ``max_connections`` connections are admitted (the :class:`~sigclassd.auth.Gatekeeper` refuses
     more at their handshake). libzmq serves the connections' queues in turn, a message each, so
-    a flooding connection takes no more of a turn's reading than any other.
+    under a flood from many connections a well-behaved one gets too small a turn: while the daemon
+    cannot read all that is offered, each message is put against its connection, and connections
+    that send beyond their streams' declared rates (or declare none) are cut
+    (:mod:`sigclassd.connections`).
     """
 
     def __init__(
@@ -48,6 +56,7 @@ class Ingest:
         curve_secret: bytes | None = None,
         curve_allowed: dict[bytes, str] | None = None,
         topic_rules: TopicRules | None = None,
+        max_declared_rate_hz: float = StreamSettings.max_declared_rate_hz,
     ) -> None:
         self.settings = settings
         self.topic_rules = topic_rules
@@ -83,6 +92,8 @@ class Ingest:
         for prefix in subscriptions:
             sock.setsockopt(zmq.SUBSCRIBE, prefix)
         self.gatekeeper = Gatekeeper(ctx, sock, max_connections=settings.max_connections, allowed=curve_allowed)
+        self.watch = Watch(cut_speed=settings.cut_speed, cooldown_s=settings.cut_cooldown_s,
+                           max_rate_hz=max_declared_rate_hz, refuse=self.gatekeeper.cool_down)
         self.socket = sock
         self.endpoints: list[str] = []
         try:
@@ -127,9 +138,15 @@ class Ingest:
         messages: list[list[bytes]] = []
         self.backlog = False
         if not self.poller.poll(max(0, int(timeout_s * 1000))):
+            self._watched(time.monotonic())
             return messages, 0.0
         now = time.time()
-        take = self._take_checked if self.topic_rules else self._take
+        began = time.monotonic()
+        watch = self.watch
+        if watch.cut_speed and (watch.watching or watch.cut):
+            take = self._take_watched
+        else:
+            take = self._take_checked if self.topic_rules else self._take
         # A time budget as well as a count: under a flood the turn must come back to the model (and
         # to the other gateways' streams) soon. libzmq fair-queues its connections, so what is left
         # behind is mostly the flooding gateway's, and its queue, not the others', overflows.
@@ -145,7 +162,17 @@ class Ingest:
         if self._large:
             self._large = False
             release_memory()
+        self._watched(began)
         return self._mine(messages), now
+
+    def _watched(self, began: float) -> None:
+        if not self.watch.cut_speed:
+            return
+        self.watch.drained(self.backlog, began)
+        for event in self.watch.take_events():
+            log.warning("connection_cut", **event,
+                        detail="a connection sent beyond its streams' declared rates while the daemon was "
+                               "overloaded; its address is refused for a cool-down")
 
     def set_shard(self, text: str) -> None:
         """Label only shard "K/N"'s streams from now on (every stream if ``text`` is empty)."""
@@ -192,6 +219,33 @@ class Ingest:
             if not rules.allows(first.get("User-Id"), parts[0]):
                 self.unauthorised += 1
                 continue
+            messages.append(parts)
+
+    def _take_watched(self, messages: list[list[bytes]], count: int) -> None:
+        """The take while the daemon is overloaded: each message is put against its connection, and
+        what a cut connection had queued is dropped unread."""
+        sock = self.socket
+        recv, more = sock.recv, sock.getsockopt
+        rules = self.topic_rules
+        watch = self.watch
+        note, cut = watch.note, watch.cut
+        now = time.monotonic()
+        for _ in range(count):
+            first = recv(_NOBLOCK, copy=False)
+            parts = [first.bytes]
+            while more(_RCVMORE):
+                if len(parts) == 3:
+                    self._discard_rest()
+                    break
+                parts.append(recv(_NOBLOCK))
+            fd = first.get(_SRCFD)
+            if fd in cut and watch.from_cut(fd, first.get("Peer-Address")):
+                continue
+            if rules and not rules.allows(first.get("User-Id"), parts[0]):
+                self.unauthorised += 1
+                continue
+            if fd >= 0 and len(parts) == 2 and watch.watching:
+                note(fd, parts[0], parts[1], now)
             messages.append(parts)
 
     def _discard_rest(self) -> None:

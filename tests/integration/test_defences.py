@@ -8,13 +8,15 @@ accounting identity from /metrics. See docs/guarantees.md.
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import numpy as np
 import pytest
 import zmq
-from harness import Consumer, Daemon, Gateway, by_stream, identity_holds, settle
+from harness import ROOT, Consumer, Daemon, Gateway, by_stream, identity_holds, settle
 
 from sigclassd import protocol
 
@@ -33,8 +35,8 @@ def rejected(d: Daemon, reason: str) -> float:
 class PunctualGateway:
     """Streams sent at exactly their declared 250 Hz, 10 samples a message, from a thread (own socket)."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, names: list[str]) -> None:
-        self.ctx, self.endpoint, self.names = ctx, endpoint, names
+    def __init__(self, ctx: zmq.Context, endpoint: str, names: list[str], sndhwm: int = 0) -> None:
+        self.ctx, self.endpoint, self.names, self.sndhwm = ctx, endpoint, names, sndhwm
         self.sent = 0  # messages per stream so far
         self.stop = threading.Event()
         self.ready = threading.Event()
@@ -42,7 +44,7 @@ class PunctualGateway:
         self.x = np.random.default_rng(3).normal(size=(CHUNK, CH)).astype(np.float32)
 
     def _run(self) -> None:
-        gw = Gateway(self.ctx, self.endpoint)
+        gw = Gateway(self.ctx, self.endpoint, self.sndhwm)
         try:
             time.sleep(0.5)  # until the daemon's subscription has reached this socket: PUB drops before it
             self.ready.set()
@@ -259,5 +261,68 @@ def test_a_full_table_admits_new_streams_and_keeps_slow_established_ones(tmp_pat
         assert identity_holds(a), a
     finally:
         gw.close()
+        consumer.close()
+        d.stop()
+
+
+# 64 PUB sockets in one process, sending 10-sample messages round-robin as fast as they can (many times what
+# the daemon reads) on 4 streams each, declaring argv[3] Hz, for argv[2] seconds; each PUB drops beyond 1,000.
+FLOOD = """
+import sys, time
+import numpy as np, zmq
+from sigclassd import protocol
+ctx = zmq.Context()
+socks = []
+for _ in range(64):
+    s = ctx.socket(zmq.PUB)
+    s.setsockopt(zmq.SNDHWM, 1000)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(sys.argv[1])
+    socks.append(s)
+topic, body = protocol.encode_samples("x", np.zeros((10, 16), np.float32), 0, sample_rate_hz=float(sys.argv[3]))
+header, payload = protocol.SAMPLE_HEADER.unpack_from(body), body[protocol.SAMPLE_HEADER_SIZE:]
+lines = [(s, f"flood/{i}/{k}".encode()) for i, s in enumerate(socks) for k in range(4)]
+time.sleep(0.5)
+end = time.monotonic() + float(sys.argv[2])
+seq = 0
+while time.monotonic() < end:
+    first = protocol.SAMPLE_HEADER.pack(*header[:4], seq, *header[5:]) + payload
+    for s, name in lines:
+        s.send_multipart([name, first], zmq.NOBLOCK)
+    seq += 10
+print(seq // 10 * len(lines), flush=True)
+"""
+
+
+@pytest.mark.parametrize("declared", [0.0, 250.0])
+def test_a_flood_from_64_connections_costs_the_valid_streams_nothing(tmp_path, ctx, causal_model, declared):
+    """50 punctual streams from one gateway whose PUB, like a real one, drops beyond 5,000 queued messages (4 s);
+    64 other connections flood 8 s at many times what the daemon can read, declaring 0 (unknown) or 250 Hz.
+    The flooding connections are cut and the valid streams lose nothing: every sample is labelled, once,
+    with no gap. (Before the cuts the valid connection got 1/65 of the reading, and its PUB dropped.)"""
+    d = Daemon(tmp_path, {"model": {"path": str(causal_model), "mode": "stateful", "max_batch_streams": 64}}).start()
+    names = [f"valid/{i}" for i in range(50)]
+    consumer = Consumer(ctx, d.output, prefix="valid/")
+    try:
+        time.sleep(0.5)
+        with PunctualGateway(ctx, d.input, names, sndhwm=5000) as gw:
+            flood = subprocess.run([sys.executable, "-c", FLOOD, d.input, "8", repr(declared)], cwd=ROOT,
+                                   capture_output=True, text=True, timeout=60)
+            assert flood.returncode == 0, flood.stderr
+            time.sleep(1.0)
+        sent = gw.sent * CHUNK
+        frames = consumer.collect(30, until=lambda fs: all(
+            any(f.stream == n and f.seq + len(f.labels) >= sent for f in fs) for n in names))
+        got = by_stream(frames)
+        a = settle(d)
+        cuts = [e for e in d.events() if e.get("event") == "connection_cut"]
+        print(f"flood declaring {declared:g} Hz: {flood.stdout.strip()} messages sent; {len(cuts)} connections cut")
+        for name in names:
+            labelled = [s for f in got[name] for s in range(f.seq, f.seq + len(f.labels))]
+            assert labelled == list(range(sent)), (name, len(labelled), sent)
+            assert not any(f.flags & (protocol.LABEL_GAP | protocol.LABEL_SHED) for f in got[name]), name
+        assert cuts, "no connection was cut"
+        assert identity_holds(a), a
+    finally:
         consumer.close()
         d.stop()

@@ -1,0 +1,232 @@
+"""Which gateway connection floods the input, and cutting it.
+
+libzmq reads a SUB socket's connections in turn, one message each. Under a flood from many
+connections the daemon reads much less than is offered, so a well-behaved gateway gets a turn
+no larger than a flooder's, its queue fills, and its own PUB drops what it sends. Reading faster
+does not help (64 connections at 10x capacity would need 65x the reading); taking the flooders'
+turns away does.
+
+While the daemon is overloaded (its drains leave messages queued), each message's connection is
+known (libzmq's ZMQ_SRCFD: the file descriptor it arrived on) and its streams' seqs are put against
+the rates they declare. A connection is cut when it takes at least half of the busiest connection's
+share of the reading and
+
+- its streams' seqs run on faster than ``cut_speed`` times their declared rates, beyond
+  ``BURST_S`` seconds of catch-up plus the time the daemon itself did not read (a stall, a
+  catch-up that left the sockets alone): seq holes count, what a sender's own queue dropped was
+  sent too; or
+- most of its samples declare no usable rate (0 = unknown, or above ``max_rate_hz``) and the
+  overload has lasted ``BURST_S`` past what the daemon did not read: with no rate to hold it to,
+  such a connection is not protected from its own overload.
+
+A gateway that sends at its declared rate is never cut, however busy the daemon, nor is one catching
+up after the daemon's stall. One whose turn is smaller than half the busiest one's is not in
+anyone's way and is not cut either.
+
+Cutting is ``shutdown(2)`` on the connection's socket (checked to still be the same peer: fds are
+reused), so libzmq drops the pipe. Messages it had already queued are dropped here unread, and the
+peer's address is refused at its next handshakes (the Gatekeeper) for a cool-down that doubles with
+each cut of the same address, so that reconnecting does not buy a flooder a new turn. Established
+connections from that address that behave are not touched; a new honest connection from it waits
+out the cool-down (docs/ingress-limits.md).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sigclassd.protocol import MIN_RATE_HZ, SAMPLE_HEADER, SAMPLE_HEADER_SIZE
+
+JUDGE_EVERY_S = 0.25  # how often connections are judged while the daemon is overloaded
+BURST_S = 1.0  # seconds of a stream's declared rate a connection may send on top of cut_speed times it
+UNREAD_GAP_S = 0.2  # a gap between drains longer than this is the daemon not reading (stall, catch-up)
+BUSY_SHARE = 0.5  # a connection whose messages are at least this share of the busiest one's is in the way
+OWED_GRACE_S = 0.5  # the same while another busy connection is starved (gets under STARVED of its rates)
+STARVED = 0.5  # a busy connection getting less than this share of its declared rates is starved
+UNDECLARED_SHARE = 0.5  # share of a connection's samples without a usable rate beyond which it is undeclared
+MAX_COOLDOWN_S = 600.0
+
+
+@dataclass
+class _Seen:
+    """One connection's traffic since the overload began."""
+
+    peer: tuple[str, int] | None  # getpeername() when first seen; None if not a TCP socket
+    messages: int = 0  # since the last judgement
+    samples: int = 0
+    undeclared: int = 0  # samples of streams declaring no rate in the plausible band
+    # per stream: [seq where its first message began, seq where the last one ended, rate, when first seen]
+    streams: dict[bytes, list[float]] = field(default_factory=dict)
+
+
+def _peer(fd: int) -> tuple[str, int] | None:
+    try:
+        with socket.socket(fileno=os.dup(fd)) as s:
+            name = s.getpeername()
+    except OSError:
+        return None
+    return (name[0], name[1]) if isinstance(name, tuple) else None
+
+
+class Watch:
+    """Per-connection accounting of one input socket during overload, and the cuts (see the module docstring)."""
+
+    def __init__(self, *, cut_speed: float, cooldown_s: float, max_rate_hz: float,
+                 refuse: Callable[[str, float], None] | None = None) -> None:
+        self.cut_speed = cut_speed
+        self.cooldown_s = cooldown_s
+        self.max_rate_hz = max_rate_hz
+        self.refuse = refuse  # refuse(address, seconds): the Gatekeeper's cool-down
+        self.watching = False
+        self.seen: dict[int, _Seen] = {}
+        self.started = 0.0  # when the overload began
+        self.judged = 0.0
+        self.last_drain = 0.0
+        self.unread_s = 0.0  # time the daemon did not read since just before the overload began
+        self.drains = 0  # since the last judgement
+        self.overloaded = 0  # of which left messages queued
+        self.cut: dict[int, tuple[str, float]] = {}  # cut fd -> (its peer address, until when its leftovers go)
+        self.strikes: dict[str, tuple[int, float]] = {}  # address -> (cuts, when the last cool-down ends)
+        self.cuts = 0  # connections cut (cumulative)
+        self.dropped = 0  # messages of cut connections dropped unread (cumulative)
+        self.events: list[dict[str, object]] = []  # cuts not yet logged by the socket's owner
+
+    def note(self, fd: int, topic: bytes, body: bytes, now: float) -> None:
+        """Account one message received on ``fd`` (the hot path while watching)."""
+        seen = self.seen.get(fd)
+        if seen is None:
+            seen = self.seen[fd] = _Seen(_peer(fd))
+        seen.messages += 1
+        if len(body) < SAMPLE_HEADER_SIZE:
+            return
+        _v, _d, _c, n, seq, _t0, rate, _f = SAMPLE_HEADER.unpack_from(body)
+        seen.samples += n
+        if not MIN_RATE_HZ <= rate <= self.max_rate_hz:
+            seen.undeclared += n
+            return
+        line = seen.streams.get(topic)
+        if line is None:
+            seen.streams[topic] = [seq, seq + n, rate, now]
+        elif seq + n > line[1]:
+            line[1] = seq + n
+            line[2] = rate
+
+    def from_cut(self, fd: int, address: str | None) -> bool:
+        """True for a message a cut connection had queued: dropped unread (counted in ``dropped``)."""
+        entry = self.cut.get(fd)
+        if entry is None:
+            return False
+        if time.monotonic() > entry[1]:
+            del self.cut[fd]
+            return False
+        if address != entry[0]:  # the fd now belongs to another peer's connection
+            return False
+        self.dropped += 1
+        return True
+
+    def drained(self, backlog: bool, began: float) -> None:
+        """After each drain (``began``: when it started): watch under overload, judge, stop when it ends."""
+        now = time.monotonic()
+        gap = began - self.last_drain if self.last_drain else 0.0
+        self.last_drain = now
+        if not self.watching:
+            if backlog:
+                self.watching, self.started, self.judged = True, now, now
+                self.unread_s = gap if gap > UNREAD_GAP_S else 0.0
+                self.drains = self.overloaded = 0
+                self.seen.clear()
+            return
+        if gap > UNREAD_GAP_S:
+            self.unread_s += gap
+        self.drains += 1
+        self.overloaded += backlog
+        if now - self.judged < JUDGE_EVERY_S:
+            return
+        if self.overloaded * 2 < self.drains:  # the overload is over
+            self.watching = False
+            self.seen.clear()
+            return
+        self.judge(now)
+        self.judged, self.drains, self.overloaded = now, 0, 0
+
+    def judge(self, now: float) -> list[int]:
+        """Cut the connections that flood; returns their fds."""
+        if not self.seen:
+            return []
+        busiest = max(s.messages for s in self.seen.values())
+        grace = BURST_S + self.unread_s
+        busy = {fd: seen for fd, seen in self.seen.items()
+                if seen.messages >= BUSY_SHARE * busiest and seen.peer is not None}
+        for seen in self.seen.values():
+            seen.messages = 0
+        # A busy connection whose streams get less than STARVED of their declared rates is held back by
+        # the others' turns: then those reading beyond their declared rates take what it is owed.
+        starved = any(seen.streams and self.excess(seen, now, 0.0, STARVED) < 0
+                      and now - min(line[3] for line in seen.streams.values()) > grace
+                      for seen in busy.values())
+        out = []
+        for fd, seen in busy.items():
+            assert seen.peer is not None
+            # An address cut before, back within its escalation's memory, gets no catch-up grace.
+            probation = bool(self.struck(seen.peer[0], now))
+            mine = self.unread_s if probation else grace
+            flooding = self.excess(seen, now, mine, self.cut_speed)
+            # What a starved connection is owed is taken sooner: its own queue is filling meanwhile.
+            owing = self.unread_s if probation else OWED_GRACE_S + self.unread_s
+            owed = self.excess(seen, now, owing, 1.0) if starved else -1.0
+            undeclared = seen.undeclared > UNDECLARED_SHARE * seen.samples and \
+                now - self.started > (owing if starved else mine)
+            if (undeclared or flooding > 0 or owed > 0) and self.sever(fd, seen.peer, now):
+                self.events.append({"peer": f"{seen.peer[0]}:{seen.peer[1]}", "undeclared": undeclared,
+                                    "beyond_s": round(max(flooding, owed), 2), "streams": len(seen.streams),
+                                    "starved": starved,
+                                    "cooldown_s": round(self.strikes[seen.peer[0]][1] - now, 1)})
+                del self.seen[fd]
+                out.append(fd)
+        return out
+
+    @staticmethod
+    def excess(seen: _Seen, now: float, grace: float, speed: float) -> float:
+        """Seconds of declared rate the connection's streams ran on beyond ``speed`` times the time each
+        was watched, plus ``grace`` each (negative: within)."""
+        return sum((end - first) / rate - speed * (now - since) - grace
+                   for first, end, rate, since in seen.streams.values())
+
+    def sever(self, fd: int, peer: tuple[str, int], now: float) -> bool:
+        """shutdown(2) ``fd`` if it is still connected to ``peer``; start or lengthen the address's cool-down."""
+        try:
+            with socket.socket(fileno=os.dup(fd)) as s:
+                if s.getpeername()[:2] != peer:
+                    return False
+                s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            return False
+        address = peer[0]
+        count = self.struck(address, now)
+        until = self.strikes[address][1] if count else 0.0
+        if now >= until:  # not cooling down: a new offence, and a longer cool-down than the last
+            count += 1
+            until = now + min(self.cooldown_s * 2 ** (count - 1), MAX_COOLDOWN_S)
+            self.strikes[address] = (count, until)
+        self.cut[fd] = (address, until)
+        self.cuts += 1
+        if self.refuse is not None:
+            self.refuse(address, until - now)
+        return True
+
+    def struck(self, address: str, now: float) -> int:
+        """How many times ``address`` was cut, as long as it is remembered: until as long after its
+        cool-down as that cool-down lasted (twice the base, doubling); then 0, and it starts over."""
+        count, until = self.strikes.get(address, (0, 0.0))
+        if count and now < until + self.cooldown_s * 2 ** count:
+            return count
+        self.strikes.pop(address, None)
+        return 0
+
+    def take_events(self) -> list[dict[str, object]]:
+        events, self.events = self.events, []
+        return events
