@@ -48,8 +48,13 @@ class Core:
                  window: int, lag: int, lookahead: int, warmup: int, pad_value: np.ndarray, n_classes: int,
                  initial_state: np.ndarray, condition: Callable[[np.ndarray, np.ndarray],
                                                                 tuple[np.ndarray, np.ndarray]] | None,
-                 first_flags: int, clock: Callable[[], float], max_chunk: int) -> None:
+                 first_flags: int, clock: Callable[[], float], max_chunk: int,
+                 postprocess: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+                 | None = None) -> None:
         self.mode = mode
+        # The model's post-processing of published labels: (probabilities, state row) -> (probabilities,
+        # labels, new row), its state at the end of the incarnation's row (sigclassd.engine.postprocess).
+        self._postprocess = postprocess
         self.initial_state = initial_state
         self.states = np.empty((64, len(initial_state)), np.float32)
         self.free_slots = list(range(63, -1, -1))
@@ -108,7 +113,13 @@ class Core:
         """Scatter the call's new states, then the label runs to publish (see :meth:`Planner.complete`)."""
         if batch.work:
             self.states[batch.slots] = new_state
-        return self.planner.complete(batch, probabilities, new_state, flushed)
+        return self.planner.complete(batch, probabilities, new_state, flushed,
+                                     self._postprocessed if self._postprocess else None)
+
+    def _postprocessed(self, inc: Incarnation, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        assert self._postprocess is not None
+        probabilities, labels, self.states[inc.slot] = self._postprocess(probabilities, self.states[inc.slot])
+        return probabilities, labels
 
     def fail(self, batch: Batch) -> int:
         """Drop the work of a batch whose model call raised; the samples dropped."""
@@ -151,4 +162,5 @@ def build_core(settings: Settings, meta: ModelMeta, engine: ModelLike, metrics: 
         warmup=model.warmup_samples or meta.window + (filters.settle_samples if filters else 0),
         pad_value=np.asarray(pad, np.float32), n_classes=meta.n_classes, initial_state=engine.initial_state(),
         condition=condition, first_flags=first_flags, clock=clock, max_chunk=max_chunk,
+        postprocess=getattr(engine, "postprocess", None),
     )

@@ -103,7 +103,9 @@ class Planner:
         return probabilities
 
     def complete(self, batch: Batch, probabilities: np.ndarray, new_state: np.ndarray,
-                 flushed: np.ndarray | None = None) -> list[LabelRun]:
+                 flushed: np.ndarray | None = None,
+                 post: Callable[[Incarnation, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
+                 ) -> list[LabelRun]:
         """Advance the streams of ``batch`` past the model call and return their label runs, in publishing order.
 
         ``flushed`` is the engine's ``flush`` output for ``batch.flush_rows``
@@ -130,7 +132,10 @@ class Planner:
             for row, start, first, count in spans:
                 if count:
                     end = start + count
-                    mine += stream.label(probabilities[row, start:end], labels[row, start:end], first, count, warmup)
+                    p, lab = probabilities[row, start:end], labels[row, start:end]
+                    if post is not None:  # the model's post-processing, in publishing order, per incarnation
+                        p, lab = post(stream, p)
+                    mine += stream.label(p, lab, first, count, warmup)
                     labelled += count
             stream.advance(fed, flushed_rows)
             runs += mine

@@ -12,6 +12,7 @@ watchdog and drain. Signal handlers only set flags; the loop acts on them.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -201,6 +202,9 @@ class Service:
             "name": meta.name, "version": meta.version, "mode": self.settings.model.mode,
             "runtime": self.pipe.engine.runtime, "architecture": meta.architecture,
             "model_id": self.pipe.artifact.model_hex, "sha256": self.pipe.artifact.sha256,
+            # Post-processed labels may differ from their probabilities' arg-max and change this many samples late.
+            "postprocess": json.dumps(meta.postprocess) if meta.postprocess else "none",
+            "postprocess_delay_samples": str(meta.postprocess.get("delay_samples", 0) if meta.postprocess else 0),
         })
 
     def _install_signals(self) -> None:

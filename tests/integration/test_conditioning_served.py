@@ -168,8 +168,6 @@ def test_raw_samples_are_not_bounded_by_the_conditioned_scale(tmp_path: Path, ct
 POST = {"smooth_samples": 8, "hysteresis": 0.1, "min_samples": 12}
 
 
-@pytest.mark.xfail(strict=True, reason="the daemon applies `postprocess` once the planner calls the engine's "
-                   "postprocess on each published span (requested of the stream core's owner); remove this mark then")
 @pytest.mark.parametrize("mode", ["stateful", "windowed"])
 def test_postprocessed_labels_equal_evals_whatever_the_chunking(tmp_path: Path, ctx, mode: str) -> None:
     """The bundled model with post-processing declared: the daemon publishes, per incarnation, what eval's
