@@ -164,11 +164,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             ep.load().add_parser(sub)
     for ep in installed:
         if ep.name not in sub.choices:  # one function may define two commands (train and eval)
-            sub.add_parser(ep.name, help=ep.load().summary if command is None else None)
+            sub.add_parser(ep.name, help=_summary(ep) if command is None else None)
     for name, key in ELSEWHERE.items():
         if name not in sub.choices:
             sub.add_parser(name, help=f"(not installed: comes with the {PACKAGES[key][0]} package)")
     return parser
+
+
+def _summary(ep: EntryPoint) -> str:
+    """A command's --help line. A package that cannot be loaded (a copy of another version, say) says so
+    there, instead of taking --help down with it."""
+    try:
+        return str(ep.load().summary)
+    except (ImportError, AttributeError) as e:
+        return f"(cannot be loaded from {ep.dist.name if ep.dist else ep.value}: {e})"
 
 
 def _command(argv: list[str]) -> str | None:

@@ -136,6 +136,13 @@ def test_the_base_alone_lists_its_commands_and_names_the_package_of_the_others(w
     assert "eval score a model on recordings as the daemon serves it" in text
     assert "bench (not installed: comes with the sigclassd-bench package)" in text
 
+    (both / "sigclassd" / "models" / "commands.py").unlink()  # a broken copy: --help says so, run still runs
+    broken = sigclassd_in(both, "--help", cwd=tmp_path)
+    assert broken.returncode == 0, broken.stderr
+    assert "train (cannot be loaded from sigclassd-train: No module named 'sigclassd.models.commands')" in " ".join(
+        broken.stdout.split())
+    assert sigclassd_in(both, "run", "--help", cwd=tmp_path).returncode == 0
+
 
 @pytest.mark.integration
 def test_installed_copy_loads_bundled_model_from_another_directory(wheels, tmp_path):
