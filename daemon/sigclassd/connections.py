@@ -26,7 +26,7 @@ anyone's way and is not cut either.
 Cutting is ``shutdown(2)`` on the connection's socket (checked to still be the same peer: fds are
 reused), so libzmq drops the pipe. Messages it had already queued are dropped here unread, and the
 peer's address is refused at its next handshakes (the Gatekeeper) for a cool-down that doubles with
-each cut of the same address, so that reconnecting does not buy a flooder a new turn. Established
+each new offence of the same address, so that reconnecting does not buy a flooder a new turn. Established
 connections from that address that behave are not touched; a new honest connection from it waits
 out the cool-down (docs/ingress-limits.md).
 """
@@ -171,15 +171,13 @@ class Watch:
         out = []
         for fd, seen in busy.items():
             assert seen.peer is not None
-            # An address cut before, back within its escalation's memory, gets no catch-up grace.
-            probation = bool(self.struck(seen.peer[0], now))
-            mine = self.unread_s if probation else grace
-            flooding = self.excess(seen, now, mine, self.cut_speed)
+            # No less grace for an address cut before: an honest gateway may share it (a host, a NAT).
+            flooding = self.excess(seen, now, grace, self.cut_speed)
             # What a starved connection is owed is taken sooner: its own queue is filling meanwhile.
-            owing = self.unread_s if probation else OWED_GRACE_S + self.unread_s
+            owing = OWED_GRACE_S + self.unread_s
             owed = self.excess(seen, now, owing, 1.0) if starved else -1.0
             undeclared = seen.undeclared > UNDECLARED_SHARE * seen.samples and \
-                now - self.started > (owing if starved else mine)
+                now - self.started > (owing if starved else grace)
             if (undeclared or flooding > 0 or owed > 0) and self.sever(fd, seen.peer, now):
                 self.events.append({"peer": f"{seen.peer[0]}:{seen.peer[1]}", "undeclared": undeclared,
                                     "beyond_s": round(max(flooding, owed), 2), "streams": len(seen.streams),

@@ -1,0 +1,83 @@
+"""connections.Watch on real TCP sockets: what it cuts, how the cool-down escalates, and what it never cuts."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+
+from sigclassd import protocol
+from sigclassd.connections import MAX_COOLDOWN_S, Watch
+
+
+@pytest.fixture()
+def pair():
+    """A connected TCP pair over loopback: (the daemon's side, the peer's side)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        peer = socket.create_connection(server.getsockname())
+        mine, _ = server.accept()
+    yield mine, peer
+    mine.close()
+    peer.close()
+
+
+def refusals() -> tuple[Watch, list[tuple[str, float]]]:
+    refused: list[tuple[str, float]] = []
+    watch = Watch(cut_speed=2.0, cooldown_s=10.0, max_rate_hz=1e5, refuse=lambda a, s: refused.append((a, s)))
+    return watch, refused
+
+
+def test_a_cut_shuts_the_connection_and_refuses_its_address_with_a_doubling_cool_down(pair):
+    mine, peer = pair
+    watch, refused = refusals()
+    address = peer.getsockname()
+    assert watch.sever(mine.fileno(), address, now=100.0)
+    peer.settimeout(5)
+    assert peer.recv(1) == b""  # the peer sees the connection end
+    # More cuts from the same address within the cool-down are the same offence.
+    assert watch.sever(mine.fileno(), address, now=105.0)
+    assert refused == [("127.0.0.1", 10.0), ("127.0.0.1", 5.0)]
+    # After it, a new offence doubles; long after, the address starts over.
+    watch.sever(mine.fileno(), address, now=111.0)
+    assert refused[-1] == ("127.0.0.1", 20.0)
+    watch.sever(mine.fileno(), address, now=131.0 + 1000)
+    assert refused[-1] == ("127.0.0.1", 10.0)
+    now = 10_000.0
+    for _ in range(10):  # each offence just after the last cool-down ended
+        watch.sever(mine.fileno(), address, now=now)
+        now += refused[-1][1] + 1.0
+    assert [s for _, s in refused[-10:]] == [10.0, 20.0, 40.0, 80.0, 160.0, 320.0] + [MAX_COOLDOWN_S] * 4
+
+
+def test_a_reused_fd_of_another_peer_is_not_cut(pair):
+    mine, peer = pair
+    watch, refused = refusals()
+    host, port = peer.getsockname()
+    assert not watch.sever(mine.fileno(), (host, port + 1), now=1.0)
+    assert refused == []
+    peer.sendall(b"x")
+    assert mine.recv(1) == b"x"  # still connected
+
+
+def frame(seq: int, rate: float, stream: str = "s") -> list[bytes]:
+    return protocol.encode_samples(stream, np.zeros((10, 2), np.float32), seq, sample_rate_hz=rate)
+
+
+@pytest.mark.parametrize(("rate", "step", "cut"), [
+    (250.0, 10, False),  # at its declared rate
+    (250.0, 100, True),  # seqs run on at 10x
+    (0.0, 10, True),  # undeclared
+    (1e7, 10, True),  # beyond the plausible band: undeclared
+])
+def test_judging_a_busy_connection(pair, rate, step, cut):
+    """One connection sending a message every 40 ms of stream time for 2 s of watching (beyond the grace);
+    its seqs advance ``step`` samples a message."""
+    mine, peer = pair
+    watch, refused = refusals()
+    watch.watching, watch.started = True, 0.0
+    for k in range(51):
+        topic, body = frame(k * step, rate)
+        watch.note(mine.fileno(), topic, body, now=k * 0.04)
+    assert bool(watch.judge(now=2.0)) is cut
+    assert bool(refused) is cut
