@@ -35,8 +35,10 @@ TOLERANCE = 1e-5
 DEFAULT_WINDOW = 400  # the window for models that take any length (the daemon's usual window)
 SUFFIXES = {".keras": "model.keras", ".h5": "model.h5", ".hdf5": "model.h5", ".onnx": "model.onnx"}
 FRAMEWORK = {".keras": "keras", ".h5": "keras", ".hdf5": "keras", ".onnx": "onnxruntime"}
-# The extra that brings each reference framework (the test extra also has onnxruntime).
+# The extra or package that brings each reference framework (the test extra also has onnxruntime), and the
+# modules the check needs: Keras is run through the training package, which brings it.
 EXTRA = {"keras": "train", "onnxruntime": "onnx"}
+CHECK_NEEDS = {"keras": ("keras", "sigclassd.models"), "onnxruntime": ("onnxruntime",)}
 
 # A reference runs the source model on normalised input [batch, time, channels] and returns its raw output.
 Reference = Callable[[np.ndarray], np.ndarray]
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if problems:
         return _refuse(problems, EXIT_CONFIG)
     framework = FRAMEWORK[src.suffix.lower()]
-    have_framework = _installed(framework)
+    have_framework = all(_installed(module) for module in CHECK_NEEDS[framework])
     if not have_framework and not args.unverified:
         add = install_line(EXTRA[framework]) + (" onnxruntime" if framework == "onnxruntime" else "")
         return _refuse([(f"cannot check the import: {framework} is not installed; install it with: {add}, "

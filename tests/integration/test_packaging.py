@@ -144,6 +144,23 @@ def test_the_base_alone_lists_its_commands_and_names_the_package_of_the_others(w
     assert sigclassd_in(both, "run", "--help", cwd=tmp_path).returncode == 0
 
 
+def test_import_without_the_training_package_names_it_even_where_keras_is_installed(wheels, tmp_path):
+    """`import` checks a Keras model through the training package: with Keras importable (this venv's
+    site-packages, without its .pth files, so without the editable sigclassd-train) but no sigclassd-train,
+    it refuses with the pip line of the train wheel instead of failing on the missing module."""
+    import keras
+
+    target = tmp_path / "site"
+    install(wheels, target, "sigclassd")
+    site = Path(keras.__file__).parents[1]
+    (tmp_path / "net.keras").write_bytes(b"not read: the check comes first")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(site)]), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    r = subprocess.run([sys.executable, "-S", "-m", "sigclassd", "import", "net.keras", "--out", "d"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert f"-m pip install {wheel_of(wheels, 'sigclassd-train')}, or pass --unverified" in r.stderr
+
+
 @pytest.mark.integration
 def test_installed_copy_loads_bundled_model_from_another_directory(wheels, tmp_path):
     """Installed with plain `pip install`, the package finds and checks its bundled model from any cwd."""
