@@ -299,3 +299,26 @@ def test_eval_refuses_data_with_the_wrong_channel_count(tmp_path: Path, capsys: 
     code = main(["eval", str(default_model_path()), "--synthetic", "--channels", "3", "--samples", "1000"])
     assert code == 2
     assert "the data has 3 channels, the model expects 16" in capsys.readouterr().err
+
+
+def test_a_gru_model_trains_and_is_served_as_keras_computes_it(tmp_path: Path) -> None:
+    """--cell gru builds GRUs (a search candidate too); the engines serve the directory as Keras computes it."""
+    from sigclassd.models.data import synthetic_dataset
+    from sigclassd.models.train import load_engines, predict_stateful
+
+    out = tmp_path / "gru"
+    code = main(["train", "--synthetic", "--recordings", "2", "--samples", "3000", "--channels", "3", "--window",
+                 "64", "--hop", "64", "--filters", "4", "--units", "5", "--epochs", "1", "--cell", "gru",
+                 "--progress", "none", "--out", str(out)])
+    assert code == 0
+    art = read_artifact(out)
+    assert art.meta.hyperparameters["cell"] == "gru" and "stateful" in art.meta.metrics["held_out"]
+    import keras
+
+    model = keras.saving.load_model(out / "model.keras", compile=False)
+    assert [layer.__class__.__name__ for layer in model.layers].count("GRU") == 1
+    x = synthetic_dataset(n_recordings=1, samples=700, channels=3, n_classes=2, seed=5).recordings[0].x
+    z = (x - np.asarray(art.meta.norm_mean, np.float32)) / np.asarray(art.meta.norm_std, np.float32)
+    p = np.asarray(model(z[None]))[0, :, 0]
+    served = predict_stateful(load_engines(art, ("stateful",))["stateful"], x)
+    np.testing.assert_allclose(served[:, 1], p, atol=1e-5, rtol=0)

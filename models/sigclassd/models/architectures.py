@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 ARCHITECTURES = SEQUENCE_ARCHITECTURES + WINDOW_ONLY_ARCHITECTURES
 POOL_SIZE = 4
+CELLS = ("lstm", "gru")
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ class HyperParams:
     """The shape of a model; the defaults are the seed architecture.
 
     ``conv_depth`` stacked Conv1D layers (``filters`` each, ``kernel`` taps,
-    dilation ``dilation``) feed ``lstm_depth`` stacked LSTMs of ``units`` cells.
+    dilation ``dilation``) feed ``lstm_depth`` stacked recurrent layers of ``units``
+    cells: LSTMs, or GRUs with ``cell`` "gru" (both served by the engines).
     """
 
     filters: int = 32
@@ -48,17 +50,23 @@ class HyperParams:
     conv_depth: int = 1
     lstm_depth: int = 1
     dilation: int = 1
+    cell: str = "lstm"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> HyperParams:
-        return cls(**{k: int(d[k]) for k in cls.__dataclass_fields__ if k in d})
+        sizes = {k: int(d[k]) for k in cls.__dataclass_fields__ if k in d and k != "cell"}
+        return cls(**sizes, cell=str(d.get("cell", "lstm")))
 
     def validate(self) -> None:
         for name, value in self.to_json().items():
-            if value < 1:
+            if name == "cell":
+                if value not in CELLS:
+                    msg = f"hyperparameter cell must be one of {', '.join(CELLS)}, got {value!r}"
+                    raise ValueError(msg)
+            elif value < 1:
                 msg = f"hyperparameter {name} must be >= 1, got {value}"
                 raise ValueError(msg)
 
@@ -128,8 +136,10 @@ def build_model(
             x = layers.Conv1D(
                 hp.filters, hp.kernel, padding=padding, dilation_rate=hp.dilation, activation="relu", name=f"conv{i}"
             )(x)
+        recurrent = layers.GRU if hp.cell == "gru" else layers.LSTM
         for i in range(hp.lstm_depth):
-            x = layers.LSTM(hp.units, return_sequences=True, stateful=stateful_batch is not None, name=f"lstm{i}")(x)
+            x = recurrent(hp.units, return_sequences=True, stateful=stateful_batch is not None,
+                          name=f"{hp.cell}{i}")(x)
         outputs = layers.Dense(units_out, activation=activation, name="labels")(x)
         return keras.Model(inputs, outputs, name=architecture)
     if architecture == "pooled":
@@ -143,9 +153,10 @@ def build_model(
                 hp.filters, hp.kernel, padding="valid", dilation_rate=hp.dilation, activation="relu", name=f"conv{i}"
             )(x)
         x = layers.MaxPooling1D(POOL_SIZE, name="pool")(x)
+        recurrent = layers.GRU if hp.cell == "gru" else layers.LSTM
         for i in range(hp.lstm_depth):
             last = i == hp.lstm_depth - 1
-            x = layers.LSTM(hp.units, return_sequences=not last, name=f"lstm{i}")(x)
+            x = recurrent(hp.units, return_sequences=not last, name=f"{hp.cell}{i}")(x)
         if units_out == 1:
             x = layers.Dense(window, activation="sigmoid", name="labels")(x)
             outputs = layers.Reshape((window, 1), name="per_timestep")(x)

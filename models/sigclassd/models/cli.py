@@ -19,7 +19,7 @@ from typing import Any
 
 from sigclassd.config import ModelSettings
 from sigclassd.errors import ModelError
-from sigclassd.models.architectures import ARCHITECTURES, HyperParams
+from sigclassd.models.architectures import ARCHITECTURES, CELLS, HyperParams
 
 DATA_HELP = """\
 data files: an .npz (see models/README.md), a CSV file or a folder of them (one recording per
@@ -178,7 +178,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--window", type=int, default=400, help="window length, samples (default: %(default)s)")
     g.add_argument("--filters", type=int, default=32, help="Conv1D filters (default: %(default)s)")
     g.add_argument("--kernel", type=int, default=8, help="Conv1D kernel size, samples (default: %(default)s)")
-    g.add_argument("--units", type=int, default=32, help="LSTM units (default: %(default)s)")
+    g.add_argument("--units", type=int, default=32, help="LSTM (or GRU) units (default: %(default)s)")
+    g.add_argument("--cell", choices=CELLS, default="lstm", help="recurrent layers: LSTM or GRU (default: %(default)s)")
     g.add_argument("--conv-depth", type=int, default=1, help="stacked Conv1D layers (default: %(default)s)")
     g.add_argument("--lstm-depth", type=int, default=1, help="stacked LSTM layers (default: %(default)s)")
     g.add_argument("--dilation", type=int, default=1, help="Conv1D dilation (default: %(default)s)")
@@ -286,9 +287,9 @@ def _fail(cmd: str, e: Exception) -> int:
     return 2
 
 
-# Shapes the search tries once it has chosen the conditioning: wider context, more units, a deeper conv.
-SEARCH_SHAPES: tuple[dict[str, int], ...] = (
-    {"kernel": 16}, {"dilation": 2, "conv_depth": 2}, {"units": 64},
+# Shapes the search tries once it has chosen the conditioning: wider context, more units, a deeper conv, GRUs.
+SEARCH_SHAPES: tuple[dict[str, int | str], ...] = (
+    {"kernel": 16}, {"dilation": 2, "conv_depth": 2}, {"units": 64}, {"cell": "gru"},
 )
 
 
@@ -396,6 +397,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 conv_depth=args.conv_depth,
                 lstm_depth=args.lstm_depth,
                 dilation=args.dilation,
+                cell=args.cell,
             ),
             window=args.window,
             hop=args.hop,

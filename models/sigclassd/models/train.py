@@ -667,7 +667,7 @@ def train(
                 cfg.architecture, channels=inputs, n_classes=k, window=cfg.window, hp=cfg.hp, stateful_batch=batch
             )
         )
-        lstms = [layer for layer in twin.layers if isinstance(layer, keras.layers.LSTM)]
+        lstms = [layer for layer in twin.layers if isinstance(layer, (keras.layers.LSTM, keras.layers.GRU))]
 
         class ResetPerSegment(keras.callbacks.Callback):
             """Zero the LSTM state at the first window of every segment."""
