@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,12 @@ class ModelMeta:
             format=d.get("format", FORMAT),
         )
         meta.validate(where)
+        if meta.postprocess and "delay_samples" not in meta.postprocess:
+            # What the model info and eval report: the delay these settings add, computed when not written.
+            from sigclassd.engine.postprocess import PostProcessor
+
+            delay = PostProcessor(meta.postprocess, meta.n_classes).delay_samples
+            meta = replace(meta, postprocess={**meta.postprocess, "delay_samples": delay})
         return meta
 
     def validate(self, where: str = METADATA_FILE) -> None:

@@ -99,6 +99,7 @@ def test_a_reset_row_starts_the_stream_afresh() -> None:
     ({"smooth_samples": 0.5}, "postprocess.smooth_samples is 0.5"),
     ({"smooth_samples": "8"}, "postprocess.smooth_samples is '8'"),
     ({"min_duration": 3}, "unknown key 'min_duration'"),
+    ({"min_samples": 4, "delay_samples": 0}, "postprocess.delay_samples is 0, but these settings delay a clean change"),
 ])
 def test_bad_postprocess_is_refused_naming_the_key(spec: dict, says: str) -> None:
     with pytest.raises(ModelError, match=says.replace(".", r"\.")):
@@ -115,6 +116,8 @@ def test_metadata_round_trips_and_the_engine_carries_the_state_at_the_end_of_the
     assert "postprocess" not in art.meta.to_json()  # absent unless declared
     meta = dataclasses.replace(art.meta, postprocess={"min_samples": 4, "delay_samples": 3})
     assert ModelMeta.from_json(meta.to_json()).postprocess == meta.postprocess
+    # A hand-written one without the delay reads with it computed (what eval and the model info report).
+    assert ModelMeta.from_json({**meta.to_json(), "postprocess": {"min_samples": 4}}).postprocess == meta.postprocess
     art = dataclasses.replace(art, meta=meta)
     facts = inspect_model(art.model_path)
     for mode in ("windowed", "stateful"):

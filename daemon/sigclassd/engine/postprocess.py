@@ -78,6 +78,10 @@ class PostProcessor:
         self.min_samples = n
         self.state_size = n_classes + 4
         self.delay_samples = self._clean_step_delay()
+        declared = spec.get("delay_samples")
+        if declared is not None and declared != self.delay_samples:
+            raise ModelError(f"{where}.delay_samples is {declared!r}, but these settings delay a clean change of "
+                             f"label by {self.delay_samples} samples; set {self.delay_samples} or leave it out")
 
     def _clean_step_delay(self) -> int:
         """Samples between the first sample of a new class and its first label, for a clean, confident change."""
