@@ -502,8 +502,6 @@ class Supervisor:
                     worker.last_ping = time.monotonic()  # its watchdog counts from now, not from its start
                     if worker.reloading:
                         worker.reloading = worker.reload_pending = False
-                    worker.backoff_s = RESTART_BACKOFF_S[0] if time.monotonic() - worker.started > 10 \
-                        else worker.backoff_s
                 elif key == "RELOADING":
                     worker.reloading = True
                 elif key == "WATCHDOG":
@@ -534,7 +532,7 @@ class Supervisor:
             proc.wait()
             self._ended(worker, proc.returncode, "hung", now)
         elif worker.ready and now - worker.scraped >= SCRAPE_EVERY_S:
-            self.metrics.scrape(worker)
+            self.metrics.scrape(worker, timeout_s=2.0)
             worker.scraped = now
 
     def _ended(self, worker: Worker, code: int, reason: str, now: float) -> None:
@@ -553,6 +551,8 @@ class Supervisor:
                   partitions=len(worker.partitions), samples_lost=int(lost),
                   detail="started again; its streams restart flagged start, the other workers' are not touched")
         self.restarts.labels(reason).inc()
+        if now - worker.started > 10:  # it had been serving: start again soon
+            worker.backoff_s = RESTART_BACKOFF_S[0]
         worker.restart_at = now + worker.backoff_s
         worker.backoff_s = min(RESTART_BACKOFF_S[1], worker.backoff_s * 2)
 
