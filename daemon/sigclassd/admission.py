@@ -145,6 +145,10 @@ class Admission:
 
     # ------------------------------------------------------------ rate and pace
 
+    def implausible(self, rate: float) -> bool:
+        """A declared rate no real sensor stream has: its frames are refused (``charge`` says IMPLAUSIBLE)."""
+        return rate > self.settings.max_declared_rate_hz
+
     def charge(self, b: Budget, seq: int, k: int, rate: float, now: float) -> int:
         """Charge a frame of ``k`` samples at ``seq`` declaring ``rate`` Hz: ADMIT, DEMOTE (admit, serve it
         last), REFUSE (over its rate) or IMPLAUSIBLE (a rate beyond ``max_declared_rate_hz``)."""

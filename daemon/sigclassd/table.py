@@ -234,7 +234,7 @@ class StreamTable:
         """A message off the short path (its samples already counted as received): refused, made to wait
         while the stream's publisher is live (it would end or jump the incarnation), or applied."""
         s = self.settings
-        if rate > s.max_declared_rate_hz:
+        if self.admission.implausible(rate):
             self._implausible(k, stream_id, rate)
             return
         stream = self.streams.get(stream_id)
