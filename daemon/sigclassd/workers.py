@@ -348,7 +348,9 @@ class Supervisor:
         log.info("starting", config=s.source, mode=s.model.mode, workers=self.n, pid=os.getpid())
         base = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
         self.rundir = tempfile.mkdtemp(prefix="sigclassd-workers-", dir=base)
-        self.ctx = zmq.Context()
+        # The parent's I/O threads carry every message twice (in and out) and one thread uses one core at
+        # most: more workers, more streams, more I/O threads (sizing in docs/workers.md).
+        self.ctx = zmq.Context(io_threads=1 + self.n // 4)
         inputs, to_workers = self._input_sockets()
         from_workers, outputs = self._output_sockets()
         served = partition.parse_set(s.input.partitions) if s.input.partitions else frozenset(
