@@ -322,3 +322,19 @@ def test_a_gru_model_trains_and_is_served_as_keras_computes_it(tmp_path: Path) -
     p = np.asarray(model(z[None]))[0, :, 0]
     served = predict_stateful(load_engines(art, ("stateful",))["stateful"], x)
     np.testing.assert_allclose(served[:, 1], p, atol=1e-5, rtol=0)
+
+
+def test_train_records_the_post_processing_and_scores_validation_with_it(tmp_path: Path) -> None:
+    out = tmp_path / "post"
+    code = main(["train", "--synthetic", "--recordings", "2", "--samples", "3000", "--channels", "3", "--window",
+                 "64", "--hop", "64", "--filters", "4", "--units", "4", "--epochs", "1", "--postprocess",
+                 '{"min_samples": 5}', "--progress", "none", "--out", str(out)])
+    assert code == 0
+    meta = read_artifact(out).meta
+    assert meta.postprocess == {"min_samples": 5, "delay_samples": 4}
+    held = meta.metrics["held_out"]
+    assert held["postprocess"] == meta.postprocess
+    for mode in ("windowed", "stateful"):
+        assert "balanced_accuracy" in held[mode]["without_postprocess"]
+    bad = ["train", "--synthetic", "--recordings", "2", "--samples", "1000", "--postprocess", '{"min_samples": 0}']
+    assert main([*bad, "--out", str(tmp_path / "x")]) == 2  # refused, naming --postprocess.min_samples
