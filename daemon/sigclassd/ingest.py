@@ -238,7 +238,10 @@ class Ingest:
                     self._discard_rest()
                     break
                 parts.append(recv(_NOBLOCK))
-            fd = first.get(_SRCFD)
+            try:
+                fd = first.get(_SRCFD)
+            except zmq.ZMQError:  # no connection behind it (inproc: the LSL input): never watched, never cut
+                fd = -1
             if fd in cut and watch.from_cut(fd, first.get("Peer-Address")):
                 continue
             if rules and not rules.allows(first.get("User-Id"), parts[0]):
