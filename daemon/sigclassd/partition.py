@@ -122,7 +122,8 @@ class Filter:
 
     def __init__(self, partitions: frozenset[int] | None = None, prefixes: Sequence[str] = ("",)) -> None:
         self.partitions = partitions
-        self.prefixes = None if "" in prefixes else tuple(p.encode("utf-8") for p in prefixes)
+        # No prefixes at all (input.subscribe = []): no plain topics, but every partitioned one of ours.
+        self.prefixes = None if "" in prefixes or not prefixes else tuple(p.encode("utf-8") for p in prefixes)
         self._plain: dict[bytes, bool] = {}
         self.dropped = 0  # messages of other partitions, since start
 

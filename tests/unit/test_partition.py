@@ -87,3 +87,13 @@ def test_subscriptions_receive_plain_topics_and_own_partitions_only() -> None:
         assert matches(stream.encode())
     assert not matches(b"\x00\x06abc")
     assert partition.subscriptions(frozenset({1}), ("site-a/",)) == [b"\x00\x01", b"site-a/"]
+
+
+def test_no_plain_prefixes_still_keeps_own_partitioned_topics() -> None:
+    """input.subscribe = [] means no plain topics, not no topics: a partitioned message of ours is kept, stripped."""
+    mine = partition.of("abc")
+    f = partition.Filter(frozenset({mine}), ())
+    other = next(s for s in (f"x{i}" for i in range(1000)) if partition.of(s) != mine)
+    kept = f.mine([[partition.topic("abc"), b"x"], [partition.topic(other), b"y"]])
+    assert kept == [[b"abc", b"x"]]
+    assert f.dropped == 1
