@@ -56,6 +56,8 @@ LABELS_PREFIX = "sigclassd-labels:"
 PROBABILITIES_PREFIX = "sigclassd-probabilities:"
 _NOBLOCK = int(zmq.NOBLOCK)
 STAMP_SECONDS = 60  # how far back a label's source timestamp can be looked up exactly
+REPLAY_WAIT_S = 30.0  # how long a replay's outlets wait for their readers before they start
+LINGER_S = 1.0  # how long simulate's outlets stay open after the last push
 
 
 def load_pylsl() -> ModuleType:
@@ -480,10 +482,11 @@ class LslFailure(SigclassdError):
 
 
 def simulate_outlets(recordings: list[np.ndarray], *, streams: int, rate: float, chunk: int, prefix: str,
-                     seconds: float, seed: int, quiet: bool) -> int:
+                     seconds: float, seed: int, quiet: bool, from_start: bool = False) -> int:
     """``sigclassd simulate --lsl``: one LSL outlet per stream (name and source_id PREFIX0000, ...; type EEG),
-    each pushing ``chunk`` samples per chunk period at its own phase. Samples are time-stamped on their nominal
-    grid (the newest of a chunk at the chunk's due time), as a device clock would, so that a push the machine
+    each pushing ``chunk`` samples per chunk period at its own phase, from a random offset of its recording
+    (``from_start``: from its first sample, for a replay). Samples are time-stamped on their nominal grid
+    (the newest of a chunk at the chunk's due time), as a device clock would, so that a push the machine
     delays shows as latency, not as a gap."""
     from sigclassd.stopflag import StopFlag
     from sigclassd.tap import plural
@@ -496,7 +499,15 @@ def simulate_outlets(recordings: list[np.ndarray], *, streams: int, rate: float,
         sid = f"{prefix}{i:04d}"
         info = pylsl.StreamInfo(sid, "EEG", channels, rate, pylsl.cf_float32, sid)
         outlets.append(pylsl.StreamOutlet(info, chunk, 10))
-        positions.append(int(rng.integers(0, max(1, len(recordings[i % len(recordings)]) - chunk))))
+        length = len(recordings[i % len(recordings)])
+        positions.append(0 if from_start else int(rng.integers(0, max(1, length - chunk))))
+    if from_start:
+        # A replay is played once: what an outlet pushes before a reader connects reaches nobody.
+        deadline = time.monotonic() + REPLAY_WAIT_S
+        waiting = [o for o in outlets if not o.wait_for_consumers(max(0.0, deadline - time.monotonic()))]
+        if waiting and not quiet:
+            print(f"simulate: {plural(len(waiting), 'outlet')} still unread after {REPLAY_WAIT_S:g} s; replaying "
+                  "anyway", file=sys.stderr)
     stop = StopFlag()
     period = chunk / rate
     start = time.time()
@@ -516,11 +527,12 @@ def simulate_outlets(recordings: list[np.ndarray], *, streams: int, rate: float,
             if delay > 0:
                 time.sleep(delay)
             rec = recordings[i % len(recordings)]
-            if positions[i] + chunk > len(rec):
-                positions[i] = 0
-            outlet.push_chunk(rec[positions[i] : positions[i] + chunk], (lsl_start + phase + back).tolist())
-            positions[i] += chunk
-            sent += chunk
+            if positions[i] >= len(rec):
+                positions[i] = 0  # looped, after the last samples (in a shorter chunk)
+            x = rec[positions[i] : positions[i] + chunk]
+            outlet.push_chunk(x, (lsl_start + phase + back[: len(x)]).tolist())
+            positions[i] += len(x)
+            sent += len(x)
         tick += 1
         if not quiet and time.monotonic() >= next_report:
             next_report = time.monotonic() + 1.0
@@ -528,6 +540,8 @@ def simulate_outlets(recordings: list[np.ndarray], *, streams: int, rate: float,
             print(f"\rsent {plural(sent, 'sample')} ({sent / (time.time() - start):,.0f}/s) from "
                   f"{plural(streams, 'LSL outlet')} {prefix}0000..., {consumers} read", end="", file=sys.stderr,
                   flush=True)
+    if not stop.requested and any(o.have_consumers() for o in outlets):
+        time.sleep(LINGER_S)  # an outlet closed at once loses what its readers have not been sent yet
     if not quiet:
         print(f"\nsent {plural(sent, 'sample')}", file=sys.stderr)
     return 0

@@ -53,6 +53,22 @@ def load_source(source: str, channels: int, rate: float, seed: int, seconds: flo
     return recs
 
 
+def replay_source(args: argparse.Namespace) -> list[np.ndarray]:
+    """``--from FILE``: its samples, played from the start at the file's own rate (``--rate`` if it gives
+    none), once: for ``--seconds`` (if given) the recording loops."""
+    from sigclassd.replay import read_recording
+
+    rec = read_recording(args.from_file)
+    if rec.rate is not None:
+        args.rate = rec.rate
+    if not args.seconds:
+        args.seconds = len(rec.samples) / args.rate
+    rate = f"{args.rate:g} Hz" + ("" if rec.rate is not None else " (--rate: the file gives no rate)")
+    print(f"replaying {args.from_file}: {rec.source}, {len(rec.samples)} samples x {rec.samples.shape[1]} channels "
+          f"at {rate}, {args.seconds:g} s", file=sys.stderr)
+    return [rec.samples]
+
+
 class Source:
     """Where one simulated stream reads its samples: a recording, looped from an offset."""
 
@@ -63,10 +79,11 @@ class Source:
         self.pos = pos
 
     def next_chunk(self, k: int) -> np.ndarray:
-        if self.pos + k > len(self.recording):
+        """The next ``k`` samples; the recording's last ones are sent too, in a shorter chunk, before it loops."""
+        if self.pos >= len(self.recording):
             self.pos = 0
         chunk = self.recording[self.pos : self.pos + k]
-        self.pos += k
+        self.pos += len(chunk)
         return chunk
 
 
@@ -172,7 +189,10 @@ class LabelWatch:
 
 
 def simulate(args: argparse.Namespace) -> int:
-    recs = load_source(args.source, args.channels, args.rate, args.seed)
+    if args.from_file:
+        recs = replay_source(args)
+    else:
+        recs = load_source(args.source, args.channels, args.rate, args.seed)
     channels = recs[0].shape[1]
     if args.source != "synthetic" and channels != args.channels:
         print(f"note: {args.source} has {channels} channels; sending those", file=sys.stderr)
@@ -180,7 +200,7 @@ def simulate(args: argparse.Namespace) -> int:
         from sigclassd.lsl import simulate_outlets
 
         return simulate_outlets(recs, streams=args.streams, rate=args.rate, chunk=args.chunk, prefix=args.prefix,
-                                seconds=args.seconds, seed=args.seed, quiet=args.quiet)
+                                seconds=args.seconds, seed=args.seed, quiet=args.quiet, from_start=bool(args.from_file))
     rng = np.random.default_rng(args.seed)
     endpoints = ", ".join(args.connect + args.bind)
     try:
@@ -192,7 +212,7 @@ def simulate(args: argparse.Namespace) -> int:
     for i in range(args.streams):
         rec = recs[i % len(recs)]
         streams.append(pub.stream(f"{args.prefix}{i:04d}", channels, args.rate))
-        sources.append(Source(rec, int(rng.integers(0, max(1, len(rec) - args.chunk)))))
+        sources.append(Source(rec, 0 if args.from_file else int(rng.integers(0, max(1, len(rec) - args.chunk)))))
     stop = StopFlag()
     # PUB drops what it sends before the daemon's subscription arrives: wait for it, a bounded time.
     pub.wait_subscribed(streams[0].id, args.settle)
@@ -262,6 +282,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--channels", type=int, default=16, help="channels of synthetic data (default 16)")
     p.add_argument("--seconds", type=float, default=0.0, help="stop after this long (default: run until Ctrl-C)")
     p.add_argument("--source", default="synthetic", help="'synthetic' (default) or an .npz recording to loop")
+    p.add_argument("--from", dest="from_file", default=None, metavar="FILE",
+                   help="replay a recording (.npz, .csv, .edf/.bdf with edfio, .xdf with pyxdf) from its start at its "
+                        "own rate (--rate when the file gives none), once (looped for --seconds)")
     p.add_argument("--prefix", default=None,
                    help="stream id prefix; ids are PREFIX0000, PREFIX0001, ... (default 'sim-HOST-PID-', unique to "
                         "this run, so that two simulators never send the same streams)")

@@ -254,6 +254,7 @@ def test_labrecorder_records_the_label_outlets_beside_their_source_aligned_by_ti
     from importlib.resources import files
 
     from sigclassd.artifact import default_model_path, read_artifact
+    from sigclassd.replay import read_recording
 
     d = lsl_daemon({"mode": "stateful"})
     consumer = Consumer(ctx, d.output)
@@ -309,6 +310,42 @@ def test_labrecorder_records_the_label_outlets_beside_their_source_aligned_by_ti
         label, flags, p = published[int(i)]
         assert tuple(labels["time_series"][row]) == (label, flags)
         np.testing.assert_array_equal(probs["time_series"][row], p)
+    # The recording replays (simulate --from session.xdf): its source stream, at its own rate.
+    rec = read_recording(out)
+    assert rec.rate == RATE and rec.source == "stream 'recorded-xdf'"
+    np.testing.assert_array_equal(rec.samples, x[at])
     desc = labels["info"]["desc"][0]
     assert desc["source_stream"] == ["lsl-xdf"]
     assert [c["name"][0] for c in desc["classes"][0]["class"]] == list(read_artifact(default_model_path()).meta.classes)
+
+
+def test_simulate_from_a_csv_replays_it_at_its_own_rate_over_lsl_and_zeromq(lsl_daemon, ctx, tmp_path):
+    """`simulate --from FILE.csv`: every sample of the file, once, from its first, at the rate of its time
+    column, as an LSL outlet (whose label outlet carries that rate) and as a ZeroMQ stream."""
+    import sys
+
+    d = lsl_daemon({"mode": "stateful"})
+    consumer = Consumer(ctx, d.output)
+    x = np.random.default_rng(3).normal(0, 1, (503, 16))  # not a whole number of chunks
+    rate = 200.0
+    rows = ["time," + ",".join(f"c{i}" for i in range(16))]
+    rows += [f"{i / rate:.5f}," + ",".join(f"{v:.6f}" for v in row) for i, row in enumerate(x)]
+    (tmp_path / "rec.csv").write_text("\n".join(rows) + "\n")
+    cli = [sys.executable, "-m", "sigclassd", "simulate", "--quiet", "--from", str(tmp_path / "rec.csv"),
+           "--streams", "1"]
+    runs = [subprocess.Popen([*cli, "--lsl", "--prefix", "replay-lsl-"], stderr=subprocess.PIPE, text=True),
+            subprocess.Popen([*cli, "--connect", d.input, "--output", d.output, "--prefix", "replay-zmq-"],
+                             stderr=subprocess.PIPE, text=True)]
+    found = pylsl.resolve_bypred("source_id='sigclassd-labels:replay-lsl-0000'", 1, 60.0)
+    errs = [r.communicate(timeout=120)[1] for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], errs
+    assert all("503 samples x 16 channels at 200 Hz, 2.515 s" in e for e in errs), errs
+    assert found and found[0].nominal_srate() == rate
+    held = 4  # the model's look-ahead, labelled by the drain at stop
+    frames = consumer.collect(60, until=lambda fr: sum(len(f.labels) for f in fr) >= 2 * (len(x) - held))
+    consumer.close()
+    streams = by_stream(frames)
+    for sid in ("replay-lsl-0000", "replay-zmq-0000"):
+        assert labelled_seqs(streams.get(sid, [])) == list(range(len(x) - held)), (sid, errs)
+    a = accounting(d)
+    assert a["received"] == 2 * len(x) and a["missing"] == 0 and a["rejected"] == 0 and identity_holds(a), a
