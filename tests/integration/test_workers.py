@@ -255,3 +255,26 @@ def test_what_a_parent_cannot_do_fails_at_start_naming_the_setting(tmp_path, arg
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert done.returncode == 2, done.stderr + done.stdout
     assert named in done.stderr + done.stdout
+
+
+def test_a_hung_worker_is_killed_and_started_again(tmp_path):
+    """A worker that stops pinging (SIGSTOP) is killed after the workers' watchdog and started again;
+    the daemon is ready again with both."""
+    d = workers_daemon(tmp_path).start()
+    try:
+        pid = next(e["pid"] for e in d.events() if e["event"] == "worker_started" and e["worker"] == 1)
+        os.kill(pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not any(e["event"] == "worker_hung" for e in d.events()):
+            time.sleep(0.5)
+        assert any(e["event"] == "worker_hung" and e["worker"] == 1 and e["pid"] == pid for e in d.events())
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and d.metric("sigclassd_workers_ready") != 2:
+            time.sleep(0.5)
+        assert d.metric("sigclassd_workers_ready") == 2
+        assert d.http("/readyz")[0] == 200
+        assert d.metric("sigclassd_worker_restarts_total", {"reason": "hung"}) == 1
+        assert d.stop(signal.SIGTERM, 60) == 0
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop(signal.SIGKILL)
