@@ -359,6 +359,12 @@ class StreamTable:
         start = 0
         reset = "" if expected is None else break_reason(expected, seq, flags, s)
         b = stream.budget
+        if not reset and expected is not None and seq + k <= expected:
+            # A second copy of what was received (two forwarders send every frame twice): never charged to the
+            # rate, or the honest stream would pay its samples twice and be refused.
+            adm.heard(b, at)
+            m.samples_duplicate.inc(k)
+            return
         # The charge comes first, except for a flagged restart, which starts without debt: a stream in
         # debt cannot jump its seqs out of it.
         if rate and not charged and reset != "restart":

@@ -652,3 +652,16 @@ def test_a_flood_is_rate_limited_while_its_jumps_wait():
     assert counter(reg, "samples_rejected", reason="rate_limited") > 0.8 * sent
     taken = counter(reg, "samples_received") - refused(reg)
     assert taken <= 1.5 * 100 * (30 + 2)  # the rate limit and its burst
+
+
+def test_a_second_copy_of_every_frame_is_a_duplicate_not_charged_to_the_rate():
+    """Behind two forwarders every frame arrives twice: the copies count as duplicates, and a stream sending at
+    its declared rate is never refused for them (they used to be charged first, doubling its rate)."""
+    t, reg, clock = make_table(rate_limit=1.5, rate_burst_s=1.0, demote_s=10.0)
+    for i in range(500):  # 5 s of a 100 Hz stream, 10 samples a message, each message twice
+        clock.now = i * 0.1
+        t.accept(rated("twice", 10 * i, 10))
+        t.accept(rated("twice", 10 * i, 10))
+    assert counter(reg, "samples_rejected", reason="rate_limited") == 0
+    assert counter(reg, "samples_duplicate") == 5000
+    assert t.streams["twice"].next_seq == 5000
