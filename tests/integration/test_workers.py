@@ -278,3 +278,36 @@ def test_a_hung_worker_is_killed_and_started_again(tmp_path):
     finally:
         if d.proc is not None and d.proc.poll() is None:
             d.stop(signal.SIGKILL)
+
+
+def test_the_parent_admits_only_allowed_curve_gateways(tmp_path, ctx):
+    """The public input is gatekept by the parent as by a daemon: with [security], an allowed gateway's streams
+    are labelled by the workers; an unknown key's and a plaintext gateway's never arrive."""
+    from sigclassd.keygen import keygen
+
+    server_public, server_secret = keygen(tmp_path / "keys" / "server", "server")
+    _, allowed = keygen(tmp_path / "keys" / "gateways", "gw-ok")
+    _, rogue = keygen(tmp_path / "rogue", "gw-rogue")
+    d = Daemon(tmp_path, {"service": {"workers": 2}, "model": {"mode": "stateful"},
+                          "security": {"curve_secret_key_file": str(server_secret),
+                                       "curve_allowed_keys_dir": str(tmp_path / "keys" / "gateways")}}).start()
+    labels = Labels(d.output, ctx)
+    pubs = {name: Publisher(d.input, context=ctx, linger_s=0, partitioned=True, **keys) for name, keys in (
+        ("ok", {"curve_server_key_file": server_public, "curve_secret_key_file": allowed}),
+        ("rogue", {"curve_server_key_file": server_public, "curve_secret_key_file": rogue}),
+        ("plain", {}))}
+    try:
+        streams = [pubs[name].stream(f"{name}-{k}", CHANNELS, 250) for name in pubs for k in range(4)]
+        assert pubs["ok"].wait_subscribed("ok-0", 30)
+        send_rounds(streams, 20, np.random.default_rng(2))
+        assert labels.wait(lambda: all(len(labels.labelled(f"ok-{k}")) > 0 for k in range(4)), 60)
+        time.sleep(1.0)
+        assert {s.partition("-")[0] for s in labels.seen} == {"ok"}
+        assert d.metric("sigclassd_input_connections") == 1
+        assert d.stop(signal.SIGTERM, 60) == 0
+    finally:
+        labels.close()
+        for pub in pubs.values():
+            pub.close()
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop(signal.SIGKILL)
