@@ -203,9 +203,10 @@ class Etcd:
 class Cluster:
     """This daemon's membership and the partitions it owns.
 
-    :meth:`start` registers (failing start-up when etcd cannot be reached or the name is taken) and
-    starts the threads; :meth:`apply` changes the input socket's subscriptions between turns;
-    :meth:`close` withdraws the member, so the others take its partitions at once.
+    :meth:`attach` prepares the input socket; :meth:`start` registers (failing start-up when etcd
+    cannot be reached or the name is taken) and starts the threads; :meth:`apply` changes the input
+    socket's subscriptions between turns; :meth:`close` withdraws the member, so the others take its
+    partitions at once.
     """
 
     def __init__(self, endpoint: str, member: str, lease_s: int, *, registry: CollectorRegistry | None = None,
@@ -413,14 +414,14 @@ def _set_filter(keep: partition.Filter | None, owned: frozenset[int]) -> None:
     keep._plain.clear()
 
 
-def start(settings: Settings, ingest: Ingest, registry: CollectorRegistry | None = None) -> Cluster | None:
-    """The daemon's membership when ``[cluster] endpoint`` is set (registered, threads running, the input
-    socket attached), else None. A ConfigError names the key when etcd cannot be reached or the name is taken."""
+def attach(settings: Settings, ingest: Ingest, registry: CollectorRegistry | None = None) -> Cluster | None:
+    """The daemon's membership when ``[cluster] endpoint`` is set, else None: the input socket attached (no
+    partition yet), not joined. The daemon calls :meth:`Cluster.start` once its model is loaded, so that the
+    partitions it takes are labelled at once (the others keep them while it loads)."""
     c = settings.cluster
     if not c.endpoint:
         return None
     member = c.member or socket.gethostname()
     cluster = Cluster(c.endpoint, member, c.lease_s, registry=registry)
     cluster.attach(ingest.socket, getattr(ingest, "partitions", None), settings.input.subscribe)
-    cluster.start()
     return cluster

@@ -134,7 +134,7 @@ class Service:
         s = self.settings
         log.info("starting", config=s.source, mode=s.model.mode, model=s.model.path or "<bundled>", pid=os.getpid())
         self.bind()
-        self.cluster = cluster.start(s, self.ingest, self.registry)
+        self.cluster = cluster.attach(s, self.ingest, self.registry)  # [cluster]: no partition until it joins
         artifact, engine = self.load(s)
         self._pipe = self._pipeline(s, artifact, engine)
         self.metrics.samples_buffered.set_function(lambda: self.pipe.table.buffered)
@@ -142,6 +142,8 @@ class Service:
             self.lsl_input.start()
         self._set_model_info()
         self.metrics.streams_limit.set(s.streams.max_streams)
+        if self.cluster is not None:  # joins once it can label: the others keep its partitions meanwhile
+            self.cluster.start()
         self.health.turned()  # start-up is not a stall: the loop starts now
         self._set_health(ready=True)
         self.notifier.ready()
@@ -154,7 +156,7 @@ class Service:
         """Bind every socket and the metrics listener; a BindError names the setting and address that failed."""
         s = self.settings
         self.ctx = zmq.Context()
-        self._ingest = Ingest(self.ctx, s.input, **self._curve())
+        self._ingest = Ingest(self.ctx, s.input, max_declared_rate_hz=s.streams.max_declared_rate_hz, **self._curve())
         exposed = [ep for ep in s.input.bind if not _loopback(ep)]
         if exposed and not s.security.curve_secret_key_file:
             log.warning("input_exposed", endpoints=exposed,
