@@ -188,6 +188,7 @@ class Gatekeeper:
         # request does not: a request is taken to be the oldest accepted connection not yet answered
         # (handshakes complete in about accept order; a mismatch swaps two fds, never the count).
         self._admitted: set[int] = set()
+        self._accepted_at: dict[int, float] = {}  # each open accepted connection's fd: when it was accepted
         self._awaiting: list[int] = []  # accepted, not yet admitted or refused
         self.refused = 0  # connections refused for the limit (cumulative)
         self.refused_keys = 0  # CURVE handshakes with a key not in the allow-list (cumulative)
@@ -223,6 +224,10 @@ class Gatekeeper:
         """Refuse new connections from ``address`` for ``seconds`` (a connection of its was cut for flooding)."""
         with self._lock:
             self._cooling[address] = max(self._cooling.get(address, 0.0), time.monotonic() + seconds)
+
+    def accepted_at(self, fd: int) -> float:
+        """When the connection now on ``fd`` was accepted (time.monotonic); inf if unknown."""
+        return self._accepted_at.get(fd, float("inf"))
 
     def upstream(self) -> tuple[int, int]:
         """(connect endpoints with a live connection, connect endpoints seen)."""
@@ -269,9 +274,11 @@ class Gatekeeper:
                 if kind == zmq.EVENT_ACCEPTED:
                     self._accepted_on.add(endpoint)
                     self._awaiting.append(event["value"])
+                    self._accepted_at[event["value"]] = time.monotonic()
                 elif kind == zmq.EVENT_DISCONNECTED and endpoint in self._accepted_on:
                     fd = event["value"]
                     self._admitted.discard(fd)
+                    self._accepted_at.pop(fd, None)
                     if fd in self._awaiting:
                         self._awaiting.remove(fd)
                 elif kind == zmq.EVENT_DISCONNECTED:

@@ -45,8 +45,9 @@ JUDGE_EVERY_S = 0.25  # how often connections are judged while the daemon is ove
 BURST_S = 1.0  # seconds of a stream's declared rate a connection may send on top of cut_speed times it
 UNREAD_GAP_S = 0.2  # a gap between drains longer than this is the daemon not reading (stall, catch-up)
 BUSY_SHARE = 0.5  # a connection whose messages are at least this share of the busiest one's is in the way
-OWED_GRACE_S = 0.5  # the same while another busy connection is starved (gets under STARVED of its rates)
-STARVED = 0.5  # a busy connection getting less than this share of its declared rates is starved
+STARVED = 0.5  # a busy connection getting less than this share of its declared rates is starved...
+OWED_GRACE_S = 0.5  # ...once the overload has lasted this long
+OWED_SHARE = 2.0  # a newer busy connection getting this many times the starved one's share takes its turns
 UNDECLARED_SHARE = 0.5  # share of a connection's samples without a usable rate beyond which it is undeclared
 MAX_COOLDOWN_S = 600.0
 
@@ -76,11 +77,13 @@ class Watch:
     """Per-connection accounting of one input socket during overload, and the cuts (see the module docstring)."""
 
     def __init__(self, *, cut_speed: float, cooldown_s: float, max_rate_hz: float,
-                 refuse: Callable[[str, float], None] | None = None) -> None:
+                 refuse: Callable[[str, float], None] | None = None,
+                 accepted_at: Callable[[int], float] | None = None) -> None:
         self.cut_speed = cut_speed
         self.cooldown_s = cooldown_s
         self.max_rate_hz = max_rate_hz
         self.refuse = refuse  # refuse(address, seconds): the Gatekeeper's cool-down
+        self.accepted_at = accepted_at or (lambda fd: float("inf"))  # when the connection on fd was accepted
         self.watching = False
         self.seen: dict[int, _Seen] = {}
         self.started = 0.0  # when the overload began
@@ -163,29 +166,42 @@ class Watch:
                 if seen.messages >= BUSY_SHARE * busiest and seen.peer is not None}
         for seen in self.seen.values():
             seen.messages = 0
-        # A busy connection whose streams get less than STARVED of their declared rates is held back by
-        # the others' turns: then those reading beyond their declared rates take what it is owed.
-        starved = any(seen.streams and self.excess(seen, now, 0.0, STARVED) < 0
-                      and now - min(line[3] for line in seen.streams.values()) > grace
-                      for seen in busy.values())
+        # A busy connection whose streams get under STARVED of their declared rates is held back by the
+        # others' turns. The newer connections that read a larger share of their own rates than
+        # OWED_SHARE times its share are taking what it is owed: the established one keeps its turn.
+        owed_to = None
+        for fd, seen in busy.items():
+            share = self.share(seen, now)
+            if share is not None and share < STARVED and now - self.started > OWED_GRACE_S + self.unread_s:
+                born = self.accepted_at(fd)
+                if owed_to is None or born < owed_to[0]:
+                    owed_to = (born, share)
         out = []
         for fd, seen in busy.items():
             assert seen.peer is not None
             # No less grace for an address cut before: an honest gateway may share it (a host, a NAT).
             flooding = self.excess(seen, now, grace, self.cut_speed)
-            # What a starved connection is owed is taken sooner: its own queue is filling meanwhile.
-            owing = OWED_GRACE_S + self.unread_s
-            owed = self.excess(seen, now, owing, 1.0) if starved else -1.0
+            share = self.share(seen, now)
+            owed = owed_to is not None and self.accepted_at(fd) > owed_to[0] and \
+                (share is None or share > OWED_SHARE * owed_to[1])
             undeclared = seen.undeclared > UNDECLARED_SHARE * seen.samples and \
-                now - self.started > (owing if starved else grace)
-            if (undeclared or flooding > 0 or owed > 0) and self.sever(fd, seen.peer, now):
+                now - self.started > (OWED_GRACE_S + self.unread_s if owed_to else grace)
+            if (undeclared or flooding > 0 or owed) and self.sever(fd, seen.peer, now):
                 self.events.append({"peer": f"{seen.peer[0]}:{seen.peer[1]}", "undeclared": undeclared,
-                                    "beyond_s": round(max(flooding, owed), 2), "streams": len(seen.streams),
-                                    "starved": starved,
-                                    "cooldown_s": round(self.strikes[seen.peer[0]][1] - now, 1)})
+                                    "beyond_s": round(flooding, 2), "streams": len(seen.streams),
+                                    "owed": owed, "cooldown_s": round(self.strikes[seen.peer[0]][1] - now, 1)})
                 del self.seen[fd]
                 out.append(fd)
         return out
+
+    @staticmethod
+    def share(seen: _Seen, now: float) -> float | None:
+        """The share of their declared rates the connection's streams got since each was first seen
+        (None: it declares none)."""
+        if not seen.streams:
+            return None
+        covered = sum((end - first) / rate for first, end, rate, _ in seen.streams.values())
+        return covered / max(1e-3, sum(now - since for *_, since in seen.streams.values()))
 
     @staticmethod
     def excess(seen: _Seen, now: float, grace: float, speed: float) -> float:

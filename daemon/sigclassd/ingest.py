@@ -93,7 +93,8 @@ class Ingest:
             sock.setsockopt(zmq.SUBSCRIBE, prefix)
         self.gatekeeper = Gatekeeper(ctx, sock, max_connections=settings.max_connections, allowed=curve_allowed)
         self.watch = Watch(cut_speed=settings.cut_speed, cooldown_s=settings.cut_cooldown_s,
-                           max_rate_hz=max_declared_rate_hz, refuse=self.gatekeeper.cool_down)
+                           max_rate_hz=max_declared_rate_hz, refuse=self.gatekeeper.cool_down,
+                           accepted_at=self.gatekeeper.accepted_at)
         self.socket = sock
         self.endpoints: list[str] = []
         try:
