@@ -25,7 +25,6 @@ import argparse
 import collections
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -71,7 +70,8 @@ def quantile(before: dict[float, float], after: dict[float, float], q: float) ->
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds by thread name (digits folded), from /proc: liblsl names its threads, Python's are 'python'."""
+    """CPU seconds of the main thread and of all the others (liblsl's, ZeroMQ's, the LSL reading thread), from
+    /proc (the threads all carry the process's name)."""
     out: dict[str, float] = collections.defaultdict(float)
     tick = os.sysconf("SC_CLK_TCK")
     for tid in os.listdir(f"/proc/{pid}/task"):
@@ -79,9 +79,8 @@ def thread_cpu(pid: int) -> dict[str, float]:
             stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
         except OSError:
             continue  # the thread ended
-        name = re.sub(r"\d+", "#", stat[stat.index("(") + 1 : stat.rindex(")")])
         fields = stat[stat.rindex(")") + 2 :].split()
-        out[name] += (int(fields[11]) + int(fields[12])) / tick
+        out["main thread" if int(tid) == pid else "other threads"] += (int(fields[11]) + int(fields[12])) / tick
     return out
 
 

