@@ -151,7 +151,8 @@ def test_a_stall_of_the_daemon_under_load_loses_nothing_that_reached_its_sockets
             resumed = time.monotonic()
             consumer.collect(5.0)
         sent = gw.sent * CHUNK
-        frames = consumer.collect(20.0, until=lambda fs: all(
+        # The whole backlog is labelled now (stall_s of 50 streams): give a loaded box time for it.
+        frames = consumer.collect(20.0 + 2 * stall_s, until=lambda fs: all(
             any(f.stream == n and f.seq + len(f.labels) >= sent for f in fs) for n in names))
         a = settle(d)
         reasons = {r: rejected(d, r) for r in ("rate_limited", "conflicting_publishers", "reset_storm", "stream_limit")}
