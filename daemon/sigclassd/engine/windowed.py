@@ -6,7 +6,10 @@ one that cannot be streamed. A batch of windows is one forward pass
 ``CALL_BATCH`` windows, where the per-window cost has flattened out and the
 intermediate arrays still fit in cache. Bundled model, bench/kernels_bench.py's
 machine, windows per CPU-second in slices of 64: 6,500; 96 to 224: 6,700-7,300,
-112 best in two scans of three; 256: 5,900.
+112 best in two scans of three; 256: 5,900. Scanned again from 64 to 384 on a
+busy machine (``--slices``), with OpenBLAS's AVX2 kernels and with its AVX-512
+ones (7,000-8,400): flat from 96 up within the noise, so 112 stays (a larger
+slice only adds resident memory: its LSTM buffer is 0.1 MB a window).
 
 A model with ``conditioning`` is given conditioned windows: the stream table
 conditions samples on arrival with ``condition`` and keeps the filter state in
