@@ -225,9 +225,10 @@ class Gatekeeper:
         with self._lock:
             self._cooling[address] = max(self._cooling.get(address, 0.0), time.monotonic() + seconds)
 
-    def accepted_at(self, fd: int) -> float:
-        """When the connection now on ``fd`` was accepted (time.monotonic); inf if unknown."""
-        return self._accepted_at.get(fd, float("inf"))
+    def accepted_at(self, fd: int) -> float | None:
+        """When the connection now on ``fd`` was accepted (time.monotonic); None if the socket did not
+        accept it (a connection of its own ``connect``, e.g. to a forwarder) or it is gone."""
+        return self._accepted_at.get(fd)
 
     def upstream(self) -> tuple[int, int]:
         """(connect endpoints with a live connection, connect endpoints seen)."""

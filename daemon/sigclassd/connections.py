@@ -78,12 +78,13 @@ class Watch:
 
     def __init__(self, *, cut_speed: float, cooldown_s: float, max_rate_hz: float,
                  refuse: Callable[[str, float], None] | None = None,
-                 accepted_at: Callable[[int], float] | None = None) -> None:
+                 accepted_at: Callable[[int], float | None] | None = None) -> None:
         self.cut_speed = cut_speed
         self.cooldown_s = cooldown_s
         self.max_rate_hz = max_rate_hz
         self.refuse = refuse  # refuse(address, seconds): the Gatekeeper's cool-down
-        self.accepted_at = accepted_at or (lambda fd: float("inf"))  # when the connection on fd was accepted
+        # When the connection on an fd was accepted; None for one the socket made itself (never cut).
+        self.accepted_at = accepted_at or (lambda fd: 0.0)
         self.watching = False
         self.seen: dict[int, _Seen] = {}
         self.started = 0.0  # when the overload began
@@ -164,6 +165,7 @@ class Watch:
         grace = BURST_S + self.unread_s
         busy = {fd: seen for fd, seen in self.seen.items()
                 if seen.messages >= BUSY_SHARE * busiest and seen.peer is not None}
+        born = {fd: self.accepted_at(fd) for fd in busy}
         for seen in self.seen.values():
             seen.messages = 0
         # A busy connection whose streams get under STARVED of their declared rates is held back by the
@@ -173,16 +175,20 @@ class Watch:
         for fd, seen in busy.items():
             share = self.share(seen, now)
             if share is not None and share < STARVED and now - self.started > OWED_GRACE_S + self.unread_s:
-                born = self.accepted_at(fd)
-                if owed_to is None or born < owed_to[0]:
-                    owed_to = (born, share)
+                since = born[fd]
+                since = float("-inf") if since is None else since  # an upstream of its own: oldest
+                if owed_to is None or since < owed_to[0]:
+                    owed_to = (since, share)
         out = []
         for fd, seen in busy.items():
             assert seen.peer is not None
+            since = born[fd]
+            if since is None:  # the daemon's own connection (to a forwarder): it carries others' traffic
+                continue
             # No less grace for an address cut before: an honest gateway may share it (a host, a NAT).
             flooding = self.excess(seen, now, grace, self.cut_speed)
             share = self.share(seen, now)
-            owed = owed_to is not None and self.accepted_at(fd) > owed_to[0] and \
+            owed = owed_to is not None and since > owed_to[0] and \
                 (share is None or share > OWED_SHARE * owed_to[1])
             undeclared = seen.undeclared > UNDECLARED_SHARE * seen.samples and \
                 now - self.started > (OWED_GRACE_S + self.unread_s if owed_to else grace)
