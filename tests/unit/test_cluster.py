@@ -216,3 +216,29 @@ def test_partitioning_forwarder_routes_plain_topics_by_their_partition(ctx):
         pub.close(linger=0)
         sub.close(linger=0)
         fwd.stop()
+
+
+def test_gains_wait_to_settle_and_losses_apply_at_once(etcd, ctx):
+    """A partition is subscribed to only once it has been wanted for SETTLE_S; one given up is unsubscribed
+    at the first apply (so the old owner lets go before the new one takes it)."""
+    now = [100.0]
+    a = Cluster(etcd.endpoint, "a", 2, clock=lambda: now[0])
+    b = Cluster(etcd.endpoint, "b", 2)
+    sock = ctx.socket(zmq.SUB)
+    try:
+        a.start()
+        assert not a.apply(sock) and a.owned == frozenset()  # wanted from now on
+        now[0] += SETTLE_S * 0.9
+        assert not a.apply(sock)
+        now[0] += SETTLE_S * 0.2
+        assert a.apply(sock) and len(a.owned) == partition.PARTITIONS
+        b.start()
+        deadline = time.monotonic() + 5
+        while not a.apply(sock):  # b's arrival: a gives up b's share at once, its clock unmoved
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert a.owned == owned_by("a", {"a", "b"})
+    finally:
+        a.close()
+        b.close()
+        sock.close(linger=0)
