@@ -92,10 +92,7 @@ class Shard(Daemon):
             "output": {"bind": f"tcp://{address(host)}:5556"},
             "metrics": {"listen": f"{address(host)}:5557"},
             "cluster": {"endpoint": etcd.endpoint, "member": host, "lease_s": LEASE_S},
-            "model": {"mode": "stateful"},
-            # Every frame arrives twice (two forwarders), and the rate limit charges the second copy too:
-            # at the default 1.5 x the declared rate, copies that jitter apart were refused (rate_limited).
-            "streams": {"rate_limit": 3.0},
+            "model": {"mode": "stateful"},  # the default rate limit: every frame's second copy is a duplicate
         }, name=host)
         self.http_host, self.http_port = address(host), 5557
 
