@@ -61,12 +61,12 @@ def test_bulk_histogram_starts_empty():
     }
 
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+METRICS_DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 
 
-def readme_metrics_table() -> dict[str, str]:
-    """The README's metrics table: each metric's name (labels dropped) -> its row."""
-    section = README.read_text().split("\n### Metrics\n", 1)[1].split("\n#", 1)[0]
+def documented_metrics_table() -> dict[str, str]:
+    """docs/metrics.md's table: each metric's name (labels dropped) -> its row."""
+    section = METRICS_DOC.read_text()
     rows = {}
     for line in section.splitlines():
         found = re.match(r"\| `(sigclassd_\w+)", line)
@@ -77,11 +77,11 @@ def readme_metrics_table() -> dict[str, str]:
 
 # Registered by the metrics listener (health.py), not by Metrics.
 LISTENER_METRICS = {"sigclassd_http_connections_dropped_total"}
-DOCUMENTED = set(readme_metrics_table()) - LISTENER_METRICS
+DOCUMENTED = set(documented_metrics_table()) - LISTENER_METRICS
 
 
 def test_metrics_exports_every_documented_name_on_a_fresh_registry():
-    """A fresh Metrics exposes exactly the names of the README's metrics table, labelled series pre-created at 0."""
+    """A fresh Metrics exposes exactly the names of docs/metrics.md's table, labelled series pre-created at 0."""
     registry = CollectorRegistry()
     m = Metrics(registry, process=False)
     m.model_info.info({"name": "n", "version": "v"})
@@ -126,9 +126,9 @@ def test_created_series_only_when_asked():
     Metrics(CollectorRegistry(), process=False)  # back to the default for the tests that follow
 
 
-def test_readme_metrics_table_lists_every_reason():
-    """Each labelled counter's row in the README names every reason the daemon counts, and only those."""
-    rows = readme_metrics_table()
+def test_metrics_doc_lists_every_reason():
+    """Each labelled counter's row in docs/metrics.md names every reason the daemon counts, and only those."""
+    rows = documented_metrics_table()
     for name, reasons in (("sigclassd_frames_rejected_total", FRAME_REJECT_REASONS),
                           ("sigclassd_samples_rejected_total", SAMPLE_REJECT_REASONS),
                           ("sigclassd_stream_resets_total", RESET_REASONS)):
