@@ -210,7 +210,6 @@ def main() -> int:
         src = np.concatenate(direct) * 1000 if direct else np.zeros(1)
         floor = floor_ms(args.chunk, lookahead, args.rate)
         cpu = {k: cpu_split(cpu0[k], cpu1[k], wall) for k in pids}
-        load = os.getloadavg()[0]
         q = np.percentile
         lines = [
             (f"LSL bench: {args.streams} outlets x {args.rate:g} Hz x 16 ch, chunk {args.chunk}, {args.mode} "
@@ -235,14 +234,14 @@ def main() -> int:
         if args.out:
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.with_suffix(".txt").write_text("\n".join(lines) + f"\n  (load average at the end: {load:.1f})\n")
+            out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
             out.with_suffix(".json").write_text(json.dumps({
                 "streams": args.streams, "rate": args.rate, "chunk": args.chunk, "mode": args.mode,
                 "lookahead": lookahead, "seconds": wall, "overrides": args.set, **{k: int(v) for k, v in d.items()},
                 "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
                 "max_ms": float(lat.max()), "floor_p50_ms": float(np.percentile(floor, 50)),
                 "source_p99_ms": float(np.percentile(src, 99)),
-                "cpu_percent": {k: round(v[0], 1) for k, v in cpu.items()}, "load": load,
+                "cpu_percent": {k: round(v[0], 1) for k, v in cpu.items()},
             }, indent=1) + "\n")
         return 0
     finally:
