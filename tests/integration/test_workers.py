@@ -65,7 +65,8 @@ class Labels:
         self.sub.close()
 
 
-def send_rounds(streams, rounds: int, rng: np.random.Generator, pause: float = 0.02) -> None:
+def send_rounds(streams, rounds: int, rng: np.random.Generator, pause: float = CHUNK / 250) -> None:
+    """``rounds`` messages of every stream, at about the 250 Hz they declare (faster is rate-limited)."""
     for _ in range(rounds):
         for s in streams:
             s.send(rng.standard_normal((CHUNK, CHANNELS)).astype(np.float32))
