@@ -178,6 +178,7 @@ def main() -> int:
                     "sigclassd_samples_rejected_total")
         before = {c: metric(http, c) for c in counters}
         inside0 = buckets(http, "sigclassd_ingress_to_publish_seconds")
+        aged0 = buckets(http, "sigclassd_sensor_to_publish_seconds")
         pids = {"daemon": daemon.pid, "generator": gen.pid, "reader": os.getpid()}
         cpu0 = {k: thread_cpu(pid) for k, pid in pids.items()}
         t0 = time.monotonic()
@@ -205,6 +206,7 @@ def main() -> int:
         cpu1 = {k: thread_cpu(pid) for k, pid in pids.items()}
         after = {c: metric(http, c) for c in counters}
         inside1 = buckets(http, "sigclassd_ingress_to_publish_seconds")
+        aged1 = buckets(http, "sigclassd_sensor_to_publish_seconds")
         d = {c.removeprefix("sigclassd_samples_").removesuffix("_total"): after[c] - before[c] for c in counters}
         lat = np.concatenate(latencies) * 1000
         src = np.concatenate(direct) * 1000 if direct else np.zeros(1)
@@ -226,6 +228,9 @@ def main() -> int:
              f"reader): p50 {q(src, 50):.1f} ms, p99 {q(src, 99):.1f} ms, max {src.max():.1f} ms"),
             (f"  inside the daemon (frame in -> label published, histogram buckets): p50 <= "
              f"{1000 * quantile(inside0, inside1, 0.5):g} ms, p99 <= {1000 * quantile(inside0, inside1, 0.99):g} ms"),
+            (f"  sample LSL timestamp -> label published by the daemon (its sensor_to_publish histogram: a backlog "
+             f"before the daemon shows here, one after it does not): p50 <= {1000 * quantile(aged0, aged1, 0.5):g} ms, "
+             f"p99 <= {1000 * quantile(aged0, aged1, 0.99):g} ms"),
             f"  clock offset daemon -> reader measured by liblsl: max {1e6 * max(offsets):.0f} us (one clock here)",
             *(f"  CPU {k} {cpu[k][0]:.0f}% of one core ({cpu[k][1]})" for k in pids),
             f"  {os.cpu_count()} cores",
