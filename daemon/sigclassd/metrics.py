@@ -134,6 +134,14 @@ class Metrics:
         self.input_connections_refused = Counter(
             f"{p}_input_connections_refused", "Gateway connections refused at their handshake because "
             "input.max_connections were open (each retry of a refused gateway counts).", registry=r)
+        self.input_connections_cut = Counter(
+            f"{p}_input_connections_cut", "Gateway connections cut under overload for flooding "
+            "(input.cut_speed; docs/ingress-limits.md).", registry=r)
+        self.input_cut_messages_dropped = Counter(
+            f"{p}_input_cut_messages_dropped", "Messages a cut connection had queued, dropped unread.", registry=r)
+        self.input_connections_refused_cooling = Counter(
+            f"{p}_input_connections_refused_cooling", "Gateway handshakes refused because their address is "
+            "cooling down after a connection of theirs was cut (input.cut_cooldown_s).", registry=r)
         self.input_reconnects = Counter(
             f"{p}_input_reconnects", "Input connect endpoints connected again after libzmq dropped them for good "
             "(e.g. a message over input.max_message_bytes from a forwarder).", registry=r)

@@ -73,6 +73,7 @@ class Service:
         self.http: tuple[BoundedHTTPServer, threading.Thread] | None = None
         self._ingest: Ingest | None = None
         self.refused_counted = 0  # input connections refused at the limit, as last counted in the metric
+        self.ingress_counted = {"cuts": 0, "cut_dropped": 0, "refused_cooling": 0}  # as last counted
         self._publisher: LabelPublisher | None = None
         # Held while samples move between counters (accept, complete+publish, fail), and by
         # /metrics while it renders: every scrape sees counters that reconcile.
@@ -280,6 +281,14 @@ class Service:
             self.rejects.add("connection_limit", refused,
                              detail=f"gateway connections refused: input.max_connections = "
                                     f"{self.settings.input.max_connections} are open")
+        watch = ingest.watch
+        for counter, total, counted in ((self.metrics.input_connections_cut, watch.cuts, "cuts"),
+                                        (self.metrics.input_cut_messages_dropped, watch.dropped, "cut_dropped"),
+                                        (self.metrics.input_connections_refused_cooling, gate.refused_cooling,
+                                         "refused_cooling")):
+            if total > self.ingress_counted[counted]:
+                counter.inc(total - self.ingress_counted[counted])
+                self.ingress_counted[counted] = total
         self._set_health(input_ok=ingest.upstream_ok())
 
     def _set_health(self, *, ready: bool | None = None, input_ok: bool | None = None) -> None:

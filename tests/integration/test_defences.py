@@ -324,6 +324,10 @@ def test_a_flood_from_64_connections_costs_the_valid_streams_nothing(tmp_path, c
             assert labelled == list(range(sent)), (name, len(labelled), sent)
             assert not any(f.flags & (protocol.LABEL_GAP | protocol.LABEL_SHED) for f in got[name]), name
         assert cuts, "no connection was cut"
+        deadline = time.monotonic() + 5  # the metric follows the log once a second
+        while d.metric("sigclassd_input_connections_cut_total") < len(cuts) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert d.metric("sigclassd_input_connections_cut_total") == len(cuts)
         assert identity_holds(a), a
     finally:
         consumer.close()
