@@ -36,6 +36,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import zmq
 import zmq.auth
@@ -345,3 +346,12 @@ def load_curve(security: SecuritySettings) -> tuple[bytes, dict[bytes, str], Top
     allowed = allowed_keys(security.curve_allowed_keys_dir)
     rules = TopicRules(topic_prefixes(security.curve_allowed_keys_dir, list(allowed.values())))
     return secret, allowed, rules
+
+
+def curve_options(security: SecuritySettings) -> dict[str, Any]:
+    """The input's CURVE arguments (``Ingest(..., **curve_options(s))``): none without ``[security]``;
+    every key file checked, a ConfigError naming the file otherwise."""
+    if not security.curve_secret_key_file:
+        return {}
+    secret, allowed, rules = load_curve(security)
+    return {"curve_secret": secret, "curve_allowed": allowed, "topic_rules": rules}

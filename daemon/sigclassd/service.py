@@ -22,7 +22,7 @@ import structlog
 import zmq
 from prometheus_client import CollectorRegistry
 
-from sigclassd import cluster, logs, lsl, protocol
+from sigclassd import auth, cluster, logs, lsl, protocol
 from sigclassd import config as config_mod
 from sigclassd.artifact import ModelArtifact
 from sigclassd.config import Settings
@@ -157,7 +157,8 @@ class Service:
         """Bind every socket and the metrics listener; a BindError names the setting and address that failed."""
         s = self.settings
         self.ctx = zmq.Context()
-        self._ingest = Ingest(self.ctx, s.input, max_declared_rate_hz=s.streams.max_declared_rate_hz, **self._curve())
+        self._ingest = Ingest(self.ctx, s.input, max_declared_rate_hz=s.streams.max_declared_rate_hz,
+                              **auth.curve_options(s.security))
         exposed = [ep for ep in s.input.bind if not _loopback(ep)]
         if exposed and not s.security.curve_secret_key_file:
             log.warning("input_exposed", endpoints=exposed,
@@ -183,15 +184,6 @@ class Service:
             except OSError as e:
                 msg = f"cannot listen on metrics.listen = {s.metrics.listen!r}: {e.strerror or e}"
                 raise BindError(msg) from e
-
-    def _curve(self) -> dict:
-        sec = self.settings.security
-        if not sec.curve_secret_key_file:
-            return {}
-        from sigclassd.auth import load_curve
-
-        secret, allowed, rules = load_curve(sec)
-        return {"curve_secret": secret, "curve_allowed": allowed, "topic_rules": rules}
 
     def _pipeline(self, s: Settings, artifact: ModelArtifact, engine: Engine,
                   first_flags: int = protocol.LABEL_START) -> Pipeline:
@@ -448,13 +440,10 @@ def check(settings: Settings, load: ModelLoader = load_model, strict: bool = Fal
     """``run --check``: validate the config (CURVE files included), load and warm the model, and report the
     addresses it binds without binding them, so that it works beside the running daemon before a reload.
     Exit 1 if an address is held by something that is not a sigclassd or, with ``strict``, held at all."""
-    from sigclassd import auth, portcheck
+    from sigclassd import portcheck
 
     try:
-        if settings.security.curve_secret_key_file:
-            auth.load_server_secret(settings.security.curve_secret_key_file)
-            allowed = auth.allowed_keys(settings.security.curve_allowed_keys_dir)
-            auth.topic_prefixes(settings.security.curve_allowed_keys_dir, list(allowed.values()))
+        auth.curve_options(settings.security)
         artifact, engine = load(settings)
     except ConfigError as e:
         log.error("config_error", error=str(e))
