@@ -43,6 +43,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import IO
 
 import structlog
 import zmq
@@ -157,6 +158,7 @@ class Worker:
     last_ping: float = 0.0
     scraped: float = 0.0
     status: str = ""
+    log_copy: threading.Thread | None = None
 
 
 Snapshot = dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]]
@@ -268,6 +270,21 @@ def _die_with_parent() -> None:
     """In the child, before exec: SIGTERM when the parent dies (killed -9), so no worker is left behind."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+_OUTPUT = threading.Lock()
+
+
+def _copy_lines(pipe: IO[bytes] | None) -> None:
+    """A worker's stdout and stderr onto the parent's stdout, a whole line at a time: the processes'
+    own buffered writes would otherwise cut each other's lines (log lines that no longer parse)."""
+    if pipe is None:
+        return
+    with pipe:
+        for line in pipe:
+            with _OUTPUT:  # through the parent's own text stream, where its own log lines go whole too
+                sys.stdout.write(line.decode("utf-8", "replace"))
+                sys.stdout.flush()
 
 
 def _free_port() -> int:
@@ -414,6 +431,9 @@ class Supervisor:
         front = self.ctx.socket(zmq.XSUB)
         front.setsockopt(zmq.RCVHWM, s.sndhwm)
         front.setsockopt(zmq.LINGER, 0)
+        # A restarted worker's PUB drops what it publishes before this socket has connected again and sent
+        # the consumers' subscriptions: retry every 10 ms, not libzmq's 100, to keep that window short.
+        front.setsockopt(zmq.RECONNECT_IVL, 10)
         back = self.ctx.socket(zmq.XPUB)
         back.setsockopt(zmq.SNDHWM, s.sndhwm)
         back.setsockopt(zmq.LINGER, s.linger_ms)
@@ -449,7 +469,11 @@ class Supervisor:
         env.pop("WATCHDOG_PID", None)
         # Its own process group: a Ctrl-C in the terminal reaches the parent only, which drains every worker once.
         worker.proc = subprocess.Popen(self.worker_command(worker), env=env, process_group=0,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                        preexec_fn=_die_with_parent)  # noqa: PLW1509 (prctl only)
+        worker.log_copy = threading.Thread(target=_copy_lines, args=(worker.proc.stdout,),
+                                           name=f"sigclassd-worker-{worker.index}-log", daemon=True)
+        worker.log_copy.start()
         worker.started = time.monotonic()
         worker.ready = worker.reloading = worker.reload_pending = False
         worker.last_ping = worker.started
@@ -671,6 +695,8 @@ class Supervisor:
             if worker.proc is not None and worker.proc.poll() is None:
                 worker.proc.kill()
                 worker.proc.wait()
+            if worker.log_copy is not None:
+                worker.log_copy.join(2.0)  # its last lines (drained, stopped) are in the pipe
             worker.notify.close()
         self.notifier.close()
         if self.rundir:

@@ -45,7 +45,7 @@ class Labels:
     def _run(self) -> None:
         while not self.stop.is_set():
             m = self.sub.receive(0.1)
-            if m is not None and m.n:
+            if m is not None:  # events without samples too: a flag may ride on one
                 self.seen.setdefault(m.stream, []).append((m.seq, m.n, m.flags))
 
     def labelled(self, stream: str) -> list[int]:
