@@ -189,18 +189,13 @@ class Ingest:
         return [m for m in messages if owns(m[0])]
 
     def _take(self, messages: list[list[bytes]], count: int) -> None:
-        # recv_multipart's own loop, but a message with more frames than the protocol's two keeps
-        # only its first three (enough for the decoder to reject it as bad_frame_count): the rest
-        # are released uncopied, not held twice over in Python.
+        # recv_multipart's own loop, but bounded to three frames a message (_take_rest).
         sock = self.socket
         recv, more = sock.recv, sock.getsockopt
         for _ in range(count):
             parts = [recv(_NOBLOCK)]
-            while more(_RCVMORE):
-                if len(parts) == 3:
-                    self._discard_rest()
-                    break
-                parts.append(recv(_NOBLOCK))
+            if more(_RCVMORE):
+                self._take_rest(parts)
             messages.append(parts)
 
     def _take_checked(self, messages: list[list[bytes]], count: int) -> None:
@@ -212,11 +207,8 @@ class Ingest:
         for _ in range(count):
             first = recv(_NOBLOCK, copy=False)
             parts = [first.bytes]
-            while more(_RCVMORE):
-                if len(parts) == 3:
-                    self._discard_rest()
-                    break
-                parts.append(recv(_NOBLOCK))
+            if more(_RCVMORE):
+                self._take_rest(parts)
             if not rules.allows(first.get("User-Id"), parts[0]):
                 self.unauthorised += 1
                 continue
@@ -234,11 +226,8 @@ class Ingest:
         for _ in range(count):
             first = recv(_NOBLOCK, copy=False)
             parts = [first.bytes]
-            while more(_RCVMORE):
-                if len(parts) == 3:
-                    self._discard_rest()
-                    break
-                parts.append(recv(_NOBLOCK))
+            if more(_RCVMORE):
+                self._take_rest(parts)
             try:
                 fd = first.get(_SRCFD)
             except zmq.ZMQError:  # no connection behind it (inproc: the LSL input): never watched, never cut
@@ -251,6 +240,18 @@ class Ingest:
             if fd >= 0 and len(parts) == 2 and watch.watching:
                 note(fd, parts[0], parts[1], now)
             messages.append(parts)
+
+    def _take_rest(self, parts: list[bytes]) -> None:
+        """The rest of a message after its first frame, up to three frames in all (enough for the decoder to
+        reject it as bad_frame_count): the others are released uncopied, not held twice over in Python."""
+        sock = self.socket
+        while True:
+            parts.append(sock.recv(_NOBLOCK))
+            if not sock.getsockopt(_RCVMORE):
+                return
+            if len(parts) == 3:
+                self._discard_rest()
+                return
 
     def _discard_rest(self) -> None:
         """Release the remaining frames of the message being received without copying them."""
