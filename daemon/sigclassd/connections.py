@@ -132,10 +132,13 @@ class Watch:
         self.dropped += 1
         return True
 
-    def drained(self, backlog: bool, began: float) -> None:
-        """After each drain (``began``: when it started): watch under overload, judge, stop when it ends."""
+    def drained(self, backlog: bool, waited: float) -> None:
+        """After each drain (which ``waited`` that long for a first message): watch under overload, judge, stop
+        when it ends."""
         now = time.monotonic()
-        gap = began - self.last_drain if self.last_drain else 0.0
+        # Not reading: the whole time since the last drain ended but the asked-for wait, so that a stall in the
+        # middle of this drain's reading counts too (it was missed when measured from the drain's start).
+        gap = now - self.last_drain - waited if self.last_drain else 0.0
         self.last_drain = now
         if not self.watching:
             if backlog:

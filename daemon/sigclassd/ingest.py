@@ -138,11 +138,15 @@ class Ingest:
         limit = self.settings.drain_max_messages if limit is None else limit
         messages: list[list[bytes]] = []
         self.backlog = False
-        if not self.poller.poll(max(0, int(timeout_s * 1000))):
-            self._watched(time.monotonic())
+        polled = time.monotonic()
+        ready = self.poller.poll(max(0, int(timeout_s * 1000)))
+        # The wait for a first message is not time the daemon failed to read, up to what was asked for:
+        # beyond it (a SIGSTOP during the poll) it is.
+        waited = min(time.monotonic() - polled, timeout_s)
+        if not ready:
+            self._watched(waited)
             return messages, 0.0
         now = time.time()
-        began = time.monotonic()
         watch = self.watch
         if watch.cut_speed and (watch.watching or watch.cut):
             take = self._take_watched
@@ -163,13 +167,13 @@ class Ingest:
         if self._large:
             self._large = False
             release_memory()
-        self._watched(began)
+        self._watched(waited)
         return self._mine(messages), now
 
-    def _watched(self, began: float) -> None:
+    def _watched(self, waited: float) -> None:
         if not self.watch.cut_speed:
             return
-        self.watch.drained(self.backlog, began)
+        self.watch.drained(self.backlog, waited)
         for event in self.watch.take_events():
             log.warning("connection_cut", **event,
                         detail="a connection sent beyond its streams' declared rates while the daemon was "

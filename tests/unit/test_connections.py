@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -81,3 +82,19 @@ def test_judging_a_busy_connection(pair, rate, step, cut):
         watch.note(mine.fileno(), topic, body, now=k * 0.04)
     assert bool(watch.judge(now=2.0)) is cut
     assert bool(refused) is cut
+
+
+def test_time_not_read_counts_a_stall_inside_a_drain_but_not_the_asked_for_wait():
+    """A SIGSTOP while a drain reads (after it began) is time the daemon did not read, and gives every stream that
+    much more grace; the wait for a first message, up to what the drain asked for, is not. (Measured from the
+    drain's start, the stall was missed and an honest gateway catching up after it was cut.)"""
+    w = Watch(cut_speed=2.0, cooldown_s=10.0, max_rate_hz=1e5)
+    w.drained(False, 0.0)
+    time.sleep(0.3)  # stopped in the middle of the next drain's reading
+    w.drained(True, 0.0)  # which finds the overload
+    assert w.watching and w.unread_s >= 0.3
+    idle = Watch(cut_speed=2.0, cooldown_s=10.0, max_rate_hz=1e5)
+    idle.drained(False, 0.0)
+    time.sleep(0.3)  # waiting for a message, as asked
+    idle.drained(True, 0.3)
+    assert idle.watching and idle.unread_s == 0.0
