@@ -13,7 +13,8 @@ share of the reading and
 
 - its streams' seqs run on faster than ``cut_speed`` times their declared rates, beyond
   ``BURST_S`` seconds of catch-up plus the time the daemon itself did not read (a stall, a
-  catch-up that left the sockets alone): seq holes count, what a sender's own queue dropped was
+  catch-up that left the sockets alone) recently enough for its backlog to be still arriving, in
+  this overload or the ones before it: seq holes count, what a sender's own queue dropped was
   sent too; or
 - most of its samples declare no usable rate (0 = unknown, or above ``max_rate_hz``) and the
   overload has lasted ``BURST_S`` past what the daemon did not read: with no rate to hold it to,
@@ -50,6 +51,11 @@ OWED_GRACE_S = 0.5  # ...once the overload has lasted this long
 OWED_SHARE = 2.0  # a newer busy connection getting this many times the starved one's share takes its turns
 UNDECLARED_SHARE = 0.5  # share of a connection's samples without a usable rate beyond which it is undeclared
 MAX_COOLDOWN_S = 600.0
+# A stall's backlog arrives in the overloads after it, however many: its time counts as grace in each overload
+# that begins within this many times its length after it (a daemon reading at 1.1x the offered rate takes 10x
+# the stall to catch up), and at least MIN_REMEMBER_S.
+REMEMBER_UNREAD = 10.0
+MIN_REMEMBER_S = 5.0
 
 
 @dataclass
@@ -90,7 +96,8 @@ class Watch:
         self.started = 0.0  # when the overload began
         self.judged = 0.0
         self.last_drain = 0.0
-        self.unread_s = 0.0  # time the daemon did not read since just before the overload began
+        self.unread_s = 0.0  # time the daemon did not read since just before the overload began, or recently
+        self.gaps: list[tuple[float, float]] = []  # (when it ended, seconds): recent times the daemon did not read
         self.drains = 0  # since the last judgement
         self.overloaded = 0  # of which left messages queued
         self.cut: dict[int, tuple[str, float]] = {}  # cut fd -> (its peer address, until when its leftovers go)
@@ -132,18 +139,20 @@ class Watch:
         self.dropped += 1
         return True
 
-    def drained(self, backlog: bool, waited: float) -> None:
+    def drained(self, backlog: bool, waited: float, now: float | None = None) -> None:
         """After each drain (which ``waited`` that long for a first message): watch under overload, judge, stop
         when it ends."""
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         # Not reading: the whole time since the last drain ended but the asked-for wait, so that a stall in the
         # middle of this drain's reading counts too (it was missed when measured from the drain's start).
         gap = now - self.last_drain - waited if self.last_drain else 0.0
         self.last_drain = now
+        if gap > UNREAD_GAP_S:
+            self.gaps.append((now, gap))
         if not self.watching:
             if backlog:
                 self.watching, self.started, self.judged = True, now, now
-                self.unread_s = gap if gap > UNREAD_GAP_S else 0.0
+                self.unread_s = self.recent_unread(now)
                 self.drains = self.overloaded = 0
                 self.seen.clear()
             return
@@ -159,6 +168,15 @@ class Watch:
             return
         self.judge(now)
         self.judged, self.drains, self.overloaded = now, 0, 0
+
+    def recent_unread(self, now: float) -> float:
+        """The time the daemon did not read whose backlog may still be arriving (forgetting older gaps).
+
+        The catch-up after a stall can be several overloads, not one: the daemon drains its sockets faster
+        than the senders' queues reach them, the overload ends, and the rest of the backlog starts another.
+        Each new overload is granted the stall again (it cannot tell how much of the backlog is left)."""
+        self.gaps = [(end, s) for end, s in self.gaps if now - end < max(MIN_REMEMBER_S, REMEMBER_UNREAD * s)]
+        return sum(s for _, s in self.gaps)
 
     def judge(self, now: float) -> list[int]:
         """Cut the connections that flood; returns their fds."""

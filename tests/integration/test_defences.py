@@ -156,7 +156,10 @@ def test_a_stall_of_the_daemon_under_load_loses_nothing_that_reached_its_sockets
             any(f.stream == n and f.seq + len(f.labels) >= sent for f in fs) for n in names))
         a = settle(d)
         reasons = {r: rejected(d, r) for r in ("rate_limited", "conflicting_publishers", "reset_storm", "stream_limit")}
-        print(f"stall {stall_s:g} s: refused {reasons}; resets", d.metrics_sum("sigclassd_stream_resets_total"))
+        cuts = d.metrics_sum("sigclassd_input_connections_cut_total")
+        print(f"stall {stall_s:g} s: refused {reasons}; resets", d.metrics_sum("sigclassd_stream_resets_total"),
+              "; connections cut", cuts)
+        assert cuts == 0, "the flood watch cut the honest gateway catching up after the stall"
         lost = {n: check_nothing_lost_but_reported(frames, n, sent) for n in names}
         back = [labels_since(frames, n, resumed, consumer.times) for n in names]
         assert all(t is not None for t in back)

@@ -98,3 +98,43 @@ def test_time_not_read_counts_a_stall_inside_a_drain_but_not_the_asked_for_wait(
     time.sleep(0.3)  # waiting for a message, as asked
     idle.drained(True, 0.3)
     assert idle.watching and idle.unread_s == 0.0
+
+
+def test_a_stall_is_grace_in_every_overload_of_its_catch_up_not_only_the_first(pair):
+    """After a 6 s stall the catch-up ends one overload (the daemon read faster than the gateway's queue reached
+    it) and starts another with 3 s of backlog still queued at the gateway. The honest gateway is not cut in the
+    second overload (it was, when the grace lasted one overload: the tail of a clean-clone CI run's 6 s stall
+    drill was lost); long after the stall, the same run-ahead is cut."""
+    mine, _peer = pair
+    for after_stall, cut in ((0.0, False), (120.0, True)):
+        watch, _refused = refusals()
+        t = 1000.0
+        watch.drained(False, 0.0, now=t)
+        t += 6.0  # SIGSTOP, then SIGCONT: the first drain finds the backlog
+        watch.drained(True, 0.0, now=t)
+        assert watch.watching and watch.unread_s == pytest.approx(6.0)
+        for _ in range(20):  # the backlog's first half is read; then the sockets are empty for a while
+            t += 0.05
+            watch.drained(False, 0.0, now=t)
+        assert not watch.watching
+        for _ in range(int(after_stall / 0.05)):  # reading on, no overload
+            t += 0.05
+            watch.drained(False, 0.0, now=t)
+        watch.drained(True, 0.0, now=t)  # the rest of the backlog arrives: a new overload
+        assert watch.watching
+        # In the next second the stream's seqs cover 4 s of its 250 Hz: 3 s of backlog on top of real time.
+        for k in range(101):
+            topic, body = frame(k * 10, 250.0)
+            watch.note(mine.fileno(), topic, body, now=t + k * 0.01)
+        assert bool(watch.judge(now=t + 1.0)) is cut
+
+
+def test_a_stall_is_grace_even_when_the_first_drain_after_it_finds_no_overload():
+    """The first drain after a SIGCONT may read all that reached the socket so far, the backlog still in the
+    gateway's queue: the overload the next drains find is granted the stall (it got none when only a drain that
+    began an overload counted its gap)."""
+    w = Watch(cut_speed=2.0, cooldown_s=10.0, max_rate_hz=1e5)
+    w.drained(False, 0.0, now=100.0)
+    w.drained(False, 0.0, now=106.0)  # 6 s stopped; the socket held little
+    w.drained(True, 0.0, now=106.01)
+    assert w.watching and w.unread_s == pytest.approx(6.0)
