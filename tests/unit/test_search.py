@@ -52,3 +52,19 @@ def test_search_refits_the_best_candidate_and_records_every_choice(
     assert (out / "model.keras").read_bytes() != (Path(best["dir"]) / "model.keras").read_bytes()
     printed = capsys.readouterr().out
     assert "search leaderboard" in printed and f"{scores[0]:.3f}" in printed and "refit" in printed
+
+
+def test_a_candidate_still_training_when_the_budget_ends_stops_after_its_epoch(tmp_path: Path) -> None:
+    """The budget bounds the search, not only when candidates start: the first candidate (which always runs)
+    stops after the epoch in which the budget ran out, keeps its best epoch so far, and no other starts."""
+    from sigclassd.models.cli import main
+
+    out = tmp_path / "m"
+    args = ["train", "--synthetic", "--recordings", "2", "--samples", "3000", "--channels", "4", "--filters", "4",
+            "--units", "4", "--epochs", "2", "--patience", "0", "--window", "64", "--hop", "64",
+            "--search", "0.001", "--progress", "none", "--out", str(out)]
+    assert main(args) == 0
+    search = json.loads((out / "metadata.json").read_text())["training"]["search"]
+    [only] = search["leaderboard"]
+    assert only["epochs_run"] == 1 and only["kept_epoch"] == 1 and only["stopped_by_budget"] is True
+    assert search["refit"]["epochs"] == 1

@@ -232,7 +232,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--search", type=float, default=0.0, metavar="MINUTES",
         help="try conditioning presets, then model shapes, for about MINUTES (each candidate a full training run "
-        "with these options); keep the best by served validation balanced accuracy, print the leaderboard and "
+        "with these options; one still training when the budget ends stops after its current epoch); keep the best "
+        "by served validation balanced accuracy, print the leaderboard and "
         "record it in metadata.json (training.search); then train the winner again on all the training data "
         "(its conditioning, shape, kept epoch and learning rates). Candidates go to OUT/search/ (default: off)",
     )
@@ -298,8 +299,9 @@ def search(ds: Any, cfg: Any, out: Path, minutes: float, *, verbose: int, comman
 
     Each candidate is a full ``train`` run into ``out/search/N``; the score is its validation balanced
     accuracy as served (windowed, ``metrics.held_out``). A candidate starts only while the budget lasts
-    (the first always runs). Then the winner's choices (conditioning, shape, and its kept epoch with the
-    learning rate of each epoch up to it) are trained again on all the training data into ``out``
+    (the first always runs), and one still training when it ends stops after its current epoch with its
+    best epoch so far (``stopped_by_budget``). Then the winner's choices (conditioning, shape, and its kept
+    epoch with the learning rate of each epoch up to it) are trained again on all the training data into ``out``
     (``refit``; else the winner's directory is copied there). ``training.search`` records the leaderboard
     and every choice; ``metrics.search_validation`` the winner's validation scores.
     """
@@ -310,24 +312,28 @@ def search(ds: Any, cfg: Any, out: Path, minutes: float, *, verbose: int, comman
     from sigclassd.models.train import train
 
     started = time.monotonic()
+    deadline = started + minutes * 60
     board: list[dict[str, Any]] = []
     configs: dict[str, Any] = {}
 
     def run(name: str, candidate: Any) -> float | None:
-        if board and time.monotonic() - started > minutes * 60:
+        if board and time.monotonic() > deadline:
             return None
         where = out / "search" / str(len(board) + 1)
         print(f"search: candidate {len(board) + 1}: {name}", flush=True)
+        candidate = dataclasses.replace(candidate, deadline=deadline)
         art = train(ds, candidate, where, verbose=0 if verbose == 2 else verbose, command=command)
         score = float(art.meta.metrics["held_out"]["windowed"]["balanced_accuracy"])
         selection = art.meta.training["selection"]
         board.append({"candidate": name, "conditioning": candidate.conditioning, "hyperparameters":
                       art.meta.hyperparameters, "val_balanced_accuracy": score,
                       "kept_epoch": selection["kept_epoch"], "epochs_run": art.meta.training["epochs_run"],
+                      "stopped_by_budget": selection["stopped_by_budget"],
                       "dir": str(where), "minutes": round((time.monotonic() - started) / 60, 1)})
         configs[str(where)] = candidate
+        cut = ", stopped by the budget" if selection["stopped_by_budget"] else ""
         print(f"search: candidate {len(board)}: validation balanced accuracy {score:.3f} "
-              f"(epoch {selection['kept_epoch']})", flush=True)
+              f"(epoch {selection['kept_epoch']} of {art.meta.training['epochs_run']}{cut})", flush=True)
         return score
 
     choices = {"given": cfg.conditioning, **{k: v for k, v in CONDITIONING_PRESETS.items() if k != "none"},

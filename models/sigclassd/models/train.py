@@ -168,6 +168,9 @@ class TrainConfig:
     # A refit (``--search`` once it has chosen): train on every sample, no validation part, one epoch per
     # learning rate given (the chosen run's own schedule up to its kept epoch), and keep the last epoch.
     refit_rates: tuple[float, ...] = ()
+    # ``--search``'s budget (a ``time.monotonic()`` value): a candidate still training then stops after the
+    # epoch it is in and keeps its best epoch so far, so a slow candidate cannot run the search far past it.
+    deadline: float | None = None
     name: str = "model"
     version: str = "1.0.0"
 
@@ -589,6 +592,7 @@ def train(
 
     curve: list[dict[str, float]] = []
     best: dict[str, Any] = {"epoch": 0, "score": -1.0, "weights": None}
+    stopped: dict[str, str | None] = {"by": None}
 
     class Selection(keras.callbacks.Callback):
         """Score validation as served, keep the best weights, halve the rate on a plateau, stop after patience."""
@@ -622,6 +626,10 @@ def train(
             since = epoch + 1 - best["epoch"]
             if cfg.patience and since >= cfg.patience:
                 log(f"no better validation score for {cfg.patience} epochs: stopping", flush=True)
+                trained.stop_training = True
+            elif cfg.deadline is not None and time.monotonic() >= cfg.deadline and epoch + 1 < cfg.epochs:
+                log("search budget spent: stopping", flush=True)
+                stopped["by"] = "budget"
                 trained.stop_training = True
             elif cfg.patience >= 2 and since and since % max(1, cfg.patience // 2) == 0:
                 trained.optimizer.learning_rate.assign(lr / 2)
@@ -746,7 +754,7 @@ def train(
         "selection": {"keep": "last", "refit": True, "learning_rates": list(cfg.refit_rates), "kept_epoch": kept}
         if refit else {"keep": keep, "monitor": cfg.monitor, "metric": "balanced_accuracy",
                        "serve_hop": cfg.serve_hop, "serve_lag": cfg.serve_lag, "patience": cfg.patience,
-                       "kept_epoch": kept},
+                       "kept_epoch": kept, "stopped_by_budget": stopped["by"] == "budget"},
         "curve": curve,
         "batch_size": batch,
         "learning_rate": cfg.learning_rate,
