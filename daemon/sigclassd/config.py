@@ -80,6 +80,9 @@ class ModelSettings:
     # join the batch: a little latency for far fewer model calls at light and moderate load.
     max_wait_ms: float = 2.0
     batch_target_streams: int = 32
+    # Windowed mode instead: a ready window waits up to this long, the input read meanwhile, for
+    # others to join its model call (a call has a fixed cost of a few ms, each window a whole pass).
+    window_wait_ms: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -323,6 +326,7 @@ def validate(s: Settings) -> None:
             problems.append(str(e))
     need(s.model.max_batch_streams >= 1, "model.max_batch_streams must be >= 1")
     need(0 <= s.model.max_wait_ms <= 1000, "model.max_wait_ms must be in [0, 1000]")
+    need(0 <= s.model.window_wait_ms <= 1000, "model.window_wait_ms must be in [0, 1000]")
     need(s.model.batch_target_streams >= 1, "model.batch_target_streams must be >= 1")
     need(s.streams.max_streams >= 1, "streams.max_streams must be >= 1")
     need(s.streams.idle_ttl_s > 0, "streams.idle_ttl_s must be > 0")

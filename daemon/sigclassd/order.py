@@ -14,11 +14,18 @@ ready, the turn waits ``max_wait_ms`` for more messages (a model call has a fixe
 while messages are left queued, retired ones wait, or demoted ones wait (a flood): the other
 streams' labels would wait with them.
 
+In windowed mode a call costs far more (every window is a whole forward pass,
+and each call pays a fixed 2-3 ms for the recurrent loop's steps), so the wait is
+``window_wait_ms`` counted from when the oldest ready incarnation became ready, and the turn
+goes on reading the input meanwhile, queued messages included (``wait_s`` says whether and
+how long); it ends once ``batch_target_streams`` are ready.
+
 Every setting here is a batching setting: a reload applies it to the live order (:meth:`apply`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -36,12 +43,14 @@ class Order:
         # Insertion-ordered sets of incarnations with work.
         self.ready: dict[Incarnation, None] = {}
         self.demoted: dict[Incarnation, None] = {}
+        self.ready_since = 0.0  # time.monotonic() when the oldest incarnation in ``ready`` became ready
         self.apply(model, streams)
 
     def apply(self, model: ModelSettings, streams: StreamSettings) -> None:
         """Take (reloaded) batching settings: they apply from the next turn."""
         self.max_streams = model.max_batch_streams
-        self.max_wait_s = model.max_wait_ms / 1000
+        self.windowed = model.mode != "stateful"
+        self.max_wait_s = (model.window_wait_ms if self.windowed else model.max_wait_ms) / 1000
         self.target_streams = model.batch_target_streams
         self.demoted_samples = streams.demoted_samples_per_turn  # per call, for incarnations over their rate
 
@@ -54,6 +63,8 @@ class Order:
         if inc.budget.demoted_until > now:
             self.demoted[inc] = None
         else:
+            if not self.ready:
+                self.ready_since = time.monotonic()
             self.ready[inc] = None
 
     def offer(self, inc: Incarnation, now: float) -> None:
@@ -124,8 +135,15 @@ class Order:
         return taken
 
     def wait_s(self, backlog: bool) -> float:
-        """Seconds the turn should wait for more messages before it runs the model (see the module's doc)."""
-        if (self.max_wait_s and self.ready and not self.retired and not self.demoted and not backlog
-                and len(self.ready) < self.target_streams):
-            return self.max_wait_s
-        return 0.0
+        """Seconds the turn should wait for more messages before it runs the model (see the module's doc).
+
+        Stateful mode: ``max_wait_ms`` once, and never while messages are left queued (``backlog``).
+        Windowed mode: what is left of ``window_wait_ms`` since the oldest ready incarnation became
+        ready, backlog or not (the turn then reads the queued messages rather than sleep).
+        """
+        if (not self.max_wait_s or not self.ready or self.retired or self.demoted
+                or len(self.ready) >= self.target_streams):
+            return 0.0
+        if not self.windowed:
+            return 0.0 if backlog else self.max_wait_s
+        return max(0.0, self.ready_since + self.max_wait_s - time.monotonic())

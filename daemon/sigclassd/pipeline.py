@@ -35,6 +35,7 @@ log = structlog.get_logger("sigclassd")
 
 MAX_NORMALISED = 1e6  # largest |normalised input| accepted; far beyond any real signal, far below overflow
 MAX_RAW_CONDITIONED = 1e12  # largest |raw sample| for a conditioned model; filter gains stay far below overflow
+WINDOW_WAIT_SLICE_S = 0.005  # windowed mode waits for a batch in sleeps of at most this
 
 
 class InferenceFailure(SigclassdError):
@@ -78,11 +79,16 @@ class Pipeline:
         The serving order may have the turn wait for more messages first (:meth:`Order.wait_s`).
         """
         self.take(timeout_s)
-        wait = self.core.order.wait_s(self.ingest.backlog)
-        if wait:
-            # One sleep and one drain, rather than a poll per message arriving meanwhile.
-            time.sleep(wait)
-            self.take(0.0)
+        order = self.core.order
+        wait = order.wait_s(self.ingest.backlog)
+        read = True
+        while wait:
+            # Messages left queued are read at once; else one sleep and one drain, rather than a
+            # poll per message arriving meanwhile (windowed mode: in slices, to see its target met).
+            if not (self.ingest.backlog and read):
+                time.sleep(min(wait, WINDOW_WAIT_SLICE_S) if order.windowed else wait)
+            read = self.take(0.0)
+            wait = order.wait_s(self.ingest.backlog) if order.windowed else 0.0
         return self.run_batch()
 
     # ------------------------------------------------------------ ingest -> decode -> table

@@ -36,7 +36,8 @@ RESTART_SECTIONS = ("input", "output", "metrics", "security", "lsl")
 # Sections applied between two turns, whatever key changed.
 LIVE_SECTIONS = ("streams", "log", "service")
 # Keys that act only when and how much the daemon batches: the serving order takes them live.
-LIVE_MODEL_KEYS = ("model.max_wait_ms", "model.batch_target_streams", "model.max_batch_streams")
+LIVE_MODEL_KEYS = ("model.max_wait_ms", "model.window_wait_ms", "model.batch_target_streams",
+                   "model.max_batch_streams")
 RESHARD_KEYS = ("input.shard",)
 # Keys of live sections that still need a restart (the worker processes are started once).
 RESTART_KEYS = ("service.workers",)

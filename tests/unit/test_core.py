@@ -108,8 +108,9 @@ def test_the_mode_decides_history_hop_look_ahead_and_warm_up():
 
 def test_the_order_waits_for_more_streams_only_while_few_are_ready_and_none_is_demoted():
     """The wait decision: max_wait_ms while fewer than batch_target_streams are ready; never with a backlog
-    queued, a demoted stream waiting, or max_wait_ms = 0 (a reload applies that live, to the same order)."""
-    s = settings_for("windowed")
+    queued, a demoted stream waiting, or max_wait_ms = 0 (a reload applies that live, to the same order).
+    Stateful mode: windowed mode waits as tests/unit/test_windowed_wait.py checks."""
+    s = settings_for("stateful")
     s = dataclasses.replace(s, model=dataclasses.replace(s.model, max_wait_ms=3.0, batch_target_streams=2))
     artifact, engine = load_model(s)
     core = build_core(s, artifact.meta, engine, Metrics(CollectorRegistry(), process=False), clock=lambda: 0.0)

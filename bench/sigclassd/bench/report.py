@@ -19,6 +19,7 @@ import zmq
 from sigclassd.bench.load import CHUNK, Load
 from sigclassd.bench.result import DAEMON_MODES, MODES, SUSTAIN_P99_MS, RunResult
 from sigclassd.bench.sut import SHARDS
+from sigclassd.engine import kernels
 
 # Issue 13's targets.
 RELAY_RATIO_MUST, RELAY_RATIO_GOAL = 0.9, 1.0
@@ -190,6 +191,8 @@ def machine() -> dict[str, str]:
         "python": platform.python_version(),
         "libzmq (pyzmq)": zmq.zmq_version(),
         **versions,
+        # The daemons inherit this environment, so they run the kernels this process finds.
+        "BLAS kernels": kernels.blas_kernels(),
         "load average before (1, 5 min)": f"{load1:.2f}, {load5:.2f}",
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
     }

@@ -118,6 +118,11 @@ def run_one(mode: str, load: Load, opts: argparse.Namespace, tmp: Path, loadgen:
             "daemon_frames_received": int(metrics.get("sigclassd_frames_received_total", 0)),
             "daemon_samples_received": int(metrics.get("sigclassd_samples_received_total", 0)),
             "daemon_samples_labelled": int(metrics.get("sigclassd_samples_labelled_total", 0)),
+            # The model calls over the whole run (warm-up included): how the daemon batched.
+            "model_calls": int(metrics.get("sigclassd_inference_duration_seconds_count", 0)),
+            "model_wall_s": round(metrics.get("sigclassd_inference_duration_seconds_sum", 0.0), 3),
+            "streams_per_call": round(metrics.get("sigclassd_batch_streams_sum", 0.0)
+                                      / max(1.0, metrics.get("sigclassd_batch_streams_count", 0.0)), 1),
             "streams_evicted": int(metrics.get("sigclassd_streams_evicted_total", 0)),
             "streams_active": int(metrics.get("sigclassd_streams_active", 0)),
             "flagged_shed": got["flagged_shed"],

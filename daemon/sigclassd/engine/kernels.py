@@ -23,6 +23,7 @@ LSTM, and rows of very different lengths run in separate boxes (``_runs``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -61,6 +62,21 @@ def single_blas_thread() -> None:
     import threadpoolctl
 
     threadpoolctl.threadpool_limits(1, user_api="blas")
+
+
+def blas_kernels() -> str:
+    """The BLAS library and kernels NumPy's matmuls run, as reported to the operator (startup log, model info):
+    e.g. ``"openblas 0.3.31 SkylakeX (OPENBLAS_CORETYPE unset)"``.
+
+    The daemon never changes the choice: ``OPENBLAS_CORETYPE`` is the operator's
+    environment's. Saying which kernels run tells why two hosts' windowed figures differ.
+    """
+    import threadpoolctl
+
+    found = [f"{i['internal_api']} {i.get('version') or '?'} {i.get('architecture') or '?'}"
+             for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    coretype = os.environ.get("OPENBLAS_CORETYPE")
+    return f"{', '.join(found) or 'none found'} (OPENBLAS_CORETYPE {coretype or 'unset'})"
 
 
 _HALF = np.float32(0.5)
