@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import ctypes
 import json
 import os
 import socket
@@ -42,6 +43,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# Runs a child that gets SIGTERM when the bench dies (PR_SET_PDEATHSIG survives exec): a crash of the bench
+# must not leave a 100-outlet load running beside the next measurement.
+DIE_WITH_PARENT = [sys.executable, "-c", ("import ctypes, os, sys; ctypes.CDLL(None).prctl(1, 15); "
+                                          "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")]
 
 
 def metric(port: int, name: str) -> float:
@@ -92,12 +99,117 @@ def cpu_split(before: dict[str, float], after: dict[str, float], wall: float) ->
     return total, ", ".join(f"{name} {100 * v / wall:.0f}%" for name, v in top if v > 0)
 
 
+def read_inlets(pylsl: Any, labels: list[Any], probes: list[Any], end: float) -> tuple[list[np.ndarray],
+                                                                                       list[np.ndarray]]:
+    """Until ``end``, the latency of every label (and probed source sample) from its LSL timestamp to its pull here.
+    liblsl's pull is called directly (as the daemon does, sigclassd.lsl.Native): pylsl's wrapper costs about
+    9 us per inlet, and this reader's own CPU is taken from the same cores as the daemon's."""
+    from sigclassd.lsl import Native
+
+    native = Native(pylsl)
+    err = ctypes.c_int32()
+    calls = []
+    for inlets, channels, fmt, dtype in ((labels, 2, pylsl.cf_int32, np.int32),
+                                         (probes, 16, pylsl.cf_float32, np.float32)):
+        buf, ts = np.empty((4096, channels), dtype), np.empty(4096)
+        out: list[np.ndarray] = []
+        calls.append((native.pull[fmt], [(i.obj, buf.ctypes.data, ts.ctypes.data, buf.size, 4096, 0.0,
+                                          ctypes.byref(err)) for i in inlets], channels, ts, out, buf))
+    clock = native.local_clock
+    while time.monotonic() < end:
+        got = 0
+        for pull, args, channels, ts, out, _ in calls:  # the last: the buffer, kept alive here
+            for a in args:
+                n = pull(*a) // channels
+                if n:
+                    out.append(clock() - ts[:n])
+                    got += n
+        if not got:
+            time.sleep(0.001)
+    return calls[0][4], calls[1][4]
+
+
+def daemon_ages(path: Path, offset: int) -> dict[str, list[dict[str, Any]]]:
+    """The daemon's ``lsl_ages`` log lines after ``offset``: sample ages when read and when their labels were pushed."""
+    out: dict[str, list[dict[str, Any]]] = {"read": [], "pushed": []}
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for line in f:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # liblsl's own log lines
+            if event.get("event") == "lsl_ages":
+                out[event["at"]].append(event)
+    return out
+
+
+def ages_line(ages: list[dict[str, Any]]) -> str:
+    from sigclassd.lsl import AGES_S
+
+    if not ages:
+        return "no lsl_ages line in the window"
+    return (f"p50 {np.median([a['p50_ms'] for a in ages]):.1f} ms, p99 {max(a['p99_ms'] for a in ages):.1f} ms, "
+            f"max {max(a['max_ms'] for a in ages):.1f} ms (worst of {len(ages)} {AGES_S:g}-s lines)")
+
+
 def floor_ms(chunk: int, lookahead: int, rate: float) -> np.ndarray:
     """Per position in a chunk, the latency no daemon can beat: sample i's label needs sample i + lookahead,
     which leaves the generator with the last sample of its chunk, time-stamped (c - 1 - i % c) periods later."""
     i = np.arange(chunk * 4)
     last = ((i + lookahead) // chunk + 1) * chunk - 1
     return 1000 * (last - i) / rate
+
+
+def generator(args: argparse.Namespace) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([*DIE_WITH_PARENT, "-m", "sigclassd", "simulate", "--lsl", "--streams", str(args.streams),
+                             "--rate", str(args.rate), "--chunk", str(args.chunk), "--prefix", "bench-", "--quiet"],
+                            stderr=subprocess.DEVNULL)
+
+
+def run_direct(args: argparse.Namespace, pylsl: Any) -> int:
+    """``--direct``: the generator's outlets read here, without a daemon."""
+    from sigclassd.lsl import batch_threads
+
+    gen = generator(args)
+    try:
+        resolver = pylsl.ContinuousResolver(pred="starts-with(source_id,'bench-')")
+        inlets: dict[str, Any] = {}
+        deadline = time.monotonic() + 90
+        while len(inlets) < args.streams and time.monotonic() < deadline:
+            for info in resolver.results():
+                if info.source_id() not in inlets:
+                    with batch_threads():
+                        inlets[info.source_id()] = pylsl.StreamInlet(info, max_buflen=30)
+                        inlets[info.source_id()].open_stream(10)
+            time.sleep(0.5)
+        time.sleep(2.0)
+        for inlet in inlets.values():
+            inlet.flush()
+        pids = {"generator": gen.pid, "reader": os.getpid()}
+        cpu0 = {k: thread_cpu(pid) for k, pid in pids.items()}
+        t0 = time.monotonic()
+        _, pulled = read_inlets(pylsl, [], list(inlets.values()), t0 + args.seconds)
+        wall = time.monotonic() - t0
+        cpu = {k: cpu_split(cpu0[k], thread_cpu(pid), wall) for k, pid in pids.items()}
+        lat = np.concatenate(pulled) * 1000
+        q = np.percentile
+        lines = [
+            (f"LSL bench --direct: {len(inlets)} outlets x {args.rate:g} Hz x 16 ch, chunk {args.chunk}, read "
+             f"here, no daemon, {wall:.1f} s measured"),
+            f"  received {len(lat)} samples ({len(lat) / wall:,.0f}/s, nominal {args.streams * args.rate:,.0f}/s)",
+            (f"  latency sample LSL timestamp -> pulled here (generator lateness + transport + this reader): "
+             f"p50 {q(lat, 50):.1f} ms, p99 {q(lat, 99):.1f} ms, max {lat.max():.1f} ms"),
+            *(f"  CPU {k} {cpu[k][0]:.0f}% of one core ({cpu[k][1]})" for k in pids),
+            f"  {os.cpu_count()} cores",
+        ]
+        print("\n".join(lines), flush=True)
+        if args.out:
+            Path(args.out).with_suffix(".txt").write_text("\n".join(lines) + "\n")
+        return 0
+    finally:
+        gen.terminate()
+        gen.wait(30)
 
 
 def main() -> int:
@@ -110,6 +222,9 @@ def main() -> int:
     p.add_argument("--probe", type=int, default=5, help="source outlets also read here directly (default 5)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a daemon config override, e.g. lsl.poll_ms=10 (repeatable)")
+    p.add_argument("--direct", action="store_true",
+                   help="no daemon: read every source outlet here (what the generator, LSL's transport and this "
+                        "reader cost and delay on their own)")
     p.add_argument("--out", default=None, help="write the report to OUT.txt and the figures to OUT.json")
     args = p.parse_args()
 
@@ -122,7 +237,10 @@ def main() -> int:
     import pylsl
 
     from sigclassd.artifact import default_model_path, read_artifact
+    from sigclassd.lsl import batch_threads
 
+    if args.direct:
+        return run_direct(args, pylsl)
     lookahead = read_artifact(default_model_path()).meta.lookahead if args.mode == "stateful" else 0
     http = free_port()
     conf = tmp / "daemon.toml"
@@ -132,7 +250,7 @@ def main() -> int:
                     f'source_id = ""\npredicate = "starts-with(source_id,\'bench-\')"\n')
     overrides = [x for kv in args.set for x in ("--set", kv)]
     log = open(tmp / "daemon.log", "wb")  # noqa: SIM115 - closed at the end
-    daemon = subprocess.Popen([sys.executable, "-m", "sigclassd", "run", "--config", str(conf), *overrides],
+    daemon = subprocess.Popen([*DIE_WITH_PARENT, "-m", "sigclassd", "run", "--config", str(conf), *overrides],
                               stdout=log, stderr=subprocess.STDOUT)
     gen = None
     try:
@@ -142,18 +260,17 @@ def main() -> int:
                     break
             except OSError:
                 time.sleep(0.2)
-        gen = subprocess.Popen([sys.executable, "-m", "sigclassd", "simulate", "--lsl", "--streams", str(args.streams),
-                                "--rate", str(args.rate), "--chunk", str(args.chunk), "--prefix", "bench-",
-                                "--quiet"], stderr=subprocess.DEVNULL)
+        gen = generator(args)
         resolver = pylsl.ContinuousResolver(pred="starts-with(source_id,'sigclassd-labels:bench-')")
         inlets: dict[str, Any] = {}
         deadline = time.monotonic() + 90
         while len(inlets) < args.streams and time.monotonic() < deadline:
             for info in resolver.results():
                 if info.source_id() not in inlets:
-                    inlet = pylsl.StreamInlet(info, max_buflen=30)
                     try:
-                        inlet.open_stream(10)
+                        with batch_threads():
+                            inlet = pylsl.StreamInlet(info, max_buflen=30)
+                            inlet.open_stream(10)
                     except pylsl.util.TimeoutError:
                         continue  # a loaded machine: tried again on the next round
                     inlets[info.source_id()] = inlet
@@ -167,8 +284,9 @@ def main() -> int:
         for i in range(min(args.probe, args.streams)):
             found = pylsl.resolve_bypred(f"source_id='bench-{i:04d}'", 1, 10.0)
             if found:
-                probes.append(pylsl.StreamInlet(found[0], max_buflen=30))
-                probes[-1].open_stream(10)
+                with batch_threads():
+                    probes.append(pylsl.StreamInlet(found[0], max_buflen=30))
+                    probes[-1].open_stream(10)
         time.sleep(2.0)
         offsets = [abs(inlet.time_correction(5.0)) for inlet in list(inlets.values())[:5]]
         for inlet in [*inlets.values(), *probes]:  # start from now: what queued while opening is dropped
@@ -181,28 +299,11 @@ def main() -> int:
         aged0 = buckets(http, "sigclassd_sensor_to_publish_seconds")
         pids = {"daemon": daemon.pid, "generator": gen.pid, "reader": os.getpid()}
         cpu0 = {k: thread_cpu(pid) for k, pid in pids.items()}
+        log_at = (tmp / "daemon.log").stat().st_size
         t0 = time.monotonic()
-        latencies: list[np.ndarray] = []
-        direct: list[np.ndarray] = []
-        end = t0 + args.seconds
-        buf = np.empty((4096, 2), np.int32)
-        pbuf = np.empty((4096, 16), np.float32)
-        labels = list(inlets.values())
-        clock = pylsl.local_clock
-        while time.monotonic() < end:
-            got = 0
-            for inlet in labels:
-                _, ts = inlet.pull_chunk(timeout=0.0, max_samples=4096, dest_obj=buf, as_numpy=True)
-                if len(ts):
-                    latencies.append(clock() - ts)
-                    got += len(ts)
-            for inlet in probes:
-                _, ts = inlet.pull_chunk(timeout=0.0, max_samples=4096, dest_obj=pbuf, as_numpy=True)
-                if len(ts):
-                    direct.append(clock() - ts)
-            if not got:
-                time.sleep(0.001)
+        latencies, direct = read_inlets(pylsl, list(inlets.values()), probes, t0 + args.seconds)
         wall = time.monotonic() - t0
+        ages = daemon_ages(tmp / "daemon.log", log_at)
         cpu1 = {k: thread_cpu(pid) for k, pid in pids.items()}
         after = {c: metric(http, c) for c in counters}
         inside1 = buckets(http, "sigclassd_ingress_to_publish_seconds")
@@ -222,6 +323,8 @@ def main() -> int:
              f"shed {d['shed']:.0f}, rejected {d['rejected']:.0f}"),
             (f"  latency sample LSL timestamp -> label at an inlet ({len(lat)} labels): p50 {q(lat, 50):.1f} ms, "
              f"p99 {q(lat, 99):.1f} ms, max {lat.max():.1f} ms"),
+            f"    split, age of a sample when the daemon pulled it: {ages_line(ages['read'])}",
+            f"    split, age when the daemon pushed its label to its LSL outlet: {ages_line(ages['pushed'])}",
             (f"  below which no daemon can go (chunk of {args.chunk} + look-ahead {lookahead}): p50 "
              f"{q(floor, 50):.1f} ms, max {floor.max():.1f} ms"),
             (f"  source outlets read here directly ({len(probes)} probes: generator lateness + transport + this "
@@ -245,7 +348,7 @@ def main() -> int:
                 "lookahead": lookahead, "seconds": wall, "overrides": args.set, **{k: int(v) for k, v in d.items()},
                 "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
                 "max_ms": float(lat.max()), "floor_p50_ms": float(np.percentile(floor, 50)),
-                "source_p99_ms": float(np.percentile(src, 99)),
+                "source_p99_ms": float(np.percentile(src, 99)), "daemon_ages": ages,
                 "cpu_percent": {k: round(v[0], 1) for k, v in cpu.items()},
             }, indent=1) + "\n")
         return 0

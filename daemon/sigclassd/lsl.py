@@ -25,13 +25,18 @@ does not need it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
+import ctypes.util
+import errno
 import itertools
+import os
 import queue
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -55,9 +60,12 @@ ENDPOINT = "inproc://sigclassd-lsl"  # the input socket binds it; the LSL thread
 LABELS_PREFIX = "sigclassd-labels:"
 PROBABILITIES_PREFIX = "sigclassd-probabilities:"
 _NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 STAMP_SECONDS = 60  # how far back a label's source timestamp can be looked up exactly
 REPLAY_WAIT_S = 30.0  # how long a replay's outlets wait for their readers before they start
 LINGER_S = 1.0  # how long simulate's outlets stay open after the last push
+AGES_S = 5.0  # how often the read and push ages are logged
+GROUP_S = 0.002  # simulate's outlets push in phase groups this far apart
 
 
 def load_pylsl() -> ModuleType:
@@ -118,6 +126,42 @@ class Stamps:
         return out
 
 
+class Ages:
+    """How old samples are, by their LSL timestamps, when the daemon reads them and when it pushes their labels:
+    logged every ``AGES_S`` (``lsl_ages``) as quantiles in ms, so that a latency can be split between the sender
+    and the transport before the daemon, the daemon itself, and what follows its label outlets. A fixed ring:
+    beyond its size in one interval, the newest ages are the ones kept."""
+
+    SIZE = 1 << 18
+
+    def __init__(self, event: str) -> None:
+        self.event = event
+        self.ring = np.empty(self.SIZE)
+        self.n = 0
+        self.next_log = time.monotonic() + AGES_S
+
+    def add(self, now: float, ts: np.ndarray) -> None:
+        m = min(len(ts), self.SIZE)
+        at = self.n % self.SIZE
+        k = min(m, self.SIZE - at)
+        np.subtract(now, ts[:k], out=self.ring[at : at + k])
+        if k < m:
+            np.subtract(now, ts[k:m], out=self.ring[: m - k])
+        self.n += m
+
+    def maybe_log(self, **extra: Any) -> None:
+        if time.monotonic() < self.next_log:
+            return
+        self.next_log = time.monotonic() + AGES_S
+        if not self.n:
+            return
+        ages = 1000 * self.ring[: min(self.n, self.SIZE)]
+        p50, p99 = np.percentile(ages, (50, 99))
+        log.info("lsl_ages", at=self.event, samples=self.n, p50_ms=round(float(p50), 1), p99_ms=round(float(p99), 1),
+                 max_ms=round(float(ages.max()), 1), **extra)
+        self.n = 0
+
+
 class Native:
     """liblsl's non-blocking pull, push and consumer calls, made through ctypes.PyDLL: without releasing the
     GIL, and with the arguments' types declared once. pylsl's wrappers cost about 9 us per empty pull and
@@ -146,7 +190,44 @@ class Native:
         self.have_consumers = lib.lsl_have_consumers
         self.have_consumers.argtypes = [c_void_p]
         self.have_consumers.restype = ctypes.c_int32
+        self.local_clock = lib.lsl_local_clock
+        self.local_clock.argtypes = []
+        self.local_clock.restype = ctypes.c_double
         self.handle_error = pylsl.util.handle_error
+
+
+@contextlib.contextmanager
+def batch_threads() -> Iterator[None]:
+    """Threads started inside (liblsl's, for the outlets or inlets made here) run as SCHED_BATCH: on being woken
+    they do not preempt the running thread, and run at its next scheduling point instead. liblsl wakes an
+    outlet's sending thread for every sample pushed and an inlet's receiving thread for every chunk; on a
+    busy machine each such wake-up preempted the thread pushing or labelling (measured: the daemon's main
+    thread was preempted 13,000 times a second and waited on the run queue 58% of the time, the sending
+    threads often woken once per sample of a chunk). The calling thread gets its own policy back."""
+    try:
+        policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux, or not allowed: the default policy
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, policy, param)
+
+
+def zmq_send() -> Any:
+    """libzmq's zmq_send (the library pyzmq loaded), called without releasing the GIL: pyzmq's send releases it
+    for every frame, and each release hands the GIL to the main loop for up to Python's switch interval."""
+    import zmq.backend.cython._zmq as backend
+
+    libs = Path(backend.__file__).resolve().parents[3] / "pyzmq.libs"
+    found = sorted(libs.glob("libzmq*.so*"))
+    lib = ctypes.PyDLL(str(found[0]) if found else ctypes.util.find_library("zmq"), use_errno=True)
+    f = lib.zmq_send
+    f.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
+    f.restype = ctypes.c_int
+    return f
 
 
 class _Source:
@@ -199,6 +280,8 @@ class LslInput:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="lsl-input", daemon=True)
         self.failed: BaseException | None = None
+        self.ages = Ages("read")
+        self.zmq_send = zmq_send()
 
     def start(self) -> None:
         self.thread.start()
@@ -241,6 +324,7 @@ class LslInput:
                 if not self.pending or self._flush():
                     for src in list(self.sources.values()):
                         full |= self._pull(src)
+                self.ages.maybe_log(streams=len(self.sources))
                 next_pass = max(next_pass + poll_s, time.monotonic()) if not full else time.monotonic()
                 self.stop.wait(next_pass - time.monotonic())
         except BaseException as e:  # the main loop sees it and stops the daemon
@@ -285,12 +369,13 @@ class LslInput:
     def _connect(self, sid: str, uid: str, info: Any) -> None:
         pylsl = self.pylsl
         try:
-            inlet = pylsl.StreamInlet(info, max_buflen=self.settings.buffer_s, recover=False,
-                                      processing_flags=pylsl.proc_clocksync)
-            inlet.open_stream(timeout=30.0)
-            # The first clock correction takes liblsl a few round trips (0.6 s measured on one host), and the
-            # first pull would wait for it with the GIL held: fetched here, later ones are immediate.
-            inlet.time_correction(timeout=30.0)
+            with batch_threads():
+                inlet = pylsl.StreamInlet(info, max_buflen=self.settings.buffer_s, recover=False,
+                                          processing_flags=pylsl.proc_clocksync)
+                inlet.open_stream(timeout=30.0)
+                # The first clock correction takes liblsl a few round trips (0.6 s measured on one host), and
+                # the first pull would wait for it with the GIL held: fetched here, later ones are immediate.
+                inlet.time_correction(timeout=30.0)
         except Exception as e:  # gone again, or unreachable: the next resolve may find it
             log.warning("lsl_stream_unreachable", stream=sid, error=repr(e))
             inlet = None
@@ -332,6 +417,7 @@ class LslInput:
             return False
         period = 1 / src.rate
         tsx = src.ts[: n + 1]
+        self.ages.add(self.native.local_clock(), tsx[1:])
         if src.last_ts is None:
             tsx[0] = tsx[1] - period
         ts = tsx[1:]
@@ -366,12 +452,16 @@ class LslInput:
 
     def _flush(self) -> bool:
         """Send the frames that wait; False if the input socket's queue is still full."""
-        pending, send = self.pending, self.sock.send_multipart
+        pending, send, sock = self.pending, self.zmq_send, self.sock.underlying
         while pending:
-            try:
-                send(pending[0], _NOBLOCK)
-            except zmq.Again:
-                return False
+            topic, body = pending[0]
+            # libzmq takes a message's first part only if its whole message fits under the high-water mark.
+            if send(sock, topic, len(topic), _SNDMORE_NOBLOCK) < 0:
+                if ctypes.get_errno() == errno.EAGAIN:
+                    return False
+                raise zmq.ZMQError(ctypes.get_errno())
+            if send(sock, body, len(body), _NOBLOCK) < 0:
+                raise zmq.ZMQError(ctypes.get_errno())
             pending.popleft()
         return True
 
@@ -396,6 +486,7 @@ class LabelOutlets:
         self.labels = np.empty((self.ROWS, 2), np.int32)
         self.ts = np.empty(self.ROWS)
         self.probabilities = np.empty((self.ROWS, 0), np.float32)
+        self.ages = Ages("pushed")
 
     def send(self, runs: list[LabelRun], artifact: ModelArtifact) -> None:
         model = (artifact.model_id, artifact.meta.classes)
@@ -429,10 +520,13 @@ class LabelOutlets:
                     labels[:m, 0] = r.labels[a : a + m]
                     labels[:m, 1] = r.flags
                     self._check(native.push_int32(out_labels, labels.ctypes.data, 2 * m, ts.ctypes.data, 1))
+                    self.ages.add(native.local_clock(), ts[:m])
                 if want_probabilities:
                     probabilities[:m] = r.probabilities[a : a + m]
                     self._check(native.push_float32(out_probabilities, probabilities.ctypes.data,
                                                     probabilities.shape[1] * m, ts.ctypes.data, 1))
+
+        self.ages.maybe_log(outlets=len(self.outlets))
 
     def _check(self, error: int) -> None:
         if error:
@@ -460,7 +554,8 @@ class LabelOutlets:
             chans = desc.append_child("channels")
             for name in names:
                 chans.append_child("channel").append_child_value("label", name)
-            outlets.append(pylsl.StreamOutlet(info, 0, max(1, self.settings.buffer_s)))
+            with batch_threads():
+                outlets.append(pylsl.StreamOutlet(info, 0, max(1, self.settings.buffer_s)))
         log.info("lsl_outlets_opened", stream=sid, labels=f"{sid}-labels", probabilities=f"{sid}-probabilities")
         return outlets[0], outlets[1], rate
 
@@ -484,10 +579,10 @@ class LslFailure(SigclassdError):
 def simulate_outlets(recordings: list[np.ndarray], *, streams: int, rate: float, chunk: int, prefix: str,
                      seconds: float, seed: int, quiet: bool, from_start: bool = False) -> int:
     """``sigclassd simulate --lsl``: one LSL outlet per stream (name and source_id PREFIX0000, ...; type EEG),
-    each pushing ``chunk`` samples per chunk period at its own phase, from a random offset of its recording
-    (``from_start``: from its first sample, for a replay). Samples are time-stamped on their nominal grid
-    (the newest of a chunk at the chunk's due time), as a device clock would, so that a push the machine
-    delays shows as latency, not as a gap."""
+    each pushing ``chunk`` samples per chunk period from a random offset of its recording (``from_start``: from
+    its first sample, for a replay), the outlets spread over the period in phase groups. Samples are
+    time-stamped on their nominal grid (the newest of a chunk at the chunk's due time), as a device clock
+    would, so that a push the machine delays shows as latency, not as a gap."""
     from sigclassd.stopflag import StopFlag
     from sigclassd.tap import plural
 
@@ -498,7 +593,8 @@ def simulate_outlets(recordings: list[np.ndarray], *, streams: int, rate: float,
     for i in range(streams):
         sid = f"{prefix}{i:04d}"
         info = pylsl.StreamInfo(sid, "EEG", channels, rate, pylsl.cf_float32, sid)
-        outlets.append(pylsl.StreamOutlet(info, chunk, 10))
+        with batch_threads():
+            outlets.append(pylsl.StreamOutlet(info, chunk, 10))
         length = len(recordings[i % len(recordings)])
         positions.append(0 if from_start else int(rng.integers(0, max(1, length - chunk))))
     if from_start:
@@ -509,30 +605,41 @@ def simulate_outlets(recordings: list[np.ndarray], *, streams: int, rate: float,
             print(f"simulate: {plural(len(waiting), 'outlet')} still unread after {REPLAY_WAIT_S:g} s; replaying "
                   "anyway", file=sys.stderr)
     stop = StopFlag()
+    native = Native(pylsl)
+    handles = [o.obj for o in outlets]
+    data = [np.ascontiguousarray(r, np.float32) for r in recordings]
     period = chunk / rate
+    # The outlets push in phase groups a few ms apart, not each at its own moment: one sleep per group keeps
+    # the generator's own wake-ups (and its share of the CPU it competes with the daemon for) small.
+    groups = max(1, min(streams, round(period / GROUP_S)))
     start = time.time()
     lsl_start = pylsl.local_clock()
     back = (np.arange(chunk) - (chunk - 1)) / rate
+    ts = np.empty(chunk)
     deadline = start + seconds if seconds > 0 else float("inf")
     sent = 0
     tick = 0
     next_report = time.monotonic() + 1.0
     while not stop.requested:
-        base = start + tick * period
-        if base >= deadline:
+        if start + tick * period >= deadline:
             break
-        for i, outlet in enumerate(outlets):
-            phase = tick * period + period * i / streams
+        for g in range(groups):
+            phase = tick * period + period * g / groups
             delay = start + phase - time.time()
             if delay > 0:
                 time.sleep(delay)
-            rec = recordings[i % len(recordings)]
-            if positions[i] >= len(rec):
-                positions[i] = 0  # looped, after the last samples (in a shorter chunk)
-            x = rec[positions[i] : positions[i] + chunk]
-            outlet.push_chunk(x, (lsl_start + phase + back[: len(x)]).tolist())
-            positions[i] += len(x)
-            sent += len(x)
+            for i in range(g, streams, groups):
+                rec = data[i % len(data)]
+                if positions[i] >= len(rec):
+                    positions[i] = 0  # looped, after the last samples (in a shorter chunk)
+                x = rec[positions[i] : positions[i] + chunk]
+                m = len(x)
+                np.add(lsl_start + phase, back[:m], out=ts[:m])
+                error = native.push_float32(handles[i], x.ctypes.data, x.size, ts.ctypes.data, 1)
+                if error:
+                    native.handle_error(error)
+                positions[i] += m
+                sent += m
         tick += 1
         if not quiet and time.monotonic() >= next_report:
             next_report = time.monotonic() + 1.0
