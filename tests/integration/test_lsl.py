@@ -86,6 +86,17 @@ def lsl_daemon(tmp_path):
             d.stop()
 
 
+def thread_policies(pid: int) -> dict[int, int]:
+    """Each thread's scheduling policy, by thread id."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out[int(tid)] = os.sched_getscheduler(int(tid))
+        except OSError:
+            continue  # the thread ended
+    return out
+
+
 def wait_for(what, timeout: float = 30.0, every: float = 0.1):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -222,7 +233,9 @@ def test_label_outlets_carry_each_label_at_its_source_samples_timestamp(lsl_daem
 
 
 def test_simulate_lsl_outlets_labelled_and_tap_lsl_reads_the_label_outlets(lsl_daemon):
-    """`simulate --lsl` publishes LSL outlets the daemon labels; `tap --lsl` prints their label outlets' chunks."""
+    """`simulate --lsl` publishes LSL outlets the daemon labels; `tap --lsl` prints their label outlets' chunks.
+    In the daemon and in simulate, liblsl's threads run SCHED_BATCH (their wake-ups do not preempt), the main
+    threads keep the default policy."""
     import json
     import subprocess
     import sys
@@ -234,9 +247,15 @@ def test_simulate_lsl_outlets_labelled_and_tap_lsl_reads_the_label_outlets(lsl_d
     try:
         tap = subprocess.run([*cli, "tap", "--lsl", "--subscribe", "simlsl-", "--count", "6", "--seconds", "40"],
                              capture_output=True, text=True, timeout=60)
+        policies = {name: thread_policies(pid) for name, pid in (("daemon", d.proc.pid), ("simulate", sim.pid))}
     finally:
         sim.terminate()
         sim.communicate(timeout=30)
+    for name, pid in (("daemon", d.proc.pid), ("simulate", sim.pid)):
+        main, others = policies[name][pid], [p for tid, p in policies[name].items() if tid != pid]
+        assert main == os.SCHED_OTHER, name
+        # The daemon: 2 inlets and 4 label outlets, simulate: 2 outlets, each with a liblsl thread or more.
+        assert others.count(os.SCHED_BATCH) >= (6 if name == "daemon" else 2), (name, others)
     assert tap.returncode == 0, tap.stderr
     lines = [json.loads(line) for line in tap.stdout.splitlines()]
     assert len(lines) == 6
