@@ -70,8 +70,12 @@ lint: venv
 	$(BIN)/ruff check daemon models bench
 	$(BIN)/mypy daemon/sigclassd models/sigclassd bench/sigclassd
 
+# Two tests at a time: most of them wait on real daemons, hosts and timers. Host-building modules run one
+# after another, and drills that time the daemon under load (marked solo) run alone (tests/conftest.py).
+# PYTEST_WORKERS=0 runs the suite in one process.
+PYTEST_WORKERS ?= 2
 test: venv os-deps lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 bench: venv os-deps
 	$(BIN)/sigclassd bench $(ARGS)

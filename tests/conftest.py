@@ -1,14 +1,52 @@
-"""Shared fixtures: a ZeroMQ context that must terminate, temporary test models."""
+"""Shared fixtures: a ZeroMQ context that must terminate, temporary test models; and how the suite shares this
+machine when it runs on several xdist workers (``make test``)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import tempfile
 import threading
+from pathlib import Path
 
 import pytest
 import zmq
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Test modules that build simulated hosts, containers or a booted systemd on this machine: they share fixed
+# network namespaces, addresses and image names, so they run one after another on one worker.
+HOST_MODULES = {"test_systemd", "test_multihost", "test_cluster_drills", "test_compose", "test_image", "test_cluster"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Schedule by file (a module's fixtures are built once), the host-building modules as one group."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            module = item.path.stem
+            item.add_marker(pytest.mark.xdist_group("hosts" if module in HOST_MODULES else module))
+
+
+@pytest.fixture(autouse=True)
+def _machine_turn(request):
+    """With several workers, a ``solo`` test (a drill that times the daemon under its own load) runs with no other
+    test running; the others run side by side. A solo test waiting at the gate holds it, so that the other
+    worker's next tests wait behind it instead of starving it."""
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run_id is None:
+        yield
+        return
+    base = Path(tempfile.gettempdir()) / f"sigclassd-tests-{run_id}"
+    solo = request.node.get_closest_marker("solo") is not None
+    with open(f"{base}.gate", "a") as gate, open(f"{base}.run", "a") as running:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(running, fcntl.LOCK_EX if solo else fcntl.LOCK_SH)
+        finally:
+            if not solo:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+        yield  # the locks go with the files
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from harness import ROOT, Consumer, Daemon, Gateway, by_stream, identity_holds, 
 
 from sigclassd import protocol
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.solo]
 
 CH = 16
 RATE = 250.0

@@ -23,6 +23,7 @@ pytestmark = [
     pytest.mark.prometheus,
     pytest.mark.tf,
     pytest.mark.slow,
+    pytest.mark.solo,
     pytest.mark.skipif(shutil.which("prometheus") is None or shutil.which("promtool") is None,
                        reason="needs the prometheus and promtool binaries (Debian package 'prometheus'; "
                               "`make test` installs it)"),

@@ -16,7 +16,7 @@ from harness import Daemon, accounting, identity_holds
 from sigclassd import partition
 from sigclassd.client import Publisher, Subscriber
 
-pytestmark = [pytest.mark.integration]
+pytestmark = [pytest.mark.integration, pytest.mark.solo]
 
 CHANNELS = 16
 CHUNK = 10

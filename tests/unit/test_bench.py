@@ -26,6 +26,8 @@ from sigclassd.bench.scenarios import render as render_scenario
 from sigclassd.bench.scenarios import verdicts
 from sigclassd.bench.sut import index_prefixes
 
+pytestmark = pytest.mark.solo  # runs the daemon at load and times it
+
 
 def stream_name(index: int) -> str:
     return f"{PREFIX}{index:05d}"
