@@ -140,7 +140,7 @@ def daemon_ages(path: Path, offset: int) -> dict[str, list[dict[str, Any]]]:
             except ValueError:
                 continue  # liblsl's own log lines
             if event.get("event") == "lsl_ages":
-                out[event["at"]].append(event)
+                out[event["at"]].append({k: event[k] for k in ("samples", "p50_ms", "p99_ms", "max_ms")})
     return out
 
 
@@ -205,7 +205,13 @@ def run_direct(args: argparse.Namespace, pylsl: Any) -> int:
         ]
         print("\n".join(lines), flush=True)
         if args.out:
-            Path(args.out).with_suffix(".txt").write_text("\n".join(lines) + "\n")
+            out = Path(args.out)
+            out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+            out.with_suffix(".json").write_text(json.dumps({
+                "streams": len(inlets), "rate": args.rate, "chunk": args.chunk, "direct": True, "seconds": wall,
+                "received": len(lat), "p50_ms": float(q(lat, 50)), "p99_ms": float(q(lat, 99)),
+                "max_ms": float(lat.max()), "cpu_percent": {k: round(v[0], 1) for k, v in cpu.items()},
+            }, indent=1) + "\n")
         return 0
     finally:
         gen.terminate()
