@@ -77,17 +77,20 @@ def quantile(before: dict[float, float], after: dict[float, float], q: float) ->
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds of the main thread and of all the others (liblsl's, ZeroMQ's, the LSL reading thread), from
-    /proc (the threads all carry the process's name)."""
+    """CPU seconds of the main thread, of threads named apart (the daemon's lsl-input), and of all the others
+    (liblsl's, ZeroMQ's: they carry the process's name), from /proc."""
     out: dict[str, float] = collections.defaultdict(float)
     tick = os.sysconf("SC_CLK_TCK")
+    process = Path(f"/proc/{pid}/comm").read_text().strip()
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
         except OSError:
             continue  # the thread ended
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2 :].split()
-        out["main thread" if int(tid) == pid else "other threads"] += (int(fields[11]) + int(fields[12])) / tick
+        group = "main thread" if int(tid) == pid else name if name != process else "other threads"
+        out[group] += (int(fields[11]) + int(fields[12])) / tick
     return out
 
 
