@@ -1,13 +1,13 @@
 """Where the CPU goes with ``[service] workers``: the parent and each worker, per 1,000 streams.
 
-For each configuration (one process; two workers fed partitioned topics; two workers fed plain topics),
-start ``sigclassd run`` (stateful, bundled model), drive N streams from the benchmark's C load generator
+For each configuration (one process; two workers fed partitioned topics; two workers fed plain topics;
+``--configs`` picks some), start ``sigclassd run`` (``--mode``, stateful by default; the bundled model), drive N streams from the benchmark's C load generator
 (250 Hz, 16 channels, 10 samples a message) into the daemon and its C consumer, and read each process's
 CPU from /proc over the middle of the run. CPU seconds per second of load are less disturbed by other load
 on the machine than latency is, so these figures size a machine; the latency columns say whether this
 run kept up. Run it under ``flock /tmp/team/bench.lock`` (or on a quiet machine):
 
-    python bench/results/workers/cpu_split.py --streams 500 --seconds 12
+    python bench/results/workers/cpu_split.py --streams 500 --seconds 12 [--mode windowed] [--configs 1,2p,2]
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from sigclassd.bench.parties import build_loadgen, cpu_seconds
 from sigclassd.bench.sut import child_pids, free_port
 
 
-def measure(loadgen: Path, workers: int, partitioned: bool, streams: int, seconds: float) -> dict:
+def measure(loadgen: Path, workers: int, partitioned: bool, streams: int, seconds: float, mode: str) -> dict:
     inp, out, http = free_port(), free_port(), free_port()
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "sigclassd", "run", "--workers", str(workers), "--mode", "stateful",
+        [sys.executable, "-m", "sigclassd", "run", "--workers", str(workers), "--mode", mode,
          "--set", f'input.bind=["tcp://127.0.0.1:{inp}"]', "--set", f'output.bind="tcp://127.0.0.1:{out}"',
          "--set", f'metrics.listen="127.0.0.1:{http}"', "--set", "model.max_batch_streams=1024",
          "--set", 'log.level="warning"'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -76,7 +76,7 @@ def measure(loadgen: Path, workers: int, partitioned: bool, streams: int, second
             p.wait(30)
         cpu = {name: 100 * (after[name] - before[name]) / (t1 - t0) for name in pids}
         total = sum(cpu.values())
-        return {"workers": workers, "topics": "partitioned" if partitioned else "plain", "streams": streams,
+        return {"mode": mode, "workers": workers, "topics": "partitioned" if partitioned else "plain", "streams": streams,
                 "cpu_percent": {k: round(v, 1) for k, v in cpu.items()}, "cpu_percent_total": round(total, 1),
                 "cpu_percent_per_1000_streams": round(1000 * total / streams, 1),
                 "labelled_per_s": got["labelled_per_s"], "offered_per_s": streams * 250.0,
@@ -92,12 +92,16 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=500)
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("cpu_split.json"))
+    parser.add_argument("--mode", choices=("stateful", "windowed"), default="stateful")
+    parser.add_argument("--configs", default="1,2p,2",
+                        help="comma-separated: 1 (one process), 2p (2 workers, partitioned topics), 2 (plain topics)")
     args = parser.parse_args()
+    configs = {"1": (1, False), "2p": (2, True), "2": (2, False)}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         loadgen = build_loadgen(Path(tmp))
-        for workers, partitioned in ((1, False), (2, True), (2, False)):
-            row = measure(loadgen, workers, partitioned, args.streams, args.seconds)
+        for workers, partitioned in (configs[c] for c in args.configs.split(",")):
+            row = measure(loadgen, workers, partitioned, args.streams, args.seconds, args.mode)
             print(json.dumps(row), flush=True)
             rows.append(row)
     args.out.write_text(json.dumps({"command": " ".join(sys.argv), "runs": rows}, indent=1) + "\n")
