@@ -1,11 +1,11 @@
 """Where the CPU goes with ``[service] workers``: the parent and each worker, per 1,000 streams.
 
 For each configuration (one process; two workers fed partitioned topics; two workers fed plain topics;
-``--configs`` picks some), start ``sigclassd run`` (``--mode``, stateful by default; the bundled model), drive N streams from the benchmark's C load generator
-(250 Hz, 16 channels, 10 samples a message) into the daemon and its C consumer, and read each process's
-CPU from /proc over the middle of the run. CPU seconds per second of load are less disturbed by other load
-on the machine than latency is, so these figures size a machine; the latency columns say whether this
-run kept up. Run it under ``flock /tmp/team/bench.lock`` (or on a quiet machine):
+``--configs`` picks some), start ``sigclassd run`` (``--mode``, stateful by default; the bundled model),
+drive N streams from the benchmark's C load generator (250 Hz, 16 channels, 10 samples a message)
+into the daemon and its C consumer, and read each process's CPU from /proc over the middle of the run.
+CPU seconds per second of load are less disturbed by other load on the machine than latency is, so
+these figures size a machine; the latency columns say whether this run kept up. Run it under ``flock /tmp/team/bench.lock`` (or on a quiet machine):
 
     python bench/results/workers/cpu_split.py --streams 500 --seconds 12 [--mode windowed] [--configs 1,2p,2]
 """
@@ -76,7 +76,8 @@ def measure(loadgen: Path, workers: int, partitioned: bool, streams: int, second
             p.wait(30)
         cpu = {name: 100 * (after[name] - before[name]) / (t1 - t0) for name in pids}
         total = sum(cpu.values())
-        return {"mode": mode, "workers": workers, "topics": "partitioned" if partitioned else "plain", "streams": streams,
+        return {"mode": mode, "workers": workers, "topics": "partitioned" if partitioned else "plain",
+                "streams": streams,
                 "cpu_percent": {k: round(v, 1) for k, v in cpu.items()}, "cpu_percent_total": round(total, 1),
                 "cpu_percent_per_1000_streams": round(1000 * total / streams, 1),
                 "labelled_per_s": got["labelled_per_s"], "offered_per_s": streams * 250.0,
