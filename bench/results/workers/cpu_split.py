@@ -5,7 +5,8 @@ For each configuration (one process; two workers fed partitioned topics; two wor
 drive N streams from the benchmark's C load generator (250 Hz, 16 channels, 10 samples a message)
 into the daemon and its C consumer, and read each process's CPU from /proc over the middle of the run.
 CPU seconds per second of load are less disturbed by other load on the machine than latency is, so
-these figures size a machine; the latency columns say whether this run kept up. Run it under ``flock /tmp/team/bench.lock`` (or on a quiet machine):
+these figures size a machine; the latency columns say whether this run kept up. Run it under
+``flock /tmp/team/bench.lock`` (or on a quiet machine):
 
     python bench/results/workers/cpu_split.py --streams 500 --seconds 12 [--mode windowed] [--configs 1,2p,2]
 """
