@@ -373,7 +373,7 @@ def search(ds: Any, cfg: Any, out: Path, minutes: float, *, verbose: int, comman
         rates = tuple(point["learning_rate"] for point in chosen.meta.training["curve"][: winner["kept_epoch"]])
         print(f"search: refit of {winner['candidate']} on all the training data for {len(rates)} epoch(s)",
               flush=True)
-        train(ds, dataclasses.replace(configs[winner["dir"]], refit_rates=rates), out,
+        train(ds, dataclasses.replace(configs[winner["dir"]], refit_rates=rates, deadline=None), out,
               verbose=verbose, command=command)
         record["refit"] = {"epochs": len(rates), "learning_rates": list(rates),
                            "minutes": round((time.monotonic() - started) / 60 - searched, 1)}
