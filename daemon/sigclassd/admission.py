@@ -15,9 +15,12 @@ flags a restart. Its frames then always pass, whatever the daemon's own stalls.
   dropped before the daemon read it) count as sent, but a hole costs at most ``HOLE_S``.
   The debt is bounded in time (``MAX_DEBT_S``), and a new incarnation starts without it.
 - **Daemon stalls**: time between the daemon's turns in which its process did not run (beyond
-  ``STALL_S``) is time it was not reading. Each id may catch up that much more than
-  ``rate_burst_s``, a credit that wanes over twice the stall: the backlog queued in the sockets
-  meanwhile passes, and is not demoted.
+  ``STALL_S``) is time it was not reading; so is time it spent behind (turns that left messages
+  queued: a loaded host, a flood). Each id may catch up that much more than ``rate_burst_s``, a
+  credit that wanes over twice that time once the daemon keeps up (turns that leave nothing
+  queued): the backlog queued meanwhile passes, and is not demoted, however long a loaded host
+  takes to read it. The credit lowers the floor of an id's schedule, never its debt: a stream
+  that sends faster than its rate is refused as before, however far behind the daemon is.
   Silence and idle times are measured in reading time (``reading``), so a stall neither makes
   publishers look gone nor evicts their streams.
 - **Pace** (demotion): a stream whose data runs more than ``AHEAD_S`` ahead of real time at
@@ -70,7 +73,7 @@ class Budget:
         "resets", "resets_at", "heard_at", "interval", "frames", "intruder_next",
     )
 
-    def __init__(self, heard_at: float, stalled: float) -> None:
+    def __init__(self, heard_at: float, owed: float) -> None:
         # Rate: when the data charged so far is due at rate_limit x the declared rate (clock seconds);
         # a frame passes while that is not in the future. None before the first rated frame.
         self.due: float | None = None
@@ -79,8 +82,9 @@ class Budget:
         self.pace_seq = 0
         self.pace_at = 0.0
         self.credit = 0.0  # seconds of the daemon's stalls this id may catch up, at credit_at (then it wanes)
+        # Admission.kept_up when the credit was last brought up to date
         self.credit_at = 0.0
-        self.stall_mark = stalled  # Admission.stalled when the credit was last brought up to date
+        self.stall_mark = owed  # Admission.owed when the credit was last brought up to date
         self.demoted_until = 0.0
         self.resets: float | None = None  # resets the id may still cause
         self.resets_at = 0.0
@@ -105,18 +109,28 @@ class Admission:
         self.turn_at = clock()
         self.turn_cpu = cpu_clock()
         self.catching_up_until = float("-inf")  # after a stall, while its backlog is read (twice its length)
+        self.behind = 0.0  # seconds, in all, of turns that left messages queued (not stalls)
+        # Seconds of turns that left no message queued: the clock credits wane on. A credit that waned on the
+        # wall clock ran out while a loaded host was still reading the backlog, and refused its tail.
+        self.kept_up = 0.0
 
     # ------------------------------------------------------------ the reading clock
 
-    def turned(self, now: float, waited: float = 0.0) -> float:
+    def turned(self, now: float, waited: float = 0.0, behind: bool = False) -> float:
         """A turn of the main loop read its messages at ``now``, after waiting up to ``waited`` seconds for
-        them. The rest of the time since the last turn in which the process did not run (not its own
-        work, such as a long model call: that is measured by its CPU time) was a stall if longer than
-        ``STALL_S``; returns its seconds, or 0."""
+        them, and left messages queued if ``behind``. The rest of the time since the last turn in which the
+        process did not run (not its own work, such as a long model call: that is measured by its CPU time)
+        was a stall if longer than ``STALL_S``; returns its seconds, or 0."""
         cpu = self.cpu_clock()
         gap = now - self.turn_at - waited - (cpu - self.turn_cpu)
+        since = now - self.turn_at
         self.turn_at, self.turn_cpu = now, cpu
-        if gap <= STALL_S:
+        stall = gap > STALL_S
+        if not behind:
+            self.kept_up += since
+        elif since > (gap if stall else 0.0):
+            self.behind += since - (gap if stall else 0.0)
+        if not stall:
             return 0.0
         self.stalled += gap
         self.catching_up_until = now + 2 * gap
@@ -125,6 +139,11 @@ class Admission:
     def catching_up(self, now: float) -> bool:
         """True while the backlog of a recent stall may still be read."""
         return now < self.catching_up_until
+
+    @property
+    def owed(self) -> float:
+        """Seconds the daemon did not keep up with what was offered: its stalls and the time it was behind."""
+        return self.stalled + self.behind
 
     def reading(self, now: float) -> float:
         """``now`` on a clock that stands still while the daemon does not read."""
@@ -136,7 +155,7 @@ class Admission:
         """The id's budget, a fresh one if it has none."""
         b = self.ids.get(stream_id)
         if b is None:
-            b = self.ids[stream_id] = Budget(self.reading(now), self.stalled)
+            b = self.ids[stream_id] = Budget(self.reading(now), self.owed)
         return b
 
     def forget(self, stream_id: str) -> None:
@@ -158,10 +177,11 @@ class Admission:
         if not rate or not s.rate_limit:
             return ADMIT
         burst = s.rate_burst_s
-        if b.stall_mark != self.stalled:  # the daemon stalled since this id's last frame
-            b.credit = self._credit(b, now) + self.stalled - b.stall_mark
-            b.credit_at, b.stall_mark = now, self.stalled
-        credit = self._credit(b, now) if b.credit else 0.0
+        owed = self.owed
+        if b.stall_mark != owed:  # the daemon stalled or fell behind since this id's last frame
+            b.credit = self._credit(b) + owed - b.stall_mark
+            b.credit_at, b.stall_mark = self.kept_up, owed
+        credit = self._credit(b) if b.credit else 0.0
         if b.due is None:
             b.due, b.pace_seq, b.pace_at = now - burst, seq, now
             lead = 0.0
@@ -198,12 +218,13 @@ class Admission:
             return DEMOTE
         return ADMIT
 
-    @staticmethod
-    def _credit(b: Budget, now: float) -> float:
-        """The id's stall credit at ``now``: it wanes at half a second a second, so a stall of S seconds
-        leaves 2 S seconds to read its backlog, and gives a gateway that sent nothing meanwhile no
-        lasting allowance."""
-        return max(0.0, b.credit - (now - b.credit_at) * 0.5)
+    def _credit(self, b: Budget) -> float:
+        """The id's credit now: it wanes at half a second a second of keeping up, so S seconds of stall or
+        of falling behind leave 2 S seconds to read their backlog once the daemon reads all that arrives,
+        and give a gateway that sent nothing meanwhile no lasting allowance. While the daemon is behind it
+        holds and grows: it lowers the floor of the id's schedule, so it lets a stream that is behind catch
+        up, and never lets one send faster than its rate."""
+        return max(0.0, b.credit - (self.kept_up - b.credit_at) * 0.5)
 
     # What a line of seqs may send: copied for a line that waits to take the id, taken over if it does.
     RATE_FIELDS = ("due", "rate_seq", "pace_seq", "pace_at", "credit", "credit_at", "stall_mark", "demoted_until")

@@ -99,12 +99,14 @@ class Pipeline:
             # has labelled what the table holds, instead of being read in only to be shed.
             messages: list[list[bytes]] = []
             wall = 0.0
+            behind = True
         else:
             messages, wall = self.ingest.drain(timeout_s)
+            behind = self.ingest.backlog
         with self.counting:
             # First the reading clock (a stall of the daemon's shows here, before its backlog is
             # accepted), and the frames waiting for their stream's publisher to fall silent.
-            stalled = self.table.turned(timeout_s)
+            stalled = self.table.turned(timeout_s, behind)
             if messages:
                 self.accept(messages, wall)
         if stalled:

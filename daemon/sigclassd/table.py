@@ -150,12 +150,12 @@ class StreamTable:
         self._refuse("implausible_rate", k, stream, f"declares {rate_hz:g} Hz, above streams.max_declared_rate_hz = "
                                                     f"{self.settings.max_declared_rate_hz:g}")
 
-    def turned(self, waited: float = 0.0) -> float:
-        """Once per turn of the main loop, after a drain that waited up to ``waited`` seconds for messages:
-        keeps the reading clock, and settles the frames that wait. Returns the seconds of a stall of the
-        daemon's since the last turn, or 0."""
+    def turned(self, waited: float = 0.0, behind: bool = False) -> float:
+        """Once per turn of the main loop, after a drain that waited up to ``waited`` seconds for messages
+        (and left some queued, or did not read, if ``behind``): keeps the reading clock, and settles the
+        frames that wait. Returns the seconds of a stall of the daemon's since the last turn, or 0."""
         now = self.clock()
-        stalled = self.admission.turned(now, waited)
+        stalled = self.admission.turned(now, waited, behind)
         if self.parked:
             self.settle_parked(now)
         return stalled

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from sigclassd.admission import (
     ADMIT,
@@ -139,6 +140,54 @@ def test_a_stall_of_the_daemon_is_never_charged_to_the_streams():
         b = streams[0]
         verdicts = [adm.charge(b, seq[0] + 10 * j, 10, 250.0, t) for j in range(300)]
         assert verdicts.count(REFUSE) > 200, stall
+
+
+def test_a_loaded_host_reading_a_stalls_backlog_late_refuses_none_of_it():
+    """After a 10 s stall the host is loaded: for 30 s the daemon reads 0.6x real time (every turn leaves
+    messages queued), then it reads 5x until it has caught up. Nothing is refused: the time behind counts as
+    the stall does (a credit for the stall alone, waning on the wall clock, was gone after 20 s and refused the
+    tail: 84,770 samples in a stall drill on a loaded box). Once the daemon keeps up, the credit wanes."""
+    adm = make()
+    b = adm.budget("s", 0.0)
+    _, seq, t = send_at_rate(adm, b, 250.0, 0.0, 5.0, 0)
+    t += 10.0
+    adm.turned(t)
+    stalled_at = t
+    verdicts = []
+    while seq < t * 250 - 10:  # until the daemon has read up to real time
+        t += 0.2
+        adm.turned(t, behind=True)
+        frames = 3 if t - stalled_at < 30.0 else 25  # of 10 samples in 0.2 s: 0.6x, then 5x
+        for _ in range(frames):
+            if seq + 10 > t * 250:
+                break
+            verdicts.append(adm.charge(b, seq, 10, 250.0, t))
+            seq += 10
+    assert verdicts.count(REFUSE) == 0, verdicts.count(REFUSE)
+    assert adm.owed == pytest.approx(t - 15.0 + 10.0, abs=0.5)  # the stall, and every turn behind since
+    t += 2 * adm.owed
+    adm.turned(t, waited=2 * adm.owed)  # keeping up for twice that: the credit is gone
+    verdicts = [adm.charge(b, seq + 10 * j, 10, 250.0, t) for j in range(300)]
+    assert verdicts.count(REFUSE) > 200
+
+
+def test_a_flood_that_keeps_the_daemon_behind_gains_the_stall_once_not_a_rate():
+    """A stream sending 3x its declared rate while every turn is behind keeps its stall credit, but that is
+    seconds of allowance, not a rate: over 60 s it gets at most the limit's rate plus the burst and the stall."""
+    adm = make()
+    b = adm.budget("s", 0.0)
+    _, seq, t = send_at_rate(adm, b, 100.0, 0.0, 2.0, 0)
+    t += 10.0
+    adm.turned(t)
+    start, admitted = t, 0
+    while t < start + 60.0:
+        t += 0.1
+        adm.turned(t, behind=True)
+        for _ in range(3):  # 30 samples a 0.1 s at 100 Hz: 3x
+            if adm.charge(b, seq, 10, 100.0, t) != REFUSE:
+                admitted += 10
+            seq += 10
+    assert admitted <= 1.5 * 100 * (60.0 + 2.0 + 10.0) + 10
 
 
 def test_a_gateway_silent_through_a_stall_gets_at_most_the_stall_as_extra_burst():
