@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,10 +22,30 @@ from sigclassd import protocol
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Ports for daemons under test come from below the kernel's ephemeral range (so that no outgoing connection
+# takes one between the choice and the daemon's bind), each xdist worker from its own slice, at random within
+# it, never twice in a process: two tests running at once do not pick the same port.
+PORT_SLICE = 3000
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    low = 20000 + (index % 4) * PORT_SLICE
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(low, low + PORT_SLICE)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {low}..{low + PORT_SLICE}")
 
 
 def _toml(value: Any) -> str:
