@@ -26,7 +26,7 @@ from sigclassd import auth, cluster, logs, lsl, protocol
 from sigclassd import config as config_mod
 from sigclassd.artifact import ModelArtifact
 from sigclassd.config import Settings
-from sigclassd.engine import load_model
+from sigclassd.engine import kernels, load_model
 from sigclassd.engine.base import Engine
 from sigclassd.errors import (
     EXIT_CONFIG,
@@ -151,7 +151,7 @@ class Service:
         self.notifier.status(f"serving {artifact.meta.name} {artifact.meta.version} ({s.model.mode})")
         log.info("ready", input=self.ingest.endpoints + list(s.input.connect), output=self.publisher.endpoint,
                  metrics=s.metrics.listen or None, model=artifact.meta.name, version=artifact.meta.version,
-                 model_id=artifact.model_hex, runtime=engine.runtime)
+                 model_id=artifact.model_hex, runtime=engine.runtime, blas=kernels.blas_kernels())
 
     def bind(self) -> None:
         """Bind every socket and the metrics listener; a BindError names the setting and address that failed."""
@@ -195,7 +195,7 @@ class Service:
         meta = self.pipe.artifact.meta
         self.metrics.model_info.info({
             "name": meta.name, "version": meta.version, "mode": self.settings.model.mode,
-            "runtime": self.pipe.engine.runtime, "architecture": meta.architecture,
+            "runtime": self.pipe.engine.runtime, "architecture": meta.architecture, "blas": kernels.blas_kernels(),
             "model_id": self.pipe.artifact.model_hex, "sha256": self.pipe.artifact.sha256,
             # Post-processed labels may differ from their probabilities' arg-max and change this many samples late.
             "postprocess": json.dumps(meta.postprocess) if meta.postprocess else "none",

@@ -131,6 +131,8 @@ def model_sha(d: Daemon) -> str:
     _, text = d.http("/metrics")
     infos = [s.labels for f in text_string_to_metric_families(text) for s in f.samples if s.name == "sigclassd_model_info"]
     assert len(infos) == 1, infos
+    # Which BLAS kernels run, as the environment chose them (OPENBLAS_CORETYPE is the operator's).
+    assert f"(OPENBLAS_CORETYPE {os.environ.get('OPENBLAS_CORETYPE') or 'unset'})" in infos[0]["blas"], infos
     return infos[0]["sha256"]
 
 
