@@ -7,13 +7,16 @@ import dataclasses
 import time
 
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry
 
 from sigclassd import protocol
-from sigclassd.config import Settings
+from sigclassd.config import Settings, load
 from sigclassd.core import build_core
 from sigclassd.engine import load_model
+from sigclassd.errors import ConfigError
 from sigclassd.metrics import Metrics
+from sigclassd.reload import plan_reload
 
 
 def test_a_ready_window_waits_from_when_it_became_ready_and_the_wait_ends_at_the_target():
@@ -52,3 +55,12 @@ def test_a_ready_window_waits_from_when_it_became_ready_and_the_wait_ends_at_the
     # max_wait_ms is stateful mode's wait; window_wait_ms = 0 (reloaded) runs every window at once.
     core.apply(dataclasses.replace(s, model=dataclasses.replace(s.model, window_wait_ms=0.0)))
     assert order.wait_s(backlog=False) == 0.0
+
+
+def test_window_wait_ms_is_a_batching_key_a_reload_applies_live_and_its_range_is_checked():
+    old = Settings()
+    new = dataclasses.replace(old, model=dataclasses.replace(old.model, window_wait_ms=5.0))
+    plan = plan_reload(old, new, model_changed=False)
+    assert plan.live == ("model.window_wait_ms",) and not plan.rebuild
+    with pytest.raises(ConfigError, match=r"model\.window_wait_ms"):
+        load(None, overrides=["model.window_wait_ms=-1"])
