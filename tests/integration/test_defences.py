@@ -7,10 +7,10 @@ ends by checking the accounting identity from /metrics. See docs/guarantees.md a
 
 from __future__ import annotations
 
+import multiprocessing
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -33,42 +33,55 @@ def rejected(d: Daemon, reason: str) -> float:
 
 
 class PunctualGateway:
-    """Streams sent at exactly their declared 250 Hz, 10 samples a message, from a thread (own socket)."""
+    """Streams sent at exactly their declared 250 Hz, 10 samples a message, from a process of its own: a thread
+    of the test's process was starved of the GIL while the consumer decoded the labels of a stall's backlog,
+    then sent seconds of backlog at once, and the daemon rightly took that for a flood (a cut in CI)."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, names: list[str], sndhwm: int = 0) -> None:
-        self.ctx, self.endpoint, self.names, self.sndhwm = ctx, endpoint, names, sndhwm
-        self.sent = 0  # messages per stream so far
-        self.stop = threading.Event()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.x = np.random.default_rng(3).normal(size=(CHUNK, CH)).astype(np.float32)
+        mp = multiprocessing.get_context("spawn")  # not fork: this process runs TensorFlow's and libzmq's threads
+        self._sent = mp.Value("q", 0)  # messages per stream so far
+        self.stop = mp.Event()
+        self.ready = mp.Event()
+        self.process = mp.Process(target=_punctual, args=(endpoint, names, sndhwm, self._sent, self.stop, self.ready),
+                                  daemon=True)
 
-    def _run(self) -> None:
-        gw = Gateway(self.ctx, self.endpoint, self.sndhwm)
-        try:
-            time.sleep(0.5)  # until the daemon's subscription has reached this socket: PUB drops before it
-            self.ready.set()
-            start = time.monotonic()
-            while not self.stop.is_set():
-                seq = self.sent * CHUNK
-                for name in self.names:
-                    gw.send(name, self.x, seq, sample_rate_hz=RATE, flags=protocol.FLAG_RESTART if seq == 0 else 0)
-                self.sent += 1
-                delay = start + self.sent * CHUNK / RATE - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-        finally:
-            # A gateway with a send limit may still be sending its backlog: let it go before closing.
-            gw.sock.close(linger=10_000 if self.sndhwm else 0)
+    @property
+    def sent(self) -> int:
+        return int(self._sent.value)
 
     def __enter__(self) -> PunctualGateway:
-        self.thread.start()
-        self.ready.wait()
+        self.process.start()
+        if not self.ready.wait(60):
+            self.process.kill()
+            raise AssertionError("the gateway process did not start")
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
-        self.thread.join()
+        self.process.join(30)
+        assert self.process.exitcode == 0, f"the gateway process exited with {self.process.exitcode}"
+
+
+def _punctual(endpoint: str, names: list[str], sndhwm: int, sent, stop, ready) -> None:  # noqa: ANN001
+    ctx = zmq.Context()
+    gw = Gateway(ctx, endpoint, sndhwm)
+    x = np.random.default_rng(3).normal(size=(CHUNK, CH)).astype(np.float32)
+    try:
+        time.sleep(0.5)  # until the daemon's subscription has reached this socket: PUB drops before it
+        ready.set()
+        start = time.monotonic()
+        while not stop.is_set():
+            seq = sent.value * CHUNK
+            for name in names:
+                gw.send(name, x, seq, sample_rate_hz=RATE, flags=protocol.FLAG_RESTART if seq == 0 else 0)
+            sent.value += 1
+            delay = start + sent.value * CHUNK / RATE - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+    finally:
+        # A gateway with a send limit may still be sending its backlog: let it go before closing.
+        gw.sock.close(linger=10_000 if sndhwm else 0)
+        ctx.term()
 
 
 def labels_since(frames: list[protocol.LabelFrame], stream: str, at: float,
