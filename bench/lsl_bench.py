@@ -170,22 +170,33 @@ def generator(args: argparse.Namespace) -> subprocess.Popen[bytes]:
                             stderr=subprocess.DEVNULL)
 
 
-def run_direct(args: argparse.Namespace, pylsl: Any) -> int:
-    """``--direct``: the generator's outlets read here, without a daemon."""
+def open_inlets(pylsl: Any, prefix: str, count: int, within_s: float = 90.0) -> dict[str, Any]:
+    """Inlets on the outlets whose source_id starts with ``prefix``, by source_id, until ``count`` are open or
+    ``within_s`` has passed; liblsl's threads for them run SCHED_BATCH, as the daemon's do."""
     from sigclassd.lsl import batch_threads
 
+    resolver = pylsl.ContinuousResolver(pred=f"starts-with(source_id,'{prefix}')")
+    inlets: dict[str, Any] = {}
+    deadline = time.monotonic() + within_s
+    while len(inlets) < count and time.monotonic() < deadline:
+        for info in resolver.results():
+            if info.source_id() not in inlets:
+                try:
+                    with batch_threads():
+                        inlet = pylsl.StreamInlet(info, max_buflen=30)
+                        inlet.open_stream(10)
+                except pylsl.util.TimeoutError:
+                    continue  # a loaded machine: tried again on the next round
+                inlets[info.source_id()] = inlet
+        time.sleep(0.5)
+    return inlets
+
+
+def run_direct(args: argparse.Namespace, pylsl: Any) -> int:
+    """``--direct``: the generator's outlets read here, without a daemon."""
     gen = generator(args)
     try:
-        resolver = pylsl.ContinuousResolver(pred="starts-with(source_id,'bench-')")
-        inlets: dict[str, Any] = {}
-        deadline = time.monotonic() + 90
-        while len(inlets) < args.streams and time.monotonic() < deadline:
-            for info in resolver.results():
-                if info.source_id() not in inlets:
-                    with batch_threads():
-                        inlets[info.source_id()] = pylsl.StreamInlet(info, max_buflen=30)
-                        inlets[info.source_id()].open_stream(10)
-            time.sleep(0.5)
+        inlets = open_inlets(pylsl, "bench-", args.streams)
         time.sleep(2.0)
         for inlet in inlets.values():
             inlet.flush()
@@ -270,20 +281,7 @@ def main() -> int:
             except OSError:
                 time.sleep(0.2)
         gen = generator(args)
-        resolver = pylsl.ContinuousResolver(pred="starts-with(source_id,'sigclassd-labels:bench-')")
-        inlets: dict[str, Any] = {}
-        deadline = time.monotonic() + 90
-        while len(inlets) < args.streams and time.monotonic() < deadline:
-            for info in resolver.results():
-                if info.source_id() not in inlets:
-                    try:
-                        with batch_threads():
-                            inlet = pylsl.StreamInlet(info, max_buflen=30)
-                            inlet.open_stream(10)
-                    except pylsl.util.TimeoutError:
-                        continue  # a loaded machine: tried again on the next round
-                    inlets[info.source_id()] = inlet
-            time.sleep(0.5)
+        inlets = open_inlets(pylsl, "sigclassd-labels:bench-", args.streams)
         missing = sorted({f"sigclassd-labels:bench-{i:04d}" for i in range(args.streams)} - set(inlets))
         if len(missing) > args.streams // 10:
             print(f"only {len(inlets)} of {args.streams} label outlets appeared in 90 s; missing {missing[:5]}",
