@@ -27,15 +27,15 @@ ROOT = Path(__file__).resolve().parent.parent
 # it, never twice in a process: two tests running at once do not pick the same port.
 PORT_SLICE = 3000
 _handed_out: set[int] = set()
+_rng = random.Random()
 
 
 def free_port() -> int:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
     index = int(worker[2:]) if worker[2:].isdigit() else 0
     low = 20000 + (index % 4) * PORT_SLICE
-    rng = random.Random()
     for _ in range(1000):
-        port = rng.randrange(low, low + PORT_SLICE)
+        port = _rng.randrange(low, low + PORT_SLICE)
         if port in _handed_out:
             continue
         with socket.socket() as s:

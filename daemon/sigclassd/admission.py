@@ -128,8 +128,8 @@ class Admission:
         stall = gap > STALL_S
         if not behind:
             self.kept_up += since
-        elif since > (gap if stall else 0.0):
-            self.behind += since - (gap if stall else 0.0)
+        else:  # the time since the last turn, but a stall's (counted in ``stalled``)
+            self.behind += since - gap if stall else since
         if not stall:
             return 0.0
         self.stalled += gap
