@@ -23,6 +23,11 @@ flags a restart. Its frames then always pass, whatever the daemon's own stalls.
   that sends faster than its rate is refused as before, however far behind the daemon is.
   Silence and idle times are measured in reading time (``reading``), so a stall neither makes
   publishers look gone nor evicts their streams.
+- **Held on the way**: a stream that falls silent (``SILENCE_S``, and three of its usual intervals)
+  and then sends again was held somewhere on the way (a sender's TCP waiting out its retransmission
+  timer after the daemon's stall, a gateway's own stall): the silence is credited like a stall of the
+  daemon's, so the backlog it held passes. Over any window the stream still sends no faster than its
+  rate: the credit is never more than the time it sent nothing.
 - **Pace** (demotion): a stream whose data runs more than ``AHEAD_S`` ahead of real time at
   its declared rate is served after the punctual ones for ``demote_s``.
 - **Resets**: at most ``max_resets_per_s`` per id, with a burst of ``reset_burst``.
@@ -43,6 +48,12 @@ from sigclassd.config import StreamSettings
 # busy host not scheduling it for a while) are within every stream's rate_burst_s, and must not give a
 # flood stall credit.
 STALL_S = 1.0
+
+# A stream silent this long (in reading time, and for three of its usual intervals between frames) may then
+# catch up on what it did not send meanwhile: up to SILENCE_CREDIT_S, two minutes, the longest a TCP
+# connection keeps unacknowledged data (sockets.UNACKNOWLEDGED_TIMEOUT_MS).
+SILENCE_S = 1.0
+SILENCE_CREDIT_S = 120.0
 
 # A stream whose data runs this many seconds ahead of real time at its declared rate is sending
 # faster than it declares. A message's own samples do not count (it may hold seconds of them).
@@ -70,7 +81,7 @@ class Budget:
 
     __slots__ = (
         "due", "rate_seq", "pace_seq", "pace_at", "credit", "credit_at", "stall_mark", "demoted_until",
-        "resets", "resets_at", "heard_at", "interval", "frames", "intruder_next",
+        "resets", "resets_at", "heard_at", "interval", "frames", "intruder_next", "charged_at",
     )
 
     def __init__(self, heard_at: float, owed: float) -> None:
@@ -94,6 +105,7 @@ class Budget:
         self.interval = 0.0
         self.frames = 0
         self.intruder_next: int | None = None  # where a refused second publisher's next frame would start
+        self.charged_at: float | None = None  # reading time of the last frame charged, passed or refused
 
 
 class Admission:
@@ -181,6 +193,13 @@ class Admission:
         if b.stall_mark != owed:  # the daemon stalled or fell behind since this id's last frame
             b.credit = self._credit(b) + owed - b.stall_mark
             b.credit_at, b.stall_mark = self.kept_up, owed
+        at = now - self.stalled
+        if b.charged_at is not None:
+            silent = at - b.charged_at
+            if silent > SILENCE_S and silent > 3.0 * b.interval:  # held on the way: see the module docstring
+                b.credit = self._credit(b) + min(silent, SILENCE_CREDIT_S)
+                b.credit_at = self.kept_up
+        b.charged_at = at
         credit = self._credit(b) if b.credit else 0.0
         if b.due is None:
             b.due, b.pace_seq, b.pace_at = now - burst, seq, now
@@ -227,7 +246,8 @@ class Admission:
         return max(0.0, b.credit - (self.kept_up - b.credit_at) * 0.5)
 
     # What a line of seqs may send: copied for a line that waits to take the id, taken over if it does.
-    RATE_FIELDS = ("due", "rate_seq", "pace_seq", "pace_at", "credit", "credit_at", "stall_mark", "demoted_until")
+    RATE_FIELDS = ("due", "rate_seq", "pace_seq", "pace_at", "credit", "credit_at", "stall_mark", "demoted_until",
+                   "charged_at")
 
     def copy(self, b: Budget) -> Budget:
         """The rate and pace of ``b`` for another line of seqs on its id, charged apart: a second publisher's

@@ -13,9 +13,10 @@ share of the reading and
 
 - its streams' seqs run on faster than ``cut_speed`` times their declared rates, beyond
   ``BURST_S`` seconds of catch-up plus the time the daemon itself did not read (a stall, a
-  catch-up that left the sockets alone) recently enough for its backlog to be still arriving, in
-  this overload or the ones before it: seq holes count, what a sender's own queue dropped was
-  sent too; or
+  catch-up that left the sockets alone) or its whole input was silent (a sender's TCP waiting
+  out its retransmission timer after such a stall) recently enough for the backlog to be still
+  arriving, in this overload or the ones before it: seq holes count, what a sender's own queue
+  dropped was sent too; or
 - most of its samples declare no usable rate (0 = unknown, or above ``max_rate_hz``) and the
   overload has lasted ``BURST_S`` past what the daemon did not read: with no rate to hold it to,
   such a connection is not protected from its own overload.
@@ -45,6 +46,7 @@ from sigclassd.protocol import MIN_RATE_HZ, SAMPLE_HEADER, SAMPLE_HEADER_SIZE
 JUDGE_EVERY_S = 0.25  # how often connections are judged while the daemon is overloaded
 BURST_S = 1.0  # seconds of a stream's declared rate a connection may send on top of cut_speed times it
 UNREAD_GAP_S = 0.2  # a gap between drains longer than this is the daemon not reading (stall, catch-up)
+QUIET_S = 1.0  # drains finding nothing for this long in a row: the input was silent, its senders held back
 BUSY_SHARE = 0.5  # a connection whose messages are at least this share of the busiest one's is in the way
 STARVED = 0.5  # a busy connection getting less than this share of its declared rates is starved...
 OWED_GRACE_S = 0.5  # ...once the overload has lasted this long
@@ -97,7 +99,9 @@ class Watch:
         self.judged = 0.0
         self.last_drain = 0.0
         self.unread_s = 0.0  # time the daemon did not read since just before the overload began, or recently
-        self.gaps: list[tuple[float, float]] = []  # (when it ended, seconds): recent times the daemon did not read
+        # (when it ended, seconds): recent times the daemon did not read, or its input was silent
+        self.gaps: list[tuple[float, float]] = []
+        self.quiet = 0.0  # seconds waited by the drains since the last one that received a message
         self.drains = 0  # since the last judgement
         self.overloaded = 0  # of which left messages queued
         self.cut: dict[int, tuple[str, float]] = {}  # cut fd -> (its peer address, until when its leftovers go)
@@ -139,9 +143,9 @@ class Watch:
         self.dropped += 1
         return True
 
-    def drained(self, backlog: bool, waited: float, now: float | None = None) -> None:
-        """After each drain (which ``waited`` that long for a first message): watch under overload, judge, stop
-        when it ends."""
+    def drained(self, backlog: bool, waited: float, now: float | None = None, empty: bool = False) -> None:
+        """After each drain (which ``waited`` that long for a first message, and received nothing if ``empty``):
+        watch under overload, judge, stop when it ends."""
         now = time.monotonic() if now is None else now
         # Not reading: the whole time since the last drain ended but the asked-for wait, so that a stall in the
         # middle of this drain's reading counts too (it was missed when measured from the drain's start).
@@ -149,6 +153,14 @@ class Watch:
         self.last_drain = now
         if gap > UNREAD_GAP_S:
             self.gaps.append((now, gap))
+        if empty:
+            self.quiet += waited
+        elif self.quiet:
+            if self.quiet > QUIET_S:
+                self.gaps.append((now, self.quiet))
+                if self.watching:
+                    self.unread_s += self.quiet
+            self.quiet = 0.0
         if not self.watching:
             if backlog:
                 self.watching, self.started, self.judged = True, now, now
@@ -170,7 +182,8 @@ class Watch:
         self.judged, self.drains, self.overloaded = now, 0, 0
 
     def recent_unread(self, now: float) -> float:
-        """The time the daemon did not read whose backlog may still be arriving (forgetting older gaps).
+        """The time the daemon did not read, or its input was silent, whose backlog may still be arriving
+        (forgetting older gaps).
 
         The catch-up after a stall can be several overloads, not one: the daemon drains its sockets faster
         than the senders' queues reach them, the overload ends, and the rest of the backlog starts another.

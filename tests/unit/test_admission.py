@@ -134,10 +134,11 @@ def test_a_stall_of_the_daemon_is_never_charged_to_the_streams():
                 assert adm.charge(b, seq[i], 10, 250.0, t) == ADMIT, (stall, j)
                 seq[i] += 10
         assert adm.stalled >= stall
-        # The credit wanes over twice the stall: then a burst beyond the usual one is refused again.
-        t += 2 * stall
-        adm.turned(t, waited=2 * stall)
+        # The credit wanes over twice the stall of keeping up (the stream punctual meanwhile): then a burst
+        # beyond the usual one is refused again.
         b = streams[0]
+        punctual, seq[0], t = send_at_rate(adm, b, 250.0, t, 2 * stall, seq[0])
+        assert punctual.count(REFUSE) == 0
         verdicts = [adm.charge(b, seq[0] + 10 * j, 10, 250.0, t) for j in range(300)]
         assert verdicts.count(REFUSE) > 200, stall
 
@@ -165,10 +166,47 @@ def test_a_loaded_host_reading_a_stalls_backlog_late_refuses_none_of_it():
             seq += 10
     assert verdicts.count(REFUSE) == 0, verdicts.count(REFUSE)
     assert adm.owed == pytest.approx(t - 15.0 + 10.0, abs=0.5)  # the stall, and every turn behind since
-    t += 2 * adm.owed
-    adm.turned(t, waited=2 * adm.owed)  # keeping up for twice that: the credit is gone
+    _, seq, t = send_at_rate(adm, b, 250.0, t, 2 * adm.owed, seq)  # keeping up for twice that: the credit is gone
     verdicts = [adm.charge(b, seq + 10 * j, 10, 250.0, t) for j in range(300)]
     assert verdicts.count(REFUSE) > 200
+
+
+def test_a_stream_held_on_the_way_passes_its_backlog():
+    """The daemon keeps up, but one stream falls silent for 8 s and then 8 s of its samples arrive at once (its
+    sender's TCP waited out a backed-off retransmission timer): all of them pass, and it goes on punctually.
+    Without the silence credit only rate_burst_s of the backlog passed."""
+    adm = make()
+    b = adm.budget("s", 0.0)
+    verdicts, seq, t = send_at_rate(adm, b, 250.0, 0.0, 5.0, 0)
+    for _ in range(80):  # 8 s of turns that read nothing from this stream
+        t += 0.1
+        adm.turned(t, waited=0.1)
+    while seq < t * 250 - 10:  # the backlog, read at once
+        verdicts.append(adm.charge(b, seq, 10, 250.0, t))
+        seq += 10
+    more, seq, t = send_at_rate(adm, b, 250.0, t, 5.0, seq)
+    assert (verdicts + more).count(REFUSE) == 0
+
+
+def test_silence_is_no_allowance_beyond_itself():
+    """A stream silent for 5 s, then sending 3x its rate for 20 s, gets at most its silence, the burst and the
+    limit's rate; its refused frames earn it no further silence credit, however long they go on."""
+    adm = make()
+    b = adm.budget("s", 0.0)
+    _, seq, t = send_at_rate(adm, b, 250.0, 0.0, 5.0, 0)
+    for _ in range(50):
+        t += 0.1
+        adm.turned(t, waited=0.1)
+    start = t
+    passed = 0
+    while t < start + 20.0:
+        t += 10 / 750
+        adm.turned(t)
+        if adm.charge(b, seq, 10, 250.0, t) != REFUSE:
+            passed += 10
+        seq += 10
+    most = 250.0 * adm.settings.rate_limit * (20.0 + 5.0 + adm.settings.rate_burst_s) + 10
+    assert 250.0 * adm.settings.rate_limit * 20.0 < passed <= most, (passed, most)
 
 
 def test_a_flood_that_keeps_the_daemon_behind_gains_the_stall_once_not_a_rate():

@@ -102,6 +102,50 @@ def test_the_drain_takes_at_most_its_cap_and_leaves_the_rest_queued():
         ctx.destroy(linger=0)
 
 
+def test_after_an_absence_the_drain_sends_every_connection_its_open_window():
+    """A sender whose TCP backed off while the daemon did not read restarts on any segment from the daemon: after
+    an absence of more than AWAY_S, the drains that empty the queue send each connection a subscription to a
+    topic no one publishes and take it back, twice a second for REOPEN_FOR_S; never while the daemon keeps up."""
+    ctx = zmq.Context()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    ingest = Ingest(ctx, InputSettings(bind=(endpoint,)))
+    gateways = []
+    for _ in range(2):
+        g = ctx.socket(zmq.XPUB)
+        g.setsockopt(zmq.XPUB_VERBOSE, 1)  # duplicate subscriptions reach the application too
+        g.connect(endpoint)
+        gateways.append(g)
+
+    def heard(g: zmq.Socket) -> list[bytes]:
+        got = []
+        while g.poll(0):
+            got.append(g.recv())
+        return got
+
+    try:
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:  # keeping up: subscriptions once, nothing else
+            ingest.drain(0.05)
+        first = [heard(g) for g in gateways]
+        assert all(b"\x01" in got for got in first), first  # the daemon's subscription to everything
+        assert not any(b"\x01\xffsigclassd:window" in got for got in first)
+        assert ingest.reopened == 0
+        time.sleep(1.3)  # away: no drain for longer than AWAY_S
+        started = time.monotonic()
+        while time.monotonic() - started < 3.0:
+            ingest.drain(0.05)
+        for g in gateways:
+            got = heard(g)
+            assert got.count(b"\x01\xffsigclassd:window") == ingest.reopened, got
+            assert got.count(b"\x00\xffsigclassd:window") == ingest.reopened, got  # taken back each time
+        assert ingest.reopened in (4, 5)  # at 0, 0.5, 1.0, 1.5 (and at most 2.0) s of REOPEN_FOR_S = 2.0
+    finally:
+        for g in gateways:
+            g.close(linger=0)
+        ingest.close()
+        ctx.destroy(linger=0)
+
+
 def test_only_loopback_and_local_transports_count_as_unexposed():
     from sigclassd.service import _loopback
 

@@ -138,3 +138,26 @@ def test_a_stall_is_grace_even_when_the_first_drain_after_it_finds_no_overload()
     w.drained(False, 0.0, now=106.0)  # 6 s stopped; the socket held little
     w.drained(True, 0.0, now=106.01)
     assert w.watching and w.unread_s == pytest.approx(6.0)
+
+
+def test_the_input_falling_silent_after_a_stall_is_grace_too(pair):
+    """After a 6 s stall the daemon reads what reached its socket, then hears nothing for 4 s (the gateway's TCP
+    waiting out a backed-off retransmission timer), then 10 s of backlog arrives in a second. The gateway is not
+    cut: the silence is grace like the stall (it was cut, beyond_s 108 over 50 streams, in a clean-clone CI run).
+    Without the silence the same run-ahead is cut."""
+    mine, _peer = pair
+    for silent, cut in ((True, False), (False, True)):
+        watch, _refused = refusals()
+        t = 1000.0
+        watch.drained(False, 0.0, now=t)
+        t += 6.0
+        watch.drained(False, 0.0, now=t)  # SIGCONT: what the socket held, no overload
+        for _ in range(80):  # 4 s of drains: empty, or reading a punctual stream
+            t += 0.05
+            watch.drained(False, 0.05, now=t, empty=silent)
+        watch.drained(True, 0.0, now=t)  # the backlog arrives
+        assert watch.watching
+        for k in range(251):  # in one second the stream's seqs cover 10 s of its 250 Hz
+            topic, body = frame(k * 10, 250.0)
+            watch.note(mine.fileno(), topic, body, now=t + k * 0.004)
+        assert bool(watch.judge(now=t + 1.0)) is cut, watch.unread_s
