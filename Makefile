@@ -76,7 +76,7 @@ lint: venv
 # container booting, a model building) still slows the timing drills, and some fail.
 PYTEST_WORKERS ?= 0
 test: venv os-deps lint
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=20 $(PYTEST_ARGS)
 
 bench: venv os-deps
 	$(BIN)/sigclassd bench $(ARGS)
