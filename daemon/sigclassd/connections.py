@@ -152,12 +152,12 @@ class Watch:
         gap = now - self.last_drain - waited if self.last_drain else 0.0
         self.last_drain = now
         if gap > UNREAD_GAP_S:
-            self.gaps.append((now, gap))
+            self.remember(now, gap)
         if empty:
             self.quiet += waited
         elif self.quiet:
             if self.quiet > QUIET_S:
-                self.gaps.append((now, self.quiet))
+                self.remember(now, self.quiet)
                 if self.watching:
                     self.unread_s += self.quiet
             self.quiet = 0.0
@@ -180,6 +180,13 @@ class Watch:
             return
         self.judge(now)
         self.judged, self.drains, self.overloaded = now, 0, 0
+
+    def remember(self, now: float, seconds: float) -> None:
+        """A time the daemon did not read, or its input was silent, ended ``now``. Only recent ones are kept: a
+        daemon that is never overloaded would otherwise keep every pause of a sparse gateway."""
+        self.gaps.append((now, seconds))
+        if len(self.gaps) > 32:
+            self.recent_unread(now)
 
     def recent_unread(self, now: float) -> float:
         """The time the daemon did not read, or its input was silent, whose backlog may still be arriving

@@ -161,3 +161,17 @@ def test_the_input_falling_silent_after_a_stall_is_grace_too(pair):
             topic, body = frame(k * 10, 250.0)
             watch.note(mine.fileno(), topic, body, now=t + k * 0.004)
         assert bool(watch.judge(now=t + 1.0)) is cut, watch.unread_s
+
+
+def test_a_sparse_gateway_never_overloading_the_daemon_leaves_only_recent_pauses_remembered():
+    """A stream sending one message every 2 s for a day: each 2 s of silence is remembered as grace for a while,
+    never for good (the list of pauses grew by one every 2 s)."""
+    w = Watch(cut_speed=2.0, cooldown_s=10.0, max_rate_hz=1e5)
+    t = 0.0
+    for _ in range(43_200):
+        for _ in range(40):  # 2 s of empty drains
+            t += 0.05
+            w.drained(False, 0.05, now=t, empty=True)
+        w.drained(False, 0.0, now=t)
+    assert len(w.gaps) <= 33
+    assert w.recent_unread(t) <= 2.0 * 11  # the pauses of the last 20 s (10x one, each 2 s)
