@@ -37,7 +37,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from sigclassd import partition, protocol
 from sigclassd.errors import FrameError
-from sigclassd.sockets import heartbeat
+from sigclassd.sockets import WINDOW_TOPIC, Reopener, heartbeat
 
 __all__ = ["LabelMessage", "Publisher", "Stream", "StreamReport", "Subscriber"]
 
@@ -200,6 +200,8 @@ class Publisher:
                 event = self._sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            if event[1:] == WINDOW_TOPIC:  # a daemon telling its connections its window is open (sockets.AWAY_S)
+                continue
             if event[:1] == b"\x01":
                 self._prefixes.add(event[1:])
             elif event[:1] == b"\x00":
@@ -439,6 +441,10 @@ class Subscriber:
         self.reconnects = 0  # endpoints connected again after libzmq dropped them for good
         self._next_malformed_log = 0.0
         self._next_watch = 0.0
+        # A consumer that did not read for a while (paused, swapped out) may otherwise wait seconds to a minute
+        # for the daemon's TCP to send again (sockets.AWAY_S).
+        self._reopener = Reopener(self._sock)
+        self._left_at = 0.0  # when receive() last returned
 
     @property
     def lost(self) -> int:
@@ -487,7 +493,15 @@ class Subscriber:
 
     def receive(self, timeout_s: float | None = None) -> LabelMessage | None:
         """The next label message, or None if none arrives within ``timeout_s`` seconds (None: wait for ever)."""
+        try:
+            return self._receive(timeout_s)
+        finally:
+            self._left_at = time.monotonic()
+
+    def _receive(self, timeout_s: float | None) -> LabelMessage | None:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        if self._left_at:
+            self._reopener.away(time.monotonic() - self._left_at)
         while True:
             now = time.monotonic()
             if now >= self._next_watch:
@@ -495,7 +509,10 @@ class Subscriber:
                 self._next_watch = now + _RETRY_GRACE_S
             # Waits at most that long at a time, so that a connection libzmq dropped is noticed and renewed.
             left = _RETRY_GRACE_S if deadline is None else max(0.0, deadline - now)
-            if not self._sock.poll(round(min(_RETRY_GRACE_S, left) * 1000)):
+            wait = min(_RETRY_GRACE_S, left)
+            if not self._sock.poll(round(wait * 1000)):
+                self._reopener.away(time.monotonic() - now - wait)  # stopped while it waited
+                self._reopener.idle()
                 if deadline is not None and left <= _RETRY_GRACE_S:
                     return None
                 continue

@@ -18,7 +18,7 @@ from sigclassd.auth import Gatekeeper
 from sigclassd.config import InputSettings, StreamSettings
 from sigclassd.connections import Watch
 from sigclassd.shard import Shard
-from sigclassd.sockets import bind, heartbeat, release_memory
+from sigclassd.sockets import Reopener, bind, heartbeat, release_memory
 
 if TYPE_CHECKING:
     from sigclassd.auth import TopicRules
@@ -29,19 +29,6 @@ _NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq converts an enum flag on every
 _RCVMORE = int(zmq.RCVMORE)
 _LARGE_BYTES = 16 << 20  # frames dropped from one message beyond which the drain returns memory to the OS
 _SRCFD = int(zmq.SRCFD)
-
-# After the daemon has not read for a while (a stall, a catch-up that left the sockets alone), a sender's
-# TCP can go on waiting long after it reads again: Linux dropped segments that overshot the full receive
-# buffer, the sender backed its zero-window probes off (to about 4 s after a 6 s stall, a minute after a
-# 60 s one), and the window update sent as the daemon reads again does not always restart it (about one
-# stall drill in three, labels ending seconds after SIGCONT). Any segment the daemon sends carries its open
-# window. So once it reads again after being away this long, it sends every connection a subscription to
-# a topic no one publishes, and takes it back: at each drain that empties the queue, twice a second, for
-# REOPEN_FOR_S.
-AWAY_S = 1.0
-REOPEN_EVERY_S = 0.5
-REOPEN_FOR_S = 2.0
-_REOPEN_TOPIC = b"\xffsigclassd:window"  # \xff begins no UTF-8 stream id
 
 log = structlog.get_logger("sigclassd")
 
@@ -77,10 +64,7 @@ class Ingest:
         self.reconnects = 0  # connect endpoints connected again after libzmq gave them up
         self.set_shard(settings.shard)
         self.backlog = False  # the last drain left messages queued (it ran out of time or count)
-        self.reopened = 0  # times the connections were told the daemon's windows are open again (after an absence)
         self._drained_at = 0.0  # when the last drain returned
-        self._reopen_until = 0.0  # after an absence: until when drains that empty the queue reopen the windows
-        self._reopened_at = float("-inf")
         self._large = False  # the last drain received much more than it kept: give the memory back
         # Between looks at the clock a drain takes at most a sixteenth of a connection's byte bound into
         # Python (64 messages of 1 MiB were 64 MiB more resident, twice over while being decoded).
@@ -113,6 +97,8 @@ class Ingest:
                            max_rate_hz=max_declared_rate_hz, refuse=self.gatekeeper.cool_down,
                            accepted_at=self.gatekeeper.accepted_at)
         self.socket = sock
+        # After a stall, a sender's TCP may wait seconds to a minute before it sends again (sockets.AWAY_S).
+        self.reopener = Reopener(sock)
         self.endpoints: list[str] = []
         try:
             for ep in settings.bind:
@@ -161,8 +147,8 @@ class Ingest:
         # beyond it (a SIGSTOP during the poll) it is.
         woke = time.monotonic()
         waited = min(woke - polled, timeout_s)
-        if self._drained_at and woke - self._drained_at - timeout_s > AWAY_S:
-            self._reopen_until = float("inf")  # counted from the first drain that empties the queue
+        if self._drained_at:
+            self.reopener.away(woke - self._drained_at - timeout_s)
         if not ready:
             self._watched(waited, empty=True)
             self._done()
@@ -193,19 +179,9 @@ class Ingest:
         return self._mine(messages), now
 
     def _done(self) -> None:
-        now = self._drained_at = time.monotonic()
-        if self.backlog or now > self._reopen_until or now - self._reopened_at < REOPEN_EVERY_S:
-            return
-        if self._reopen_until == float("inf"):
-            self._reopen_until = now + REOPEN_FOR_S
-        self._reopened_at = now
-        self.reopen_windows()
-
-    def reopen_windows(self) -> None:
-        """Send every connection a segment, which carries the daemon's open receive window (see AWAY_S)."""
-        self.socket.setsockopt(zmq.SUBSCRIBE, _REOPEN_TOPIC)
-        self.socket.setsockopt(zmq.UNSUBSCRIBE, _REOPEN_TOPIC)
-        self.reopened += 1
+        self._drained_at = time.monotonic()
+        if not self.backlog:
+            self.reopener.idle()
 
     def _watched(self, waited: float, empty: bool = False) -> None:
         if not self.watch.cut_speed:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import time
 from collections.abc import Callable
 
 import zmq
@@ -39,6 +40,49 @@ def heartbeat(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, KEEPALIVE_INTERVAL_S)
     sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, KEEPALIVE_COUNT)
     sock.setsockopt(zmq.TCP_MAXRT, UNACKNOWLEDGED_TIMEOUT_MS)
+
+
+# After a receiver has not read for a while (a stall, a catch-up that left its sockets alone), a sender's TCP
+# can go on waiting long after it reads again: Linux dropped segments that overshot the full receive buffer,
+# the sender backed its zero-window probes off (to about 4 s after a 6 s stall, a minute after a 60 s one),
+# and the window update sent as the receiver reads again does not always restart it (about one stall drill
+# in three: labels ending seconds after SIGCONT). Any segment the receiver sends carries its open window.
+AWAY_S = 1.0
+REOPEN_EVERY_S = 0.5
+REOPEN_FOR_S = 2.0
+# A topic no one publishes (\xff begins no UTF-8 stream id): subscribing to it and taking it back sends every
+# peer of a SUB socket one message each way, and leaves the socket's own subscriptions as they were.
+WINDOW_TOPIC = b"\xffsigclassd:window"
+
+
+class Reopener:
+    """Tells the senders of a SUB socket that its receive window is open again after an absence (see AWAY_S):
+    once its owner has been away more than AWAY_S, each time the owner finds the socket's queue empty, it sends
+    every connection the subscribe/unsubscribe pair of WINDOW_TOPIC, twice a second for REOPEN_FOR_S."""
+
+    def __init__(self, sock: zmq.Socket, clock: Callable[[], float] = time.monotonic) -> None:
+        self.sock = sock
+        self.clock = clock
+        self.count = 0  # pairs sent
+        self._until = 0.0
+        self._last = float("-inf")
+
+    def away(self, seconds: float) -> None:
+        """The owner did not read for ``seconds`` beyond any wait it asked for."""
+        if seconds > AWAY_S:
+            self._until = float("inf")  # counted from the first time the queue is found empty
+
+    def idle(self) -> None:
+        """The owner found the queue empty: everything that had reached the socket is read."""
+        now = self.clock()
+        if now > self._until or now - self._last < REOPEN_EVERY_S:
+            return
+        if self._until == float("inf"):
+            self._until = now + REOPEN_FOR_S
+        self._last = now
+        self.sock.setsockopt(zmq.SUBSCRIBE, WINDOW_TOPIC)
+        self.sock.setsockopt(zmq.UNSUBSCRIBE, WINDOW_TOPIC)
+        self.count += 1
 
 
 def bind(sock: zmq.Socket, endpoint: str, setting: str) -> str:

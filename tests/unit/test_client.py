@@ -406,3 +406,42 @@ def test_frame_error_is_a_value_error():
     """Code that catches ValueError around the client catches a malformed message too."""
     with pytest.raises(ValueError, match="short"):
         protocol.decode_labels([b"a", b"\x01garbage"])
+
+
+def test_a_subscriber_back_from_an_absence_tells_the_daemon_its_window_is_open(ctx):
+    """A consumer that did not read for more than AWAY_S sends its connections the window topic's
+    subscribe/unsubscribe pair when it finds nothing left to read (the daemon's TCP may otherwise wait seconds to
+    a minute before it sends again); never while it keeps reading. A Publisher does not take the pair for a
+    daemon's subscription."""
+    port = free_port()
+    with Subscriber(f"tcp://127.0.0.1:{port}", prefix="x/", context=ctx) as sub:
+        daemon = ctx.socket(zmq.XPUB)
+        daemon.setsockopt(zmq.LINGER, 0)
+        daemon.setsockopt(zmq.XPUB_VERBOSE, 1)
+        daemon.bind(f"tcp://127.0.0.1:{port}")
+        assert daemon.poll(5000) and daemon.recv() == b"\x01x/"
+
+        def heard() -> list[bytes]:
+            got = []
+            while daemon.poll(0):
+                got.append(daemon.recv())
+            return got
+
+        for _ in range(20):  # 2 s of reading, nothing to read
+            sub.receive(timeout_s=0.1)
+        assert heard() == []
+        time.sleep(1.3)  # the application does something else
+        for _ in range(30):
+            sub.receive(timeout_s=0.1)
+        got = heard()
+        pairs = got.count(b"\x01\xffsigclassd:window")
+        assert pairs in (4, 5) and got.count(b"\x00\xffsigclassd:window") == pairs, got
+        daemon.close()
+
+    sock, ep = sink(ctx, b"site-a/")
+    with Publisher(ep, context=ctx) as pub:
+        subscribed(pub, sock, "site-a/1")
+        sock.setsockopt(zmq.SUBSCRIBE, b"\xffsigclassd:window")
+        time.sleep(0.2)
+        assert pub.subscribed_prefixes() == ["site-a/"]
+        sock.close()
