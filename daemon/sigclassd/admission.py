@@ -193,7 +193,7 @@ class Admission:
         if b.stall_mark != owed:  # the daemon stalled or fell behind since this id's last frame
             b.credit = self._credit(b) + owed - b.stall_mark
             b.credit_at, b.stall_mark = self.kept_up, owed
-        at = now - self.stalled
+        at = self.reading(now)
         if b.charged_at is not None:
             silent = at - b.charged_at
             if silent > SILENCE_S and silent > 3.0 * b.interval:  # held on the way: see the module docstring

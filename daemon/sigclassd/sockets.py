@@ -60,9 +60,8 @@ class Reopener:
     once its owner has been away more than AWAY_S, each time the owner finds the socket's queue empty, it sends
     every connection the subscribe/unsubscribe pair of WINDOW_TOPIC, twice a second for REOPEN_FOR_S."""
 
-    def __init__(self, sock: zmq.Socket, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, sock: zmq.Socket) -> None:
         self.sock = sock
-        self.clock = clock
         self.count = 0  # pairs sent
         self._until = 0.0
         self._last = float("-inf")
@@ -74,7 +73,7 @@ class Reopener:
 
     def idle(self) -> None:
         """The owner found the queue empty: everything that had reached the socket is read."""
-        now = self.clock()
+        now = time.monotonic()
         if now > self._until or now - self._last < REOPEN_EVERY_S:
             return
         if self._until == float("inf"):
